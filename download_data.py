@@ -1,0 +1,92 @@
+"""Download the full benchmark files into data/ (or --data_dir).
+
+    python download_data.py                  # every task
+    python download_data.py --data_name esc  # one task
+
+Files come from the public releases that the PPDPP and DialogXpert code use (see
+SOURCES). --base_url replaces the host part for a mirror: a file is then fetched from
+<base_url>/<relative path>. Each downloaded file is checked with the project's own reader
+before it replaces anything, so a broken download never overwrites good data.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+from tasks import SPLITS, TASKS, DataError, load_split, split_path
+
+PPDPP = "https://raw.githubusercontent.com/dengyang17/PPDPP/main/data"
+DIALOGXPERT = "https://raw.githubusercontent.com/declare-lab/dialogxpert/main/data"
+SOURCES = {  # relative path in data/ -> public URL
+    **{f"{t}-{s}.txt": f"{PPDPP}/{t}-{s}.txt" for t in ("esc", "cima", "cb") for s in SPLITS},
+    **{f"P4G/{s}.json": f"{DIALOGXPERT}/P4G/api_annotated/{s}.json"
+       for s in ("train", "dev", "test")},
+    "ExTES/ExTES.json": "https://raw.githubusercontent.com/pandazzh2020/ExTES/main/ExTES.json",
+}
+
+
+def files_for(task_name):
+    paths = {os.path.relpath(split_path("", task_name, s)) for s in SPLITS}
+    return sorted(paths)
+
+
+def fetch(url, timeout):
+    request = urllib.request.Request(url, headers={"User-Agent": "dialogxpert-download"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.read()
+
+
+def download(task_names, data_dir, base_url=None, timeout=60):
+    """Returns (downloaded paths, {path: error}) ."""
+    done, failed = [], {}
+    for task_name in task_names:
+        for relative in files_for(task_name):
+            url = f"{base_url.rstrip('/')}/{relative}" if base_url else SOURCES[relative]
+            target = os.path.join(data_dir, relative)
+            try:
+                content = fetch(url, timeout)
+            except (urllib.error.URLError, TimeoutError, OSError) as error:
+                failed[relative] = f"{url}: {error}"
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as staging:
+                staged = os.path.join(staging, relative)
+                os.makedirs(os.path.dirname(staged), exist_ok=True)
+                with open(staged, "wb") as f:
+                    f.write(content)
+                try:  # validate with the project's reader before replacing anything
+                    for split in SPLITS:
+                        if os.path.relpath(split_path("", task_name, split)) == relative:
+                            load_split(staging, task_name, split)
+                except DataError as error:
+                    failed[relative] = f"{url}: downloaded but unreadable: {error}"
+                    continue
+                os.replace(staged, target)
+            done.append(target)
+            print(f"{relative}: {len(content):,} bytes from {url}")
+    return done, failed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_name", default="all",
+                        help=f"one of {sorted(TASKS)} or all (default: all)")
+    parser.add_argument("--data_dir", default="data", help="target folder (default: data)")
+    parser.add_argument("--base_url", default=None, help="mirror that serves the same paths")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds per file")
+    args = parser.parse_args(argv)
+    if args.data_name != "all" and args.data_name not in TASKS:
+        parser.error(f"Unknown --data_name '{args.data_name}'. Expected one of "
+                     f"{sorted(TASKS) + ['all']}")
+    names = sorted(TASKS) if args.data_name == "all" else [args.data_name]
+    _, failed = download(names, args.data_dir, args.base_url, args.timeout)
+    for relative, reason in failed.items():
+        print(f"FAILED {relative}: {reason}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Download model weights from the Hugging Face hub into weights/.
+
+    python download_llm_weights.py                                   # Qwen2.5-1.5B-Instruct
+    python download_llm_weights.py --repo_id Qwen/Qwen2.5-7B-Instruct --local_dir weights/Qwen2.5-7B-Instruct
+    python download_llm_weights.py --repo_id google-bert/bert-base-uncased --local_dir weights/bert-base-uncased
+
+train_model.py's `--llm auto` and `--encoder auto` use weights/Qwen2.5-1.5B-Instruct and
+weights/bert-base-uncased when they exist. A token for gated models is read from the
+environment (HF_TOKEN), never from the command line, and never printed.
+"""
+
+import argparse
+import os
+import sys
+
+
+def download(repo_id, local_dir, revision=None, endpoint=None, allow_patterns=None):
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=repo_id, revision=revision, local_dir=local_dir,
+                             token=os.environ.get("HF_TOKEN") or None, endpoint=endpoint,
+                             allow_patterns=allow_patterns)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo_id", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub model id")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    parser.add_argument("--local_dir", default=None,
+                        help="target folder (default: weights/<model name>)")
+    parser.add_argument("--endpoint", default=None,
+                        help="hub address, for a mirror (default: HF_ENDPOINT or the public hub)")
+    parser.add_argument("--allow_patterns", nargs="*", default=None,
+                        help="only files matching these globs (default: all)")
+    args = parser.parse_args(argv)
+    local_dir = args.local_dir or os.path.join("weights", args.repo_id.split("/")[-1])
+    path = download(args.repo_id, local_dir, args.revision, args.endpoint, args.allow_patterns)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"warning: {path} has no config.json; is '{args.repo_id}' a transformers model?",
+              file=sys.stderr)
+    print(f"Downloaded {args.repo_id} to {path}. Use it with --llm {path} (or --encoder).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Self-play environment: conversation state, the planner's prior, and batched steps.
+
+One `step` advances a batch of conversations by one exchange:
+  system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
+  user phase:   the user LLM answers in role
+  critic phase: the critic samples verdicts; the reward and the outcome follow
+Each phase is one batched LLM call. The planner (`Planner.prior`) gives the observation:
+a prior over the task's whole action set, from which the top-k candidates are taken.
+"""
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+import qwen_prompts as prompts
+from critic import outcome
+from tasks import case_fields, opening_turns
+
+
+@dataclass
+class Conversation:
+    case: dict
+    turns: list  # (role, text) pairs
+    emotions: list = field(default_factory=list)  # the user's emotion after each system turn
+    records: list = field(default_factory=list)  # one dict per system turn, for the JSONL log
+    system_turns: int = 0
+    outcome: str | None = None  # 'success', 'failure', 'time limit' once finished
+    total_reward: float = 0.0
+    sale_to_list: float | None = None
+    # observation of the current state, filled by the trainer
+    candidates: list = field(default_factory=list)
+    candidate_priors: list = field(default_factory=list)
+    candidate_features: torch.Tensor | None = None
+    pending: dict = field(default_factory=dict)  # the choice being played, for the log
+
+    @property
+    def done(self):
+        return self.outcome is not None
+
+
+@dataclass
+class StepResult:
+    reward: float
+    terminated: bool  # success or failure: no bootstrap from the next state
+    truncated: bool  # turn limit: the next state still bootstraps
+
+
+def transcript(turns):
+    return "\n".join(f"{role}: {text}" for role, text in turns)
+
+
+EMOTION_PATTERN = re.compile(r"emotion\s*[:\-]\s*\**\s*([A-Za-z][A-Za-z \-]{0,30})", re.I)
+RESPONSE_PATTERN = re.compile(r"response\s*[:\-]\s*\**\s*(.*)", re.I | re.S)
+
+
+def parse_emotion_response(text, roles=()):
+    """Split "Emotion: sad Response: I hear you." into ('sad', 'I hear you.', True).
+
+    If the format is not followed, the whole text is kept as the response with emotion
+    'unknown' and ok=False, so the caller can count it. Text after a line that starts a
+    new speaker's turn ("Patient: ...") is cut: the model was writing the other side."""
+    emotion_match = EMOTION_PATTERN.search(text)
+    response_match = RESPONSE_PATTERN.search(text)
+    ok = bool(emotion_match and response_match)
+    emotion = "unknown"
+    if emotion_match:
+        words = emotion_match.group(1).strip().lower().split()
+        emotion = " ".join(w for w in words[:2] if w != "response") or "unknown"
+    response = clean_turn(response_match.group(1), roles) if response_match else ""
+    return emotion, response or clean_turn(text, roles), ok
+
+
+def clean_turn(text, roles=()):
+    """Drop a leading "Role:" and anything from a line where another turn starts."""
+    text = text.strip()
+    for role in roles:
+        if text.lower().startswith(role.lower() + ":"):
+            text = text[len(role) + 1:].strip()
+    for role in roles:
+        match = re.search(rf"\n\s*{re.escape(role)}\s*:", text, re.I)
+        if match:
+            text = text[:match.start()].strip()
+    return text.strip().strip('"').strip()
+
+
+class Planner:
+    """The frozen LLM's prior over the task's actions."""
+
+    def __init__(self, task, llm, mode="logits", num_samples=10, use_emotion=True):
+        self.task = task
+        self.llm = llm
+        self.mode = mode
+        self.num_samples = num_samples
+        self.use_emotion = use_emotion
+        self.labels = [str(i + 1) for i in range(len(task.actions))]
+        self.invalid_answers = 0  # sampled answers that named no action (mode 'sample')
+
+    def prompt(self, conversation):
+        options = "\n".join(f"{label}. {name}"
+                            for label, name in zip(self.labels, self.task.action_names))
+        emotions = ", ".join(conversation.emotions) if self.use_emotion else "not tracked"
+        text = prompts.PLANNER_PROMPT.format(
+            system_role=self.task.system_role, user_role=self.task.user_role,
+            transcript=transcript(conversation.turns), emotions=emotions or "unknown",
+            options=options)
+        return [{"role": "user", "content": text}]
+
+    def prior(self, conversations):
+        """[batch, num_actions] probabilities, each row summing to 1."""
+        chats = [self.prompt(c) for c in conversations]
+        if self.mode == "logits":
+            return self.llm.option_probs(chats, self.labels)
+        answers = self.llm.chat(chats, max_new_tokens=4, temperature=1.0,
+                                num_samples=self.num_samples)
+        return torch.stack([self._prior_from_samples(a) for a in answers])
+
+    def _prior_from_samples(self, answers):
+        counts = Counter()
+        for answer in answers:
+            match = re.search(r"\d+", answer)
+            if match and match.group(0) in self.labels:
+                counts[match.group(0)] += 1
+            else:
+                self.invalid_answers += 1
+        # add-one smoothing: an action never sampled keeps a small prior
+        prior = torch.tensor([counts[label] + 1.0 for label in self.labels])
+        return prior / prior.sum()
+
+
+class SelfPlayEnv:
+    def __init__(self, task, system_llm, user_llm, critic, max_turn=8,
+                 system_temperature=0.7, user_temperature=0.7, system_max_new_tokens=80,
+                 user_max_new_tokens=60, use_emotion=True):
+        self.task = task
+        self.system_llm = system_llm
+        self.user_llm = user_llm
+        self.critic = critic
+        self.max_turn = max_turn
+        self.system_temperature = system_temperature
+        self.user_temperature = user_temperature
+        self.system_max_new_tokens = system_max_new_tokens
+        self.user_max_new_tokens = user_max_new_tokens
+        self.use_emotion = use_emotion
+        self.errors = Counter()  # LLM answers that could not be used as they were
+
+    def reset(self, case):
+        return Conversation(case=case, turns=opening_turns(self.task.name, case))
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def _chat_view(self, conversation, own_role, system_text):
+        messages = [{"role": "system", "content": system_text}]
+        for role, text in conversation.turns:
+            messages.append({"role": "assistant" if role == own_role else "user",
+                             "content": text})
+        return messages
+
+    def system_prompt(self, conversation, action):
+        fields = case_fields(self.task.name, conversation.case)
+        messages = self._chat_view(conversation, self.task.system_role,
+                                   prompts.SYSTEM_PROMPT[self.task.name].format(**fields))
+        instruction = f"Strategy: {action}. {self.task.actions[action]}"
+        if self.use_emotion:
+            instruction += "\n" + prompts.EMOTION_FORMAT.format(user_role=self.task.user_role)
+        if messages[-1]["role"] == "user":
+            messages[-1]["content"] += f"\n\n({instruction})"
+        else:
+            messages.append({"role": "user", "content": f"({instruction})"})
+        return messages
+
+    def user_prompt(self, conversation):
+        fields = case_fields(self.task.name, conversation.case)
+        return self._chat_view(conversation, self.task.user_role,
+                               prompts.USER_PROMPT[self.task.name].format(**fields))
+
+    # -- one batched step ----------------------------------------------------------------
+
+    def step(self, conversations, actions):
+        roles = (self.task.system_role, self.task.user_role)
+        records = [{"turn": c.system_turns + 1, "action": a} for c, a in zip(conversations, actions)]
+
+        system_answers = self.system_llm.chat(
+            [self.system_prompt(c, a) for c, a in zip(conversations, actions)],
+            max_new_tokens=self.system_max_new_tokens, temperature=self.system_temperature)
+        for conversation, answer, record in zip(conversations, system_answers, records):
+            if self.use_emotion:
+                emotion, response, ok = parse_emotion_response(answer[0], roles)
+                if not ok:
+                    self.errors["system_format"] += 1
+                conversation.emotions.append(emotion)
+                record["emotion"] = emotion
+            else:
+                response = clean_turn(answer[0], roles)
+            if not response:
+                self.errors["system_empty"] += 1
+                response = "..."
+            record["system_raw"], record["system"] = answer[0], response
+            conversation.turns.append((self.task.system_role, response))
+            conversation.system_turns += 1
+
+        user_answers = self.user_llm.chat(
+            [self.user_prompt(c) for c in conversations],
+            max_new_tokens=self.user_max_new_tokens, temperature=self.user_temperature)
+        for conversation, answer, record in zip(conversations, user_answers, records):
+            response = clean_turn(answer[0], roles)
+            if not response:
+                self.errors["user_empty"] += 1
+                response = "..."
+            record["user"] = response
+            conversation.turns.append((self.task.user_role, response))
+
+        verdicts = self.critic.score([c.case for c in conversations],
+                                     [transcript(c.turns) for c in conversations],
+                                     [c.emotions for c in conversations])
+        results = []
+        for conversation, verdict, record in zip(conversations, verdicts, records):
+            self.errors["critic_invalid"] += verdict.invalid
+            end = outcome(self.task, verdict)
+            truncated = end is None and conversation.system_turns >= self.max_turn
+            conversation.outcome = end or ("time limit" if truncated else None)
+            conversation.total_reward += verdict.reward
+            if verdict.sale_to_list is not None:
+                conversation.sale_to_list = verdict.sale_to_list
+            record.update(critic_verdicts=verdict.verdicts, critic_invalid=verdict.invalid,
+                          reward=verdict.reward, outcome=conversation.outcome)
+            if verdict.deal_price is not None:
+                record["deal_price"] = verdict.deal_price
+            conversation.records.append(record)
+            results.append(StepResult(verdict.reward, end is not None, truncated))
+        return results

@@ -1,0 +1,135 @@
+"""All arguments of train_model.py and bench.py, in one dataclass.
+
+Every field is a command-line flag of the same name (`--data_name esc`, `--top_k 4`);
+booleans take true/false. `python train_model.py --help` lists them with their help text.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Args:
+    # --- task and data
+    data_name: str = field(default="esc", metadata={"help": "task: esc, extes, cima, cb, p4g"})
+    data_dir: str = field(default="data", metadata={
+        "help": "folder with the benchmark files (see download_data.py); data/demo has a few "
+                "demo cases per task"})
+    mode: str = field(default="train", metadata={
+        "help": "train (train, keep the best checkpoint on valid, then test it) or test "
+                "(load --checkpoint and play the test split greedily)"})
+    checkpoint: str = field(default="", metadata={"help": "checkpoint file for --mode test"})
+    seed: int = field(default=42, metadata={"help": "seeds everything, once, at start"})
+    extes_seed: int = field(default=0, metadata={
+        "help": "fixed seed of the ExTES train/valid/test split (independent of --seed)"})
+    max_cases: int = field(default=0, metadata={
+        "help": "use at most this many cases of each split (0: all)"})
+
+    # --- models
+    backend: str = field(default="transformers", metadata={"help": "LLM backend"})
+    llm: str = field(default="auto", metadata={
+        "help": "model folder for every role; 'auto' uses weights/Qwen2.5-1.5B-Instruct if "
+                "downloaded, else the embedded SmolLM2-135M-Instruct"})
+    planner_llm: str = field(default="", metadata={"help": "planner model (default: --llm)"})
+    system_llm: str = field(default="", metadata={"help": "system model (default: --llm)"})
+    user_llm: str = field(default="", metadata={"help": "user model (default: --llm)"})
+    critic_llm: str = field(default="", metadata={"help": "critic model (default: --llm)"})
+    encoder: str = field(default="auto", metadata={
+        "help": "frozen text encoder for the Q-adapter; 'auto' uses weights/bert-base-uncased "
+                "if downloaded, else the embedded all-MiniLM-L6-v2"})
+    device: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16, float32"})
+
+    # --- self-play
+    num_envs: int = field(default=8, metadata={
+        "help": "conversations played together; each LLM phase is one batched call"})
+    top_k: int = field(default=4, metadata={"help": "candidate actions taken from the prior"})
+    max_turn: int = field(default=8, metadata={"help": "system turns before a time-limit end"})
+    critic_samples: int = field(default=10, metadata={"help": "verdicts sampled per turn"})
+    critic_temperature: float = field(default=1.1, metadata={"help": "critic sampling temperature"})
+    system_temperature: float = field(default=0.7, metadata={"help": "0 decodes greedily"})
+    user_temperature: float = field(default=0.7, metadata={"help": "0 decodes greedily"})
+    system_max_new_tokens: int = field(default=80, metadata={"help": "system turn length cap"})
+    user_max_new_tokens: int = field(default=60, metadata={"help": "user turn length cap"})
+    critic_max_new_tokens: int = field(default=24, metadata={"help": "verdict length cap"})
+    prior: str = field(default="logits", metadata={
+        "help": "logits (one forward pass over option labels) or sample (sample "
+                "--prior_samples answers and count the numbers; for backends without logits)"})
+    prior_samples: int = field(default=10, metadata={"help": "answers sampled when --prior sample"})
+    shared_prefix: bool = field(default=True, metadata={
+        "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
+    use_emotion: bool = field(default=True, metadata={
+        "help": "ask the system LLM for the user's emotion and show the history to the "
+                "planner, encoder and critic"})
+
+    # --- Q-learning
+    total_episodes: int = field(default=200, metadata={"help": "training conversations"})
+    gamma: float = field(default=0.99, metadata={"help": "discount factor"})
+    tau: float = field(default=0.01, metadata={"help": "soft target update rate"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=32, metadata={"help": "replay minibatch size"})
+    buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity"})
+    learning_starts: int = field(default=32, metadata={"help": "transitions before updates"})
+    updates_per_step: int = field(default=1, metadata={"help": "gradient steps per env step"})
+    epsilon_start: float = field(default=1.0, metadata={"help": "exploration at the start"})
+    epsilon_end: float = field(default=0.05, metadata={"help": "exploration at the end"})
+    exploration_fraction: float = field(default=0.5, metadata={
+        "help": "share of total_episodes over which epsilon decays linearly"})
+    hidden_size: int = field(default=256, metadata={"help": "Q-head MLP width"})
+    max_encoder_tokens: int = field(default=512, metadata={
+        "help": "encoder input length; longer texts keep their most recent tokens"})
+
+    # --- evaluation and logging
+    eval_every: int = field(default=50, metadata={"help": "episodes between valid evaluations"})
+    eval_cases: int = field(default=0, metadata={"help": "valid cases per evaluation (0: all)"})
+    output_dir: str = field(default="runs", metadata={"help": "where runs are written"})
+    exp_name: str = field(default="dialogxpert", metadata={"help": "run name prefix"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        from llm import BACKENDS
+        from tasks import TASKS
+
+        if self.data_name not in TASKS:
+            raise ValueError(f"Unknown --data_name '{self.data_name}'. Expected one of "
+                             f"{sorted(TASKS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Unknown --backend '{self.backend}'. Expected one of "
+                             f"{sorted(BACKENDS)}")
+        choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
+                   "dtype": ("auto", "bfloat16", "float16", "float32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown --{name} '{getattr(self, name)}'. Expected one of "
+                                 f"{list(allowed)}")
+        if self.mode == "test" and not self.checkpoint:
+            raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
+        if self.top_k < 1 or self.num_envs < 1 or self.max_turn < 1 or self.critic_samples < 1:
+            raise ValueError("--top_k, --num_envs, --max_turn and --critic_samples must be >= 1")
+
+
+def _parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def build_parser(description=None):
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(Args):
+        kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(
+            f.type if isinstance(f.type, str) else f.type.__name__, str)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    return parser
+
+
+def parse_args(argv=None):
+    namespace = build_parser(__doc__).parse_args(argv)
+    try:
+        return Args(**vars(namespace))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None

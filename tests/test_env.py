@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from conftest import ScriptedLLM
+from critic import Critic
+from env import Planner, SelfPlayEnv, clean_turn, parse_emotion_response
+from tasks import get_task, load_split
+from test_tasks import DEMO
+
+
+@pytest.mark.parametrize("text,emotion,response,ok", [
+    ("Emotion: sad\nResponse: I hear you.", "sad", "I hear you.", True),
+    ("emotion - Anxious. response: Tell me more!", "anxious", "Tell me more!", True),
+    ("**Emotion:** hopeful **Response:** Good.", "hopeful", "Good.", True),
+    ("I hear you, that sounds hard.", "unknown", "I hear you, that sounds hard.", False),
+    ("Emotion: sad", "sad", "Emotion: sad", False),
+    ("Emotion: sad\nResponse: Okay.\nPatient: I feel bad", "sad", "Okay.", True),
+])
+def test_parse_emotion_response(text, emotion, response, ok):
+    assert parse_emotion_response(text, ("Therapist", "Patient")) == (emotion, response, ok)
+
+
+def test_clean_turn_drops_role_prefix_and_other_speaker():
+    assert clean_turn("Seller: fine.\nBuyer: ok", ("Buyer", "Seller")) == "fine."
+
+
+def _env(task_name, critic_answer, system_answer="Emotion: calm\nResponse: Try a walk.",
+         max_turn=3):
+    task = get_task(task_name)
+    system = ScriptedLLM(lambda p: system_answer)
+    user = ScriptedLLM(lambda p: "Thanks, I will try.")
+    critic = Critic(task, ScriptedLLM(lambda p: critic_answer), num_samples=3)
+    return task, system, user, SelfPlayEnv(task, system, user, critic, max_turn=max_turn)
+
+
+def test_step_appends_turns_emotions_and_rewards_in_one_call_per_phase():
+    task, system, user, env = _env("esc", "No, but the Patient feels better.")
+    conversations = [env.reset(c) for c in load_split(DEMO, "esc", "train")[:3]]
+    results = env.step(conversations, ["Question", "Information", "Others"])
+    assert system.calls == [("chat", 3, 1)] and user.calls == [("chat", 3, 1)]
+    for conversation, result in zip(conversations, results):
+        assert conversation.turns[-2] == ("Therapist", "Try a walk.")
+        assert conversation.turns[-1] == ("Patient", "Thanks, I will try.")
+        assert conversation.emotions == ["calm"]
+        assert result.reward == 0.5 and result.terminated and not result.truncated
+        assert conversation.outcome == "success"
+
+
+def test_time_limit_truncates_without_terminating():
+    task, _, _, env = _env("esc", "No, the Patient feels the same.", max_turn=2)
+    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    first = env.step([conversation], ["Question"])[0]
+    assert not first.terminated and not first.truncated and conversation.outcome is None
+    second = env.step([conversation], ["Question"])[0]
+    assert second.truncated and not second.terminated
+    assert conversation.outcome == "time limit" and conversation.total_reward == -1.0
+
+
+def test_unusable_system_answers_are_counted_not_dropped():
+    task, _, _, env = _env("esc", "No, the Patient feels the same.", system_answer="Hello!")
+    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    env.step([conversation], ["Question"])
+    assert env.errors["system_format"] == 1
+    assert conversation.turns[-2] == ("Therapist", "Hello!")
+    assert conversation.emotions == ["unknown"]
+
+
+def test_system_prompt_carries_instruction_and_format():
+    task, _, _, env = _env("cima", "x")
+    conversation = env.reset(load_split(DEMO, "cima", "test")[0])
+    messages = env.system_prompt(conversation, "Hint")
+    assert messages[0]["role"] == "system" and conversation.case["target"] in messages[0]["content"]
+    assert task.actions["Hint"] in messages[-1]["content"]
+    assert "Emotion:" in messages[-1]["content"] and messages[-1]["role"] == "user"
+
+
+def test_planner_logits_prior_covers_all_actions():
+    task = get_task("p4g")
+    llm = ScriptedLLM(None, prior=lambda prompt, labels: [float(i) for i in range(1, len(labels) + 1)])
+    planner = Planner(task, llm)
+    conversation = SelfPlayEnv(task, None, None, None).reset(load_split(DEMO, "p4g", "test")[0])
+    prior = planner.prior([conversation])
+    assert prior.shape == (1, 19)
+    assert torch.allclose(prior.sum(-1), torch.ones(1))
+    assert "19. Closing" in planner.prompt(conversation)[0]["content"]
+
+
+def test_planner_sampling_fallback_counts_invalid_answers():
+    task = get_task("esc")
+    answers = iter(["3", "Strategy 3.", "I think none", "12", "3"] * 2)
+    planner = Planner(task, ScriptedLLM(lambda p: next(answers)), mode="sample", num_samples=5)
+    conversation = SelfPlayEnv(task, None, None, None).reset(load_split(DEMO, "esc", "test")[0])
+    prior = planner.prior([conversation])[0]
+    assert planner.invalid_answers == 2  # "I think none" and "12" (only 8 actions)
+    assert int(prior.argmax()) == 2
+    assert prior.sum().item() == pytest.approx(1.0) and (prior > 0).all()

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from llm import TransformersLLM, load_llm, resolve_llm_path
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Which strategy? Answer with a number."}],
+    [{"role": "system", "content": "You are a tutor."},
+     {"role": "user", "content": "A much longer prompt, so that the batch needs left padding."}],
+    [{"role": "user", "content": "x"}],
+]
+
+
+def reference_option_probs(llm, conversation, labels):
+    """One plain forward pass per label, no batching or padding."""
+    prompt = llm.encode_chat(conversation)
+    label_ids = llm.label_token_ids(prompt, labels)
+    scores = []
+    for seq in label_ids:
+        ids = torch.tensor([prompt + list(seq)])
+        log_probs = torch.log_softmax(llm.model(ids).logits[0].float(), -1)
+        score = sum(log_probs[len(prompt) - 1 + d, seq[d]] for d in range(len(seq)))
+        longer = {o[len(seq)] for o in label_ids if len(o) > len(seq) and o[:len(seq)] == seq}
+        if longer:
+            score += torch.log1p(-log_probs[len(prompt) - 1 + len(seq), list(longer)].exp().sum())
+        scores.append(score)
+    return torch.softmax(torch.stack(scores), -1)
+
+
+@pytest.mark.parametrize("num_labels", [4, 19, 25])
+def test_option_probs_sum_to_one_and_match_reference(tiny_llm, num_labels):
+    labels = [str(i + 1) for i in range(num_labels)]
+    probs = tiny_llm.option_probs(CONVERSATIONS, labels)
+    assert probs.shape == (3, num_labels)
+    assert torch.allclose(probs.sum(-1), torch.ones(3), atol=1e-5)
+    for row, conversation in enumerate(CONVERSATIONS):
+        with torch.no_grad():
+            expected = reference_option_probs(tiny_llm, conversation, labels)
+        assert torch.allclose(probs[row], expected, atol=1e-4), (row, probs[row], expected)
+
+
+def test_multi_digit_labels_are_multi_token(tiny_llm):
+    prompt = tiny_llm.encode_chat(CONVERSATIONS[0])
+    ids = tiny_llm.label_token_ids(prompt, ["1", "12", "19"])
+    assert len(ids[0]) == 1 and len(ids[1]) == 2 and ids[1][0] == ids[0][0]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_llm):
+    batched = tiny_llm.chat(CONVERSATIONS, max_new_tokens=12, temperature=0)
+    single = [tiny_llm.chat([c], max_new_tokens=12, temperature=0)[0] for c in CONVERSATIONS]
+    assert batched == single
+
+
+def test_shared_prefix_samples_equal_repeated_prompt_when_greedy(tiny_llm):
+    shared = tiny_llm.chat(CONVERSATIONS, max_new_tokens=8, temperature=0, num_samples=3)
+    repeated = tiny_llm.chat(CONVERSATIONS, max_new_tokens=8, temperature=0, num_samples=3,
+                             shared_prefix=False)
+    assert shared == repeated
+    assert all(len(samples) == 3 and len(set(samples)) == 1 for samples in shared)
+
+
+def test_generation_stops_at_end_of_turn_and_finished_rows_leave_the_batch(tiny_llm):
+    full = [tiny_llm.chat([c], max_new_tokens=10, temperature=0)[0][0] for c in CONVERSATIONS]
+    prompt = tiny_llm.encode_chat(CONVERSATIONS[0])
+    tokens = tiny_llm.model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False,
+                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    stop_token = int(tokens[0, len(prompt) + 2])
+    saved = tiny_llm.stop_ids
+    tiny_llm.stop_ids = saved + [stop_token]
+    try:
+        cut = tiny_llm.chat(CONVERSATIONS, max_new_tokens=10, temperature=0)
+    finally:
+        tiny_llm.stop_ids = saved
+    first_two = tiny_llm.tokenizer.decode(tokens[0, len(prompt):len(prompt) + 2]).strip()
+    assert cut[0][0] == first_two
+    for row in (1, 2):  # the other rows are unaffected unless they hit the same token
+        if stop_token not in tiny_llm.tokenizer(full[row])["input_ids"]:
+            assert cut[row][0] == full[row]
+
+
+def test_sampling_is_seeded(tiny_llm_dir):
+    first = TransformersLLM(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
+    second = TransformersLLM(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
+    a = first.chat(CONVERSATIONS, max_new_tokens=6, temperature=1.0, num_samples=2)
+    assert a == second.chat(CONVERSATIONS, max_new_tokens=6, temperature=1.0, num_samples=2)
+
+
+def test_missing_weights_name_the_download_script(tmp_path):
+    with pytest.raises(FileNotFoundError, match="download_llm_weights.py"):
+        resolve_llm_path(str(tmp_path / "Qwen2.5-7B-Instruct"))
+
+
+def test_unknown_backend_lists_choices(tiny_llm_dir):
+    with pytest.raises(ValueError, match=r"Expected one of \['transformers'\]"):
+        load_llm("vllm-typo", tiny_llm_dir)

@@ -1,0 +1,161 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import train_model
+from conftest import ROOT, ScriptedLLM
+from critic import Critic
+from env import Planner, SelfPlayEnv
+from get_args import Args
+from q_adapter import FrozenEncoder
+from tasks import TASKS, get_task, load_split
+from test_tasks import DEMO
+
+
+def test_td_target_success_failure_and_time_limit():
+    rewards = torch.tensor([1.0, -1.0, 0.2])
+    next_q = torch.tensor([[5.0, 9.0], [5.0, 9.0], [3.0, 4.0]])
+    mask = torch.tensor([[False, False], [False, False], [True, False]])
+    terminated = torch.tensor([True, True, False])  # success, failure, turn limit
+    target = train_model.td_target(rewards, next_q, mask, terminated, gamma=0.9)
+    # no bootstrap after success or failure; the turn limit bootstraps once, from the
+    # real candidate only (the masked 4.0 is padding)
+    assert target.tolist() == pytest.approx([1.0, -1.0, 0.2 + 0.9 * 3.0])
+
+
+def test_td_target_ignores_padding_even_when_larger():
+    target = train_model.td_target(torch.zeros(1), torch.tensor([[1.0, 100.0, -5.0]]),
+                                   torch.tensor([[True, False, True]]), torch.tensor([False]), 0.5)
+    assert target.item() == pytest.approx(0.5)
+
+
+def _cli_args(task_name, tiny_llm_dir, tiny_encoder_dir, output_dir):
+    return ["--data_name", task_name, "--data_dir", DEMO, "--llm", tiny_llm_dir,
+            "--encoder", tiny_encoder_dir, "--total_episodes", "3", "--num_envs", "2",
+            "--max_turn", "2", "--critic_samples", "2", "--system_max_new_tokens", "6",
+            "--user_max_new_tokens", "6", "--critic_max_new_tokens", "6", "--eval_every", "2",
+            "--batch_size", "4", "--learning_starts", "2", "--output_dir", str(output_dir),
+            "--progress", "false", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_train_then_test_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, tmp_path):
+    argv = _cli_args(task_name, tiny_llm_dir, tiny_encoder_dir, tmp_path)
+    metrics, run_dir = train_model.main(argv)
+    test_cases = load_split(DEMO, task_name, "test")
+    assert metrics["episodes"] == len(test_cases)
+    assert 0.0 <= metrics["SR"] <= 1.0 and 1 <= metrics["AT"] <= 2
+    assert ("SL" in metrics) == (task_name == "cb")
+    assert metrics["llm_answers_unusable"]["critic_invalid"] > 0  # a random model says nonsense
+    with open(os.path.join(run_dir, "test_conversations.jsonl")) as f:
+        logged = [json.loads(line) for line in f]
+    assert len(logged) == len(test_cases)
+    record = logged[0]["records"][0]
+    assert len(record["candidates"]) == 4 and {"action", "prior", "q"} <= set(record["candidates"][0])
+    assert len(record["critic_verdicts"]) == 2 and "emotion" in record
+    info = json.load(open(os.path.join(run_dir, "last.pt.json")))
+    assert info["args"]["data_name"] == task_name and info["updates"] > 0
+
+    # test mode reloads the checkpoint: same Q-head, same greedy choices on the same seed
+    test_metrics, test_dir = train_model.main(argv + ["--mode", "test", "--checkpoint",
+                                                      metrics["checkpoint"]])
+    assert test_metrics["episodes"] == metrics["episodes"]
+    with open(os.path.join(test_dir, "test_conversations.jsonl")) as f:
+        replayed = [json.loads(line) for line in f]
+    first_q = [c["q"] for c in logged[0]["records"][0]["candidates"]]
+    assert [c["q"] for c in replayed[0]["records"][0]["candidates"]] == first_q
+
+
+def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
+    args = Args(hidden_size=8, learning_rate=0.01)
+    encoder = FrozenEncoder(tiny_encoder_dir, device="cpu")
+    agent = train_model.Agent(args, encoder)
+    before = [p.clone() for p in agent.q_head.parameters()]
+    from replay_buffer import ReplayBuffer
+    buffer = ReplayBuffer(16, encoder.width, 2)
+    for i in range(16):
+        buffer.add(torch.randn(encoder.width), 1.0, torch.randn(2, encoder.width), i % 2 == 0)
+    for _ in range(3):
+        agent.update(buffer, torch.Generator().manual_seed(0))
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.q_head.parameters()))
+    path = str(tmp_path / "agent.pt")
+    agent.save(path, step=7)
+    restored = train_model.Agent(args, encoder)
+    info = restored.load(path)
+    assert info["step"] == 7 and restored.updates == 3
+    for a, b in zip(agent.q_head.parameters(), restored.q_head.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(restored.optimizer.state_dict()["state"][0]["exp_avg"],
+                       agent.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_cli_errors_are_clear(tmp_path):
+    def run(*flags):
+        return subprocess.run([sys.executable, "train_model.py", *flags], cwd=ROOT,
+                              capture_output=True, text=True)
+    unknown = run("--data_name", "esconv")
+    assert unknown.returncode != 0 and "Expected one of ['cb', 'cima', 'esc', 'extes', 'p4g']" in unknown.stderr
+    missing = run("--data_name", "esc", "--data_dir", str(tmp_path))
+    assert missing.returncode != 0 and "download_data.py" in missing.stderr
+    no_checkpoint = run("--mode", "test")
+    assert "--checkpoint" in no_checkpoint.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Learning: a scripted world where only "Providing Suggestions" solves the problem.
+# ---------------------------------------------------------------------------------------
+
+GOOD_ACTION = "Providing Suggestions"
+
+
+def scripted_world():
+    task = get_task("esc")
+    order = ["Question", "Others", GOOD_ACTION, "Information"]  # the prior ranks it third
+    prior = ScriptedLLM(None, prior=lambda prompt, labels: [
+        8.0 - order.index(name) if name in order else 0.1 for name in task.action_names])
+
+    def system_reply(prompt):
+        strategy = re.findall(r"\(Strategy: ([^.]+)\.", prompt)[-1]
+        return f"Emotion: sad\nResponse: I will use {strategy}."
+
+    def critic_reply(prompt):
+        last = [line for line in prompt.splitlines() if line.startswith("Therapist:")][-1]
+        return ("Yes, the Patient's issue has been solved." if GOOD_ACTION in last
+                else "No, the Patient feels the same.")
+
+    critic = Critic(task, ScriptedLLM(critic_reply), num_samples=2)
+    env = SelfPlayEnv(task, ScriptedLLM(system_reply), ScriptedLLM(lambda p: "Okay."), critic,
+                      max_turn=2)
+    return task, Planner(task, prior), env
+
+
+def test_agent_learns_the_winning_strategy(tiny_encoder_dir, tmp_path):
+    torch.manual_seed(0)
+    args = Args(data_name="esc", total_episodes=160, num_envs=8, max_turn=2, top_k=4,
+                learning_rate=1e-3, batch_size=32, learning_starts=32, eval_every=1000,
+                exploration_fraction=0.5, epsilon_end=0.0, hidden_size=64, progress=False,
+                gamma=0.9, tau=0.05)
+    task, planner, env = scripted_world()
+    cases = load_split(DEMO, "esc", "train") * 5
+    agent = train_model.Agent(args, FrozenEncoder(tiny_encoder_dir, device="cpu"))
+    random_metrics, _ = train_model.evaluate(args, agent, planner, env, task, cases,
+                                             epsilon=1.0)
+    prior_greedy, _ = train_model.evaluate(args, agent, planner, env, task, cases)
+    with SummaryWriter(str(tmp_path)) as writer:
+        train_model.train(args, agent, planner, env, task, cases, cases[:4], str(tmp_path),
+                          writer)
+    agent.load(str(tmp_path / "last.pt"))
+    trained, conversations = train_model.evaluate(args, agent, planner, env, task, cases)
+    print("random", random_metrics["SR"], "prior-greedy", prior_greedy["SR"], "trained", trained["SR"])
+    assert trained["SR"] >= 0.9, trained
+    assert prior_greedy["SR"] <= 0.65  # an untrained Q-head does not already know it
+    assert random_metrics["SR"] <= 0.65, random_metrics
+    assert trained["AT"] < random_metrics["AT"]
+    chosen = [r["action"] for c in conversations for r in c.records]
+    assert chosen.count(GOOD_ACTION) / len(chosen) >= 0.9
