@@ -100,18 +100,14 @@ def resolve_llm_path(name):
 class TransformersLLM:
     """A local causal LM with a chat template, decoded by a batched sampling loop."""
 
-    def __init__(self, path, device="auto", dtype="auto", seed=0):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.path = path
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"The tokenizer at '{path}' has no chat template; use an "
+    def __init__(self, model, tokenizer, seed=0, name="model"):
+        self.path = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.chat_template is None:
+            raise ValueError(f"The tokenizer of '{name}' has no chat template; use an "
                              "instruction-tuned (chat) model.")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        self.model.to(self.device).eval()
+        self.device = next(model.parameters()).device
         self.stop_ids = self._stop_token_ids()
         # transformers 5 renamed the forward argument past_key_values to cache
         forward_arguments = inspect.signature(self.model.forward).parameters
@@ -121,6 +117,15 @@ class TransformersLLM:
             self.pad_id = self.stop_ids[0]
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = defaultdict(float)  # tokens and seconds, read by the benchmark
+
+    @classmethod
+    def from_pretrained(cls, path, device="auto", dtype="auto", seed=0):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = pick_device(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
+        return cls(model.to(device), tokenizer, seed=seed, name=path)
 
     def _stop_token_ids(self):
         ids = set()
@@ -133,7 +138,7 @@ class TransformersLLM:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
                 ids.add(token_id)
         if not ids:
-            raise ValueError(f"The tokenizer at '{self.path}' has no end-of-turn token")
+            raise ValueError(f"The tokenizer of '{self.path}' has no end-of-turn token")
         return sorted(ids)
 
     # -- prompts --------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def _maximal_prefixes(label_ids):
     return sorted(maximal) or [()]
 
 
-BACKENDS = {"transformers": TransformersLLM}
+BACKENDS = {"transformers": TransformersLLM.from_pretrained}
 
 
 def load_llm(backend, name, device="auto", dtype="auto", seed=0):

@@ -7,7 +7,6 @@ conversation tokens are cut, so the action and the latest turns are always kept.
 """
 
 import os
-import random
 
 import torch
 from torch import nn
@@ -54,17 +53,21 @@ class QHead(nn.Module):
 
 
 class FrozenEncoder:
-    def __init__(self, path, max_tokens=512, device="auto"):
+    def __init__(self, model, tokenizer, max_tokens=512):
+        self.tokenizer = tokenizer
+        self.tokenizer.truncation_side = "left"  # keep the most recent conversation tokens
+        self.model = model.eval().requires_grad_(False)
+        self.device = next(model.parameters()).device
+        self.width = model.config.hidden_size
+        limit = getattr(model.config, "max_position_embeddings", max_tokens)
+        self.max_tokens = min(max_tokens, limit)
+
+    @classmethod
+    def from_pretrained(cls, path, max_tokens=512, device="auto"):
         from transformers import AutoModel, AutoTokenizer
 
-        self.device = pick_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.truncation_side = "left"  # keep the most recent conversation tokens
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.width = self.model.config.hidden_size
-        limit = getattr(self.model.config, "max_position_embeddings", max_tokens)
-        self.max_tokens = min(max_tokens, limit)
+        model = AutoModel.from_pretrained(path).to(pick_device(device))
+        return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
 
     @torch.no_grad()
     def embed(self, actions, states, batch_size=64):
@@ -91,6 +94,3 @@ def select_action(q_values, epsilon, rng):
 def linear_schedule(start, end, duration, t):
     return end + (start - end) * max(0.0, 1.0 - t / max(duration, 1e-9))
 
-
-def make_rng(seed):
-    return random.Random(seed)

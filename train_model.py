@@ -27,7 +27,8 @@ from critic import Critic
 from env import Planner, SelfPlayEnv, transcript
 from get_args import parse_args
 from llm import load_llm, resolve_llm_path
-from q_adapter import FrozenEncoder, QHead, linear_schedule, resolve_encoder_path, state_text
+from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
+                       select_action, state_text)
 from replay_buffer import ReplayBuffer
 from tasks import get_task, load_split
 
@@ -174,11 +175,9 @@ def choose(agent, conversations, epsilon, rng):
     q_all = agent.q_values(features).cpu()
     chosen, offset = [], 0
     for conversation in conversations:
-        k = len(conversation.candidates)
-        q = q_all[offset:offset + k]
-        offset += k
-        explored = rng.random() < epsilon
-        index = rng.randrange(k) if explored else int(torch.argmax(q))
+        q = q_all[offset:offset + len(conversation.candidates)]
+        offset += len(q)
+        index, explored = select_action(q, epsilon, rng)
         chosen.append(index)
         conversation.pending = {
             "candidates": [{"action": a, "prior": round(p, 4), "q": round(float(v), 4)}
@@ -337,8 +336,8 @@ def main(argv=None):
 
     llms = load_llms(args)
     planner, env = build_env(args, task, llms)
-    encoder = FrozenEncoder(resolve_encoder_path(args.encoder), args.max_encoder_tokens,
-                            args.device)
+    encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                            args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
 
     run_name = f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"

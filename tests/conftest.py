@@ -78,7 +78,7 @@ def tiny_encoder_dir(tmp_path_factory):
 def tiny_llm(tiny_llm_dir):
     from llm import TransformersLLM
 
-    return TransformersLLM(tiny_llm_dir, device="cpu", dtype="float32")
+    return TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32")
 
 
 class ScriptedLLM:

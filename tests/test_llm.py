@@ -79,8 +79,8 @@ def test_generation_stops_at_end_of_turn_and_finished_rows_leave_the_batch(tiny_
 
 
 def test_sampling_is_seeded(tiny_llm_dir):
-    first = TransformersLLM(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
-    second = TransformersLLM(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
+    first = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
+    second = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
     a = first.chat(CONVERSATIONS, max_new_tokens=6, temperature=1.0, num_samples=2)
     assert a == second.chat(CONVERSATIONS, max_new_tokens=6, temperature=1.0, num_samples=2)
 

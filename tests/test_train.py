@@ -74,7 +74,7 @@ def test_train_then_test_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, t
 
 def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
     args = Args(hidden_size=8, learning_rate=0.01)
-    encoder = FrozenEncoder(tiny_encoder_dir, device="cpu")
+    encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu")
     agent = train_model.Agent(args, encoder)
     before = [p.clone() for p in agent.q_head.parameters()]
     from replay_buffer import ReplayBuffer
@@ -143,7 +143,7 @@ def test_agent_learns_the_winning_strategy(tiny_encoder_dir, tmp_path):
                 gamma=0.9, tau=0.05)
     task, planner, env = scripted_world()
     cases = load_split(DEMO, "esc", "train") * 5
-    agent = train_model.Agent(args, FrozenEncoder(tiny_encoder_dir, device="cpu"))
+    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
     random_metrics, _ = train_model.evaluate(args, agent, planner, env, task, cases,
                                              epsilon=1.0)
     prior_greedy, _ = train_model.evaluate(args, agent, planner, env, task, cases)
