@@ -88,8 +88,10 @@ def clean_turn(text, roles=()):
 class Planner:
     """The frozen LLM's prior over the task's actions."""
 
-    def __init__(self, task, llm, mode="logits", num_samples=10, use_emotion=True):
+    def __init__(self, task, llm, mode="logits", num_samples=10, use_emotion=True,
+                 max_new_tokens=4):
         self.task = task
+        self.max_new_tokens = max_new_tokens  # answer length when mode is 'sample'
         self.llm = llm
         self.mode = mode
         self.num_samples = num_samples
@@ -112,7 +114,7 @@ class Planner:
         chats = [self.prompt(c) for c in conversations]
         if self.mode == "logits":
             return self.llm.option_probs(chats, self.labels)
-        answers = self.llm.chat(chats, max_new_tokens=4, temperature=1.0,
+        answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
                                 num_samples=self.num_samples)
         return torch.stack([self._prior_from_samples(a) for a in answers])
 

@@ -57,6 +57,8 @@ class Args:
         "help": "logits (one forward pass over option labels) or sample (sample "
                 "--prior_samples answers and count the numbers; for backends without logits)"})
     prior_samples: int = field(default=10, metadata={"help": "answers sampled when --prior sample"})
+    prior_max_new_tokens: int = field(default=4, metadata={
+        "help": "answer length when --prior sample"})
     shared_prefix: bool = field(default=True, metadata={
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={

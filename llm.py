@@ -116,6 +116,8 @@ class TransformersLLM:
         if self.pad_id is None:
             self.pad_id = self.stop_ids[0]
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # the embedding matrix may be padded past the tokenizer's vocabulary
+        self.vocab_size = len(tokenizer)
         self.stats = defaultdict(float)  # tokens and seconds, read by the benchmark
 
     @classmethod
@@ -218,6 +220,8 @@ class TransformersLLM:
         return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
 
     def _sample(self, logits, temperature, top_p):
+        if logits.shape[-1] > self.vocab_size:
+            logits[:, self.vocab_size:] = float("-inf")
         if temperature <= 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / temperature, dim=-1)
@@ -265,17 +269,19 @@ class TransformersLLM:
                 row_prefixes.append(path)
         input_ids, attention_mask = self._left_pad(rows)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        # rows end aligned, so the positions needed are among the last `keep`; computing
+        # logits only there avoids a [rows, length, vocab] tensor
+        keep = max(len(path) for path in row_prefixes) + 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=False)
-        log_probs = torch.log_softmax(out.logits.float(), dim=-1)
+                         position_ids=position_ids, use_cache=False, logits_to_keep=keep)
+        log_probs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
         self.stats["prompt_tokens"] += int(attention_mask.sum())
 
         # next-token distributions after every prefix that a forward row covers
         dist = [dict() for _ in prompts]
-        width = input_ids.shape[1]
         for row, (owner, path) in enumerate(zip(row_owner, row_prefixes)):
             for depth in range(len(path) + 1):
-                dist[owner].setdefault(path[:depth], log_probs[row, width - 1 - len(path) + depth])
+                dist[owner].setdefault(path[:depth], log_probs[row, keep - 1 - len(path) + depth])
         result = torch.empty(len(prompts), len(labels))
         for i, ids in enumerate(label_ids):
             for j, seq in enumerate(ids):

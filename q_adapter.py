@@ -70,7 +70,7 @@ class FrozenEncoder:
         return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
 
     @torch.no_grad()
-    def embed(self, actions, states, batch_size=64):
+    def embed(self, actions, states, batch_size=256):
         """[len(actions), width] float32 embeddings of (action, state) pairs."""
         chunks = []
         for start in range(0, len(actions), batch_size):

@@ -61,7 +61,7 @@ def build_env(args, task, llms):
                     temperature=args.critic_temperature,
                     max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix)
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
-                      use_emotion=args.use_emotion)
+                      use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens)
     env = SelfPlayEnv(task, llms["system"], llms["user"], critic, max_turn=args.max_turn,
                       system_temperature=args.system_temperature,
                       user_temperature=args.user_temperature,

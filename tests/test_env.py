@@ -94,3 +94,32 @@ def test_planner_sampling_fallback_counts_invalid_answers():
     assert planner.invalid_answers == 2  # "I think none" and "12" (only 8 actions)
     assert int(prior.argmax()) == 2
     assert prior.sum().item() == pytest.approx(1.0) and (prior > 0).all()
+
+
+def test_batched_step_equals_one_conversation_at_a_time(tiny_llm):
+    """Greedy decoding: a batch of conversations advances exactly as each would alone."""
+    task = get_task("esc")
+    critic = Critic(task, tiny_llm, num_samples=3, temperature=0.0, max_new_tokens=6)
+    env = SelfPlayEnv(task, tiny_llm, tiny_llm, critic, system_temperature=0.0,
+                      user_temperature=0.0, system_max_new_tokens=8, user_max_new_tokens=8)
+    cases = load_split(DEMO, "esc", "train")[:3]
+    actions = ["Question", "Others", "Information"]
+    batched = [env.reset(c) for c in cases]
+    env.step(batched, actions)
+    for case, action, together in zip(cases, actions, batched):
+        alone = env.reset(case)
+        env.step([alone], [action])
+        assert alone.turns == together.turns
+        assert alone.records[0]["critic_verdicts"] == together.records[0]["critic_verdicts"]
+
+
+def test_shared_prefix_critic_gives_the_same_greedy_verdicts(tiny_llm):
+    task = get_task("esc")
+    case = load_split(DEMO, "esc", "test")[0]
+    results = []
+    for shared in (True, False):
+        critic = Critic(task, tiny_llm, num_samples=4, temperature=0.0, max_new_tokens=6,
+                        shared_prefix=shared)
+        results.append(critic.score([case, case], ["Patient: hi", "Patient: hello there"],
+                                    [["sad"], []]))
+    assert [r.verdicts for r in results[0]] == [r.verdicts for r in results[1]]

@@ -1,0 +1,291 @@
+"""Self-play speed benchmark: the original one-at-a-time loop against the batched one.
+
+    python bench.py                                   # embedded SmolLM2 on CPU, N = 16
+    python bench.py --num_envs 64 --random_model qwen2.5-1.5b --max_turn 4   # on a GPU
+
+Both modes play the same training episodes (same cases, model and seeds) through the real
+training loop, each in its own process so that peak memory is measured per mode:
+  baseline: one conversation at a time, the prior sampled as --baseline_prior_tokens tokens
+            of text and parsed, the critic prompt repeated once per sample
+  fast:     --num_envs conversations per batched call, the prior from one forward pass,
+            critic samples decoded from the prompt's shared KV cache
+It prints turns per second for each mode, their ratio, time per phase (prior, system,
+user, critic, encoder, Q update, other), the LLM's share of wall time, tokens per second
+and peak memory, and writes the same figures to --json_out. Any train_model.py flag can be
+added (e.g. --critic_samples 10 --system_max_new_tokens 80).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+PHASES = ("prior", "system", "user", "critic", "encoder", "q_update")
+
+
+class PhaseClock:
+    def __init__(self, device):
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    @contextmanager
+    def __call__(self, phase):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[phase] += time.perf_counter() - start
+            self.calls[phase] += 1
+
+
+class TimedLLM:
+    """Times one role's calls to a shared LLM client and counts its conversations."""
+
+    def __init__(self, inner, phase, clock):
+        self.inner, self.phase, self.clock = inner, phase, clock
+        self.conversations = 0
+
+    def chat(self, conversations, **kwargs):
+        self.conversations += len(conversations)
+        with self.clock(self.phase):
+            return self.inner.chat(conversations, **kwargs)
+
+    def option_probs(self, conversations, labels):
+        with self.clock(self.phase):
+            return self.inner.option_probs(conversations, labels)
+
+
+def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
+    """A randomly initialised model of a Qwen2.5 shape (no weights can be downloaded on the
+    benchmark machines), with the tokenizer from tokenizer_dir (any chat tokenizer; a
+    real BPE keeps prompt lengths realistic) or else a byte-level ChatML one."""
+    from transformers import AutoModel, BertConfig, Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from conftest import build_tiny_encoder, build_tiny_llm
+
+    shapes = {"qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960,
+                                   num_hidden_layers=28, num_attention_heads=12,
+                                   num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, rope_theta=1e6,
+                                   tie_word_embeddings=True),
+              # a few-MB model of the same vocabulary, for smoke tests of this script
+              "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
+                           tie_word_embeddings=True)}
+    if name not in shapes:
+        raise ValueError(f"Unknown --random_model '{name}'. Expected one of {sorted(shapes)}")
+    from transformers import AutoTokenizer
+
+    folder = tempfile.mkdtemp()
+    if not tokenizer_dir:
+        tokenizer_dir = build_tiny_llm(os.path.join(folder, "llm"))  # only its tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = Qwen2Config(**shapes[name], eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    encoder_dir = build_tiny_encoder(os.path.join(folder, "encoder"))
+    bert_shape = {} if name != "tiny" else dict(hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64)
+    bert = AutoModel.from_config(BertConfig(**bert_shape)).to(device)  # bert-base shape
+    return model, tokenizer, bert, AutoTokenizer.from_pretrained(encoder_dir)
+
+
+def run_mode(mode, bench, args):
+    """Play the episodes in this process; returns the figures as a dict."""
+    import train_model
+    from llm import TransformersLLM, load_llm, pick_device, pick_dtype, resolve_llm_path
+    from q_adapter import FrozenEncoder, resolve_encoder_path
+    from tasks import get_task, load_split
+
+    train_model.seed_everything(args.seed)
+    task = get_task(args.data_name)
+    device = pick_device(args.device)
+    if bench.random_model:
+        model, tokenizer, bert, bert_tokenizer = random_qwen_shaped_model(
+            bench.random_model, device, pick_dtype(device, args.dtype),
+            bench.random_model_tokenizer)
+        llm = TransformersLLM(model, tokenizer, seed=args.seed, name=bench.random_model)
+        encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens)
+    else:
+        llm = load_llm(args.backend, resolve_llm_path(args.llm), args.device, args.dtype,
+                       args.seed)
+        encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                                args.max_encoder_tokens, args.device)
+    if mode == "baseline":
+        args.total_episodes = bench.baseline_episodes or args.total_episodes
+        args.num_envs, args.prior, args.prior_samples = 1, "sample", 1
+        args.shared_prefix = False
+        args.prior_max_new_tokens = bench.baseline_prior_tokens
+    clock = PhaseClock(llm.device)
+    roles = {role: TimedLLM(llm, phase, clock) for role, phase in
+             (("planner", "prior"), ("system", "system"), ("user", "user"),
+              ("critic", "critic"))}
+    planner, env = train_model.build_env(args, task, roles)
+    agent = train_model.Agent(args, encoder)
+    embed, update = encoder.embed, agent.update
+
+    def timed_embed(*a, **k):
+        with clock("encoder"):
+            return embed(*a, **k)
+
+    def timed_update(*a, **k):
+        with clock("q_update"):
+            return update(*a, **k)
+    encoder.embed, agent.update = timed_embed, timed_update
+
+    cases = load_split(args.data_dir, task.name, "train", extes_seed=args.extes_seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokens_before = dict(llm.stats)
+    with tempfile.TemporaryDirectory() as run_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(run_dir) as writer:
+            start = time.perf_counter()
+            train_model.train(args, agent, planner, env, task, cases, [], run_dir, writer)
+            clock.sync()
+            wall = time.perf_counter() - start
+    turns = roles["system"].conversations
+    generated = llm.stats["generated_tokens"] - tokens_before.get("generated_tokens", 0)
+    prompt = llm.stats["prompt_tokens"] - tokens_before.get("prompt_tokens", 0)
+    phases = {p: clock.seconds[p] for p in PHASES}
+    phases["other"] = wall - sum(phases.values())
+    llm_seconds = sum(phases[p] for p in ("prior", "system", "user", "critic"))
+    figures = {"mode": mode, "num_envs": args.num_envs, "episodes": args.total_episodes,
+               "turns": turns, "wall_seconds": wall, "turns_per_second": turns / wall,
+               "phase_seconds": phases, "llm_share": llm_seconds / wall,
+               "generated_tokens": int(generated), "prompt_tokens": int(prompt),
+               "generated_tokens_per_second": generated / wall,
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               "device": str(device), "dtype": str(next(llm.model.parameters()).dtype),
+               "model": llm.path}
+    if device.type == "cuda":
+        figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        figures["gpu"] = torch.cuda.get_device_name()
+    if mode == "fast":
+        figures["plain_generate_tokens_per_second"] = plain_generate_rate(llm, args, cases, task)
+    return figures
+
+
+@torch.no_grad()
+def plain_generate_rate(llm, args, cases, task):
+    """Tokens per second of one plain batched `generate` call: num_envs system prompts,
+    system_max_new_tokens new tokens each, the reference for self-play throughput."""
+    from env import SelfPlayEnv
+
+    env = SelfPlayEnv(task, None, None, None)
+    prompts = [llm.encode_chat(env.system_prompt(env.reset(cases[i % len(cases)]),
+                                                 task.action_names[0]))
+               for i in range(args.num_envs)]
+    input_ids, attention_mask = llm._left_pad(prompts)
+    rates = []
+    for _ in range(2):  # the first call warms up
+        sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        out = llm.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                 max_new_tokens=args.system_max_new_tokens, do_sample=True,
+                                 temperature=args.system_temperature,
+                                 pad_token_id=llm.pad_id)
+        sync()
+        new_tokens = (out[:, input_ids.shape[1]:] != llm.pad_id).sum().item()
+        rates.append(new_tokens / (time.perf_counter() - start))
+    return rates[-1]
+
+
+def print_table(results):
+    base, fast = results["baseline"], results["fast"]
+    rows = [("episodes", "episodes", "{:.0f}"), ("turns", "turns", "{:.0f}"),
+            ("wall s", "wall_seconds", "{:.1f}"),
+            ("turns / s", "turns_per_second", "{:.3f}")]
+    print(f"\n{'':24}{'baseline':>14}{'fast':>14}")
+    for label, key, fmt in rows:
+        print(f"{label:24}{fmt.format(base[key]):>14}{fmt.format(fast[key]):>14}")
+    for phase in PHASES + ("other",):
+        print(f"{phase + ' s':24}{base['phase_seconds'][phase]:>14.2f}"
+              f"{fast['phase_seconds'][phase]:>14.2f}")
+    for label, key, fmt in (("LLM share of wall", "llm_share", "{:.1%}"),
+                            ("generated tokens", "generated_tokens", "{:.0f}"),
+                            ("prompt tokens", "prompt_tokens", "{:.0f}"),
+                            ("generated tokens / s", "generated_tokens_per_second", "{:.1f}"),
+                            ("peak RSS GB", "peak_rss_gb", "{:.2f}")):
+        print(f"{label:24}{fmt.format(base[key]):>14}{fmt.format(fast[key]):>14}")
+    if "peak_gpu_memory_gb" in fast:
+        print(f"{'peak GPU memory GB':24}{base['peak_gpu_memory_gb']:>14.2f}"
+              f"{fast['peak_gpu_memory_gb']:>14.2f}")
+    print(f"\nspeed-up (fast / baseline turns per second): {results['speedup']:.2f}x "
+          f"at num_envs = {fast['num_envs']}")
+    print(f"plain batched generate: {fast['plain_generate_tokens_per_second']:.1f} tokens/s; "
+          f"self-play reaches {results['selfplay_vs_plain_generate']:.1%} of it")
+    print(f"device: {fast['device']} {fast.get('gpu', '')}, dtype {fast['dtype']}, "
+          f"model {fast['model']}")
+
+
+def main(argv=None):
+    from get_args import build_parser
+
+    parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--random_model", default="",
+                        help="benchmark a randomly initialised model of this shape "
+                             "(qwen2.5-1.5b, or tiny for a smoke test) instead of --llm")
+    parser.add_argument("--random_model_tokenizer", default="",
+                        help="tokenizer folder for --random_model (default: byte-level)")
+    parser.add_argument("--baseline_episodes", type=int, default=0,
+                        help="play only the first this many of the episodes in the slow "
+                             "baseline (default: all); turns per second stay comparable")
+    parser.add_argument("--baseline_prior_tokens", type=int, default=25,
+                        help="tokens sampled for the prior in the baseline mode")
+    parser.add_argument("--json_out", default="bench_results/bench.json")
+    parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # child process
+    parser.set_defaults(data_dir="data/demo", num_envs=16, total_episodes=16, max_turn=4,
+                        critic_samples=10, learning_starts=16, eval_every=10**9,
+                        progress=False)
+    namespace = parser.parse_args(argv)
+    bench = argparse.Namespace(**{k: vars(namespace).pop(k) for k in
+                                  ("random_model", "random_model_tokenizer",
+                                   "baseline_episodes", "baseline_prior_tokens", "json_out",
+                                   "only")})
+    from get_args import Args
+
+    args = Args(**vars(namespace))
+    if bench.only:
+        print(json.dumps(run_mode(bench.only, bench, args)))
+        return 0
+
+    results = {}
+    for mode in ("fast", "baseline"):
+        command = [sys.executable, os.path.abspath(__file__), "--only", mode,
+                   *(argv if argv is not None else sys.argv[1:])]
+        print(f"running {mode} ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.stderr.write(done.stderr)
+            raise SystemExit(f"the {mode} run failed (exit {done.returncode})")
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    results["speedup"] = results["fast"]["turns_per_second"] / results["baseline"]["turns_per_second"]
+    results["selfplay_vs_plain_generate"] = (results["fast"]["generated_tokens_per_second"] /
+                                             results["fast"]["plain_generate_tokens_per_second"])
+    results["args"] = vars(args)
+    print_table(results)
+    os.makedirs(os.path.dirname(bench.json_out) or ".", exist_ok=True)
+    with open(bench.json_out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"figures written to {bench.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

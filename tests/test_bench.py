@@ -1,0 +1,29 @@
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_runs_both_modes_and_writes_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "bench.py", "--random_model", "tiny", "--num_envs", "4",
+         "--total_episodes", "4", "--baseline_episodes", "2", "--max_turn", "2",
+         "--critic_samples", "3", "--system_max_new_tokens", "5", "--user_max_new_tokens", "5",
+         "--critic_max_new_tokens", "5", "--baseline_prior_tokens", "5", "--batch_size", "4",
+         "--learning_starts", "4", "--device", "cpu", "--dtype", "float32",
+         "--json_out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "speed-up" in done.stdout
+    figures = json.loads(out.read_text())
+    fast, base = figures["fast"], figures["baseline"]
+    assert fast["turns"] == 4 * 2 and base["turns"] == 2 * 2  # random model: time limits
+    assert fast["num_envs"] == 4 and base["num_envs"] == 1
+    for mode in (fast, base):
+        assert set(mode["phase_seconds"]) == {"prior", "system", "user", "critic", "encoder",
+                                              "q_update", "other"}
+        assert mode["generated_tokens"] > 0 and mode["peak_rss_gb"] > 0
+    # the baseline samples prior text; the fast mode reads logits and generates nothing
+    assert base["phase_seconds"]["prior"] > 0 and fast["phase_seconds"]["prior"] > 0
+    assert figures["speedup"] > 0 and fast["plain_generate_tokens_per_second"] > 0
