@@ -119,6 +119,7 @@ class TransformersLLM:
         # the embedding matrix may be padded past the tokenizer's vocabulary
         self.vocab_size = len(tokenizer)
         self.stats = defaultdict(float)  # tokens and seconds, read by the benchmark
+        self._label_cache = {}
 
     @classmethod
     def from_pretrained(cls, path, device="auto", dtype="auto", seed=0):
@@ -194,28 +195,39 @@ class TransformersLLM:
         next_position = position_ids[:, -1:] + 1
 
         rows = logits.shape[0]
-        outputs = [[] for _ in range(rows)]
-        active = torch.arange(rows, device=self.device)  # rows still generating
         stop_ids = torch.tensor(self.stop_ids, device=self.device)
+        # generated tokens stay on the device; one host sync per step (the "all done?"
+        # check), so the CPU can queue the next forward while the GPU finishes this one
+        tokens = torch.full((rows, max_new_tokens), self.stop_ids[0], device=self.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        active = torch.arange(rows, device=self.device)  # rows still in the batch
+        mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], 1)
+        prompt_width = attention_mask.shape[1]
         for step in range(max_new_tokens):
             next_tokens = self._sample(logits, temperature, top_p)
-            finished = torch.isin(next_tokens, stop_ids)
-            for row, token in zip(active.tolist(), next_tokens.tolist()):
-                outputs[row].append(token)
-            self.stats["generated_tokens"] += len(active)
-            keep = (~finished).nonzero().squeeze(-1)
-            if len(keep) == 0 or step == max_new_tokens - 1:
+            tokens[active, step] = next_tokens
+            done[active] |= torch.isin(next_tokens, stop_ids)
+            if step == max_new_tokens - 1:
                 break
-            if len(keep) < len(active):  # drop finished rows from the batch and the cache
+            still = ~done[active]
+            remaining = int(still.sum())  # the one sync of the step
+            if remaining == 0:
+                break
+            if remaining < len(active):  # drop finished rows from the batch and the cache
+                keep = still.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 active, next_tokens = active[keep], next_tokens[keep]
-                attention_mask, next_position = attention_mask[keep], next_position[keep]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], 1)
-            logits, cache = self._forward(next_tokens[:, None], attention_mask, cache,
+                mask, next_position = mask[keep], next_position[keep]
+            logits, cache = self._forward(next_tokens[:, None],
+                                          mask[:, :prompt_width + step + 1], cache,
                                           next_position)
             next_position = next_position + 1
-        texts = [self.tokenizer.decode([t for t in out if t not in self.stop_ids],
-                                       skip_special_tokens=True).strip() for out in outputs]
+        texts = []
+        for row in tokens.tolist():
+            ends = [i for i, t in enumerate(row) if t in self.stop_ids]
+            kept = row[:ends[0]] if ends else row
+            self.stats["generated_tokens"] += len(kept) + bool(ends)
+            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
         self.stats["generate_seconds"] += time.perf_counter() - start
         return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
 
@@ -235,7 +247,14 @@ class TransformersLLM:
     # -- option scoring -------------------------------------------------------------------
 
     def label_token_ids(self, prompt_ids, labels):
-        """Token ids of each label as it is tokenized right after the prompt."""
+        """Token ids of each label as it is tokenized right after the prompt. Only the
+        prompt's last tokens can merge with a label, so the answer is cached by them."""
+        key = (tuple(prompt_ids[-8:]), tuple(labels))
+        if key not in self._label_cache:
+            self._label_cache[key] = self._label_token_ids(prompt_ids[-8:], labels)
+        return self._label_cache[key]
+
+    def _label_token_ids(self, prompt_ids, labels):
         prompt_text = self.tokenizer.decode(prompt_ids)
         label_ids = []
         for label in labels:
