@@ -108,6 +108,11 @@ class TransformersLLM:
             raise ValueError(f"The tokenizer of '{name}' has no chat template; use an "
                              "instruction-tuned (chat) model.")
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":
+            # cuDNN's attention builds a new execution plan for every new sequence length,
+            # and self-play meets a new length at every decoding step; the flash and
+            # memory-efficient kernels need no plan
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.stop_ids = self._stop_token_ids()
         # transformers 5 renamed the forward argument past_key_values to cache
         forward_arguments = inspect.signature(self.model.forward).parameters

@@ -11,7 +11,7 @@ import os
 import torch
 from torch import nn
 
-from llm import WEIGHTS_DIR, pick_device
+from llm import WEIGHTS_DIR, pick_device, pick_dtype
 
 DEFAULT_ENCODER_DIR = os.path.join(WEIGHTS_DIR, "bert-base-uncased")
 
@@ -64,9 +64,13 @@ class FrozenEncoder:
 
     @classmethod
     def from_pretrained(cls, path, max_tokens=512, device="auto"):
+        """float32 on CPU; on a GPU the encoder runs in bf16/fp16, like the features that
+        the replay buffer keeps."""
         from transformers import AutoModel, AutoTokenizer
 
-        model = AutoModel.from_pretrained(path).to(pick_device(device))
+        device = pick_device(device)
+        dtype = pick_dtype(device) if device.type != "cpu" else torch.float32
+        model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
 
     @torch.no_grad()
@@ -78,9 +82,9 @@ class FrozenEncoder:
                                    states[start:start + batch_size], padding=True,
                                    truncation="only_second", max_length=self.max_tokens,
                                    return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            chunks.append(((hidden * mask).sum(1) / mask.sum(1)).float())
+            hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            chunks.append((hidden * mask).sum(1) / mask.sum(1))
         return torch.cat(chunks) if chunks else torch.empty(0, self.width, device=self.device)
 
 
