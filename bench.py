@@ -7,8 +7,9 @@ Both modes play the same training episodes (same cases, model and seeds) through
 training loop, each in its own process so that peak memory is measured per mode:
   baseline: one conversation at a time, the prior sampled as --baseline_prior_tokens tokens
             of text and parsed, the critic prompt repeated once per sample
-  fast:     --num_envs conversations per batched call, the prior from one forward pass,
-            critic samples decoded from the prompt's shared KV cache
+  fast:     --num_envs conversations per batched call (finished ones replaced by new
+            ones), the prior from one forward pass, critic samples decoded from the
+            prompt's shared KV cache and ended at their first line break
 It prints turns per second for each mode, their ratio, time per phase (prior, system,
 user, critic, encoder, Q update, other), the LLM's share of wall time, tokens per second
 and peak memory, and writes the same figures to --json_out. Any train_model.py flag can be
@@ -119,17 +120,18 @@ def run_mode(mode, bench, args):
         model, tokenizer, bert, bert_tokenizer = random_qwen_shaped_model(
             bench.random_model, device, pick_dtype(device, args.dtype),
             bench.random_model_tokenizer)
-        llm = TransformersLLM(model, tokenizer, seed=args.seed, name=bench.random_model)
+        llm = TransformersLLM(model, tokenizer, seed=args.seed, name=bench.random_model,
+                              max_batch_rows=args.max_batch_rows)
         encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens)
     else:
         llm = load_llm(args.backend, resolve_llm_path(args.llm), args.device, args.dtype,
-                       args.seed)
+                       args.seed, args.max_batch_rows)
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                                 args.max_encoder_tokens, args.device)
     if mode == "baseline":
         args.total_episodes = bench.baseline_episodes or args.total_episodes
         args.num_envs, args.prior, args.prior_samples = 1, "sample", 1
-        args.shared_prefix = False
+        args.shared_prefix = args.critic_stop_at_newline = False
         args.prior_max_new_tokens = bench.baseline_prior_tokens
     clock = PhaseClock(llm.device)
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in
@@ -252,7 +254,8 @@ def main(argv=None):
                         help="tokens sampled for the prior in the baseline mode")
     parser.add_argument("--json_out", default="bench_results/bench.json")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # child process
-    parser.set_defaults(data_dir="data/demo", num_envs=16, total_episodes=16, max_turn=4,
+    parser.set_defaults(data_dir="data/demo", num_envs=16, total_episodes=48,
+                        baseline_episodes=16, max_turn=4,
                         critic_samples=10, learning_starts=16, eval_every=10**9,
                         progress=False)
     namespace = parser.parse_args(argv)

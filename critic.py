@@ -102,13 +102,14 @@ class Critic:
     """Builds the critic prompt, samples verdicts in one batched call, returns rewards."""
 
     def __init__(self, task, llm, num_samples=10, temperature=1.1, max_new_tokens=24,
-                 shared_prefix=True):
+                 shared_prefix=True, stop_at_newline=True):
         self.task = task
         self.llm = llm
         self.num_samples = num_samples
         self.temperature = temperature
         self.max_new_tokens = max_new_tokens
         self.shared_prefix = shared_prefix
+        self.stop_at_newline = stop_at_newline  # a verdict is one line
         self.parser = VerdictParser(task.verdicts)
 
     def prompt(self, case, transcript, emotions):
@@ -125,7 +126,8 @@ class Critic:
                          for c, t, e in zip(cases, transcripts, emotion_histories)]
         answers = self.llm.chat(conversations, max_new_tokens=self.max_new_tokens,
                                 temperature=self.temperature, num_samples=self.num_samples,
-                                shared_prefix=self.shared_prefix)
+                                shared_prefix=self.shared_prefix,
+                                stop_at_newline=self.stop_at_newline)
         return [self.reward(case, samples) for case, samples in zip(cases, answers)]
 
     def reward(self, case, answers):

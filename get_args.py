@@ -59,6 +59,11 @@ class Args:
     prior_samples: int = field(default=10, metadata={"help": "answers sampled when --prior sample"})
     prior_max_new_tokens: int = field(default=4, metadata={
         "help": "answer length when --prior sample"})
+    critic_stop_at_newline: bool = field(default=True, metadata={
+        "help": "end each verdict at its first line break"})
+    max_batch_rows: int = field(default=0, metadata={
+        "help": "most sequences decoded together, bounding KV-cache memory (0: 128 on CPU, "
+                "1024 on a GPU)"})
     shared_prefix: bool = field(default=True, metadata={
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={

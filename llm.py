@@ -100,7 +100,7 @@ def resolve_llm_path(name):
 class TransformersLLM:
     """A local causal LM with a chat template, decoded by a batched sampling loop."""
 
-    def __init__(self, model, tokenizer, seed=0, name="model"):
+    def __init__(self, model, tokenizer, seed=0, name="model", max_batch_rows=0):
         self.path = name
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -114,6 +114,9 @@ class TransformersLLM:
             # memory-efficient kernels need no plan
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.stop_ids = self._stop_token_ids()
+        # rows decoded together; the KV cache of a batch grows with rows x length
+        self.max_batch_rows = max_batch_rows or (128 if self.device.type == "cpu" else 1024)
+        self._newline_ids = None  # tokens that contain a line break, found on first use
         # transformers 5 renamed the forward argument past_key_values to cache
         forward_arguments = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
@@ -127,13 +130,14 @@ class TransformersLLM:
         self._label_cache = {}
 
     @classmethod
-    def from_pretrained(cls, path, device="auto", dtype="auto", seed=0):
+    def from_pretrained(cls, path, device="auto", dtype="auto", seed=0, max_batch_rows=0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
-        return cls(model.to(device), tokenizer, seed=seed, name=path)
+        return cls(model.to(device), tokenizer, seed=seed, name=path,
+                   max_batch_rows=max_batch_rows)
 
     def _stop_token_ids(self):
         ids = set()
@@ -176,15 +180,31 @@ class TransformersLLM:
 
     @torch.no_grad()
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True):
-        """Answer each conversation `num_samples` times. With shared_prefix the prompt is
-        run once and its KV cache is copied for each sample; otherwise the prompt is
-        repeated num_samples times (the original release's behaviour, kept for the
-        benchmark). temperature 0 decodes greedily."""
-        from transformers import DynamicCache
+             top_p=1.0, shared_prefix=True, stop_at_newline=False):
+        """Answer each conversation `num_samples` times.
 
+        With shared_prefix the prompt is run once and its KV cache is copied for each
+        sample; otherwise the prompt is repeated num_samples times (the original release's
+        behaviour, kept for the benchmark). temperature 0 decodes greedily. With
+        stop_at_newline an answer ends at its first line break after some text (a critic
+        verdict is one line). At most `max_batch_rows` rows decode together: the
+        conversations are split into groups that fit, which bounds the KV cache's memory."""
         start = time.perf_counter()
         prompts = [self.encode_chat(c) for c in conversations]
+        per_group = max(1, self.max_batch_rows // num_samples)
+        texts = []
+        for first in range(0, len(prompts), per_group):
+            texts += self._generate(prompts[first:first + per_group], max_new_tokens,
+                                    temperature, num_samples, top_p, shared_prefix,
+                                    stop_at_newline)
+        self.stats["generate_seconds"] += time.perf_counter() - start
+        return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
+
+    def _generate(self, prompts, max_new_tokens, temperature, num_samples, top_p,
+                  shared_prefix, stop_at_newline):
+        """Decode num_samples answers per prompt; returns the texts, prompt by prompt."""
+        from transformers import DynamicCache
+
         repeats = num_samples if shared_prefix else 1
         if not shared_prefix:
             prompts = [p for p in prompts for _ in range(num_samples)]
@@ -205,13 +225,22 @@ class TransformersLLM:
         # check), so the CPU can queue the next forward while the GPU finishes this one
         tokens = torch.full((rows, max_new_tokens), self.stop_ids[0], device=self.device)
         done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        has_text = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        newline_ids = self.newline_token_ids() if stop_at_newline else None
+        lengths = torch.full((rows,), max_new_tokens, device=self.device)
         active = torch.arange(rows, device=self.device)  # rows still in the batch
         mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], 1)
         prompt_width = attention_mask.shape[1]
         for step in range(max_new_tokens):
             next_tokens = self._sample(logits, temperature, top_p)
             tokens[active, step] = next_tokens
-            done[active] |= torch.isin(next_tokens, stop_ids)
+            ends = torch.isin(next_tokens, stop_ids)
+            if stop_at_newline:
+                is_newline = torch.isin(next_tokens, newline_ids)
+                ends |= is_newline & has_text[active]
+                has_text[active] |= ~is_newline
+            done[active] |= ends
+            lengths[active[ends]] = step + 1
             if step == max_new_tokens - 1:
                 break
             still = ~done[active]
@@ -228,13 +257,19 @@ class TransformersLLM:
                                           next_position)
             next_position = next_position + 1
         texts = []
-        for row in tokens.tolist():
-            ends = [i for i, t in enumerate(row) if t in self.stop_ids]
-            kept = row[:ends[0]] if ends else row
-            self.stats["generated_tokens"] += len(kept) + bool(ends)
+        for row, length in zip(tokens.tolist(), lengths.tolist()):
+            self.stats["generated_tokens"] += length
+            kept = [t for t in row[:length] if t not in self.stop_ids]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
-        self.stats["generate_seconds"] += time.perf_counter() - start
-        return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
+        return texts
+
+
+    def newline_token_ids(self):
+        if self._newline_ids is None:
+            pieces = self.tokenizer.batch_decode([[i] for i in range(self.vocab_size)])
+            ids = [i for i, piece in enumerate(pieces) if "\n" in piece]
+            self._newline_ids = torch.tensor(ids or [-1], device=self.device)
+        return self._newline_ids
 
     def _sample(self, logits, temperature, top_p):
         if logits.shape[-1] > self.vocab_size:
@@ -332,7 +367,8 @@ def _maximal_prefixes(label_ids):
 BACKENDS = {"transformers": TransformersLLM.from_pretrained}
 
 
-def load_llm(backend, name, device="auto", dtype="auto", seed=0):
+def load_llm(backend, name, device="auto", dtype="auto", seed=0, max_batch_rows=0):
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend '{backend}'. Expected one of {sorted(BACKENDS)}")
-    return BACKENDS[backend](resolve_llm_path(name), device=device, dtype=dtype, seed=seed)
+    return BACKENDS[backend](resolve_llm_path(name), device=device, dtype=dtype, seed=seed,
+                             max_batch_rows=max_batch_rows)

@@ -51,7 +51,8 @@ def load_llms(args):
         name = getattr(args, f"{role}_llm") or args.llm
         key = resolve_llm_path(name) if args.backend == "transformers" else name
         if key not in loaded:
-            loaded[key] = load_llm(args.backend, key, args.device, args.dtype, args.seed)
+            loaded[key] = load_llm(args.backend, key, args.device, args.dtype, args.seed,
+                                   args.max_batch_rows)
         roles[role] = loaded[key]
     return roles
 
@@ -59,7 +60,8 @@ def load_llms(args):
 def build_env(args, task, llms):
     critic = Critic(task, llms["critic"], num_samples=args.critic_samples,
                     temperature=args.critic_temperature,
-                    max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix)
+                    max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
+                    stop_at_newline=args.critic_stop_at_newline)
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
                       use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens)
     env = SelfPlayEnv(task, llms["system"], llms["user"], critic, max_turn=args.max_turn,

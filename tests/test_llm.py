@@ -93,3 +93,28 @@ def test_missing_weights_name_the_download_script(tmp_path):
 def test_unknown_backend_lists_choices(tiny_llm_dir):
     with pytest.raises(ValueError, match=r"Expected one of \['transformers'\]"):
         load_llm("vllm-typo", tiny_llm_dir)
+
+
+def test_row_cap_splits_the_batch_without_changing_greedy_answers(tiny_llm):
+    whole = tiny_llm.chat(CONVERSATIONS, max_new_tokens=8, temperature=0, num_samples=2)
+    saved = tiny_llm.max_batch_rows
+    tiny_llm.max_batch_rows = 2  # one conversation (2 samples) per group
+    try:
+        grouped = tiny_llm.chat(CONVERSATIONS, max_new_tokens=8, temperature=0, num_samples=2)
+    finally:
+        tiny_llm.max_batch_rows = saved
+    assert grouped == whole
+
+
+def test_stop_at_newline_ends_after_text(tiny_llm):
+    full = tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0)[0][0]
+    ids = tiny_llm.tokenizer(full, add_special_tokens=False)["input_ids"]
+    saved = tiny_llm._newline_ids
+    tiny_llm._newline_ids = torch.tensor([ids[3]])  # pretend the 4th token is a line break
+    try:
+        cut = tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0,
+                            stop_at_newline=True)[0][0]
+    finally:
+        tiny_llm._newline_ids = saved
+    expected = tiny_llm.tokenizer.decode(ids[:ids.index(ids[3]) + 1]).strip()
+    assert cut == expected and len(cut) < len(full)
