@@ -57,14 +57,14 @@ class TimedLLM:
         self.inner, self.phase, self.clock = inner, phase, clock
         self.conversations = 0
 
-    def chat(self, conversations, **kwargs):
+    def chat(self, conversations, **kwargs):  # keyword arguments as in TransformersLLM.chat
         self.conversations += len(conversations)
         with self.clock(self.phase):
             return self.inner.chat(conversations, **kwargs)
 
-    def option_probs(self, conversations, labels):
+    def option_probs(self, conversations, labels, **kwargs):
         with self.clock(self.phase):
-            return self.inner.option_probs(conversations, labels)
+            return self.inner.option_probs(conversations, labels, **kwargs)
 
 
 def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
@@ -121,17 +121,19 @@ def run_mode(mode, bench, args):
             bench.random_model, device, pick_dtype(device, args.dtype),
             bench.random_model_tokenizer)
         llm = TransformersLLM(model, tokenizer, seed=args.seed, name=bench.random_model,
-                              max_batch_rows=args.max_batch_rows)
+                              max_batch_rows=args.max_batch_rows,
+                              prefix_cache_gb=args.prefix_cache_gb)
         encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens)
     else:
         llm = load_llm(args.backend, resolve_llm_path(args.llm), args.device, args.dtype,
-                       args.seed, args.max_batch_rows)
+                       args.seed, args.max_batch_rows, args.prefix_cache_gb)
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                                 args.max_encoder_tokens, args.device)
     if mode == "baseline":
         args.total_episodes = bench.baseline_episodes or args.total_episodes
         args.num_envs, args.prior, args.prior_samples = 1, "sample", 1
         args.shared_prefix = args.critic_stop_at_newline = False
+        args.prefix_cache_gb = 0.0
         args.prior_max_new_tokens = bench.baseline_prior_tokens
     clock = PhaseClock(llm.device)
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in

@@ -121,13 +121,13 @@ class Critic:
             question=question, verdicts="\n".join(self.task.verdicts))
         return [{"role": "user", "content": text}]
 
-    def score(self, cases, transcripts, emotion_histories):
+    def score(self, cases, transcripts, emotion_histories, cache_keys=None):
         conversations = [self.prompt(c, t, e)
                          for c, t, e in zip(cases, transcripts, emotion_histories)]
         answers = self.llm.chat(conversations, max_new_tokens=self.max_new_tokens,
                                 temperature=self.temperature, num_samples=self.num_samples,
                                 shared_prefix=self.shared_prefix,
-                                stop_at_newline=self.stop_at_newline)
+                                stop_at_newline=self.stop_at_newline, cache_keys=cache_keys)
         return [self.reward(case, samples) for case, samples in zip(cases, answers)]
 
     def reward(self, case, answers):

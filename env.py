@@ -8,6 +8,7 @@ Each phase is one batched LLM call. The planner (`Planner.prior`) gives the obse
 a prior over the task's whole action set, from which the top-k candidates are taken.
 """
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,10 +20,14 @@ from critic import outcome
 from tasks import case_fields, opening_turns
 
 
+_conversation_ids = itertools.count()
+
+
 @dataclass
 class Conversation:
     case: dict
     turns: list  # (role, text) pairs
+    uid: int = field(default_factory=lambda: next(_conversation_ids))  # prefix-cache key
     emotions: list = field(default_factory=list)  # the user's emotion after each system turn
     records: list = field(default_factory=list)  # one dict per system turn, for the JSONL log
     system_turns: int = 0
@@ -113,7 +118,8 @@ class Planner:
         """[batch, num_actions] probabilities, each row summing to 1."""
         chats = [self.prompt(c) for c in conversations]
         if self.mode == "logits":
-            return self.llm.option_probs(chats, self.labels)
+            return self.llm.option_probs(chats, self.labels,
+                                         cache_keys=[(c.uid, "planner") for c in conversations])
         answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
                                 num_samples=self.num_samples)
         return torch.stack([self._prior_from_samples(a) for a in answers])
@@ -185,7 +191,8 @@ class SelfPlayEnv:
 
         system_answers = self.system_llm.chat(
             [self.system_prompt(c, a) for c, a in zip(conversations, actions)],
-            max_new_tokens=self.system_max_new_tokens, temperature=self.system_temperature)
+            max_new_tokens=self.system_max_new_tokens, temperature=self.system_temperature,
+            cache_keys=[(c.uid, "system") for c in conversations])
         for conversation, answer, record in zip(conversations, system_answers, records):
             if self.use_emotion:
                 emotion, response, ok = parse_emotion_response(answer[0], roles)
@@ -204,7 +211,8 @@ class SelfPlayEnv:
 
         user_answers = self.user_llm.chat(
             [self.user_prompt(c) for c in conversations],
-            max_new_tokens=self.user_max_new_tokens, temperature=self.user_temperature)
+            max_new_tokens=self.user_max_new_tokens, temperature=self.user_temperature,
+            cache_keys=[(c.uid, "user") for c in conversations])
         for conversation, answer, record in zip(conversations, user_answers, records):
             response = clean_turn(answer[0], roles)
             if not response:
@@ -215,7 +223,8 @@ class SelfPlayEnv:
 
         verdicts = self.critic.score([c.case for c in conversations],
                                      [transcript(c.turns) for c in conversations],
-                                     [c.emotions for c in conversations])
+                                     [c.emotions for c in conversations],
+                                     cache_keys=[(c.uid, "critic") for c in conversations])
         results = []
         for conversation, verdict, record in zip(conversations, verdicts, records):
             self.errors["critic_invalid"] += verdict.invalid

@@ -62,8 +62,11 @@ class Args:
     critic_stop_at_newline: bool = field(default=True, metadata={
         "help": "end each verdict at its first line break"})
     max_batch_rows: int = field(default=0, metadata={
-        "help": "most sequences decoded together, bounding KV-cache memory (0: 128 on CPU, "
+        "help": "most sequences decoded together, bounding KV-cache memory (0: 40 on CPU, "
                 "1024 on a GPU)"})
+    prefix_cache_gb: float = field(default=1.0, metadata={
+        "help": "memory for KV caches of each conversation's last prompt per role, so a "
+                "new turn's prompt only runs its new tokens (0: off)"})
     shared_prefix: bool = field(default=True, metadata={
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={
@@ -78,7 +81,8 @@ class Args:
     batch_size: int = field(default=32, metadata={"help": "replay minibatch size"})
     buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity"})
     learning_starts: int = field(default=32, metadata={"help": "transitions before updates"})
-    updates_per_step: int = field(default=1, metadata={"help": "gradient steps per env step"})
+    updates_per_step: int = field(default=1, metadata={
+        "help": "gradient steps per collected transition"})
     epsilon_start: float = field(default=1.0, metadata={"help": "exploration at the start"})
     epsilon_end: float = field(default=0.05, metadata={"help": "exploration at the end"})
     exploration_fraction: float = field(default=0.5, metadata={

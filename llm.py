@@ -17,7 +17,7 @@ import importlib.util
 import inspect
 import os
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import torch
 
@@ -97,10 +97,50 @@ def resolve_llm_path(name):
     return name
 
 
+class PrefixCache:
+    """KV caches of recent prompts, keyed by the caller (e.g. (conversation, role)).
+
+    A conversation's next prompt for the same role mostly repeats the last one (the same
+    instructions and earlier turns), so only the tokens after their common prefix need a
+    forward pass. Least recently used entries are dropped beyond `max_bytes`."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.entries = OrderedDict()  # key -> (token ids, [(keys, values) per layer])
+        self.bytes = 0
+
+    @staticmethod
+    def _size(layers):
+        return sum(k.numel() * k.element_size() * 2 for k, _ in layers)
+
+    def get(self, key):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+        return self.entries.get(key)
+
+    def put(self, key, ids, layers):
+        if key in self.entries:
+            self.bytes -= self._size(self.entries.pop(key)[1])
+        self.entries[key] = (ids, layers)
+        self.bytes += self._size(layers)
+        while self.bytes > self.max_bytes and self.entries:
+            self.bytes -= self._size(self.entries.popitem(last=False)[1][1])
+
+
+def _common_prefix_length(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class TransformersLLM:
     """A local causal LM with a chat template, decoded by a batched sampling loop."""
 
-    def __init__(self, model, tokenizer, seed=0, name="model", max_batch_rows=0):
+    def __init__(self, model, tokenizer, seed=0, name="model", max_batch_rows=0,
+                 prefix_cache_gb=0.0):
         self.path = name
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -115,8 +155,9 @@ class TransformersLLM:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.stop_ids = self._stop_token_ids()
         # rows decoded together; the KV cache of a batch grows with rows x length
-        self.max_batch_rows = max_batch_rows or (128 if self.device.type == "cpu" else 1024)
+        self.max_batch_rows = max_batch_rows or (40 if self.device.type == "cpu" else 1024)
         self._newline_ids = None  # tokens that contain a line break, found on first use
+        self.prefix_cache = PrefixCache(prefix_cache_gb * 2**30) if prefix_cache_gb > 0 else None
         # transformers 5 renamed the forward argument past_key_values to cache
         forward_arguments = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
@@ -130,14 +171,15 @@ class TransformersLLM:
         self._label_cache = {}
 
     @classmethod
-    def from_pretrained(cls, path, device="auto", dtype="auto", seed=0, max_batch_rows=0):
+    def from_pretrained(cls, path, device="auto", dtype="auto", seed=0, max_batch_rows=0,
+                        prefix_cache_gb=0.0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, seed=seed, name=path,
-                   max_batch_rows=max_batch_rows)
+                   max_batch_rows=max_batch_rows, prefix_cache_gb=prefix_cache_gb)
 
     def _stop_token_ids(self):
         ids = set()
@@ -169,6 +211,64 @@ class TransformersLLM:
             attention_mask[row, width - len(seq):] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
+    def _prefill(self, rows, keys=None, store_lengths=None, keep=1):
+        """Forward prompt rows into a fresh KV cache; returns (log-softmax-ready logits of
+        the last `keep` positions, cache, attention mask, position ids).
+
+        Rows with a key reuse the prefix cache: the cached part of every row comes first,
+        the new tokens last, each block left-padded, e.g. [pad][cached][pad][new]. Padding
+        is masked out and positions count real tokens only, so the result equals a plain
+        left-padded forward. Afterwards each key's entry holds the first store_lengths[i]
+        tokens of its row (default: the whole row)."""
+        from transformers import DynamicCache
+
+        keys = keys or [None] * len(rows)
+        cached = [self.prefix_cache.get(k) if self.prefix_cache and k is not None else None
+                  for k in keys]
+        # at least `keep` tokens of each row are new: their logits are wanted
+        reuse = [max(0, min(_common_prefix_length(entry[0], row), len(row) - keep))
+                 if entry else 0 for entry, row in zip(cached, rows)]
+        width = max(reuse)
+        new_ids, new_mask = self._left_pad([row[n:] for row, n in zip(rows, reuse)])
+        cache = DynamicCache()
+        old_mask = new_mask.new_zeros(len(rows), width)
+        if width:
+            layers = next(entry[1] for entry in cached if entry)
+            for layer, (sample_k, sample_v) in enumerate(layers):
+                shape = (len(rows), sample_k.shape[1], width, sample_k.shape[3])
+                k = sample_k.new_zeros(shape)
+                v = sample_v.new_zeros(shape)
+                for i, (entry, n) in enumerate(zip(cached, reuse)):
+                    if n:
+                        k[i, :, width - n:] = entry[1][layer][0][0, :, :n]
+                        v[i, :, width - n:] = entry[1][layer][1][0, :, :n]
+                cache.update(k, v, layer)
+            for i, n in enumerate(reuse):
+                old_mask[i, width - n:] = 1
+        attention_mask = torch.cat([old_mask, new_mask], 1)
+        reuse_t = torch.tensor(reuse, device=self.device)[:, None]
+        position_ids = (reuse_t + new_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=new_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, logits_to_keep=keep,
+                         **{self.cache_argument: cache})
+        self.stats["prompt_tokens"] += int(new_mask.sum())
+        self.stats["prompt_tokens_reused"] += sum(reuse)
+        if self.prefix_cache is not None:
+            self._store(rows, keys, store_lengths, cache, attention_mask)
+        return out.logits[:, -keep:].float(), cache, attention_mask, position_ids
+
+    def _store(self, rows, keys, store_lengths, cache, attention_mask):
+        stored = set()
+        for i, (row, key) in enumerate(zip(rows, keys)):
+            if key is None or key in stored:
+                continue
+            stored.add(key)
+            length = store_lengths[i] if store_lengths else len(row)
+            where = attention_mask[i].nonzero().squeeze(-1)[:length]
+            layers = [(layer.keys[i:i + 1, :, where].clone(), layer.values[i:i + 1, :, where].clone())
+                      for layer in cache.layers]
+            self.prefix_cache.put(key, list(row[:length]), layers)
+
     def _forward(self, input_ids, attention_mask, cache, position_ids):
         """Logits of the last position; the cache object is updated in place."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -180,7 +280,7 @@ class TransformersLLM:
 
     @torch.no_grad()
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False):
+             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
         """Answer each conversation `num_samples` times.
 
         With shared_prefix the prompt is run once and its KV cache is copied for each
@@ -188,30 +288,30 @@ class TransformersLLM:
         behaviour, kept for the benchmark). temperature 0 decodes greedily. With
         stop_at_newline an answer ends at its first line break after some text (a critic
         verdict is one line). At most `max_batch_rows` rows decode together: the
-        conversations are split into groups that fit, which bounds the KV cache's memory."""
+        conversations are split into groups that fit, which bounds the KV cache's memory.
+        cache_keys (one per conversation, or None) let a prompt reuse the KV cache of the
+        last prompt with the same key (see PrefixCache)."""
         start = time.perf_counter()
         prompts = [self.encode_chat(c) for c in conversations]
+        keys = cache_keys or [None] * len(prompts)
         per_group = max(1, self.max_batch_rows // num_samples)
         texts = []
         for first in range(0, len(prompts), per_group):
             texts += self._generate(prompts[first:first + per_group], max_new_tokens,
                                     temperature, num_samples, top_p, shared_prefix,
-                                    stop_at_newline)
+                                    stop_at_newline, keys[first:first + per_group])
         self.stats["generate_seconds"] += time.perf_counter() - start
         return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
 
     def _generate(self, prompts, max_new_tokens, temperature, num_samples, top_p,
-                  shared_prefix, stop_at_newline):
+                  shared_prefix, stop_at_newline, keys):
         """Decode num_samples answers per prompt; returns the texts, prompt by prompt."""
-        from transformers import DynamicCache
-
         repeats = num_samples if shared_prefix else 1
         if not shared_prefix:
             prompts = [p for p in prompts for _ in range(num_samples)]
-        input_ids, attention_mask = self._left_pad(prompts)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(input_ids, attention_mask, DynamicCache(), position_ids)
-        self.stats["prompt_tokens"] += int(attention_mask.sum())
+            keys = [k for k in keys for _ in range(num_samples)]
+        logits, cache, attention_mask, position_ids = self._prefill(prompts, keys)
+        logits = logits[:, -1]
         if repeats > 1:
             cache.batch_repeat_interleave(repeats)
             logits = logits.repeat_interleave(repeats, dim=0)
@@ -307,7 +407,7 @@ class TransformersLLM:
         return label_ids
 
     @torch.no_grad()
-    def option_probs(self, conversations, labels):
+    def option_probs(self, conversations, labels, cache_keys=None):
         """P(answer = label) for each label, normalised over the labels, in one batched
         forward pass.
 
@@ -320,21 +420,20 @@ class TransformersLLM:
         start = time.perf_counter()
         prompts = [self.encode_chat(c) for c in conversations]
         label_ids = [self.label_token_ids(p, labels) for p in prompts]
-        rows, row_owner, row_prefixes = [], [], []
+        keys = cache_keys or [None] * len(prompts)
+        rows, row_owner, row_prefixes, row_keys, prompt_lengths = [], [], [], [], []
         for i, (prompt, ids) in enumerate(zip(prompts, label_ids)):
             for path in _maximal_prefixes(ids):
                 rows.append(prompt + list(path))
                 row_owner.append(i)
                 row_prefixes.append(path)
-        input_ids, attention_mask = self._left_pad(rows)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                row_keys.append(keys[i])
+                prompt_lengths.append(len(prompt))
         # rows end aligned, so the positions needed are among the last `keep`; computing
         # logits only there avoids a [rows, length, vocab] tensor
         keep = max(len(path) for path in row_prefixes) + 1
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=False, logits_to_keep=keep)
-        log_probs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
-        self.stats["prompt_tokens"] += int(attention_mask.sum())
+        logits, _, _, _ = self._prefill(rows, row_keys, prompt_lengths, keep)
+        log_probs = torch.log_softmax(logits, dim=-1)
 
         # next-token distributions after every prefix that a forward row covers
         dist = [dict() for _ in prompts]
@@ -367,8 +466,9 @@ def _maximal_prefixes(label_ids):
 BACKENDS = {"transformers": TransformersLLM.from_pretrained}
 
 
-def load_llm(backend, name, device="auto", dtype="auto", seed=0, max_batch_rows=0):
+def load_llm(backend, name, device="auto", dtype="auto", seed=0, max_batch_rows=0,
+             prefix_cache_gb=0.0):
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend '{backend}'. Expected one of {sorted(BACKENDS)}")
     return BACKENDS[backend](resolve_llm_path(name), device=device, dtype=dtype, seed=seed,
-                             max_batch_rows=max_batch_rows)
+                             max_batch_rows=max_batch_rows, prefix_cache_gb=prefix_cache_gb)

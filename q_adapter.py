@@ -74,8 +74,10 @@ class FrozenEncoder:
         return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
 
     @torch.no_grad()
-    def embed(self, actions, states, batch_size=256):
-        """[len(actions), width] float32 embeddings of (action, state) pairs."""
+    def embed(self, actions, states, batch_size=None):
+        """[len(actions), width] float32 embeddings of (action, state) pairs, computed in
+        chunks that keep the attention matrices small on CPU."""
+        batch_size = batch_size or (16 if self.device.type == "cpu" else 256)
         chunks = []
         for start in range(0, len(actions), batch_size):
             batch = self.tokenizer(actions[start:start + batch_size],

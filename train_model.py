@@ -52,7 +52,7 @@ def load_llms(args):
         key = resolve_llm_path(name) if args.backend == "transformers" else name
         if key not in loaded:
             loaded[key] = load_llm(args.backend, key, args.device, args.dtype, args.seed,
-                                   args.max_batch_rows)
+                                   args.max_batch_rows, args.prefix_cache_gb)
         roles[role] = loaded[key]
     return roles
 

@@ -93,12 +93,12 @@ class ScriptedLLM:
         self.calls = []
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False):
+             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
         self.calls.append(("chat", len(conversations), num_samples))
         texts = ["\n".join(m["content"] for m in c) for c in conversations]
         return [[self.reply(t) for _ in range(num_samples)] for t in texts]
 
-    def option_probs(self, conversations, labels):
+    def option_probs(self, conversations, labels, cache_keys=None):
         self.calls.append(("option_probs", len(conversations)))
         if self.prior is None:
             return torch.full((len(conversations), len(labels)), 1.0 / len(labels))

@@ -118,3 +118,40 @@ def test_stop_at_newline_ends_after_text(tiny_llm):
         tiny_llm._newline_ids = saved
     expected = tiny_llm.tokenizer.decode(ids[:ids.index(ids[3]) + 1]).strip()
     assert cut == expected and len(cut) < len(full)
+
+
+def _extend(conversation, text):
+    return conversation[:-1] + [{"role": conversation[-1]["role"],
+                                 "content": conversation[-1]["content"] + text}]
+
+
+def test_prefix_cache_reuses_tokens_and_changes_nothing(tiny_llm_dir):
+    plain = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32")
+    cached = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32",
+                                             prefix_cache_gb=0.01)
+    keys = [("conversation", i) for i in range(len(CONVERSATIONS))]
+    labels = [str(i + 1) for i in range(19)]
+    turns = [CONVERSATIONS,
+             [_extend(c, " More words.") for c in CONVERSATIONS],
+             [_extend(c, " More words. And more.") if i != 1 else c
+              for i, c in enumerate(CONVERSATIONS)]]
+    for conversations in turns:
+        expected = plain.chat(conversations, max_new_tokens=8, temperature=0, num_samples=2)
+        assert cached.chat(conversations, max_new_tokens=8, temperature=0, num_samples=2,
+                           cache_keys=keys) == expected
+        assert torch.allclose(cached.option_probs(conversations, labels, cache_keys=keys),
+                              plain.option_probs(conversations, labels), atol=1e-5)
+    assert cached.stats["prompt_tokens_reused"] > 0
+    assert cached.stats["prompt_tokens"] < plain.stats["prompt_tokens"]
+
+
+def test_prefix_cache_evicts_least_recently_used():
+    from llm import PrefixCache
+
+    layer = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]  # 64 bytes
+    store = PrefixCache(max_bytes=150)
+    store.put("a", [1, 2, 3, 4], layer)
+    store.put("b", [1, 2, 3, 4], layer)
+    store.get("a")
+    store.put("c", [1, 2, 3, 4], layer)
+    assert set(store.entries) == {"a", "c"} and store.bytes == 128
