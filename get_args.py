@@ -64,9 +64,10 @@ class Args:
     max_batch_rows: int = field(default=0, metadata={
         "help": "most sequences decoded together, bounding KV-cache memory (0: 40 on CPU, "
                 "1024 on a GPU)"})
-    prefix_cache_gb: float = field(default=1.0, metadata={
+    prefix_cache_gb: float = field(default=-1.0, metadata={
         "help": "memory for KV caches of each conversation's last prompt per role, so a "
-                "new turn's prompt only runs its new tokens (0: off)"})
+                "new turn's prompt only runs its new tokens (0: off; -1: 1 GB on CPU, a "
+                "tenth of the GPU's memory on a GPU)"})
     shared_prefix: bool = field(default=True, metadata={
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={
