@@ -66,8 +66,8 @@ class Args:
                 "1024 on a GPU)"})
     prefix_cache_gb: float = field(default=-1.0, metadata={
         "help": "memory for KV caches of each conversation's last prompt per role, so a "
-                "new turn's prompt only runs its new tokens (0: off; -1: 1 GB on CPU, a "
-                "tenth of the GPU's memory on a GPU)"})
+                "new turn's prompt only runs its new tokens (0: off; -1: 1 GB on CPU, off "
+                "on a GPU, where it measured slower: see README)"})
     shared_prefix: bool = field(default=True, metadata={
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={

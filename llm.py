@@ -157,9 +157,8 @@ class TransformersLLM:
         # rows decoded together; the KV cache of a batch grows with rows x length
         self.max_batch_rows = max_batch_rows or (40 if self.device.type == "cpu" else 1024)
         self._newline_ids = None  # tokens that contain a line break, found on first use
-        if prefix_cache_gb < 0:  # automatic
-            prefix_cache_gb = 1.0 if self.device.type != "cuda" else (
-                torch.cuda.get_device_properties(self.device).total_memory / 2**30 / 10)
+        if prefix_cache_gb < 0:  # automatic: it pays where compute is scarce (see README)
+            prefix_cache_gb = 1.0 if self.device.type == "cpu" else 0.0
         self.prefix_cache = PrefixCache(prefix_cache_gb * 2**30) if prefix_cache_gb > 0 else None
         # transformers 5 renamed the forward argument past_key_values to cache
         forward_arguments = inspect.signature(self.model.forward).parameters
