@@ -271,12 +271,12 @@ class TransformersLLM:
                       for layer in cache.layers]
             self.prefix_cache.put(key, list(row[:length]), layers)
 
-    def _forward(self, input_ids, attention_mask, cache, position_ids):
-        """Logits of the last position; the cache object is updated in place."""
+    def _forward(self, input_ids, attention_mask, cache, position_ids, keep=1):
+        """Logits of the last `keep` positions; the cache object is updated in place."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                         position_ids=position_ids, use_cache=True, logits_to_keep=keep,
                          **{self.cache_argument: cache})
-        return out.logits[:, -1].float(), cache
+        return out.logits[:, -keep:].float(), cache
 
     # -- generation -----------------------------------------------------------------------
 
@@ -307,45 +307,47 @@ class TransformersLLM:
 
     def _generate(self, prompts, max_new_tokens, temperature, num_samples, top_p,
                   shared_prefix, stop_at_newline, keys):
-        """Decode num_samples answers per prompt; returns the texts, prompt by prompt."""
-        repeats = num_samples if shared_prefix else 1
+        """Decode num_samples answers per prompt; returns the texts, prompt by prompt.
+
+        With shared_prefix the samples of one prompt are decoded as `num_samples` query
+        streams of one row: each step feeds one token per stream, at the same position,
+        and a 4D attention mask lets a stream see the prompt and its own earlier tokens
+        only. The prompt's KV cache is held once per row and read once per step for all
+        its samples (tree decoding), instead of being copied for every sample."""
+        streams = num_samples if shared_prefix else 1
         if not shared_prefix:
             prompts = [p for p in prompts for _ in range(num_samples)]
             keys = [k for k in keys for _ in range(num_samples)]
-        logits, cache, attention_mask, position_ids = self._prefill(prompts, keys)
-        logits = logits[:, -1]
-        if repeats > 1:
-            cache.batch_repeat_interleave(repeats)
-            logits = logits.repeat_interleave(repeats, dim=0)
-            attention_mask = attention_mask.repeat_interleave(repeats, dim=0)
-            position_ids = position_ids.repeat_interleave(repeats, dim=0)
-        next_position = position_ids[:, -1:] + 1
+        logits, cache, prompt_mask, position_ids = self._prefill(prompts, keys)
+        logits = logits[:, -1:].expand(-1, streams, -1)  # every stream starts from the prompt
+        next_position = (position_ids[:, -1:] + 1).expand(-1, streams)
 
         rows = logits.shape[0]
         stop_ids = torch.tensor(self.stop_ids, device=self.device)
+        newline_ids = self.newline_token_ids() if stop_at_newline else None
         # generated tokens stay on the device; one host sync per step (the "all done?"
         # check), so the CPU can queue the next forward while the GPU finishes this one
-        tokens = torch.full((rows, max_new_tokens), self.stop_ids[0], device=self.device)
-        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        has_text = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        newline_ids = self.newline_token_ids() if stop_at_newline else None
-        lengths = torch.full((rows,), max_new_tokens, device=self.device)
-        active = torch.arange(rows, device=self.device)  # rows still in the batch
-        mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], 1)
-        prompt_width = attention_mask.shape[1]
+        tokens = torch.full((rows, streams, max_new_tokens), self.stop_ids[0], device=self.device)
+        done = torch.zeros(rows, streams, dtype=torch.bool, device=self.device)
+        has_text = torch.zeros(rows, streams, dtype=torch.bool, device=self.device)
+        lengths = torch.full((rows, streams), max_new_tokens, device=self.device)
+        active = torch.arange(rows, device=self.device)  # rows with a stream still going
+        own_tokens = torch.eye(streams, dtype=torch.bool, device=self.device)
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], 1)
         for step in range(max_new_tokens):
-            next_tokens = self._sample(logits, temperature, top_p)
-            tokens[active, step] = next_tokens
+            next_tokens = self._sample(logits.reshape(-1, logits.shape[-1]), temperature,
+                                       top_p).view(len(active), streams)
+            tokens[active, :, step] = next_tokens
             ends = torch.isin(next_tokens, stop_ids)
             if stop_at_newline:
                 is_newline = torch.isin(next_tokens, newline_ids)
                 ends |= is_newline & has_text[active]
                 has_text[active] |= ~is_newline
+            lengths[active] = torch.where(ends & ~done[active], step + 1, lengths[active])
             done[active] |= ends
-            lengths[active[ends]] = step + 1
             if step == max_new_tokens - 1:
                 break
-            still = ~done[active]
+            still = ~done[active].all(dim=1)
             remaining = int(still.sum())  # the one sync of the step
             if remaining == 0:
                 break
@@ -354,10 +356,19 @@ class TransformersLLM:
                 cache.batch_select_indices(keep)
                 active, next_tokens = active[keep], next_tokens[keep]
                 mask, next_position = mask[keep], next_position[keep]
-            logits, cache = self._forward(next_tokens[:, None],
-                                          mask[:, :prompt_width + step + 1], cache,
-                                          next_position)
+                prompt_mask = prompt_mask[keep]
+            if streams == 1:
+                step_mask = mask[:, :prompt_mask.shape[1] + step + 1]
+            else:  # [rows, 1, streams, prompt + streams * (step + 1)]
+                width = prompt_mask.shape[1]
+                step_mask = torch.cat(
+                    [prompt_mask.bool()[:, None, None, :].expand(-1, 1, streams, width),
+                     own_tokens.repeat(1, step + 1)[None, None].expand(len(active), 1, -1, -1)],
+                    dim=-1)
+            logits, cache = self._forward(next_tokens, step_mask, cache, next_position,
+                                          keep=streams)
             next_position = next_position + 1
+        tokens, lengths = tokens.view(rows * streams, -1), lengths.view(-1)
         texts = []
         for row, length in zip(tokens.tolist(), lengths.tolist()):
             self.stats["generated_tokens"] += length
