@@ -62,7 +62,7 @@ class Args:
     critic_stop_at_newline: bool = field(default=True, metadata={
         "help": "end each verdict at its first line break"})
     max_batch_rows: int = field(default=0, metadata={
-        "help": "most sequences decoded together, bounding KV-cache memory (0: 40 on CPU, "
+        "help": "most sequences decoded together, bounding KV-cache memory (0: 160 on CPU, "
                 "1024 on a GPU)"})
     prefix_cache_gb: float = field(default=-1.0, metadata={
         "help": "memory for KV caches of each conversation's last prompt per role, so a "

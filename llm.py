@@ -155,7 +155,7 @@ class TransformersLLM:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.stop_ids = self._stop_token_ids()
         # rows decoded together; the KV cache of a batch grows with rows x length
-        self.max_batch_rows = max_batch_rows or (40 if self.device.type == "cpu" else 1024)
+        self.max_batch_rows = max_batch_rows or (160 if self.device.type == "cpu" else 1024)
         self._newline_ids = None  # tokens that contain a line break, found on first use
         if prefix_cache_gb < 0:  # automatic: it pays where compute is scarce (see README)
             prefix_cache_gb = 1.0 if self.device.type == "cpu" else 0.0
