@@ -115,6 +115,12 @@ def run_mode(mode, bench, args):
 
     train_model.seed_everything(args.seed)
     task = get_task(args.data_name)
+    if mode == "baseline":  # before the LLM is built: it reads prefix_cache_gb
+        args.total_episodes = bench.baseline_episodes or args.total_episodes
+        args.num_envs, args.prior, args.prior_samples = 1, "sample", 1
+        args.shared_prefix = args.critic_stop_at_newline = False
+        args.prefix_cache_gb = 0.0
+        args.prior_max_new_tokens = bench.baseline_prior_tokens
     device = pick_device(args.device)
     if bench.random_model:
         model, tokenizer, bert, bert_tokenizer = random_qwen_shaped_model(
@@ -129,12 +135,6 @@ def run_mode(mode, bench, args):
                        args.seed, args.max_batch_rows, args.prefix_cache_gb)
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                                 args.max_encoder_tokens, args.device)
-    if mode == "baseline":
-        args.total_episodes = bench.baseline_episodes or args.total_episodes
-        args.num_envs, args.prior, args.prior_samples = 1, "sample", 1
-        args.shared_prefix = args.critic_stop_at_newline = False
-        args.prefix_cache_gb = 0.0
-        args.prior_max_new_tokens = bench.baseline_prior_tokens
     clock = PhaseClock(llm.device)
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in
              (("planner", "prior"), ("system", "system"), ("user", "user"),
@@ -167,6 +167,7 @@ def run_mode(mode, bench, args):
     turns = roles["system"].conversations
     generated = llm.stats["generated_tokens"] - tokens_before.get("generated_tokens", 0)
     prompt = llm.stats["prompt_tokens"] - tokens_before.get("prompt_tokens", 0)
+    reused = llm.stats["prompt_tokens_reused"] - tokens_before.get("prompt_tokens_reused", 0)
     phases = {p: clock.seconds[p] for p in PHASES}
     phases["other"] = wall - sum(phases.values())
     llm_seconds = sum(phases[p] for p in ("prior", "system", "user", "critic"))
@@ -174,6 +175,7 @@ def run_mode(mode, bench, args):
                "turns": turns, "wall_seconds": wall, "turns_per_second": turns / wall,
                "phase_seconds": phases, "llm_share": llm_seconds / wall,
                "generated_tokens": int(generated), "prompt_tokens": int(prompt),
+               "prompt_tokens_reused": int(reused),
                "generated_tokens_per_second": generated / wall,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "device": str(device), "dtype": str(next(llm.model.parameters()).dtype),

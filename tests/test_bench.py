@@ -27,3 +27,5 @@ def test_bench_runs_both_modes_and_writes_figures(tmp_path):
     # the baseline samples prior text; the fast mode reads logits and generates nothing
     assert base["phase_seconds"]["prior"] > 0 and fast["phase_seconds"]["prior"] > 0
     assert figures["speedup"] > 0 and fast["plain_generate_tokens_per_second"] > 0
+    # the baseline is the original loop: no prefix cache, so no prompt token is reused
+    assert base["prompt_tokens_reused"] == 0 and fast["prompt_tokens_reused"] > 0
