@@ -71,7 +71,7 @@ def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
     """A randomly initialised model of a Qwen2.5 shape (no weights can be downloaded on the
     benchmark machines), with the tokenizer from tokenizer_dir (any chat tokenizer; a
     real BPE keeps prompt lengths realistic) or else a byte-level ChatML one."""
-    from transformers import AutoModel, BertConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModel, AutoTokenizer, BertConfig, Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
     from conftest import build_tiny_encoder, build_tiny_llm
@@ -87,8 +87,6 @@ def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
                            tie_word_embeddings=True)}
     if name not in shapes:
         raise ValueError(f"Unknown --random_model '{name}'. Expected one of {sorted(shapes)}")
-    from transformers import AutoTokenizer
-
     folder = tempfile.mkdtemp()
     if not tokenizer_dir:
         tokenizer_dir = build_tiny_llm(os.path.join(folder, "llm"))  # only its tokenizer

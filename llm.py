@@ -285,9 +285,9 @@ class TransformersLLM:
              top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
         """Answer each conversation `num_samples` times.
 
-        With shared_prefix the prompt is run once and its KV cache is copied for each
-        sample; otherwise the prompt is repeated num_samples times (the original release's
-        behaviour, kept for the benchmark). temperature 0 decodes greedily. With
+        With shared_prefix the prompt is run once and its samples are decoded from one
+        copy of its KV cache (see _generate); otherwise the prompt is repeated num_samples
+        times (the original release's behaviour, kept for the benchmark). temperature 0 decodes greedily. With
         stop_at_newline an answer ends at its first line break after some text (a critic
         verdict is one line). At most `max_batch_rows` rows decode together: the
         conversations are split into groups that fit, which bounds the KV cache's memory.
@@ -333,6 +333,7 @@ class TransformersLLM:
         lengths = torch.full((rows, streams), max_new_tokens, device=self.device)
         active = torch.arange(rows, device=self.device)  # rows with a stream still going
         own_tokens = torch.eye(streams, dtype=torch.bool, device=self.device)
+        width = prompt_mask.shape[1]
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], 1)
         for step in range(max_new_tokens):
             next_tokens = self._sample(logits.reshape(-1, logits.shape[-1]), temperature,
@@ -356,13 +357,11 @@ class TransformersLLM:
                 cache.batch_select_indices(keep)
                 active, next_tokens = active[keep], next_tokens[keep]
                 mask, next_position = mask[keep], next_position[keep]
-                prompt_mask = prompt_mask[keep]
             if streams == 1:
-                step_mask = mask[:, :prompt_mask.shape[1] + step + 1]
+                step_mask = mask[:, :width + step + 1]
             else:  # [rows, 1, streams, prompt + streams * (step + 1)]
-                width = prompt_mask.shape[1]
                 step_mask = torch.cat(
-                    [prompt_mask.bool()[:, None, None, :].expand(-1, 1, streams, width),
+                    [mask[:, :width].bool()[:, None, None, :].expand(-1, 1, streams, width),
                      own_tokens.repeat(1, step + 1)[None, None].expand(len(active), 1, -1, -1)],
                     dim=-1)
             logits, cache = self._forward(next_tokens, step_mask, cache, next_position,
@@ -375,7 +374,6 @@ class TransformersLLM:
             kept = [t for t in row[:length] if t not in self.stop_ids]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
         return texts
-
 
     def newline_token_ids(self):
         if self._newline_ids is None:
