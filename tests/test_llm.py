@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llm import TransformersLLM, load_llm, resolve_llm_path
+from llm import ReservedLayer, TransformersLLM, load_llm, resolve_llm_path, sample_categorical
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Which strategy? Answer with a number."}],
@@ -155,3 +155,36 @@ def test_prefix_cache_evicts_least_recently_used():
     store.get("a")
     store.put("c", [1, 2, 3, 4], layer)
     assert set(store.entries) == {"a", "c"} and store.bytes == 128
+
+
+def test_sample_categorical_follows_the_distribution():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]] * 4 + [[0.0, 0.0, 0.0, 0.0, 2.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_categorical(probs, generator) for _ in range(5000)])
+    assert draws.shape == (5000, 5)
+    assert (draws[:, 4] == 4).all()  # unnormalised rows work; all mass on the last entry
+    counts = torch.bincount(draws[:, :4].flatten(), minlength=5).float() / draws[:, :4].numel()
+    assert counts[1] == 0 and counts[4] == 0  # zero-probability entries are never drawn
+    assert torch.allclose(counts[[0, 2, 3]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+
+
+def test_reserved_layer_matches_concatenation():
+    layer = ReservedLayer(reserve=3)
+    keys, values = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8)
+    for step in range(6):  # writes into the reserve, then outgrows it twice
+        new_k, new_v = torch.randn(4, 2, 1 + step % 2, 8), torch.randn(4, 2, 1 + step % 2, 8)
+        if step == 0:
+            new_k, new_v = keys, values
+        else:
+            keys, values = torch.cat([keys, new_k], -2), torch.cat([values, new_v], -2)
+        out_k, out_v = layer.update(new_k, new_v)
+        assert torch.equal(out_k, keys) and torch.equal(out_v, values)
+    assert layer.get_seq_length() == keys.shape[-2]
+    keep = torch.tensor([3, 1])
+    layer.batch_select_indices(keep)
+    keys, values = keys[keep], values[keep]
+    out_k, out_v = layer.update(torch.ones(2, 2, 1, 8), torch.zeros(2, 2, 1, 8))
+    assert torch.equal(out_k[:, :, :-1], keys) and torch.equal(out_v[:, :, :-1], values)
+    assert (out_k[:, :, -1] == 1).all() and (out_v[:, :, -1] == 0).all()
+    layer.crop(-2)
+    assert torch.equal(layer.keys, keys[:, :, :-1])
