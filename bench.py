@@ -166,6 +166,7 @@ def run_mode(mode, bench, args):
     generated = llm.stats["generated_tokens"] - tokens_before.get("generated_tokens", 0)
     prompt = llm.stats["prompt_tokens"] - tokens_before.get("prompt_tokens", 0)
     reused = llm.stats["prompt_tokens_reused"] - tokens_before.get("prompt_tokens_reused", 0)
+    positions = llm.stats["prompt_positions"] - tokens_before.get("prompt_positions", 0)
     phases = {p: clock.seconds[p] for p in PHASES}
     phases["other"] = wall - sum(phases.values())
     llm_seconds = sum(phases[p] for p in ("prior", "system", "user", "critic"))
@@ -173,11 +174,11 @@ def run_mode(mode, bench, args):
                "turns": turns, "wall_seconds": wall, "turns_per_second": turns / wall,
                "phase_seconds": phases, "llm_share": llm_seconds / wall,
                "generated_tokens": int(generated), "prompt_tokens": int(prompt),
-               "prompt_tokens_reused": int(reused),
+               "prompt_tokens_reused": int(reused), "prompt_positions": int(positions),
                "generated_tokens_per_second": generated / wall,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "device": str(device), "dtype": str(next(llm.model.parameters()).dtype),
-               "model": llm.path}
+               "model": llm.path, "stats": dict(llm.stats)}
     if device.type == "cuda":
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         figures["gpu"] = torch.cuda.get_device_name()
@@ -226,6 +227,7 @@ def print_table(results):
     for label, key, fmt in (("LLM share of wall", "llm_share", "{:.1%}"),
                             ("generated tokens", "generated_tokens", "{:.0f}"),
                             ("prompt tokens", "prompt_tokens", "{:.0f}"),
+                            ("prompt positions run", "prompt_positions", "{:.0f}"),
                             ("generated tokens / s", "generated_tokens_per_second", "{:.1f}"),
                             ("peak RSS GB", "peak_rss_gb", "{:.2f}")):
         print(f"{label:24}{fmt.format(base[key]):>14}{fmt.format(fast[key]):>14}")

@@ -21,8 +21,10 @@ import time
 from collections import OrderedDict, defaultdict
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 WEIGHTS_DIR = "weights"
 DEFAULT_LLM_DIR = os.path.join(WEIGHTS_DIR, "Qwen2.5-1.5B-Instruct")
@@ -130,6 +132,45 @@ class PrefixCache:
             self.bytes -= self._size(self.entries.popitem(last=False)[1][1])
 
 
+PACKED_SDPA = "packed_sdpa"
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0,
+                          scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, except for decoding steps of grouped-query models.
+
+    A decoding step has few queries per row: one, or one per sample stream in tree
+    decoding. For those, the query heads that share a key/value head are stacked along the
+    query axis, [batch, heads, q, dim] -> [batch, kv_heads, groups * q, dim], so that
+    attention reads each key/value head once. The stock path instead copies every
+    key/value head `groups` times per layer when a multi-query mask is given, and on CPU
+    takes a ~5x slower kernel (enable_gqa) when no mask is given. Prefill and all other
+    cases go to the stock function."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_length, dim = query.shape
+    plain = dropout == 0.0 and not any(kwargs.get(k) is not None for k in
+                                       ("softcap", "sinks", "s_aux", "position_bias"))
+    mask_ok = attention_mask is None or (attention_mask.dim() == 4
+                                         and attention_mask.shape[1] == 1
+                                         and attention_mask.shape[2] == q_length)
+    if groups == 1 or not plain or not mask_ok or not (
+            q_length == 1 or (q_length <= 64 and attention_mask is not None)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                      **kwargs)
+    packed = query.reshape(batch, heads // groups, groups * q_length, dim)
+    mask = attention_mask
+    if mask is not None and q_length > 1:  # rows of the packed query: (group, query)
+        mask = mask.repeat(1, 1, groups, 1)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask,
+                                                           scale=scaling)
+    return out.reshape(batch, heads, q_length, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+
+
 class ReservedLayer(DynamicLayer):
     """One layer's KV cache with room for `reserve` more tokens at the end of its buffers.
 
@@ -174,6 +215,23 @@ class ReservedLayer(DynamicLayer):
         self.keys = self._keys[:, :, :length]
         self.values = self._values[:, :, :length]
 
+    @classmethod
+    def allocate(cls, like, batch, length, reserve):
+        """A layer of `length` positions for `batch` rows, shaped like the states `like`;
+        the positions are filled with write_rows."""
+        layer = cls(reserve)
+        layer.lazy_initialization(like, like)
+        heads, dim = like.shape[1], like.shape[3]
+        layer._keys = like.new_empty(batch, heads, length + reserve, dim)
+        layer._values = like.new_empty(batch, heads, length + reserve, dim)
+        layer._set_length(length)
+        return layer
+
+    def write_rows(self, rows, keys, values):
+        """Set all positions of the given rows (a tensor of row indices)."""
+        self._keys[rows, :, :self.length] = keys
+        self._values[rows, :, :self.length] = values
+
     def crop(self, tokens_to_remove):
         if tokens_to_remove > 0:
             raise ValueError("crop takes the negative number of tokens to remove")
@@ -199,6 +257,27 @@ def reserved_cache(reserve):
     return cache
 
 
+def split_by_length(lengths, overhead):
+    """Groups of row indices to run in separate forward passes. A pass costs its rows times
+    its longest row (the others are padded to it) plus `overhead` tokens' worth of fixed
+    cost; rows are sorted by length and cut where that total is least (dynamic programming
+    over the cut points)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best = [0.0] + [float("inf")] * len(order)  # best[j]: cost of the first j sorted rows
+    cut = [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + (end - start) * longest + overhead
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], len(order)
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
 def _common_prefix_length(a, b):
     n = 0
     for x, y in zip(a, b):
@@ -220,6 +299,8 @@ class TransformersLLM:
             raise ValueError(f"The tokenizer of '{name}' has no chat template; use an "
                              "instruction-tuned (chat) model.")
         self.device = next(model.parameters()).device
+        if model.config._attn_implementation == "sdpa":
+            model.set_attn_implementation(PACKED_SDPA)
         if self.device.type == "cuda":
             # cuDNN's attention builds a new execution plan for every new sequence length,
             # and self-play meets a new length at every decoding step; the flash and
@@ -232,6 +313,10 @@ class TransformersLLM:
         if prefix_cache_gb < 0:  # automatic: it pays where compute is scarce (see README)
             prefix_cache_gb = 1.0 if self.device.type == "cpu" else 0.0
         self.prefix_cache = PrefixCache(prefix_cache_gb * 2**30) if prefix_cache_gb > 0 else None
+        # fixed cost of a forward pass, in prompt tokens' worth of compute: a CPU is
+        # compute-bound (~1 ms a token for a 135M model) and pays ~50 ms a pass for reading
+        # the weights; a GPU runs a few thousand tokens in about the time of one pass
+        self.forward_overhead_tokens = 64 if self.device.type == "cpu" else 4096
         # transformers 5 renamed the forward argument past_key_values to cache
         forward_arguments = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
@@ -286,21 +371,61 @@ class TransformersLLM:
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     def _prefill(self, rows, keys=None, store_lengths=None, keep=1, reserve=0):
-        """Forward prompt rows into a fresh KV cache; returns (log-softmax-ready logits of
-        the last `keep` positions, cache, attention mask, position ids).
+        """Forward prompt rows into a fresh KV cache; returns (logits of the last `keep`
+        positions, cache, attention mask, position of each row's last token).
 
-        Rows with a key reuse the prefix cache: the cached part of every row comes first,
-        the new tokens last, each block left-padded, e.g. [pad][cached][pad][new]. Padding
-        is masked out and positions count real tokens only, so the result equals a plain
-        left-padded forward. Afterwards each key's entry holds the first store_lengths[i]
-        tokens of its row (default: the whole row). The cache has room for `reserve`
-        more tokens per row."""
+        Rows with a key reuse the prefix cache (see _prefill_group); afterwards each key's
+        entry holds the first store_lengths[i] tokens of its row (default: all of it).
+        Padding costs as much compute as a real token, so rows whose numbers of new tokens
+        differ a lot are run in separate forward passes (split_by_length). The result is
+        one cache with each row's tokens right-aligned, [pad][row], and room for `reserve`
+        more tokens per row; it equals a plain left-padded forward of the rows."""
         keys = keys or [None] * len(rows)
         cached = [self.prefix_cache.get(k) if self.prefix_cache and k is not None else None
                   for k in keys]
         # at least `keep` tokens of each row are new: their logits are wanted
         reuse = [max(0, min(_common_prefix_length(entry[0], row), len(row) - keep))
                  if entry else 0 for entry, row in zip(cached, rows)]
+        groups = split_by_length([len(row) - n for row, n in zip(rows, reuse)],
+                                 self.forward_overhead_tokens)
+        stored = set()
+        if len(groups) == 1 and not any(reuse):  # one plain left-padded batch: [pad][row]
+            logits, cache, mask = self._prefill_group(rows, cached, reuse, keep, reserve)
+            self._store(rows, keys, store_lengths, cache, mask, stored)
+            return logits, cache, mask, mask.sum(-1, keepdim=True) - 1
+        lengths = torch.tensor([len(row) for row in rows], device=self.device)
+        width = int(lengths.max())
+        mask = (torch.arange(width, device=self.device) >= width - lengths[:, None]).long()
+        logits, cache = None, reserved_cache(reserve)
+        for group in groups:
+            pick = lambda items: [items[i] for i in group]  # noqa: E731
+            group_logits, group_cache, group_mask = self._prefill_group(
+                pick(rows), pick(cached), pick(reuse), keep, 0)
+            self._store(pick(rows), pick(keys), store_lengths and pick(store_lengths),
+                        group_cache, group_mask, stored)
+            index = torch.tensor(group, device=self.device)
+            if logits is None:
+                logits = group_logits.new_empty(len(rows), *group_logits.shape[1:])
+            logits[index] = group_logits
+            # for every column of the merged cache, the group cache position it comes from:
+            # a stable sort of the 0/1 mask lists each row's padding, then its tokens in order
+            source = group_mask.sort(dim=1, stable=True).indices[:, -width:]
+            source = torch.nn.functional.pad(source, (width - source.shape[1], 0))
+            for layer_index, layer in enumerate(group_cache.layers):
+                if layer_index == len(cache.layers):
+                    cache.layers.append(ReservedLayer.allocate(
+                        layer.keys, len(rows), width, reserve))
+                gather = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1,
+                                                         layer.keys.shape[3])
+                cache.layers[layer_index].write_rows(index, layer.keys.gather(2, gather),
+                                                     layer.values.gather(2, gather))
+        return logits, cache, mask, lengths[:, None] - 1
+
+    def _prefill_group(self, rows, cached, reuse, keep, reserve):
+        """One forward pass over the rows' new tokens; returns (logits of the last `keep`
+        positions, cache, attention mask). The cached part of every row comes first, the
+        new tokens last, each block left-padded: [pad][cached][pad][new]. Padding is masked
+        out and positions count real tokens only."""
         width = max(reuse)
         new_ids, new_mask = self._left_pad([row[n:] for row, n in zip(rows, reuse)])
         # the cached part goes in first: make room for the new tokens too
@@ -326,13 +451,13 @@ class TransformersLLM:
                          position_ids=position_ids, use_cache=True, logits_to_keep=keep,
                          **{self.cache_argument: cache})
         self.stats["prompt_tokens"] += int(new_mask.sum())
+        self.stats["prompt_positions"] += new_mask.numel()  # padding included
         self.stats["prompt_tokens_reused"] += sum(reuse)
-        if self.prefix_cache is not None:
-            self._store(rows, keys, store_lengths, cache, attention_mask)
-        return out.logits[:, -keep:].float(), cache, attention_mask, position_ids
+        return out.logits[:, -keep:].float(), cache, attention_mask
 
-    def _store(self, rows, keys, store_lengths, cache, attention_mask):
-        stored = set()
+    def _store(self, rows, keys, store_lengths, cache, attention_mask, stored):
+        if self.prefix_cache is None:
+            return
         for i, (row, key) in enumerate(zip(rows, keys)):
             if key is None or key in stored:
                 continue
@@ -390,10 +515,12 @@ class TransformersLLM:
         if not shared_prefix:
             prompts = [p for p in prompts for _ in range(num_samples)]
             keys = [k for k in keys for _ in range(num_samples)]
-        logits, cache, prompt_mask, position_ids = self._prefill(prompts, keys,
+        _t0 = time.perf_counter()
+        logits, cache, prompt_mask, last_position = self._prefill(prompts, keys,
                                                                    reserve=max_new_tokens * streams)
+        self.stats["t_prefill"] += time.perf_counter() - _t0
         logits = logits[:, -1:].expand(-1, streams, -1)  # every stream starts from the prompt
-        next_position = (position_ids[:, -1:] + 1).expand(-1, streams)
+        next_position = (last_position + 1).expand(-1, streams)
 
         rows = logits.shape[0]
         stop_ids = torch.tensor(self.stop_ids, device=self.device)
@@ -409,8 +536,10 @@ class TransformersLLM:
         width = prompt_mask.shape[1]
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], 1)
         for step in range(max_new_tokens):
+            _t0 = time.perf_counter()
             next_tokens = self._sample(logits.reshape(-1, logits.shape[-1]), temperature,
                                        top_p).view(len(active), streams)
+            self.stats["t_sample"] += time.perf_counter() - _t0
             tokens[active, :, step] = next_tokens
             ends = torch.isin(next_tokens, stop_ids)
             if stop_at_newline:
@@ -437,8 +566,12 @@ class TransformersLLM:
                     [mask[:, :width].bool()[:, None, None, :].expand(-1, 1, streams, width),
                      own_tokens.repeat(1, step + 1)[None, None].expand(len(active), 1, -1, -1)],
                     dim=-1)
+            _t0 = time.perf_counter()
             logits, cache = self._forward(next_tokens, step_mask, cache, next_position,
                                           keep=streams)
+            self.stats["t_forward"] += time.perf_counter() - _t0
+            self.stats["steps"] += 1
+            self.stats["step_rows"] += len(active) * streams
             next_position = next_position + 1
         tokens, lengths = tokens.view(rows * streams, -1), lengths.view(-1)
         texts = []

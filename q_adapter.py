@@ -78,16 +78,20 @@ class FrozenEncoder:
         """[len(actions), width] float32 embeddings of (action, state) pairs, computed in
         chunks that keep the attention matrices small on CPU."""
         batch_size = batch_size or (16 if self.device.type == "cpu" else 256)
-        chunks = []
-        for start in range(0, len(actions), batch_size):
-            batch = self.tokenizer(actions[start:start + batch_size],
-                                   states[start:start + batch_size], padding=True,
-                                   truncation="only_second", max_length=self.max_tokens,
-                                   return_tensors="pt").to(self.device)
+        encoded = self.tokenizer(actions, states, truncation="only_second",
+                                 max_length=self.max_tokens)
+        # chunks of similar lengths, so that little compute goes to padding
+        order = sorted(range(len(actions)), key=lambda i: len(encoded["input_ids"][i]))
+        out = torch.empty(len(actions), self.width, device=self.device)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = self.tokenizer.pad({key: [values[i] for i in rows]
+                                        for key, values in encoded.items()},
+                                       return_tensors="pt").to(self.device)
             hidden = self.model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"].unsqueeze(-1).float()
-            chunks.append((hidden * mask).sum(1) / mask.sum(1))
-        return torch.cat(chunks) if chunks else torch.empty(0, self.width, device=self.device)
+            out[torch.tensor(rows, device=self.device)] = (hidden * mask).sum(1) / mask.sum(1)
+        return out
 
 
 def select_action(q_values, epsilon, rng):

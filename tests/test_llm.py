@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llm import ReservedLayer, TransformersLLM, load_llm, resolve_llm_path, sample_categorical
+from llm import PACKED_SDPA, ReservedLayer, TransformersLLM, load_llm, resolve_llm_path, sample_categorical
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Which strategy? Answer with a number."}],
@@ -188,3 +188,68 @@ def test_reserved_layer_matches_concatenation():
     assert (out_k[:, :, -1] == 1).all() and (out_v[:, :, -1] == 0).all()
     layer.crop(-2)
     assert torch.equal(layer.keys, keys[:, :, :-1])
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_packed_attention_matches_stock_sdpa(tiny_llm_dir, queries):
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32).eval()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 200, (3, 10), generator=generator)
+    prompt_mask = torch.ones(3, 10, dtype=torch.long)
+    prompt_mask[1, :4] = 0  # a left-padded row
+    step = torch.randint(0, 200, (3, queries), generator=generator)
+    # every query sees the prompt and a random subset of the step's queries, itself included
+    step_mask = torch.cat([prompt_mask.bool()[:, None, None].expand(3, 1, queries, 10),
+                           (torch.rand(3, 1, queries, queries, generator=generator) > 0.5)
+                           | torch.eye(queries, dtype=torch.bool)], -1)
+    positions = prompt_mask.sum(-1, keepdim=True).expand(3, queries)
+    results = []
+    for implementation in ("sdpa", PACKED_SDPA):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            cache = DynamicCache()
+            first = model(input_ids=prompt, attention_mask=prompt_mask, cache=cache).logits
+            second = model(input_ids=step, attention_mask=step_mask, cache=cache,
+                           position_ids=positions).logits
+            cache = DynamicCache()  # one query without a mask: the unpadded case
+            model(input_ids=prompt[:1], cache=cache)
+            third = model(input_ids=step[:1, :1], cache=cache).logits
+        results.append((first, second, third))
+    for stock, packed in zip(*results):
+        assert torch.allclose(stock, packed, atol=1e-5)
+
+
+def test_split_by_length_groups_similar_lengths():
+    from llm import split_by_length
+
+    assert split_by_length([5, 100, 6, 98], overhead=10) == [[0, 2], [3, 1]]
+    assert split_by_length([5, 100, 6, 98], overhead=10**6) == [[0, 2, 3, 1]]
+    assert split_by_length([7], overhead=0) == [[0]]
+
+
+def test_prefill_in_groups_changes_nothing(tiny_llm_dir):
+    """Rows split into separate forward passes by length, then merged into one cache, give
+    the same answers and option probabilities as one padded pass, with less padding."""
+    conversations = CONVERSATIONS + [[{"role": "user", "content": "A long one. " * 30}]]
+    labels = [str(i + 1) for i in range(12)]
+    results = []
+    for overhead, prefix_cache_gb in ((10**9, 0.0), (0, 0.0), (0, 0.01)):
+        llm = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32",
+                                              prefix_cache_gb=prefix_cache_gb)
+        llm.forward_overhead_tokens = overhead
+        keys = [("conversation", i) for i in range(len(conversations))]
+        answers, probs = [], []
+        for turn in range(2):  # the second turn reuses the prefix cache, where it is on
+            turn_conversations = [_extend(c, " Go on." * turn) for c in conversations]
+            answers.append(llm.chat(turn_conversations, max_new_tokens=8, temperature=0,
+                                    num_samples=2, cache_keys=keys))
+            probs.append(llm.option_probs(turn_conversations, labels, cache_keys=keys))
+        results.append((answers, probs, llm.stats["prompt_positions"]))
+    (answers, probs, padded), *split_runs = results
+    for split_answers, split_probs, positions in split_runs:
+        assert split_answers == answers
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(split_probs, probs))
+        assert positions < padded
