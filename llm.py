@@ -103,15 +103,18 @@ def resolve_llm_path(name):
 
 
 class PrefixCache:
-    """KV caches of recent prompts, keyed by the caller (e.g. (conversation, role)).
+    """KV caches of recent prompts, keyed by the caller: (conversation, role) pairs.
 
     A conversation's next prompt for the same role mostly repeats the last one (the same
     instructions and earlier turns), so only the tokens after their common prefix need a
-    forward pass. Least recently used entries are dropped beyond `max_bytes`."""
+    forward pass. A conversation's first prompt for a role starts from the latest prompt of
+    that role, which opens with the same instructions. Least recently used entries are
+    dropped beyond `max_bytes`."""
 
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
         self.entries = OrderedDict()  # key -> (token ids, [(keys, values) per layer])
+        self.latest = {}  # role -> key of its latest entry
         self.bytes = 0
 
     @staticmethod
@@ -121,13 +124,16 @@ class PrefixCache:
     def get(self, key):
         if key in self.entries:
             self.entries.move_to_end(key)
-        return self.entries.get(key)
+            return self.entries[key]
+        return self.entries.get(self.latest.get(key[-1])) if isinstance(key, tuple) else None
 
     def put(self, key, ids, layers):
         if key in self.entries:
             self.bytes -= self._size(self.entries.pop(key)[1])
         self.entries[key] = (ids, layers)
         self.bytes += self._size(layers)
+        if isinstance(key, tuple):
+            self.latest[key[-1]] = key
         while self.bytes > self.max_bytes and self.entries:
             self.bytes -= self._size(self.entries.popitem(last=False)[1][1])
 

@@ -143,6 +143,14 @@ def test_prefix_cache_reuses_tokens_and_changes_nothing(tiny_llm_dir):
                               plain.option_probs(conversations, labels), atol=1e-5)
     assert cached.stats["prompt_tokens_reused"] > 0
     assert cached.stats["prompt_tokens"] < plain.stats["prompt_tokens"]
+    # a new conversation starts from the latest prompt of its role: the shared opening
+    newcomer = [{"role": "system", "content": "You are a tutor."},
+                {"role": "user", "content": "A different question entirely."}]
+    reused = cached.stats["prompt_tokens_reused"]
+    assert cached.chat([newcomer], max_new_tokens=8, temperature=0,
+                       cache_keys=[("newcomer", 1)]) == plain.chat([newcomer], max_new_tokens=8,
+                                                                  temperature=0)
+    assert cached.stats["prompt_tokens_reused"] - reused >= 10
 
 
 def test_prefix_cache_evicts_least_recently_used():
