@@ -178,7 +178,11 @@ def run_mode(mode, bench, args):
                "generated_tokens_per_second": generated / wall,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "device": str(device), "dtype": str(next(llm.model.parameters()).dtype),
-               "model": llm.path, "stats": dict(llm.stats)}
+               "model": llm.path}
+    steps = llm.stats["decode_steps"] - tokens_before.get("decode_steps", 0)
+    figures["decode_steps"] = int(steps)
+    figures["sequences_per_decode_step"] = (
+        llm.stats["decoded_sequences"] - tokens_before.get("decoded_sequences", 0)) / max(steps, 1)
     if device.type == "cuda":
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         figures["gpu"] = torch.cuda.get_device_name()
@@ -228,6 +232,8 @@ def print_table(results):
                             ("generated tokens", "generated_tokens", "{:.0f}"),
                             ("prompt tokens", "prompt_tokens", "{:.0f}"),
                             ("prompt positions run", "prompt_positions", "{:.0f}"),
+                            ("decode steps", "decode_steps", "{:.0f}"),
+                            ("sequences / step", "sequences_per_decode_step", "{:.1f}"),
                             ("generated tokens / s", "generated_tokens_per_second", "{:.1f}"),
                             ("peak RSS GB", "peak_rss_gb", "{:.2f}")):
         print(f"{label:24}{fmt.format(base[key]):>14}{fmt.format(fast[key]):>14}")

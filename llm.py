@@ -521,10 +521,8 @@ class TransformersLLM:
         if not shared_prefix:
             prompts = [p for p in prompts for _ in range(num_samples)]
             keys = [k for k in keys for _ in range(num_samples)]
-        _t0 = time.perf_counter()
         logits, cache, prompt_mask, last_position = self._prefill(prompts, keys,
                                                                    reserve=max_new_tokens * streams)
-        self.stats["t_prefill"] += time.perf_counter() - _t0
         logits = logits[:, -1:].expand(-1, streams, -1)  # every stream starts from the prompt
         next_position = (last_position + 1).expand(-1, streams)
 
@@ -542,10 +540,8 @@ class TransformersLLM:
         width = prompt_mask.shape[1]
         mask = torch.cat([prompt_mask, prompt_mask.new_ones(rows, max_new_tokens)], 1)
         for step in range(max_new_tokens):
-            _t0 = time.perf_counter()
             next_tokens = self._sample(logits.reshape(-1, logits.shape[-1]), temperature,
                                        top_p).view(len(active), streams)
-            self.stats["t_sample"] += time.perf_counter() - _t0
             tokens[active, :, step] = next_tokens
             ends = torch.isin(next_tokens, stop_ids)
             if stop_at_newline:
@@ -572,12 +568,10 @@ class TransformersLLM:
                     [mask[:, :width].bool()[:, None, None, :].expand(-1, 1, streams, width),
                      own_tokens.repeat(1, step + 1)[None, None].expand(len(active), 1, -1, -1)],
                     dim=-1)
-            _t0 = time.perf_counter()
             logits, cache = self._forward(next_tokens, step_mask, cache, next_position,
                                           keep=streams)
-            self.stats["t_forward"] += time.perf_counter() - _t0
-            self.stats["steps"] += 1
-            self.stats["step_rows"] += len(active) * streams
+            self.stats["decode_steps"] += 1  # forward passes of one token per sequence
+            self.stats["decoded_sequences"] += len(active) * streams  # summed over steps
             next_position = next_position + 1
         tokens, lengths = tokens.view(rows * streams, -1), lengths.view(-1)
         texts = []
