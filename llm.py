@@ -168,9 +168,28 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     mask = attention_mask
     if mask is not None and q_length > 1:  # rows of the packed query: (group, query)
         mask = mask.repeat(1, 1, groups, 1)
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask,
-                                                           scale=scaling)
+    if query.device.type == "cpu" and groups * q_length <= 32:
+        out = _matmul_attention(packed, key, value, mask, scaling)
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(packed, key, value,
+                                                               attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, q_length, dim).transpose(1, 2).contiguous(), None
+
+
+def _matmul_attention(query, key, value, mask, scaling):
+    """Attention as two matmuls and a float32 softmax, as transformers' eager attention
+    computes it. For a few queries per row, PyTorch's CPU flash kernel is slower: 1.24
+    against 0.80 ms a layer for 16 rows of 700 tokens on the 2-core development machine.
+    Masked scores get the lowest float instead of -inf, so a row that sees nothing (a
+    padding position) stays finite."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float()
+    scores.mul_(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores += mask
+    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
