@@ -66,6 +66,9 @@ class TimedLLM:
         with self.clock(self.phase):
             return self.inner.option_probs(conversations, labels, **kwargs)
 
+    def forget(self, conversation_id):
+        self.inner.forget(conversation_id)
+
 
 def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
     """A randomly initialised model of a Qwen2.5 shape (no weights can be downloaded on the

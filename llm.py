@@ -3,6 +3,7 @@
 Every phase of self-play talks to an `LLMClient`:
   chat(conversations, max_new_tokens, temperature, num_samples) -> list of lists of texts
   option_probs(conversations, labels) -> tensor [batch, len(labels)], rows sum to 1
+  forget(conversation_id) (optional) -> drop what is cached for a finished conversation
 A conversation is a list of {"role": ..., "content": ...} chat messages. Calls are batched:
 one call serves every conversation in the batch.
 
@@ -126,6 +127,13 @@ class PrefixCache:
             self.entries.move_to_end(key)
             return self.entries[key]
         return self.entries.get(self.latest.get(key[-1])) if isinstance(key, tuple) else None
+
+    def forget(self, owner):
+        """Drop the entries of (owner, role) keys, except the latest entry of each role,
+        which later conversations start from."""
+        for key in [k for k in self.entries if isinstance(k, tuple) and k[0] == owner
+                    and self.latest.get(k[-1]) != k]:
+            self.bytes -= self._size(self.entries.pop(key)[1])
 
     def put(self, key, ids, layers):
         if key in self.entries:
@@ -364,6 +372,11 @@ class TransformersLLM:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, seed=seed, name=path,
                    max_batch_rows=max_batch_rows, prefix_cache_gb=prefix_cache_gb)
+
+    def forget(self, conversation_id):
+        """Drop the prefix-cache entries of a finished conversation."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(conversation_id)
 
     def _stop_token_ids(self):
         ids = set()

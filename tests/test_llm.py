@@ -165,6 +165,22 @@ def test_prefix_cache_evicts_least_recently_used():
     assert set(store.entries) == {"a", "c"} and store.bytes == 128
 
 
+def test_prefix_cache_forgets_a_finished_conversation_but_keeps_the_latest_per_role():
+    from llm import PrefixCache
+
+    layer = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]
+    store = PrefixCache(max_bytes=10**6)
+    for key in [(1, "system"), (1, "critic"), (2, "system")]:
+        store.put(key, [1, 2, 3, 4], layer)
+    store.forget(1)  # (1, "critic") is the latest critic entry: kept for newcomers
+    assert set(store.entries) == {(1, "critic"), (2, "system")} and store.bytes == 128
+    store.forget(2)
+    assert set(store.entries) == {(1, "critic"), (2, "system")}
+    store.put((3, "critic"), [1, 2], layer)
+    store.forget(1)
+    assert set(store.entries) == {(2, "system"), (3, "critic")}
+
+
 def test_sample_categorical_follows_the_distribution():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]] * 4 + [[0.0, 0.0, 0.0, 0.0, 2.0]])
     generator = torch.Generator().manual_seed(0)

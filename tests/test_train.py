@@ -159,3 +159,19 @@ def test_agent_learns_the_winning_strategy(tiny_encoder_dir, tmp_path):
     assert trained["AT"] < random_metrics["AT"]
     chosen = [r["action"] for c in conversations for r in c.records]
     assert chosen.count(GOOD_ACTION) / len(chosen) >= 0.9
+
+
+def test_finished_conversations_are_forgotten_by_each_llm(tiny_encoder_dir):
+    args = Args(data_name="esc", num_envs=3, max_turn=2, top_k=4, hidden_size=16,
+                progress=False)
+    task, planner, env = scripted_world()
+    forgotten = {}
+    for name, llm in (("planner", planner.llm), ("system", env.system_llm),
+                      ("critic", env.critic.llm)):
+        llm.forget = lambda uid, name=name: forgotten.setdefault(name, []).append(uid)
+    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
+    _, conversations = train_model.evaluate(args, agent, planner, env, task,
+                                            load_split(DEMO, "esc", "train")[:5])
+    uids = sorted(c.uid for c in conversations)
+    assert {name: sorted(ids) for name, ids in forgotten.items()} == {
+        "planner": uids, "system": uids, "critic": uids}
