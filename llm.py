@@ -457,6 +457,7 @@ class TransformersLLM:
                                                          layer.keys.shape[3])
                 cache.layers[layer_index].write_rows(index, layer.keys.gather(2, gather),
                                                      layer.values.gather(2, gather))
+                group_cache.layers[layer_index] = None  # free it now: peak memory
         return logits, cache, mask, lengths[:, None] - 1
 
     def _prefill_group(self, rows, cached, reuse, keep, reserve):
