@@ -167,10 +167,10 @@ def run_mode(mode, bench, args):
             wall = time.perf_counter() - start
     turns = roles["system"].conversations
     env_steps = clock.calls["system"]
-    generated = llm.stats["generated_tokens"] - tokens_before.get("generated_tokens", 0)
-    prompt = llm.stats["prompt_tokens"] - tokens_before.get("prompt_tokens", 0)
-    reused = llm.stats["prompt_tokens_reused"] - tokens_before.get("prompt_tokens_reused", 0)
-    positions = llm.stats["prompt_positions"] - tokens_before.get("prompt_positions", 0)
+    def counted(key):  # what this run added to one of the LLM's counters
+        return llm.stats[key] - tokens_before.get(key, 0)
+
+    generated, steps = counted("generated_tokens"), counted("decode_steps")
     phases = {p: clock.seconds[p] for p in PHASES}
     phases["other"] = wall - sum(phases.values())
     llm_seconds = sum(phases[p] for p in ("prior", "system", "user", "critic"))
@@ -178,16 +178,15 @@ def run_mode(mode, bench, args):
                "turns": turns, "wall_seconds": wall, "turns_per_second": turns / wall,
                "env_steps": env_steps, "conversations_per_env_step": turns / max(env_steps, 1),
                "phase_seconds": phases, "llm_share": llm_seconds / wall,
-               "generated_tokens": int(generated), "prompt_tokens": int(prompt),
-               "prompt_tokens_reused": int(reused), "prompt_positions": int(positions),
+               "generated_tokens": int(generated), "prompt_tokens": int(counted("prompt_tokens")),
+               "prompt_tokens_reused": int(counted("prompt_tokens_reused")),
+               "prompt_positions": int(counted("prompt_positions")),
+               "decode_steps": int(steps),
+               "sequences_per_decode_step": counted("decoded_sequences") / max(steps, 1),
                "generated_tokens_per_second": generated / wall,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "device": str(device), "dtype": str(next(llm.model.parameters()).dtype),
                "model": llm.path}
-    steps = llm.stats["decode_steps"] - tokens_before.get("decode_steps", 0)
-    figures["decode_steps"] = int(steps)
-    figures["sequences_per_decode_step"] = (
-        llm.stats["decoded_sequences"] - tokens_before.get("decoded_sequences", 0)) / max(steps, 1)
     if device.type == "cuda":
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         figures["gpu"] = torch.cuda.get_device_name()

@@ -154,12 +154,12 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     """transformers' sdpa attention, except for decoding steps of grouped-query models.
 
     A decoding step has few queries per row: one, or one per sample stream in tree
-    decoding. For those, the query heads that share a key/value head are stacked along the
-    query axis, [batch, heads, q, dim] -> [batch, kv_heads, groups * q, dim], so that
-    attention reads each key/value head once. The stock path instead copies every
-    key/value head `groups` times per layer when a multi-query mask is given, and on CPU
-    takes a ~5x slower kernel (enable_gqa) when no mask is given. Prefill and all other
-    cases go to the stock function."""
+    decoding. For those (and for short masked prefills of up to 64 tokens), the query
+    heads that share a key/value head are stacked along the query axis, [batch, heads, q,
+    dim] -> [batch, kv_heads, groups * q, dim], so that attention reads each key/value head
+    once. The stock path instead copies every key/value head `groups` times per layer when
+    a multi-query mask is given, and on CPU takes a ~5x slower kernel (enable_gqa) when no
+    mask is given. Longer prefills and all other cases go to the stock function."""
     groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_length, dim = query.shape
     plain = dropout == 0.0 and not any(kwargs.get(k) is not None for k in
@@ -523,9 +523,9 @@ class TransformersLLM:
 
         With shared_prefix the prompt is run once and its samples are decoded from one
         copy of its KV cache (see _generate); otherwise the prompt is repeated num_samples
-        times (the original release's behaviour, kept for the benchmark). temperature 0 decodes greedily. With
-        stop_at_newline an answer ends at its first line break after some text (a critic
-        verdict is one line). At most `max_batch_rows` rows decode together: the
+        times (the original release's behaviour, kept for the benchmark). temperature 0
+        decodes greedily. With stop_at_newline an answer ends at its first line break after
+        some text (a critic verdict is one line). At most `max_batch_rows` rows decode together: the
         conversations are split into groups that fit, which bounds the KV cache's memory.
         cache_keys (one per conversation, or None) let a prompt reuse the KV cache of the
         last prompt with the same key (see PrefixCache)."""

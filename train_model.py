@@ -201,10 +201,11 @@ def play_step(agent, planner, env, task, conversations, epsilon, rng):
     # the next state's candidates: needed to act on, and to bootstrap a turn-limit ending
     agent.observe(planner, [c for c, r in zip(conversations, results) if not r.terminated], task)
     finished = [c.uid for c in conversations if c.done]
-    for llm in {id(x): x for x in (planner.llm, env.system_llm, env.user_llm,
-                                   env.critic.llm)}.values():
-        for uid in finished if hasattr(llm, "forget") else ():
-            llm.forget(uid)  # its cached prompts will not be extended again
+    llms = {id(x): x for x in (planner.llm, env.system_llm, env.user_llm, env.critic.llm)}
+    for llm in llms.values():
+        if hasattr(llm, "forget"):  # an optional method of the LLM client interface
+            for uid in finished:
+                llm.forget(uid)  # its cached prompts will not be extended again
     return chosen_features, results
 
 
