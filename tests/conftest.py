@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+# the device of the LLM tests: cpu here and in CI; DIALOGXPERT_TEST_DEVICE=cuda on a GPU machine
+DEVICE = os.environ.get("DIALOGXPERT_TEST_DEVICE", "cpu")
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
           "{{ message['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -78,7 +80,7 @@ def tiny_encoder_dir(tmp_path_factory):
 def tiny_llm(tiny_llm_dir):
     from llm import TransformersLLM
 
-    return TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32")
+    return TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
 
 
 class ScriptedLLM:

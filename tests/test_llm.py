@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import DEVICE
 from llm import PACKED_SDPA, ReservedLayer, TransformersLLM, load_llm, resolve_llm_path, sample_categorical
 
 CONVERSATIONS = [
@@ -17,7 +18,7 @@ def reference_option_probs(llm, conversation, labels):
     label_ids = llm.label_token_ids(prompt, labels)
     scores = []
     for seq in label_ids:
-        ids = torch.tensor([prompt + list(seq)])
+        ids = torch.tensor([prompt + list(seq)], device=llm.device)
         log_probs = torch.log_softmax(llm.model(ids).logits[0].float(), -1)
         score = sum(log_probs[len(prompt) - 1 + d, seq[d]] for d in range(len(seq)))
         longer = {o[len(seq)] for o in label_ids if len(o) > len(seq) and o[:len(seq)] == seq}
@@ -36,7 +37,7 @@ def test_option_probs_sum_to_one_and_match_reference(tiny_llm, num_labels):
     for row, conversation in enumerate(CONVERSATIONS):
         with torch.no_grad():
             expected = reference_option_probs(tiny_llm, conversation, labels)
-        assert torch.allclose(probs[row], expected, atol=1e-4), (row, probs[row], expected)
+        assert torch.allclose(probs[row], expected.cpu(), atol=1e-4), (row, probs[row], expected)
 
 
 def test_multi_digit_labels_are_multi_token(tiny_llm):
@@ -62,8 +63,10 @@ def test_shared_prefix_samples_equal_repeated_prompt_when_greedy(tiny_llm):
 def test_generation_stops_at_end_of_turn_and_finished_rows_leave_the_batch(tiny_llm):
     full = [tiny_llm.chat([c], max_new_tokens=10, temperature=0)[0][0] for c in CONVERSATIONS]
     prompt = tiny_llm.encode_chat(CONVERSATIONS[0])
-    tokens = tiny_llm.model.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False,
-                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    tokens = tiny_llm.model.generate(torch.tensor([prompt], device=tiny_llm.device),
+                                     max_new_tokens=4, do_sample=False,
+                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
+                                                               device=tiny_llm.device))
     stop_token = int(tokens[0, len(prompt) + 2])
     saved = tiny_llm.stop_ids
     tiny_llm.stop_ids = saved + [stop_token]
@@ -79,8 +82,8 @@ def test_generation_stops_at_end_of_turn_and_finished_rows_leave_the_batch(tiny_
 
 
 def test_sampling_is_seeded(tiny_llm_dir):
-    first = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
-    second = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32", seed=3)
+    first = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32", seed=3)
+    second = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32", seed=3)
     a = first.chat(CONVERSATIONS, max_new_tokens=6, temperature=1.0, num_samples=2)
     assert a == second.chat(CONVERSATIONS, max_new_tokens=6, temperature=1.0, num_samples=2)
 
@@ -110,7 +113,8 @@ def test_stop_at_newline_ends_after_text(tiny_llm):
     full = tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0)[0][0]
     ids = tiny_llm.tokenizer(full, add_special_tokens=False)["input_ids"]
     saved = tiny_llm._newline_ids
-    tiny_llm._newline_ids = torch.tensor([ids[3]])  # pretend the 4th token is a line break
+    # pretend the 4th token is a line break
+    tiny_llm._newline_ids = torch.tensor([ids[3]], device=tiny_llm.device)
     try:
         cut = tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0,
                             stop_at_newline=True)[0][0]
@@ -126,8 +130,8 @@ def _extend(conversation, text):
 
 
 def test_prefix_cache_reuses_tokens_and_changes_nothing(tiny_llm_dir):
-    plain = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32")
-    cached = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32",
+    plain = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
+    cached = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
                                              prefix_cache_gb=0.01)
     keys = [("conversation", i) for i in range(len(CONVERSATIONS))]
     labels = [str(i + 1) for i in range(19)]
@@ -219,6 +223,7 @@ def test_packed_attention_matches_stock_sdpa(tiny_llm_dir, queries):
     from transformers import AutoModelForCausalLM, DynamicCache
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32).eval()
+    model.to(DEVICE)
     assert model.config.num_attention_heads > model.config.num_key_value_heads
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 200, (3, 10), generator=generator)
@@ -230,6 +235,8 @@ def test_packed_attention_matches_stock_sdpa(tiny_llm_dir, queries):
                            (torch.rand(3, 1, queries, queries, generator=generator) > 0.5)
                            | torch.eye(queries, dtype=torch.bool)], -1)
     positions = prompt_mask.sum(-1, keepdim=True).expand(3, queries)
+    prompt, prompt_mask, step, step_mask, positions = (
+        t.to(DEVICE) for t in (prompt, prompt_mask, step, step_mask, positions))
     results = []
     for implementation in ("sdpa", PACKED_SDPA):
         model.set_attn_implementation(implementation)
@@ -264,7 +271,7 @@ def test_prefill_in_groups_changes_nothing(tiny_llm_dir):
     labels = [str(i + 1) for i in range(12)]
     results = []
     for overhead, prefix_cache_gb in ((10**9, 0.0), (0, 0.0), (0, 0.01)):
-        llm = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32",
+        llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
                                               prefix_cache_gb=prefix_cache_gb)
         llm.forward_overhead_tokens = overhead
         keys = [("conversation", i) for i in range(len(conversations))]
