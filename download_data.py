@@ -3,9 +3,9 @@
     python download_data.py                  # every task
     python download_data.py --data_name esc  # one task
 
-Files come from the public releases that the PPDPP and DialogXpert code use (see
-SOURCES). --base_url replaces the host part for a mirror: a file is then fetched from
-<base_url>/<relative path>. Each downloaded file is checked with the project's own reader
+Files come from the public releases that the PPDPP and DialogXpert code use (each task's
+`sources` in tasks.py). --base_url replaces the host part for a mirror: a file is then
+fetched from <base_url>/<relative path>. Each downloaded file is checked with the project's own reader
 before it replaces anything, so a broken download never overwrites good data.
 """
 
@@ -16,21 +16,12 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from tasks import SPLITS, TASKS, DataError, load_split, split_path
+from tasks import TASKS, DataError, load_split
 
-PPDPP = "https://raw.githubusercontent.com/dengyang17/PPDPP/main/data"
-DIALOGXPERT = "https://raw.githubusercontent.com/declare-lab/dialogxpert/main/data"
-SOURCES = {  # relative path in data/ -> public URL
-    **{f"{t}-{s}.txt": f"{PPDPP}/{t}-{s}.txt" for t in ("esc", "cima", "cb") for s in SPLITS},
-    **{f"P4G/{s}.json": f"{DIALOGXPERT}/P4G/api_annotated/{s}.json"
-       for s in ("train", "dev", "test")},
-    "ExTES/ExTES.json": "https://raw.githubusercontent.com/pandazzh2020/ExTES/main/ExTES.json",
-}
 
 
 def files_for(task_name):
-    paths = {os.path.relpath(split_path("", task_name, s)) for s in SPLITS}
-    return sorted(paths)
+    return sorted(set(TASKS[task_name].files.values()))
 
 
 def fetch(url, timeout):
@@ -44,7 +35,8 @@ def download(task_names, data_dir, base_url=None, timeout=60):
     done, failed = [], {}
     for task_name in task_names:
         for relative in files_for(task_name):
-            url = f"{base_url.rstrip('/')}/{relative}" if base_url else SOURCES[relative]
+            url = (f"{base_url.rstrip('/')}/{relative}" if base_url
+                   else TASKS[task_name].sources[relative])
             target = os.path.join(data_dir, relative)
             try:
                 content = fetch(url, timeout)
@@ -58,8 +50,8 @@ def download(task_names, data_dir, base_url=None, timeout=60):
                 with open(staged, "wb") as f:
                     f.write(content)
                 try:  # validate with the project's reader before replacing anything
-                    for split in SPLITS:
-                        if os.path.relpath(split_path("", task_name, split)) == relative:
+                    for split, path in TASKS[task_name].files.items():
+                        if path == relative:
                             load_split(staging, task_name, split)
                 except DataError as error:
                     failed[relative] = f"{url}: downloaded but unreadable: {error}"

@@ -46,10 +46,19 @@ class Args:
         "help": "conversations played together; each LLM phase is one batched call"})
     top_k: int = field(default=4, metadata={"help": "candidate actions taken from the prior"})
     max_turn: int = field(default=8, metadata={"help": "system turns before a time-limit end"})
-    critic_samples: int = field(default=10, metadata={"help": "verdicts sampled per turn"})
+    critic: str = field(default="sample", metadata={
+        "help": "sample (sample --critic_samples answers, the mean reward of the usable ones) "
+                "or logits (the exact distribution over the critic's options from one forward "
+                "pass; the reward is its expectation)"})
+    critic_samples: int = field(default=10, metadata={
+        "help": "answers sampled per turn (logits mode, cb: a deal needs P(deal) ** "
+                "critic_samples >= 0.5)"})
     critic_temperature: float = field(default=1.1, metadata={"help": "critic sampling temperature"})
     system_temperature: float = field(default=0.7, metadata={"help": "0 decodes greedily"})
     user_temperature: float = field(default=0.7, metadata={"help": "0 decodes greedily"})
+    eval_temperature: float = field(default=0.0, metadata={
+        "help": "system and user temperature in valid and test conversations (0: greedy, so "
+                "checkpoint choice and test figures are not decoding noise)"})
     system_max_new_tokens: int = field(default=80, metadata={"help": "system turn length cap"})
     user_max_new_tokens: int = field(default=60, metadata={"help": "user turn length cap"})
     critic_max_new_tokens: int = field(default=24, metadata={"help": "verdict length cap"})
@@ -110,6 +119,7 @@ class Args:
             raise ValueError(f"Unknown --backend '{self.backend}'. Expected one of "
                              f"{sorted(BACKENDS)}")
         choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
+                   "critic": ("sample", "logits"),
                    "dtype": ("auto", "bfloat16", "float16", "float32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -119,6 +129,11 @@ class Args:
             raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
         if self.top_k < 1 or self.num_envs < 1 or self.max_turn < 1 or self.critic_samples < 1:
             raise ValueError("--top_k, --num_envs, --max_turn and --critic_samples must be >= 1")
+        for name in ("critic_temperature", "system_temperature", "user_temperature",
+                     "eval_temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0 (0 decodes greedily), got "
+                                 f"{getattr(self, name)}")
 
 
 def _parse_bool(text):

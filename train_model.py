@@ -58,7 +58,7 @@ def load_llms(args):
 
 
 def build_env(args, task, llms):
-    critic = Critic(task, llms["critic"], num_samples=args.critic_samples,
+    critic = Critic(task, llms["critic"], mode=args.critic, num_samples=args.critic_samples,
                     temperature=args.critic_temperature,
                     max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
                     stop_at_newline=args.critic_stop_at_newline)
@@ -67,6 +67,7 @@ def build_env(args, task, llms):
     env = SelfPlayEnv(task, llms["system"], llms["user"], critic, max_turn=args.max_turn,
                       system_temperature=args.system_temperature,
                       user_temperature=args.user_temperature,
+                      eval_temperature=args.eval_temperature,
                       system_max_new_tokens=args.system_max_new_tokens,
                       user_max_new_tokens=args.user_max_new_tokens, use_emotion=args.use_emotion)
     return planner, env
@@ -189,13 +190,13 @@ def choose(agent, conversations, epsilon, rng):
     return chosen
 
 
-def play_step(agent, planner, env, task, conversations, epsilon, rng):
+def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation=False):
     """One batched turn. Returns (chosen features, results) with next observations filled."""
     chosen = choose(agent, conversations, epsilon, rng)
     actions = [c.candidates[i] for c, i in zip(conversations, chosen)]
     chosen_features = [c.candidate_features[i] for c, i in zip(conversations, chosen)]
     pending = [c.pending for c in conversations]
-    results = env.step(conversations, actions)
+    results = env.step(conversations, actions, evaluation)
     for conversation, extra in zip(conversations, pending):
         conversation.records[-1].update(extra)
     # the next state's candidates: needed to act on, and to bootstrap a turn-limit ending
@@ -227,7 +228,8 @@ def summarize(conversations, task, max_turn, error_counts):
 
 
 def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
-    """Play every case greedily (epsilon 0); returns (metrics, conversations)."""
+    """Play every case with argmax Q (epsilon 0) and the system and user LLMs at
+    --eval_temperature; returns (metrics, conversations)."""
     errors_before = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
     rng = random.Random(args.seed)
     finished, queue = [], list(cases)
@@ -237,7 +239,7 @@ def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
         queue = queue[args.num_envs:]
         agent.observe(planner, batch, task)
         while batch:
-            play_step(agent, planner, env, task, batch, epsilon, rng)
+            play_step(agent, planner, env, task, batch, epsilon, rng, evaluation=True)
             for conversation in [c for c in batch if c.done]:
                 finished.append(conversation)
                 bar.update(1)

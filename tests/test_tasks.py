@@ -4,7 +4,7 @@ import os
 import pytest
 
 from conftest import ROOT, SHARED_DATA, write_json_lines
-from tasks import TASKS, DataError, get_task, load_split, opening_turns
+from tasks import TASKS, DataError, get_task, load_split
 
 DEMO = os.path.join(ROOT, "data", "demo")
 
@@ -21,7 +21,7 @@ def test_demo_data_loads_and_opens_on_a_user_turn(task_name, split):
     cases = load_split(DEMO, task_name, split)
     assert cases
     for case in cases:
-        turns = opening_turns(task_name, case)
+        turns = task.opening(case)
         assert turns and turns[-1][0] == task.user_role and turns[-1][1]
 
 
@@ -63,7 +63,7 @@ def test_extes_split_is_fixed_disjoint_and_complete():
 
 def test_cb_opening_states_list_price():
     case = load_split(DEMO, "cb", "test")[0]
-    turns = opening_turns("cb", case)
+    turns = get_task("cb").opening(case)
     assert turns[0][0] == "Buyer" and str(case["seller_price"]) in turns[1][1]
 
 
@@ -74,4 +74,4 @@ def test_real_benchmark_files_load(task_name, split):
     cases = load_split(SHARED_DATA, task_name, split)
     assert len(cases) >= 50
     for case in cases:
-        assert opening_turns(task_name, case)[-1][0] == get_task(task_name).user_role
+        assert get_task(task_name).opening(case)[-1][0] == get_task(task_name).user_role
