@@ -228,3 +228,15 @@ def test_scripted_llm_option_probs_are_normalised():
     llm = ScriptedLLM(None, prior=lambda prompt, labels: [1.0, 3.0])
     assert torch.allclose(llm.option_probs([[{"content": "x"}]], ["1", "2"]),
                           torch.tensor([[0.25, 0.75]]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4))
+def test_logits_rewards_are_finite_and_inside_each_task_range(weights):
+    for task_name in sorted(TASKS):
+        task = get_task(task_name)
+        probs = [w + 1e-6 for w in weights[:len(task.verdicts)]]
+        result = Critic(task, None, mode="logits").from_distribution(
+            [p / sum(probs) for p in probs])
+        low, high = task.reward_range
+        assert math.isfinite(result.reward) and low - 1e-9 <= result.reward <= high + 1e-9

@@ -120,3 +120,14 @@ def test_finished_conversations_are_forgotten_by_each_llm(tiny_encoder_dir):
     uids = sorted(c.uid for c in conversations)
     assert {name: sorted(ids) for name, ids in forgotten.items()} == {
         "planner": uids, "system": uids, "critic": uids}
+
+
+@pytest.mark.parametrize("task_name", ["cb"])  # the deal decision, then the price question
+def test_logits_critic_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, tmp_path):
+    argv = _cli_args(task_name, tiny_llm_dir, tiny_encoder_dir, tmp_path) + ["--critic", "logits"]
+    metrics, run_dir = train_model.main(argv)
+    assert metrics["episodes"] == len(load_split(DEMO, task_name, "test"))
+    with open(os.path.join(run_dir, "test_conversations.jsonl")) as f:
+        record = json.loads(f.readline())["records"][0]
+    assert sum(record["critic_option_probs"]) == pytest.approx(1.0, abs=1e-3)
+    assert len(record["critic_option_probs"]) == len(TASKS[task_name].verdicts)
