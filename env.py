@@ -3,7 +3,7 @@
 One `step` advances a batch of conversations by one exchange:
   system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
   user phase:   the user LLM answers in role
-  critic phase: the critic samples verdicts; the reward and the outcome follow
+  critic phase: the critic answers its closed question; the reward and the outcome follow
 Each phase is one batched LLM call. The planner (`Planner.prior`) gives the observation:
 a prior over the task's whole action set, from which the top-k candidates are taken.
 """
@@ -190,7 +190,7 @@ class SelfPlayEnv:
 
     def step(self, conversations, actions, evaluation=False):
         """Play one exchange of every conversation. In evaluation the system and user
-        turns decode at eval_temperature (greedy by default); the critic always samples."""
+        turns decode at eval_temperature (greedy by default); the critic is unchanged."""
         system_temperature = self.eval_temperature if evaluation else self.system_temperature
         user_temperature = self.eval_temperature if evaluation else self.user_temperature
         roles = (self.task.system_role, self.task.user_role)

@@ -53,9 +53,9 @@ ESC = {
     ],
 }
 
+# ExTES shares ESConv's roles, planner description, Therapist, critic question and options
 EXTES = {
-    "system_role": "Therapist",
-    "user_role": "Patient",
+    **ESC,
     "actions": {
         "Reflective Statements": "Reflect back what the Patient has expressed, to show that "
                                  "you understand their thoughts and feelings.",
@@ -79,27 +79,12 @@ EXTES = {
         "Stress Management": "Offer strategies or tips that reduce or manage stress.",
         "Others": "Continue the conversation naturally and supportively.",
     },
-    "planner": "You plan the next step of an emotional support conversation between a "
-               "Therapist and a Patient, using the conversation and the Patient's emotions so "
-               "far. The Therapist's goal is that the Patient feels understood and supported "
-               "and makes progress towards resolving their emotional problem.",
-    "system": "You are role-playing a Therapist in a counselling conversation with a Patient. "
-              "Your goal is to help the Patient resolve their emotional problem and to help "
-              "them understand and work through it.",
     "user": "You are role-playing a Patient in a counselling conversation with a Therapist. "
             "You came for help with emotional problems related to {scene}. Reply in one "
             "short sentence that says naturally how you feel.",
     "critic": "You judge counselling conversations between a Therapist and a Patient: did "
               "the conversation improve the Patient's emotional state? The session is about "
               "{scene}.",
-    "critic_question": "Based on the conversation and the Patient's emotions, has the "
-                       "Patient's problem been solved?",
-    "verdicts": [
-        "No, the Patient feels worse.",
-        "No, the Patient feels the same.",
-        "No, but the Patient feels somewhat better.",
-        "Yes, the Patient's emotional problem has been solved.",
-    ],
 }
 
 CIMA = {
