@@ -16,7 +16,7 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from tasks import TASKS, DataError, load_split
+from tasks import TASKS, DataError, read_file
 
 
 
@@ -31,7 +31,9 @@ def fetch(url, timeout):
 
 
 def download(task_names, data_dir, base_url=None, timeout=60):
-    """Returns (downloaded paths, {path: error}) ."""
+    """Fetch every file of the tasks; returns (downloaded paths, {path: error}). A file
+    replaces the one in data_dir only when the task's reader accepts it and it has at
+    least one case; otherwise the old file stays and the next file is fetched."""
     done, failed = [], {}
     for task_name in task_names:
         for relative in files_for(task_name):
@@ -45,20 +47,21 @@ def download(task_names, data_dir, base_url=None, timeout=60):
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as staging:
-                staged = os.path.join(staging, relative)
-                os.makedirs(os.path.dirname(staged), exist_ok=True)
+                staged = os.path.join(staging, os.path.basename(relative))
                 with open(staged, "wb") as f:
                     f.write(content)
                 try:  # validate with the project's reader before replacing anything
-                    for split, path in TASKS[task_name].files.items():
-                        if path == relative:
-                            load_split(staging, task_name, split)
+                    cases = read_file(staged, task_name)
+                    if not cases:
+                        raise DataError("no cases")
                 except DataError as error:
-                    failed[relative] = f"{url}: downloaded but unreadable: {error}"
+                    failed[relative] = f"{url}: downloaded but unusable ({error})"
                     continue
+                existed = os.path.exists(target)
                 os.replace(staged, target)
             done.append(target)
-            print(f"{relative}: {len(content):,} bytes from {url}")
+            print(f"{relative}: {'replaced' if existed else 'new'}, {len(cases):,} cases "
+                  f"({len(content):,} bytes) from {url}")
     return done, failed
 
 
@@ -76,7 +79,10 @@ def main(argv=None):
     names = sorted(TASKS) if args.data_name == "all" else [args.data_name]
     _, failed = download(names, args.data_dir, args.base_url, args.timeout)
     for relative, reason in failed.items():
-        print(f"FAILED {relative}: {reason}", file=sys.stderr)
+        kept = "the existing file is kept" if os.path.exists(
+            os.path.join(args.data_dir, relative)) else "no file written"
+        print(f"error: {relative} failed: {reason}; {kept}. Try again, or use --base_url "
+              f"with a mirror.", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -208,6 +208,15 @@ def _read_json_list(path, task):
     return [check_case(item, task, f"{path}, item {i}") for i, item in enumerate(items)]
 
 
+def read_file(path, task_name):
+    """Every case of one data file, checked against the task's schema."""
+    read = _read_json_list if path.endswith(".json") else _read_json_lines
+    try:
+        return read(path, get_task(task_name))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+
+
 def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0.1)):
     """Read one split. A task with one file (ExTES) is split by a fixed seed of its own,
     independent of the run's seed, so every run sees the same test cases."""
@@ -220,11 +229,7 @@ def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0
             f"No {split} data for task '{task_name}': {path} does not exist. Run "
             f"`python download_data.py --data_name {task_name}` to fetch the benchmark, or "
             f"pass --data_dir data/demo for the small demo cases.")
-    try:
-        read = _read_json_list if path.endswith(".json") else _read_json_lines
-        cases = read(path, task)
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    cases = read_file(path, task_name)
     if not task.split_seeded:
         return cases
     order = list(range(len(cases)))
