@@ -6,7 +6,14 @@ booleans take true/false. `python train_model.py --help` lists them with their h
 
 import argparse
 import dataclasses
+import re
+import sys
 from dataclasses import dataclass, field
+
+
+class UserError(Exception):
+    """A mistake in the arguments, data, checkpoint or output folder: train_model.py
+    reports it as one line `error: <what and where>. <what to do>` and exits with code 2."""
 
 
 @dataclass
@@ -107,6 +114,8 @@ class Args:
     output_dir: str = field(default="runs", metadata={"help": "where runs are written"})
     exp_name: str = field(default="dialogxpert", metadata={"help": "run name prefix"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    debug: bool = field(default=False, metadata={
+        "help": "show the traceback of a user error instead of one line"})
 
     def __post_init__(self):
         from llm import BACKENDS
@@ -127,13 +136,35 @@ class Args:
                                  f"{list(allowed)}")
         if self.mode == "test" and not self.checkpoint:
             raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
-        if self.top_k < 1 or self.num_envs < 1 or self.max_turn < 1 or self.critic_samples < 1:
-            raise ValueError("--top_k, --num_envs, --max_turn and --critic_samples must be >= 1")
+        self._check_ranges()
+
+    def _check_ranges(self):
+        """Every numeric argument inside its meaningful range, before anything loads."""
+        def require(ok, name, rule, why=""):
+            if not ok:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is out of range{why}. "
+                                 f"Pass a value {rule}")
+        for name in ("top_k", "num_envs", "max_turn", "critic_samples", "total_episodes",
+                     "batch_size", "buffer_size", "learning_starts", "updates_per_step",
+                     "hidden_size", "max_encoder_tokens", "eval_every", "prior_samples",
+                     "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
+                     "prior_max_new_tokens"):
+            require(getattr(self, name) >= 1, name, ">= 1")
+        for name in ("max_cases", "eval_cases", "max_batch_rows"):
+            require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
+        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
+        require(self.learning_rate > 0, "learning_rate", "> 0")
         for name in ("critic_temperature", "system_temperature", "user_temperature",
                      "eval_temperature"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0 (0 decodes greedily), got "
-                                 f"{getattr(self, name)}")
+            require(getattr(self, name) >= 0, name, ">= 0 (0 decodes greedily)")
+        require(self.prefix_cache_gb >= 0 or self.prefix_cache_gb == -1, "prefix_cache_gb",
+                ">= 0 or -1 (automatic)")
+        require(self.learning_starts <= self.buffer_size, "learning_starts",
+                f"<= --buffer_size ({self.buffer_size})", ": learning would never start")
+        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+                "among auto, cpu, mps, cuda, cuda:N")
 
 
 def _parse_bool(text):
@@ -149,14 +180,17 @@ def build_parser(description=None):
     for f in dataclasses.fields(Args):
         kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(
             f.type if isinstance(f.type, str) else f.type.__name__, str)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # --debug = true
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, **extra,
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return parser
 
 
 def parse_args(argv=None):
+    """The arguments, or one line `error: ...` on stderr and exit code 2 (as argparse)."""
     namespace = build_parser(__doc__).parse_args(argv)
     try:
         return Args(**vars(namespace))
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import qwen_prompts as prompts
+from get_args import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing or malformed."""
 
 
@@ -225,8 +226,8 @@ def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0
         raise ValueError(f"Unknown split '{split}'. Expected one of {list(SPLITS)}")
     path = split_path(data_dir, task_name, split)
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"No {split} data for task '{task_name}': {path} does not exist. Run "
+        raise DataError(
+            f"no {split} data for task '{task_name}': {path} does not exist. Run "
             f"`python download_data.py --data_name {task_name}` to fetch the benchmark, or "
             f"pass --data_dir data/demo for the small demo cases.")
     cases = read_file(path, task_name)

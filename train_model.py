@@ -11,21 +11,24 @@ Q-head learns by TD learning against a soft-updated target head.
 """
 
 import copy
+import itertools
 import json
 import os
 import random
+import sys
 import time
 from collections import Counter
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from critic import Critic
 from env import Planner, SelfPlayEnv, transcript
-from get_args import parse_args
+from get_args import UserError, parse_args
 from llm import load_llm, resolve_llm_path
 from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
                        select_action, state_text)
@@ -327,33 +330,38 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args):
+    """Train then test, or test a checkpoint; returns (test metrics, run folder)."""
     seed_everything(args.seed)
     task = get_task(args.data_name)
 
     def split(name):
         cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed)
         if not cases:
-            raise SystemExit(f"error: the {name} split of '{task.name}' in {args.data_dir} is empty")
+            raise UserError(f"the {name} split of '{task.name}' in {args.data_dir} has no "
+                            "cases. Download the data again with download_data.py")
         return cases[:args.max_cases] if args.max_cases else cases
 
-    # read every split first: a missing file fails before any model is loaded
+    # data, checkpoint and output folder are checked before any model is loaded
     test_cases = split("test")
     if args.mode == "train":
         train_cases, valid_cases = split("train"), split("valid")
         if args.eval_cases:
             valid_cases = valid_cases[:args.eval_cases]
+    else:
+        check_checkpoint(args.checkpoint, args)
+    run_dir = make_run_dir(args.output_dir,
+                           f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    print(f"Run folder: {run_dir}")
 
     llms = load_llms(args)
     planner, env = build_env(args, task, llms)
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
-
-    run_name = f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    print(f"Run folder: {run_dir}")
     if args.mode == "train":
         writer = SummaryWriter(run_dir)
         writer.add_text("args", json.dumps(vars(args), indent=2))
@@ -370,5 +378,58 @@ def main(argv=None):
     return metrics, run_dir
 
 
+def make_run_dir(output_dir, run_name):
+    """A new folder: a run started in the same second as another gets a suffix."""
+    for attempt in itertools.count():
+        path = os.path.join(output_dir, run_name + (f"_{attempt}" if attempt else ""))
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot create the run folder {path} ({error.strerror}). Pass a "
+                            "writable --output_dir") from None
+
+
+CHECKED_ARGS = ("data_name", "encoder", "hidden_size", "top_k", "use_emotion")
+
+
+def check_checkpoint(path, args):
+    """The checkpoint exists, is readable, and was trained for this task and Q-adapter."""
+    info_path = path + ".json"
+    if not (os.path.isfile(path) and os.path.isfile(info_path)):
+        raise UserError(f"no checkpoint at {path} (with {info_path} beside it). Pass the "
+                        "best.pt of a training run")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            saved = json.load(f)["args"]
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise UserError(f"the checkpoint {path} cannot be read ({error}). Pass the best.pt of "
+                        "a training run") from None
+    if not any(n.startswith("q_head.") for n in names):
+        raise UserError(f"the checkpoint {path} has no Q-head. Pass the best.pt of a training "
+                        "run")
+    for name in CHECKED_ARGS:
+        if saved.get(name) != getattr(args, name):
+            raise UserError(f"the checkpoint {path} was trained with --{name} "
+                            f"{saved.get(name)!r}, this run has {getattr(args, name)!r}. Pass "
+                            f"--{name} {saved.get(name)} or a checkpoint trained for this run")
+
+
+def cli():
+    """python train_model.py: a user error is one line on stderr and exit code 2."""
+    args = parse_args()
+    try:
+        run(args)
+    except (UserError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -9,7 +9,6 @@ import threading
 from contextlib import contextmanager
 from urllib.parse import unquote, urlparse
 
-import pytest
 
 import download_data
 import download_llm_weights

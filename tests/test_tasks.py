@@ -27,7 +27,7 @@ def test_demo_data_loads_and_opens_on_a_user_turn(task_name, split):
 
 
 def test_missing_split_names_download_script(tmp_path):
-    with pytest.raises(FileNotFoundError, match="download_data.py"):
+    with pytest.raises(DataError, match="download_data.py"):
         load_split(str(tmp_path), "esc", "train")
 
 
@@ -104,7 +104,7 @@ def test_every_prompt_of_a_task_formats_with_its_demo_cases(task_name):
 def test_cb_case_types_and_prices_are_checked(tmp_path, field, value, message):
     case = load_split(DEMO, "cb", "test")[0] | {field: value}
     (tmp_path / "cb-test.txt").write_text(json.dumps(case) + "\n")
-    with pytest.raises(DataError, match=re.escape(f"cb-test.txt, line 1: ") + ".*" + re.escape(message)):
+    with pytest.raises(DataError, match=re.escape("cb-test.txt, line 1: ") + ".*" + re.escape(message)):
         load_split(str(tmp_path), "cb", "test")
 
 

@@ -92,16 +92,57 @@ def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
                        agent.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
-def test_cli_errors_are_clear(tmp_path):
-    def run(*flags):
-        return subprocess.run([sys.executable, "train_model.py", *flags], cwd=ROOT,
-                              capture_output=True, text=True)
-    unknown = run("--data_name", "esconv")
-    assert unknown.returncode != 0 and "Expected one of ['cb', 'cima', 'esc', 'extes', 'p4g']" in unknown.stderr
-    missing = run("--data_name", "esc", "--data_dir", str(tmp_path))
-    assert missing.returncode != 0 and "download_data.py" in missing.stderr
-    no_checkpoint = run("--mode", "test")
-    assert "--checkpoint" in no_checkpoint.stderr
+def _cli(*flags):
+    return subprocess.run([sys.executable, "train_model.py", *flags], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    _one_line_error(_cli("--data_name", "esconv"), "Expected one of ['cb', 'cima', 'esc', 'extes', 'p4g']")
+    _one_line_error(_cli("--data_name", "esc", "--data_dir", str(tmp_path)), "download_data.py")
+    _one_line_error(_cli("--mode", "test"), "--checkpoint")
+    _one_line_error(_cli("--gamma", "1.5"), "--gamma=1.5", "[0, 1]")
+    _one_line_error(_cli("--learning_starts", "64", "--buffer_size", "32"), "--learning_starts")
+    _one_line_error(_cli("--critic_temperature", "-1"), "--critic_temperature")
+    _one_line_error(_cli("--data_dir", DEMO, "--output_dir", "/proc/none"), "--output_dir")
+    (tmp_path / "esc-test.txt").write_text('{"situation": 1}\n')
+    _one_line_error(_cli("--data_dir", str(tmp_path)), "esc-test.txt, line 1")
+    debug = _cli("--data_dir", str(tmp_path), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_checkpoint_of_another_task_is_refused_before_models_load(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "best.pt")
+    save_file({"q_head.net.0.weight": torch.zeros(1)}, path)
+    saved = vars(Args(data_name="esc", mode="test", checkpoint=path))
+    with open(path + ".json", "w") as f:
+        json.dump({"args": saved}, f)
+    _one_line_error(_cli("--data_name", "cima", "--data_dir", DEMO, "--mode", "test",
+                         "--checkpoint", path, "--llm", "/nonexistent"),
+                    "--data_name 'esc'", "'cima'")
+    _one_line_error(_cli("--data_dir", DEMO, "--mode", "test", "--checkpoint", path,
+                         "--hidden_size", "8", "--llm", "/nonexistent"), "--hidden_size")
+    (tmp_path / "bad.pt").write_bytes(b"not safetensors")
+    (tmp_path / "bad.pt.json").write_text(json.dumps({"args": saved}))
+    _one_line_error(_cli("--data_dir", DEMO, "--mode", "test", "--checkpoint",
+                         str(tmp_path / "bad.pt")), "cannot be read")
+
+
+def test_runs_started_in_the_same_second_get_two_folders(tmp_path):
+    first = train_model.make_run_dir(str(tmp_path), "esc__x__1__100")
+    second = train_model.make_run_dir(str(tmp_path), "esc__x__1__100")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
 
 
 def test_finished_conversations_are_forgotten_by_each_llm(tiny_encoder_dir):
