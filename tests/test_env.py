@@ -176,3 +176,36 @@ def test_openings_follow_the_original(task_name):
     }[task_name]
     assert conversation.turns == expected
     assert conversation.emotions == ([case["emotion_type"]] if task_name == "esc" else [])
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=500))
+def test_emotion_response_split_never_raises(text):
+    emotion, response, ok = parse_emotion_response(text, ("Therapist", "Patient"))
+    assert isinstance(emotion, str) and isinstance(response, str) and isinstance(ok, bool)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=5))
+def test_sampled_prior_answers_never_raise_and_give_a_distribution(answers):
+    planner = Planner(get_task("esc"), None, mode="sample")
+    prior = planner._prior_from_samples(answers)
+    assert prior.shape == (8,) and torch.isfinite(prior).all()
+    assert prior.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("unit", ["Emotion: ", "response -", "\n", "Patient:", "**"])
+def test_emotion_response_split_time_is_linear(unit):
+    import time
+
+    def seconds(n):
+        text = (unit * n)[:n]
+        start = time.perf_counter()
+        parse_emotion_response(text, ("Therapist", "Patient"))
+        clean_turn(text, ("Therapist", "Patient"))
+        return time.perf_counter() - start
+    seconds(1000)
+    assert seconds(100_000) < 30 * seconds(10_000) + 0.05

@@ -140,3 +140,40 @@ def test_a_new_task_is_one_prompt_block_and_one_registry_entry(monkeypatch, tmp_
     assert Planner(task, ScriptedLLM(None)).prior([conversation]).shape == (1, 2)
     result = env.step([conversation], ["Plan"])[0]
     assert result.reward == 1.0 and result.terminated and conversation.outcome == "success"
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+                           lambda children: st.lists(children, max_size=3)
+                           | st.dictionaries(st.text(max_size=10), children, max_size=4),
+                           max_leaves=10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(sorted(TASKS)), st.lists(JSON_VALUES | st.text(max_size=40), max_size=3),
+       st.dictionaries(st.sampled_from(["item_name", "buyer_price", "seller_price", "dialog",
+                                        "situation", "sentence", "description", "scene",
+                                        "content", "emotion_type"]), JSON_VALUES))
+def test_readers_accept_good_cases_or_raise_data_error(tmp_path_factory, task_name, lines, case):
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = os.path.join(folder, get_task(task_name).files["test"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = [json.dumps(x) if not isinstance(x, str) else x for x in lines] + [json.dumps(case)]
+    with open(path, "w") as f:
+        f.write(json.dumps([json.loads(r) for r in rows if _is_json(r)]) if path.endswith(".json")
+                else "\n".join(rows) + "\n")
+    try:
+        cases = load_split(str(folder), task_name, "test")
+    except DataError:
+        return
+    for loaded in cases:  # what the reader accepts, the prompts can use
+        get_task(task_name).opening(loaded)
+
+
+def _is_json(text):
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
