@@ -22,6 +22,12 @@ from tasks import case_fields
 _conversation_ids = itertools.count()
 
 
+def reserve_conversation_ids(first_free):
+    """New conversations get uids from first_free on (after restoring saved ones)."""
+    global _conversation_ids
+    _conversation_ids = itertools.count(max(first_free, next(_conversation_ids)))
+
+
 @dataclass
 class Conversation:
     case: dict

@@ -27,6 +27,11 @@ class Args:
         "help": "train (train, keep the best checkpoint on valid, then test it) or test "
                 "(load --checkpoint and play the test split greedily)"})
     checkpoint: str = field(default="", metadata={"help": "checkpoint file for --mode test"})
+    resume: str = field(default="", metadata={
+        "help": "run folder of a stopped training run: continue it with its own arguments"})
+    checkpoint_every: int = field(default=10, metadata={
+        "help": "finished episodes between saves of the whole training state (also saved "
+                "on SIGINT, SIGTERM and at the end)"})
     seed: int = field(default=42, metadata={"help": "seeds everything, once, at start"})
     extes_seed: int = field(default=0, metadata={
         "help": "fixed seed of the ExTES train/valid/test split (independent of --seed)"})
@@ -134,6 +139,9 @@ class Args:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown --{name} '{getattr(self, name)}'. Expected one of "
                                  f"{list(allowed)}")
+        if self.resume and self.mode != "train":
+            raise ValueError("--resume continues a training run; test a checkpoint with "
+                             "--mode test --checkpoint PATH")
         if self.mode == "test" and not self.checkpoint:
             raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
         self._check_ranges()
@@ -145,6 +153,7 @@ class Args:
                 raise ValueError(f"--{name}={getattr(self, name)!r} is out of range{why}. "
                                  f"Pass a value {rule}")
         for name in ("top_k", "num_envs", "max_turn", "critic_samples", "total_episodes",
+                     "checkpoint_every",
                      "batch_size", "buffer_size", "learning_starts", "updates_per_step",
                      "hidden_size", "max_encoder_tokens", "eval_every", "prior_samples",
                      "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",

@@ -10,28 +10,35 @@ and the critic LLM's verdicts give the reward. Transitions go to a replay buffer
 Q-head learns by TD learning against a soft-updated target head.
 """
 
-import copy
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("stopped by SIGINT while starting: nothing "
+                                                   "to resume", file=sys.stderr), os._exit(130)))
+
+import copy  # noqa: E402 (the handler above comes first)
 import itertools
 import json
-import os
 import random
-import sys
 import time
 from collections import Counter
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from critic import Critic
 from env import Planner, SelfPlayEnv, transcript
-from get_args import UserError, parse_args
+from get_args import Args, UserError, parse_args
 from llm import load_llm, resolve_llm_path
 from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
                        select_action, state_text)
+import run_state
 from replay_buffer import ReplayBuffer
 from tasks import get_task, load_split
 
@@ -143,12 +150,24 @@ class Agent:
         for i, state in self.optimizer.state_dict()["state"].items():
             tensors |= {f"optimizer.{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
                         for k, v in state.items()}
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path)
         info = {"step": step, "updates": self.updates, "metrics": metrics,
                 "optimizer_param_groups": self.optimizer.state_dict()["param_groups"],
                 "args": vars(self.args)}
-        with open(path + ".json", "w") as f:
-            json.dump(info, f, indent=2)
+        # each file is replaced whole, so a kill never leaves a torn checkpoint
+        run_state.atomic_write(path + ".json",
+                               lambda f: f.write(json.dumps(info, indent=2).encode()))
+        weights = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+        run_state.atomic_write(path, lambda f: f.write(weights))
+
+    def state_dict(self):
+        return {"q_head": self.q_head.state_dict(), "target_head": self.target_head.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.q_head.load_state_dict(state["q_head"])
+        self.target_head.load_state_dict(state["target_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
 
     def load(self, path):
         if not os.path.exists(path):
@@ -267,63 +286,103 @@ def write_results(run_dir, name, metrics, conversations):
 # Training
 # ---------------------------------------------------------------------------------------
 
-def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, writer):
+def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, writer,
+          resume=None):
+    """Play and learn until --total_episodes conversations have finished; returns the path
+    of the best checkpoint. `resume`: a state saved by this function (run_state.py)."""
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     buffer = ReplayBuffer(args.buffer_size, agent.encoder.width, args.top_k)
-    best_path, best_score = os.path.join(run_dir, "best.pt"), None
-    order = list(range(len(train_cases)))
-    started = finished = steps = 0
-    active = []
-    train_log = []
-    bar = tqdm(total=args.total_episodes, desc="train", disable=not args.progress)
-    next_eval = args.eval_every
-    while finished < args.total_episodes:
-        # finished conversations have left the batch; new cases take their place
-        new = []
-        while len(active) + len(new) < args.num_envs and started < args.total_episodes:
-            if started % len(order) == 0:
-                rng.shuffle(order)
-            new.append(env.reset(train_cases[order[started % len(order)]]))
-            started += 1
-        agent.observe(planner, new, task)
-        active += new
-        epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
-                                  args.exploration_fraction * args.total_episodes, finished)
-        chosen_features, results = play_step(agent, planner, env, task, active, epsilon, rng)
-        steps += 1
-        for conversation, features, result in zip(active, chosen_features, results):
-            next_features = None if result.terminated else conversation.candidate_features
-            buffer.add(features.cpu(), result.reward,
-                       None if next_features is None else next_features.cpu(), result.terminated)
-        if len(buffer) >= args.learning_starts:
-            for _ in range(args.updates_per_step * len(active)):
-                loss, q_mean = agent.update(buffer, generator)
-            writer.add_scalar("losses/td_loss", loss, steps)
-            writer.add_scalar("losses/q_values", q_mean, steps)
-        writer.add_scalar("charts/epsilon", epsilon, steps)
-        for conversation in [c for c in active if c.done]:
-            finished += 1
-            bar.update(1)
-            train_log.append(conversation)
-            writer.add_scalar("charts/episodic_return", conversation.total_reward, finished)
-            writer.add_scalar("charts/episode_success",
-                              float(conversation.outcome == "success"), finished)
-        active = [c for c in active if not c.done]
-        if finished >= next_eval or finished >= args.total_episodes:
-            next_eval += args.eval_every
-            metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
-            writer.add_scalar("eval/SR", metrics["SR"], finished)
-            writer.add_scalar("eval/AT", metrics["AT"], finished)
-            if task.bargaining:
-                writer.add_scalar("eval/SL", metrics["SL"], finished)
-            score = (metrics["SR"], -metrics["AT"])
-            tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} AT={metrics['AT']:.2f}")
-            if best_score is None or score > best_score:
-                best_score = score
-                agent.save(best_path, finished, metrics)
+    best_path = os.path.join(run_dir, "best.pt")
+    loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
+            "best_score": None, "order": list(range(len(train_cases)))}
+    active, train_log = [], []
+    llms = {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
+            "critic": env.critic.llm}
+    if resume is not None:
+        loop = resume["loop"]
+        agent.load_state_dict(resume["agent"])
+        buffer.load_state_dict(resume["buffer"])
+        active = run_state.restore_conversations(resume["active"])
+        train_log = run_state.restore_conversations(resume["train_log"])
+        env.errors.update(resume["errors"]["env"])
+        planner.invalid_answers = resume["errors"]["planner"]
+        run_state.restore_random_states(resume["random"], rng, generator, llms)
+
+    def save_state():
+        run_state.save_state(run_dir, {
+            "args": vars(args), "loop": loop, "agent": agent.state_dict(),
+            "buffer": buffer.state_dict(),
+            "active": [run_state.conversation_to_dict(c) for c in active],
+            "train_log": [run_state.conversation_to_dict(c) for c in train_log],
+            "errors": {"env": dict(env.errors), "planner": planner.invalid_answers},
+            "random": run_state.random_states(rng, generator, llms)})
+
+    order = loop["order"]
+    bar = tqdm(total=args.total_episodes, initial=loop["finished"], desc="train",
+               disable=not args.progress)
+    saved_at = loop["finished"]
+    with run_state.StopRequest() as stop:
+        while loop["finished"] < args.total_episodes:
+            # finished conversations have left the batch; new cases take their place
+            new = []
+            while (len(active) + len(new) < args.num_envs
+                   and loop["started"] < args.total_episodes):
+                if loop["started"] % len(order) == 0:
+                    rng.shuffle(order)
+                new.append(env.reset(train_cases[order[loop["started"] % len(order)]]))
+                loop["started"] += 1
+            agent.observe(planner, new, task)
+            active += new
+            epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
+                                      args.exploration_fraction * args.total_episodes,
+                                      loop["finished"])
+            chosen_features, results = play_step(agent, planner, env, task, active, epsilon, rng)
+            loop["steps"] += 1
+            steps = loop["steps"]
+            for conversation, features, result in zip(active, chosen_features, results):
+                next_features = None if result.terminated else conversation.candidate_features
+                buffer.add(features.cpu(), result.reward,
+                           None if next_features is None else next_features.cpu(),
+                           result.terminated)
+            if len(buffer) >= args.learning_starts:
+                for _ in range(args.updates_per_step * len(active)):
+                    loss, q_mean = agent.update(buffer, generator)
+                writer.add_scalar("losses/td_loss", loss, steps)
+                writer.add_scalar("losses/q_values", q_mean, steps)
+            writer.add_scalar("charts/epsilon", epsilon, steps)
+            for conversation in [c for c in active if c.done]:
+                loop["finished"] += 1
+                bar.update(1)
+                train_log.append(conversation)
+                writer.add_scalar("charts/episodic_return", conversation.total_reward,
+                                  loop["finished"])
+                writer.add_scalar("charts/episode_success",
+                                  float(conversation.outcome == "success"), loop["finished"])
+            active = [c for c in active if not c.done]
+            finished = loop["finished"]
+            if finished >= loop["next_eval"] or finished >= args.total_episodes:
+                loop["next_eval"] += args.eval_every
+                metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
+                writer.add_scalar("eval/SR", metrics["SR"], finished)
+                writer.add_scalar("eval/AT", metrics["AT"], finished)
+                if task.bargaining:
+                    writer.add_scalar("eval/SL", metrics["SL"], finished)
+                score = [metrics["SR"], -metrics["AT"]]
+                tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} "
+                           f"AT={metrics['AT']:.2f}")
+                if loop["best_score"] is None or score > loop["best_score"]:
+                    loop["best_score"] = score
+                    agent.save(best_path, finished, metrics)
+            if stop.requested or finished - saved_at >= args.checkpoint_every:
+                save_state()
+                saved_at = finished
+                if stop.requested:
+                    bar.close()
+                    raise run_state.TrainingStopped(run_dir, stop.requested)
     bar.close()
-    agent.save(os.path.join(run_dir, "last.pt"), finished)
+    save_state()
+    agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
     train_metrics = summarize(train_log, task, args.max_turn, env.errors)
     write_results(run_dir, "train", train_metrics, train_log)
     return best_path
@@ -335,6 +394,11 @@ def main(argv=None):
 
 def run(args):
     """Train then test, or test a checkpoint; returns (test metrics, run folder)."""
+    resume = None
+    if args.resume:  # the saved run's own arguments; only how it reports may change
+        resume = run_state.load_state(args.resume)
+        args = Args(**resume["args"] | {"resume": args.resume, "progress": args.progress,
+                                         "debug": args.debug})
     seed_everything(args.seed)
     task = get_task(args.data_name)
 
@@ -353,9 +417,9 @@ def run(args):
             valid_cases = valid_cases[:args.eval_cases]
     else:
         check_checkpoint(args.checkpoint, args)
-    run_dir = make_run_dir(args.output_dir,
-                           f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    print(f"Run folder: {run_dir}")
+    run_dir = args.resume or make_run_dir(
+        args.output_dir, f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
     llms = load_llms(args)
     planner, env = build_env(args, task, llms)
@@ -366,7 +430,7 @@ def run(args):
         writer = SummaryWriter(run_dir)
         writer.add_text("args", json.dumps(vars(args), indent=2))
         checkpoint = train(args, agent, planner, env, task, train_cases, valid_cases, run_dir,
-                           writer)
+                           writer, resume)
         writer.close()
     else:
         checkpoint = args.checkpoint
@@ -421,9 +485,16 @@ def check_checkpoint(path, args):
 
 def cli():
     """python train_model.py: a user error is one line on stderr and exit code 2."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     try:
         run(args)
+    except run_state.TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before training started or after it ended: no state to keep
+        print("stopped by SIGINT outside training: nothing to resume", file=sys.stderr)
+        sys.exit(130)
     except (UserError, FileNotFoundError) as error:
         if args.debug:
             raise
