@@ -109,7 +109,8 @@ def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
 def run_mode(mode, bench, args):
     """Play the episodes in this process; returns the figures as a dict."""
     import train_model
-    from llm import TransformersLLM, load_llm, pick_device, pick_dtype, resolve_llm_path
+    from llm import load_llm, pick_device, pick_dtype
+    from llm_transformers import TransformersLLM
     from q_adapter import FrozenEncoder, resolve_encoder_path
     from tasks import get_task, load_split
 
@@ -131,8 +132,9 @@ def run_mode(mode, bench, args):
                               prefix_cache_gb=args.prefix_cache_gb)
         encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens)
     else:
-        llm = load_llm(args.backend, resolve_llm_path(args.llm), args.device, args.dtype,
-                       args.seed, args.max_batch_rows, args.prefix_cache_gb)
+        llm = load_llm(args.backend, args.llm, device=args.device, dtype=args.dtype,
+                       seed=args.seed, max_batch_rows=args.max_batch_rows,
+                       prefix_cache_gb=args.prefix_cache_gb)
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                                 args.max_encoder_tokens, args.device)
     clock = PhaseClock(llm.device)

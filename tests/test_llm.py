@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from llm import PACKED_SDPA, ReservedLayer, TransformersLLM, load_llm, resolve_llm_path, sample_categorical
+from llm import load_llm, resolve_llm_path
+from llm_transformers import PACKED_SDPA, ReservedLayer, TransformersLLM, sample_categorical
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Which strategy? Answer with a number."}],
@@ -112,7 +113,7 @@ def test_missing_weights_name_the_download_script(tmp_path):
 
 
 def test_unknown_backend_lists_choices(tiny_llm_dir):
-    with pytest.raises(ValueError, match=r"Expected one of \['transformers'\]"):
+    with pytest.raises(ValueError, match=r"Expected one of \['openai', 'transformers'\]"):
         load_llm("vllm-typo", tiny_llm_dir)
 
 
@@ -176,7 +177,7 @@ def test_prefix_cache_reuses_tokens_and_changes_nothing(tiny_llm_dir):
 
 
 def test_prefix_cache_evicts_least_recently_used():
-    from llm import PrefixCache
+    from llm_transformers import PrefixCache
 
     layer = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]  # 64 bytes
     store = PrefixCache(max_bytes=150)
@@ -188,7 +189,7 @@ def test_prefix_cache_evicts_least_recently_used():
 
 
 def test_prefix_cache_forgets_a_finished_conversation_but_keeps_the_latest_per_role():
-    from llm import PrefixCache
+    from llm_transformers import PrefixCache
 
     layer = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]
     store = PrefixCache(max_bytes=10**6)
@@ -275,7 +276,7 @@ def test_packed_attention_matches_stock_sdpa(tiny_llm_dir, queries):
 
 
 def test_split_by_length_groups_similar_lengths():
-    from llm import split_by_length
+    from llm_transformers import split_by_length
 
     assert split_by_length([5, 100, 6, 98], overhead=10) == [[0, 2], [3, 1]]
     assert split_by_length([5, 100, 6, 98], overhead=10**6) == [[0, 2, 3, 1]]
@@ -308,7 +309,7 @@ def test_prefill_in_groups_changes_nothing(tiny_llm_dir):
 
 
 def test_cpu_calls_return_free_heap_pages(tiny_llm_dir, monkeypatch):
-    import llm as llm_module
+    import llm_transformers as llm_module
 
     if llm_module.heap_trimmer() is None:
         pytest.skip("malloc_trim is glibc's")
