@@ -126,6 +126,25 @@ def test_no_tokenizer_labels_that_extend_others_fall_back_to_sampling(client_for
 
 # -- faults ------------------------------------------------------------------------------
 
+def within(seconds, call):
+    """call()'s result or exception, or a test failure after `seconds`: a hang fails fast."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = call()
+        except Exception as error:  # handed to the test below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"no answer or error within {seconds} s: a hang"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 @pytest.mark.parametrize("faults, retries, least_seconds", [
     (["429", "429"], 2, 2.0),  # Retry-After: 1, twice: waits 2 s, not the 0.05 s backoff
     (["500"], 1, 0.0),
@@ -135,7 +154,7 @@ def test_faults_are_retried_and_recovered(server, client_for, faults, retries, l
     with FaultProxy(server.url, faults) as proxy:
         llm = client_for(proxy.url, request_timeout=2.0, max_retries=3)
         start = time.monotonic()
-        answers = llm.chat(QUESTIONS[:1], max_new_tokens=4, temperature=0)
+        answers = within(60, lambda: llm.chat(QUESTIONS[:1], max_new_tokens=4, temperature=0))
         elapsed = time.monotonic() - start
     assert len(answers) == 1 and answers[0][0]  # the conversation got its answer
     assert llm.usage["retries"] == retries
@@ -150,7 +169,7 @@ def test_persistent_faults_stop_with_one_clear_line_in_bounded_time(server, clie
         llm = client_for(proxy.url, request_timeout=1.0, max_retries=2)
         start = time.monotonic()
         with pytest.raises(ServerError) as error:
-            llm.chat(QUESTIONS, max_new_tokens=4)
+            within(60, lambda: llm.chat(QUESTIONS, max_new_tokens=4))
         elapsed = time.monotonic() - start
     message = str(error.value)
     assert f"critic model's server at {proxy.url}/chat/completions failed 3 tries" in message
