@@ -319,3 +319,25 @@ def test_cpu_calls_return_free_heap_pages(tiny_llm_dir, monkeypatch):
     llm.chat(CONVERSATIONS, max_new_tokens=4)
     llm.option_probs(CONVERSATIONS, ["1", "2"])
     assert trims == [0, 0] and llm.stats["heap_trims"] == 2
+
+
+def test_parsing_arguments_imports_no_engine():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    check = ("import sys, get_args; get_args.parse_args(['--backend', 'openai', '--base_url', "
+             "'http://127.0.0.1:1/v1']); loaded = {'transformers', 'llm_transformers', "
+             "'llm_openai', 'httpx'} & set(sys.modules); assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_served_backend_needs_a_server():
+    from get_args import parse_args
+
+    with pytest.raises(SystemExit, match="error: --backend openai needs --base_url"):
+        parse_args(["--backend", "openai"])
+    parse_args(["--backend", "openai"] + [f"--{role}_base_url=http://127.0.0.1:1/v1"
+                                         for role in ("planner", "system", "user", "critic")])
