@@ -78,7 +78,8 @@ class TimedLLM:
             return self.inner.option_probs(conversations, labels, **kwargs)
 
     def forget(self, conversation_id):
-        self.inner.forget(conversation_id)
+        if hasattr(self.inner, "forget"):  # optional in the client interface
+            self.inner.forget(conversation_id)
 
 
 def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
@@ -203,7 +204,9 @@ def run_mode(mode, bench, args):
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                "device": str(device), "model": llm.path,
                "dtype": str(next(llm.model.parameters()).dtype) if mode != "served" else "served"}
-    if mode == "served":
+    if mode == "served":  # the server's decoding is not visible from here
+        figures |= {key: None for key in ("prompt_tokens_reused", "prompt_positions",
+                                          "decode_steps", "sequences_per_decode_step")}
         figures |= {"requests": int(counted("requests")), "retries": int(counted("retries")),
                     "plain_generate_tokens_per_second": plain_completion_rate(llm, args, cases,
                                                                               task)}
@@ -286,7 +289,8 @@ def print_table(results, modes):
                             ("prompt positions run", "prompt_positions", "{:.0f}"),
                             ("decode steps", "decode_steps", "{:.0f}"),
                             ("sequences / step", "sequences_per_decode_step", "{:.1f}"),
-                            ("requests (retries)", "requests", "{:.0f}"),
+                            ("requests", "requests", "{:.0f}"),
+                            ("retries", "retries", "{:.0f}"),
                             ("generated tokens / s", "generated_tokens_per_second", "{:.1f}"),
                             ("plain tokens / s", "plain_generate_tokens_per_second", "{:.1f}"),
                             ("self-play / plain", "selfplay_vs_plain", "{:.1%}"),

@@ -56,7 +56,7 @@ def backend_options(args, role):
     if args.backend == "transformers":
         return dict(device=args.device, dtype=args.dtype, seed=args.seed,
                     max_batch_rows=args.max_batch_rows, prefix_cache_gb=args.prefix_cache_gb)
-    return dict(role=role, base_url=getattr(args, f"{role}_base_url") or args.base_url,
+    return dict(role=role, base_url=getattr(args, f"{role}_base_url", "") or args.base_url,
                 api_key_env=args.api_key_env, tokenizer=args.tokenizer,
                 max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
                 max_retries=args.max_retries, seed=args.seed)
