@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,9 +15,10 @@ import pytest
 import torch
 
 import train_model
+from conftest import ROOT
+from fault_proxy import FaultProxy
 from llm import EMBEDDED_LLM, ServerError, load_llm
 from llm_openai import OpenAILLM
-from fault_proxy import FaultProxy
 from serve import LlamaServer
 from test_tasks import DEMO
 
@@ -259,3 +262,22 @@ def test_a_run_whose_server_fails_stops_with_one_line_and_keeps_its_q_head(
     (run_dir,) = os.listdir(tmp_path)
     info = json.load(open(os.path.join(tmp_path, run_dir, "last.pt.json")))
     assert "HTTP 500" in info["metrics"]["stopped_by"]
+
+
+def test_bench_measures_served_self_play_and_plain_completions(server, tiny_encoder_dir,
+                                                               tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "bench.py", "--backend", "openai", "--base_url", server.url,
+         "--api_key_env", KEY_ENV, "--encoder", tiny_encoder_dir, "--num_envs", "2",
+         "--total_episodes", "2", "--max_turn", "1", "--critic_samples", "2",
+         "--system_max_new_tokens", "6", "--user_max_new_tokens", "6",
+         "--critic_max_new_tokens", "4", "--batch_size", "2", "--learning_starts", "2",
+         "--device", "cpu", "--json_out", str(out)],
+        cwd=ROOT, capture_output=True,
+        text=True, timeout=600, env=os.environ | {KEY_ENV: server.api_key})
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(out.read_text())["served"]
+    assert served["turns"] == 2 and served["requests"] > 0 and served["retries"] == 0
+    assert served["generated_tokens"] > 0 and served["plain_generate_tokens_per_second"] > 0
+    assert 0 < served["selfplay_vs_plain"] and served["decode_steps"] is None
