@@ -5,10 +5,10 @@ Ollama, a hosted API).
 
 Each batched call of a phase sends its requests concurrently (at most --max_concurrency
 in flight per role) from one background asyncio loop. A request that fails on the
-connection, times out (--request_timeout, the whole request), or is answered 429 or 5xx
-is retried up to --max_retries times with exponential backoff and jitter (a Retry-After
-header sets the wait); then ServerError stops the run with one line naming the server,
-the role and the last status. Other answers (400, 401, 404) stop it at once.
+connection, times out (--request_timeout, the whole request), or is answered 408, 409,
+429 or 5xx is retried up to --max_retries times with exponential backoff and jitter (a
+Retry-After header sets the wait); then ServerError stops the run with one line naming
+the server, the role and the last status. Other answers (400, 401, 404) stop it at once.
 
   chat:         one request per conversation with `n` samples; a server that answers with
                 fewer choices (llama.cpp ignores n) gets the rest as concurrent requests,
@@ -38,6 +38,7 @@ from llm import (EMBEDDED_LLM, ServerError, floor_log_prob, label_prefixes, labe
                  label_token_ids, resolve_llm_path)
 
 TOP_LOGPROBS = 20  # the most that the OpenAI API returns
+RETRY_STATUSES = (408, 409, 429)  # and every 5xx: the server may answer a retry
 MAX_RETRY_WAIT = 60.0  # seconds; a longer Retry-After is cut to this, to keep runs bounded
 _loop = None  # one event loop thread serves every client in the process
 
@@ -114,7 +115,8 @@ class OpenAILLM:
     # -- requests ---------------------------------------------------------------------------
 
     async def _request(self, method, path, body, tries=None):
-        """JSON answer of one request, retried on connection errors, timeouts, 429 and 5xx."""
+        """JSON answer of one request, retried on connection errors, timeouts,
+        RETRY_STATUSES and 5xx."""
         url = self.base_url + path
         tries = tries or self.max_retries + 1
         last, status = "no answer", None
@@ -131,10 +133,15 @@ class OpenAILLM:
                 last, status = f"{type(error).__name__} {error}".strip(), None
             else:
                 if response.status_code == 200:
-                    return response.json()
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise ServerError(f"the {self.role} model's server at {url} answered "
+                                          f"200 without JSON: {response.text[:200]!r}. Check "
+                                          "that the URL ends in /v1", 200) from None
                 status = response.status_code
                 last = f"HTTP {status}"
-                if status != 429 and status < 500:
+                if status not in RETRY_STATUSES and status < 500:
                     raise ServerError(
                         f"the {self.role} model's server at {url} answered {last}: "
                         f"{response.text[:200]!r}. Check the model name (--{self.role}_llm), "
