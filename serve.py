@@ -45,7 +45,8 @@ class LlamaServer:
                    "--model_alias", EMBEDDED_LLM, "--host", "127.0.0.1",
                    "--port", str(self.port), "--n_ctx", str(context),
                    "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                   "--logits_all", "true"] + (["--api_key", api_key] if api_key else [])
+                   "--logits_all", "true", "--verbose", "false"] + (
+                      ["--api_key", api_key] if api_key else [])
         output = subprocess.DEVNULL if quiet else None
         self.process = subprocess.Popen(command, stdout=output, stderr=output)
         deadline = time.monotonic() + startup_timeout
