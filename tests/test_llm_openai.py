@@ -233,6 +233,12 @@ def test_train_then_test_with_every_role_served(server, client_for, tiny_encoder
     assert usage["critic"]["completion_tokens"] > 0 and usage["planner"]["retries"] == 0
     train_metrics = json.load(open(os.path.join(run_dir, "train_metrics.json")))
     assert train_metrics["llm_usage"]["system"]["requests"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    assert {"usage/planner_requests", "usage/critic_completion_tokens",
+            "usage/user_retries"} <= set(events.Tags()["scalars"])
     test_metrics, _ = train_model.main(run_args(server.url, tmp_path, tiny_encoder_dir,
                                                 "--mode", "test", "--checkpoint",
                                                 metrics["checkpoint"]))
@@ -244,6 +250,26 @@ def test_train_then_test_with_every_role_served(server, client_for, tiny_encoder
         for name in files:
             with open(os.path.join(folder, name), "rb") as f:
                 assert server.api_key.encode() not in f.read(), name
+
+
+def test_a_planner_that_cannot_score_options_samples_its_prior_with_a_warning(
+        tiny_encoder_dir, tmp_path, monkeypatch, capsys):
+    from conftest import ScriptedLLM
+
+    class NoLogprobsLLM(ScriptedLLM):
+        def option_scoring_problem(self, labels):
+            return "the server at http://example.invalid gives no log-probabilities"
+
+    llm = NoLogprobsLLM(lambda prompt: "2")
+    monkeypatch.setattr(train_model, "load_llms", lambda args: dict.fromkeys(
+        ("planner", "system", "user", "critic"), llm))
+    metrics, run_dir = train_model.main(run_args("http://example.invalid/v1", tmp_path,
+                                                 tiny_encoder_dir))
+    assert ("warning: the server at http://example.invalid gives no log-probabilities; the "
+            "planner samples its prior instead (--prior sample)") in capsys.readouterr().out
+    assert not any(call[0] == "option_probs" for call in llm.calls)
+    info = json.load(open(os.path.join(run_dir, "best.pt.json")))
+    assert info["args"]["prior"] == "sample"  # the run records what it did
 
 
 def test_a_run_whose_server_fails_stops_with_one_line_and_keeps_its_q_head(
