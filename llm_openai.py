@@ -33,6 +33,7 @@ import threading
 from collections import Counter
 
 import httpx
+import torch
 
 from llm import (EMBEDDED_LLM, ServerError, floor_log_prob, label_prefixes, label_probs,
                  label_token_ids, resolve_llm_path)
@@ -229,8 +230,6 @@ class OpenAILLM:
 
     def option_probs(self, conversations, labels, cache_keys=None):
         """P(answer = label) for each label, normalised over the labels ([batch, labels])."""
-        import torch
-
         return torch.stack(_run(self._gather([self._option_log_probs(c, labels)
                                               for c in conversations])))
 
