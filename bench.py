@@ -1,7 +1,10 @@
-"""Self-play speed benchmark: the original one-at-a-time loop against the batched one.
+"""Self-play speed benchmark: the original one-at-a-time loop against the batched one, and
+the in-process engine against a served model.
 
     python bench.py                                   # embedded SmolLM2 on CPU, N = 16
     python bench.py --num_envs 64 --random_model qwen2.5-1.5b --max_turn 4   # on a GPU
+    python bench.py --serve                           # in-process against llama.cpp's server
+    python bench.py --backend openai --base_url http://HOST:PORT/v1 --llm NAME   # any server
 
 Both modes play the same training episodes (same cases, model and seeds) through the real
 training loop, each in its own process so that peak memory is measured per mode:
@@ -10,10 +13,15 @@ training loop, each in its own process so that peak memory is measured per mode:
   fast:     --num_envs conversations per batched call (finished ones replaced by new
             ones), the prior from one forward pass, critic samples decoded from the
             prompt's shared KV cache and ended at their first line break
+  served:   the fast loop with every role on an OpenAI-compatible server (requests of a
+            phase sent concurrently); with --serve, the embedded SmolLM2 on llama.cpp's
+            server, started for the run, against the same model in process (fast)
 It prints turns per second for each mode, their ratio, time per phase (prior, system,
-user, critic, encoder, Q update, other), the LLM's share of wall time, tokens per second
-and peak memory, and writes the same figures to --json_out. Any train_model.py flag can be
-added (e.g. --critic_samples 10 --system_max_new_tokens 80).
+user, critic, encoder, Q update, other), the LLM's share of wall time, tokens per second,
+the tokens per second of plain batched generation of the same lengths (a `generate` call,
+or for a server as many concurrent plain completions as --num_envs) and peak memory (the
+server's too, when this script started it), and writes the same figures to --json_out.
+Any train_model.py flag can be added (e.g. --critic_samples 10 --system_max_new_tokens 80).
 """
 
 import argparse
@@ -25,9 +33,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+from llm import EMBEDDED_LLM
+from serve import LlamaServer
 
 PHASES = ("prior", "system", "user", "critic", "encoder", "q_update")
 
@@ -67,7 +78,8 @@ class TimedLLM:
             return self.inner.option_probs(conversations, labels, **kwargs)
 
     def forget(self, conversation_id):
-        self.inner.forget(conversation_id)
+        if hasattr(self.inner, "forget"):  # optional in the client interface
+            self.inner.forget(conversation_id)
 
 
 def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
@@ -109,7 +121,8 @@ def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
 def run_mode(mode, bench, args):
     """Play the episodes in this process; returns the figures as a dict."""
     import train_model
-    from llm import TransformersLLM, load_llm, pick_device, pick_dtype, resolve_llm_path
+    from llm import backend_options, load_llm, pick_device, pick_dtype
+    from llm_transformers import TransformersLLM
     from q_adapter import FrozenEncoder, resolve_encoder_path
     from tasks import get_task, load_split
 
@@ -122,7 +135,11 @@ def run_mode(mode, bench, args):
         args.prefix_cache_gb = 0.0
         args.prior_max_new_tokens = bench.baseline_prior_tokens
     device = pick_device(args.device)
-    if bench.random_model:
+    if mode == "served":  # one client for every role: the server's own figures
+        llm = load_llm("openai", args.llm, **backend_options(args, "self-play"))
+        encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                                args.max_encoder_tokens, args.device)
+    elif bench.random_model:
         model, tokenizer, bert, bert_tokenizer = random_qwen_shaped_model(
             bench.random_model, device, pick_dtype(device, args.dtype),
             bench.random_model_tokenizer)
@@ -131,11 +148,10 @@ def run_mode(mode, bench, args):
                               prefix_cache_gb=args.prefix_cache_gb)
         encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens)
     else:
-        llm = load_llm(args.backend, resolve_llm_path(args.llm), args.device, args.dtype,
-                       args.seed, args.max_batch_rows, args.prefix_cache_gb)
+        llm = load_llm(args.backend, args.llm, **backend_options(args, "self-play"))
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                                 args.max_encoder_tokens, args.device)
-    clock = PhaseClock(llm.device)
+    clock = PhaseClock(device)
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in
              (("planner", "prior"), ("system", "system"), ("user", "user"),
               ("critic", "critic"))}
@@ -155,7 +171,7 @@ def run_mode(mode, bench, args):
     cases = load_split(args.data_dir, task.name, "train", extes_seed=args.extes_seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokens_before = dict(llm.stats)
+    counters_before = llm_counters(llm)
     with tempfile.TemporaryDirectory() as run_dir:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -166,8 +182,10 @@ def run_mode(mode, bench, args):
             wall = time.perf_counter() - start
     turns = roles["system"].conversations
     env_steps = clock.calls["system"]
+    counters_after = llm_counters(llm)
+
     def counted(key):  # what this run added to one of the LLM's counters
-        return llm.stats[key] - tokens_before.get(key, 0)
+        return counters_after.get(key, 0) - counters_before.get(key, 0)
 
     generated, steps = counted("generated_tokens"), counted("decode_steps")
     phases = {p: clock.seconds[p] for p in PHASES}
@@ -184,8 +202,14 @@ def run_mode(mode, bench, args):
                "sequences_per_decode_step": counted("decoded_sequences") / max(steps, 1),
                "generated_tokens_per_second": generated / wall,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "device": str(device), "dtype": str(next(llm.model.parameters()).dtype),
-               "model": llm.path}
+               "device": str(device), "model": llm.path,
+               "dtype": str(next(llm.model.parameters()).dtype) if mode != "served" else "served"}
+    if mode == "served":  # the server's decoding is not visible from here
+        figures |= {key: None for key in ("prompt_tokens_reused", "prompt_positions",
+                                          "decode_steps", "sequences_per_decode_step")}
+        figures |= {"requests": int(counted("requests")), "retries": int(counted("retries")),
+                    "plain_generate_tokens_per_second": plain_completion_rate(llm, args, cases,
+                                                                              task)}
     if device.type == "cuda":
         figures["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         figures["gpu"] = torch.cuda.get_device_name()
@@ -194,16 +218,40 @@ def run_mode(mode, bench, args):
     return figures
 
 
+def llm_counters(llm):
+    """Tokens and steps so far: the in-process engine's stats, or a client's usage."""
+    if hasattr(llm, "stats"):
+        return dict(llm.stats)
+    return dict(llm.usage) | {"generated_tokens": llm.usage["completion_tokens"]}
+
+
+def system_prompts(args, cases, task):
+    """num_envs system-turn prompts, the plain workload that self-play is compared with."""
+    from env import SelfPlayEnv
+
+    env = SelfPlayEnv(task, None, None, None)
+    return [env.system_prompt(env.reset(cases[i % len(cases)]), task.action_names[0])
+            for i in range(args.num_envs)]
+
+
+def plain_completion_rate(llm, args, cases, task):
+    """The server's tokens per second for num_envs concurrent plain chat completions of
+    system_max_new_tokens tokens: the reference for served self-play throughput."""
+    prompts = system_prompts(args, cases, task)
+    rates = []
+    for _ in range(2):  # the first round warms up
+        before, start = llm.usage["completion_tokens"], time.perf_counter()
+        llm.chat(prompts, max_new_tokens=args.system_max_new_tokens,
+                 temperature=args.system_temperature)
+        rates.append((llm.usage["completion_tokens"] - before) / (time.perf_counter() - start))
+    return rates[-1]
+
+
 @torch.no_grad()
 def plain_generate_rate(llm, args, cases, task):
     """Tokens per second of one plain batched `generate` call: num_envs system prompts,
     system_max_new_tokens new tokens each, the reference for self-play throughput."""
-    from env import SelfPlayEnv
-
-    env = SelfPlayEnv(task, None, None, None)
-    prompts = [llm.encode_chat(env.system_prompt(env.reset(cases[i % len(cases)]),
-                                                 task.action_names[0]))
-               for i in range(args.num_envs)]
+    prompts = [llm.encode_chat(p) for p in system_prompts(args, cases, task)]
     input_ids, attention_mask = llm._left_pad(prompts)
     rates = []
     for _ in range(2):  # the first call warms up
@@ -220,36 +268,44 @@ def plain_generate_rate(llm, args, cases, task):
     return rates[-1]
 
 
-def print_table(results):
-    base, fast = results["baseline"], results["fast"]
-    rows = [("episodes", "episodes", "{:.0f}"), ("turns", "turns", "{:.0f}"),
-            ("conversations / step", "conversations_per_env_step", "{:.1f}"),
-            ("wall s", "wall_seconds", "{:.1f}"),
-            ("turns / s", "turns_per_second", "{:.3f}")]
-    print(f"\n{'':24}{'baseline':>14}{'fast':>14}")
-    for label, key, fmt in rows:
-        print(f"{label:24}{fmt.format(base[key]):>14}{fmt.format(fast[key]):>14}")
+def print_table(results, modes):
+    columns = [results[mode] for mode in modes]
+
+    def row(label, value, fmt):
+        cells = [fmt.format(value(c)) if value(c) is not None else "-" for c in columns]
+        print(f"{label:24}" + "".join(f"{cell:>14}" for cell in cells))
+
+    print(f"\n{'':24}" + "".join(f"{mode:>14}" for mode in modes))
+    for label, key, fmt in (("episodes", "episodes", "{:.0f}"), ("turns", "turns", "{:.0f}"),
+                            ("conversations / step", "conversations_per_env_step", "{:.1f}"),
+                            ("wall s", "wall_seconds", "{:.1f}"),
+                            ("turns / s", "turns_per_second", "{:.3f}")):
+        row(label, lambda c: c.get(key), fmt)
     for phase in PHASES + ("other",):
-        print(f"{phase + ' s':24}{base['phase_seconds'][phase]:>14.2f}"
-              f"{fast['phase_seconds'][phase]:>14.2f}")
+        row(phase + " s", lambda c: c["phase_seconds"][phase], "{:.2f}")
     for label, key, fmt in (("LLM share of wall", "llm_share", "{:.1%}"),
                             ("generated tokens", "generated_tokens", "{:.0f}"),
                             ("prompt tokens", "prompt_tokens", "{:.0f}"),
                             ("prompt positions run", "prompt_positions", "{:.0f}"),
                             ("decode steps", "decode_steps", "{:.0f}"),
                             ("sequences / step", "sequences_per_decode_step", "{:.1f}"),
+                            ("requests", "requests", "{:.0f}"),
+                            ("retries", "retries", "{:.0f}"),
                             ("generated tokens / s", "generated_tokens_per_second", "{:.1f}"),
-                            ("peak RSS GB", "peak_rss_gb", "{:.2f}")):
-        print(f"{label:24}{fmt.format(base[key]):>14}{fmt.format(fast[key]):>14}")
-    if "peak_gpu_memory_gb" in fast:
-        print(f"{'peak GPU memory GB':24}{base['peak_gpu_memory_gb']:>14.2f}"
-              f"{fast['peak_gpu_memory_gb']:>14.2f}")
-    print(f"\nspeed-up (fast / baseline turns per second): {results['speedup']:.2f}x "
-          f"at num_envs = {fast['num_envs']}")
-    print(f"plain batched generate: {fast['plain_generate_tokens_per_second']:.1f} tokens/s; "
-          f"self-play reaches {results['selfplay_vs_plain_generate']:.1%} of it")
-    print(f"device: {fast['device']} {fast.get('gpu', '')}, dtype {fast['dtype']}, "
-          f"model {fast['model']}")
+                            ("plain tokens / s", "plain_generate_tokens_per_second", "{:.1f}"),
+                            ("self-play / plain", "selfplay_vs_plain", "{:.1%}"),
+                            ("peak RSS GB", "peak_rss_gb", "{:.2f}"),
+                            ("server peak RSS GB", "server_peak_rss_gb", "{:.2f}"),
+                            ("peak GPU memory GB", "peak_gpu_memory_gb", "{:.2f}")):
+        row(label, lambda c: c.get(key), fmt)
+    if "speedup" in results:
+        print(f"\nspeed-up (fast / baseline turns per second): {results['speedup']:.2f}x "
+              f"at num_envs = {results['fast']['num_envs']}")
+    print("plain tokens / s: one batched `generate` call in process, or --num_envs "
+          "concurrent plain completions on a server, of --system_max_new_tokens tokens")
+    for c in columns:
+        print(f"{c['mode']}: device {c['device']} {c.get('gpu', '')}, dtype {c['dtype']}, "
+              f"model {c['model']}")
 
 
 def main(argv=None):
@@ -266,6 +322,11 @@ def main(argv=None):
                              "baseline (default: all); turns per second stay comparable")
     parser.add_argument("--baseline_prior_tokens", type=int, default=25,
                         help="tokens sampled for the prior in the baseline mode")
+    parser.add_argument("--serve", action="store_true",
+                        help="compare the in-process engine (fast) with llama.cpp's server "
+                             "(served) on the embedded SmolLM2, the server started here")
+    parser.add_argument("--serve_threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="llama.cpp threads for --serve")
     parser.add_argument("--json_out", default="bench_results/bench.json")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # child process
     # 96 episodes are six batches of 16: when the episodes run out the batch drains
@@ -281,7 +342,7 @@ def main(argv=None):
     bench = argparse.Namespace(**{k: vars(namespace).pop(k) for k in
                                   ("random_model", "random_model_tokenizer",
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
-                                   "only")})
+                                   "only", "serve", "serve_threads")})
     from get_args import Args
 
     args = Args(**vars(namespace))
@@ -289,21 +350,32 @@ def main(argv=None):
         print(json.dumps(run_mode(bench.only, bench, args)))
         return 0
 
+    modes = (("fast", "served") if bench.serve else ("served",) if args.backend == "openai"
+             else ("fast", "baseline"))
     results = {}
-    for mode in ("fast", "baseline"):
-        command = [sys.executable, os.path.abspath(__file__), "--only", mode,
-                   *(argv if argv is not None else sys.argv[1:])]
-        print(f"running {mode} ...", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.stderr.write(done.stderr)
-            raise SystemExit(f"the {mode} run failed (exit {done.returncode})")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    results["speedup"] = results["fast"]["turns_per_second"] / results["baseline"]["turns_per_second"]
-    results["selfplay_vs_plain_generate"] = (results["fast"]["generated_tokens_per_second"] /
-                                             results["fast"]["plain_generate_tokens_per_second"])
+    with LlamaServer(threads=bench.serve_threads) if bench.serve else nullcontext() as server:
+        for mode in modes:
+            command = [sys.executable, os.path.abspath(__file__), "--only", mode,
+                       *(argv if argv is not None else sys.argv[1:])]
+            if server is not None:  # the same model in process and on the server
+                command += ["--llm", EMBEDDED_LLM] + (
+                    ["--backend", "openai", "--base_url", server.url] if mode == "served" else [])
+            print(f"running {mode} ...", flush=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.stderr.write(done.stderr)
+                raise SystemExit(f"the {mode} run failed (exit {done.returncode})")
+            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[mode]["selfplay_vs_plain"] = (
+                results[mode]["generated_tokens_per_second"] /
+                results[mode]["plain_generate_tokens_per_second"]) if mode != "baseline" else None
+            if server is not None and mode == "served":
+                results[mode]["server_peak_rss_gb"] = server.peak_rss_gb()
+    if "baseline" in results:
+        results["speedup"] = (results["fast"]["turns_per_second"] /
+                              results["baseline"]["turns_per_second"])
     results["args"] = vars(args)
-    print_table(results)
+    print_table(results, modes)
     os.makedirs(os.path.dirname(bench.json_out) or ".", exist_ok=True)
     with open(bench.json_out, "w") as f:
         json.dump(results, f, indent=2)

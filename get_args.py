@@ -39,10 +39,13 @@ class Args:
         "help": "use at most this many cases of each split (0: all)"})
 
     # --- models
-    backend: str = field(default="transformers", metadata={"help": "LLM backend"})
+    backend: str = field(default="transformers", metadata={
+        "help": "LLM engine: transformers (in this process) or openai (an OpenAI-compatible "
+                "server: see --base_url)"})
     llm: str = field(default="auto", metadata={
         "help": "model folder for every role; 'auto' uses weights/Qwen2.5-1.5B-Instruct if "
-                "downloaded, else the embedded SmolLM2-135M-Instruct"})
+                "downloaded, else the embedded SmolLM2-135M-Instruct. With --backend openai: "
+                "the served model's name ('auto': the first the server lists)"})
     planner_llm: str = field(default="", metadata={"help": "planner model (default: --llm)"})
     system_llm: str = field(default="", metadata={"help": "system model (default: --llm)"})
     user_llm: str = field(default="", metadata={"help": "user model (default: --llm)"})
@@ -52,6 +55,28 @@ class Args:
                 "if downloaded, else the embedded all-MiniLM-L6-v2"})
     device: str = field(default="auto", metadata={"help": "auto, cuda, mps or cpu"})
     dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16, float32"})
+
+    # --- served models (--backend openai)
+    base_url: str = field(default="", metadata={
+        "help": "OpenAI-compatible server of every role, e.g. http://127.0.0.1:8080/v1"})
+    planner_base_url: str = field(default="", metadata={"help": "planner's server (default: --base_url)"})
+    system_base_url: str = field(default="", metadata={"help": "system's server (default: --base_url)"})
+    user_base_url: str = field(default="", metadata={"help": "user's server (default: --base_url)"})
+    critic_base_url: str = field(default="", metadata={"help": "critic's server (default: --base_url)"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "environment variable holding the API key (never printed or saved; unset: "
+                "no key is sent)"})
+    tokenizer: str = field(default="auto", metadata={
+        "help": "local tokenizer folder of the served model, for an exact prior over "
+                "multi-token labels; 'auto': each role's model name when it is a local "
+                "folder or embedded-smollm2; 'none': without"})
+    max_concurrency: int = field(default=32, metadata={
+        "help": "requests in flight at once per role"})
+    request_timeout: float = field(default=120.0, metadata={
+        "help": "seconds one request may take before it is retried"})
+    max_retries: int = field(default=4, metadata={
+        "help": "retries of a request after a connection error, timeout, 429 or 5xx, with "
+                "exponential backoff; then the run stops"})
 
     # --- self-play
     num_envs: int = field(default=8, metadata={
@@ -144,6 +169,10 @@ class Args:
                              "--mode test --checkpoint PATH")
         if self.mode == "test" and not self.checkpoint:
             raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
+        if self.backend == "openai" and not self.base_url and not all(
+                getattr(self, f"{role}_base_url") for role in ("planner", "system", "user", "critic")):
+            raise ValueError("--backend openai needs --base_url http://HOST:PORT/v1 (or one "
+                             "--<role>_base_url per role); `make serve` starts a local server")
         self._check_ranges()
 
     def _check_ranges(self):
@@ -159,6 +188,9 @@ class Args:
                      "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
                      "prior_max_new_tokens"):
             require(getattr(self, name) >= 1, name, ">= 1")
+        require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
+        require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
+        require(self.max_retries >= 0, "max_retries", ">= 0")
         for name in ("max_cases", "eval_cases", "max_batch_rows"):
             require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
         for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):

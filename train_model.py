@@ -35,7 +35,7 @@ from tqdm import tqdm
 from critic import Critic
 from env import Planner, SelfPlayEnv, transcript
 from get_args import Args, UserError, parse_args
-from llm import load_llm, resolve_llm_path
+from llm import ServerError, backend_options, load_llm, resolve_llm_path
 from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
                        select_action, state_text)
 import run_state
@@ -54,17 +54,27 @@ def seed_everything(seed):
 # ---------------------------------------------------------------------------------------
 
 def load_llms(args):
-    """One model object per distinct model folder, shared by the roles that use it."""
+    """One client per role. In-process models with the same folder are loaded once and
+    shared; a served model gets one client per role, which counts that role's usage."""
     loaded = {}
     roles = {}
     for role in ("planner", "system", "user", "critic"):
         name = getattr(args, f"{role}_llm") or args.llm
-        key = resolve_llm_path(name) if args.backend == "transformers" else name
+        if args.backend == "transformers":
+            name = key = resolve_llm_path(name)
+        else:
+            key = role
         if key not in loaded:
-            loaded[key] = load_llm(args.backend, key, args.device, args.dtype, args.seed,
-                                   args.max_batch_rows, args.prefix_cache_gb)
+            loaded[key] = load_llm(args.backend, name, **backend_options(args, role))
         roles[role] = loaded[key]
     return roles
+
+
+def llm_usage(planner, env):
+    """Requests, retries and tokens per role so far, for clients that count them (served)."""
+    llms = {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
+            "critic": env.critic.llm}
+    return {role: dict(llm.usage) for role, llm in llms.items() if hasattr(llm, "usage")}
 
 
 def build_env(args, task, llms):
@@ -368,6 +378,9 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                 writer.add_scalar("eval/AT", metrics["AT"], finished)
                 if task.bargaining:
                     writer.add_scalar("eval/SL", metrics["SL"], finished)
+                for role, usage in llm_usage(planner, env).items():
+                    for name, count in usage.items():
+                        writer.add_scalar(f"usage/{role}_{name}", count, finished)
                 score = [metrics["SR"], -metrics["AT"]]
                 tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} "
                            f"AT={metrics['AT']:.2f}")
@@ -384,6 +397,7 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
     save_state()
     agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
     train_metrics = summarize(train_log, task, args.max_turn, env.errors)
+    train_metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "train", train_metrics, train_log)
     return best_path
 
@@ -423,20 +437,34 @@ def run(args):
 
     llms = load_llms(args)
     planner, env = build_env(args, task, llms)
+    scoring_problem = getattr(llms["planner"], "option_scoring_problem", None)  # optional
+    problem = args.prior == "logits" and scoring_problem and scoring_problem(planner.labels)
+    if problem:
+        print(f"warning: {problem}; the planner samples its prior instead (--prior sample)")
+        args.prior = planner.mode = "sample"
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
-    if args.mode == "train":
-        writer = SummaryWriter(run_dir)
-        writer.add_text("args", json.dumps(vars(args), indent=2))
-        checkpoint = train(args, agent, planner, env, task, train_cases, valid_cases, run_dir,
-                           writer, resume)
-        writer.close()
-    else:
-        checkpoint = args.checkpoint
-    agent.load(checkpoint)
-    metrics, conversations = evaluate(args, agent, planner, env, task, test_cases, "test")
+    try:
+        if args.mode == "train":
+            with SummaryWriter(run_dir) as writer:
+                writer.add_text("args", json.dumps(vars(args), indent=2))
+                checkpoint = train(args, agent, planner, env, task, train_cases, valid_cases,
+                                   run_dir, writer, resume)
+        else:
+            checkpoint = args.checkpoint
+        agent.load(checkpoint)
+        metrics, conversations = evaluate(args, agent, planner, env, task, test_cases, "test")
+    except ServerError as error:  # a served model is gone: keep what was learned
+        agent.save(os.path.join(run_dir, "last.pt"), None,
+                   {"stopped_by": str(error), "llm_usage": llm_usage(planner, env)})
+        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
+            raise ServerError(f"{error} The training state of the last save is in {run_dir}: "
+                              f"resume with `python train_model.py --resume {run_dir}`",
+                              error.status) from None
+        raise
     metrics["checkpoint"] = checkpoint
+    metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "test", metrics, conversations)
     print(json.dumps(metrics, indent=2))
     return metrics, run_dir
@@ -495,7 +523,7 @@ def cli():
     except KeyboardInterrupt:  # before training started or after it ended: no state to keep
         print("stopped by SIGINT outside training: nothing to resume", file=sys.stderr)
         sys.exit(130)
-    except (UserError, FileNotFoundError) as error:
+    except (UserError, ServerError, FileNotFoundError) as error:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

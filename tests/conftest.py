@@ -78,7 +78,7 @@ def tiny_encoder_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_llm_dir):
-    from llm import TransformersLLM
+    from llm_transformers import TransformersLLM
 
     return TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from llm import PACKED_SDPA, ReservedLayer, TransformersLLM, load_llm, resolve_llm_path, sample_categorical
+from llm import load_llm, resolve_llm_path
+from llm_transformers import PACKED_SDPA, ReservedLayer, TransformersLLM, sample_categorical
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Which strategy? Answer with a number."}],
@@ -112,7 +113,7 @@ def test_missing_weights_name_the_download_script(tmp_path):
 
 
 def test_unknown_backend_lists_choices(tiny_llm_dir):
-    with pytest.raises(ValueError, match=r"Expected one of \['transformers'\]"):
+    with pytest.raises(ValueError, match=r"Expected one of \['openai', 'transformers'\]"):
         load_llm("vllm-typo", tiny_llm_dir)
 
 
@@ -176,7 +177,7 @@ def test_prefix_cache_reuses_tokens_and_changes_nothing(tiny_llm_dir):
 
 
 def test_prefix_cache_evicts_least_recently_used():
-    from llm import PrefixCache
+    from llm_transformers import PrefixCache
 
     layer = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]  # 64 bytes
     store = PrefixCache(max_bytes=150)
@@ -188,7 +189,7 @@ def test_prefix_cache_evicts_least_recently_used():
 
 
 def test_prefix_cache_forgets_a_finished_conversation_but_keeps_the_latest_per_role():
-    from llm import PrefixCache
+    from llm_transformers import PrefixCache
 
     layer = [(torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))]
     store = PrefixCache(max_bytes=10**6)
@@ -275,7 +276,7 @@ def test_packed_attention_matches_stock_sdpa(tiny_llm_dir, queries):
 
 
 def test_split_by_length_groups_similar_lengths():
-    from llm import split_by_length
+    from llm_transformers import split_by_length
 
     assert split_by_length([5, 100, 6, 98], overhead=10) == [[0, 2], [3, 1]]
     assert split_by_length([5, 100, 6, 98], overhead=10**6) == [[0, 2, 3, 1]]
@@ -308,7 +309,7 @@ def test_prefill_in_groups_changes_nothing(tiny_llm_dir):
 
 
 def test_cpu_calls_return_free_heap_pages(tiny_llm_dir, monkeypatch):
-    import llm as llm_module
+    import llm_transformers as llm_module
 
     if llm_module.heap_trimmer() is None:
         pytest.skip("malloc_trim is glibc's")
@@ -318,3 +319,25 @@ def test_cpu_calls_return_free_heap_pages(tiny_llm_dir, monkeypatch):
     llm.chat(CONVERSATIONS, max_new_tokens=4)
     llm.option_probs(CONVERSATIONS, ["1", "2"])
     assert trims == [0, 0] and llm.stats["heap_trims"] == 2
+
+
+def test_parsing_arguments_imports_no_engine():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    check = ("import sys, get_args; get_args.parse_args(['--backend', 'openai', '--base_url', "
+             "'http://127.0.0.1:1/v1']); loaded = {'transformers', 'llm_transformers', "
+             "'llm_openai', 'httpx'} & set(sys.modules); assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_served_backend_needs_a_server():
+    from get_args import parse_args
+
+    with pytest.raises(SystemExit, match="error: --backend openai needs --base_url"):
+        parse_args(["--backend", "openai"])
+    parse_args(["--backend", "openai"] + [f"--{role}_base_url=http://127.0.0.1:1/v1"
+                                         for role in ("planner", "system", "user", "critic")])
