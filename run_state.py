@@ -49,7 +49,7 @@ def load_state(run_dir):
         raise UserError(f"no training state in {run_dir} ({STATE_FILE} is missing). Pass the "
                         "folder of a run that was stopped, or start a new run")
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: torch raises many kinds
         raise UserError(f"{path} cannot be read ({type(error).__name__}). Start a new "
                         "run") from None
