@@ -397,12 +397,14 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                 if stop.requested:
                     bar.close()
                     raise run_state.TrainingStopped(run_dir, stop.requested)
-    bar.close()
-    save_state()
-    agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
-    train_metrics = summarize(train_log, task, args.max_turn, env.errors)
-    train_metrics["llm_usage"] = llm_usage(planner, env)
-    write_results(run_dir, "train", train_metrics, train_log)
+        bar.close()
+        save_state()  # a signal from here on stops the run after these files are whole
+        agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
+        train_metrics = summarize(train_log, task, args.max_turn, env.errors)
+        train_metrics["llm_usage"] = llm_usage(planner, env)
+        write_results(run_dir, "train", train_metrics, train_log)
+        if stop.requested:
+            raise run_state.TrainingStopped(run_dir, stop.requested)
     return best_path
 
 
@@ -459,6 +461,10 @@ def run(args):
             checkpoint = args.checkpoint
         agent.load(checkpoint)
         metrics, conversations = evaluate(args, agent, planner, env, task, test_cases, "test")
+    except KeyboardInterrupt:  # Ctrl-C while testing after training: the state is whole
+        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
+            raise run_state.TrainingStopped(run_dir, "SIGINT") from None
+        raise
     except ServerError as error:  # a served model is gone: keep what was learned
         agent.save(os.path.join(run_dir, "last.pt"), None,
                    {"stopped_by": str(error), "llm_usage": llm_usage(planner, env)})

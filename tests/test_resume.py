@@ -113,11 +113,11 @@ def test_killed_at_random_moments_the_run_completes(tiny_llm_dir, tiny_encoder_d
         process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
         if attempt < 5:
-            if attempt == 3:  # Ctrl-C once the run is training (a state has been saved)
+            if attempt == 1:  # Ctrl-C once the run is training (a state has been saved)
                 _wait_for_state(output, process)
-            time.sleep(moments.uniform(6.0, 14.0) if attempt != 3 else 1.0)
+            time.sleep(moments.uniform(6.0, 14.0) if attempt != 1 else 1.0)
             if process.poll() is None:
-                if attempt == 3:  # once: Ctrl-C
+                if attempt == 1:  # once: Ctrl-C
                     process.send_signal(signal.SIGINT)
                     _, err = process.communicate(timeout=120)
                     assert process.returncode == 130, err
