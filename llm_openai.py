@@ -182,7 +182,15 @@ class OpenAILLM:
 
     @staticmethod
     async def _gather(coroutines):
-        return await asyncio.gather(*coroutines)
+        """All results in order; when one fails, the others are cancelled (their retries
+        would only keep a dead server busy after the run has stopped)."""
+        tasks = [asyncio.ensure_future(c) for c in coroutines]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def _samples(self, messages, body, num_samples):
         texts = []
