@@ -1,164 +1,231 @@
-"""Critic: sample verdicts from an LLM and turn them into a scalar reward.
+"""Critic: the critic LLM answers a closed question about the conversation; its answers
+become the turn's reward and decide success.
 
-A verdict sentence is recognised if the answer contains it, or else if the answer contains
-words that belong to exactly one of the task's verdicts (e.g. "worse" or "solved").
-Answers that match no verdict, or several, are counted as invalid and left out of the mean.
-For bargaining (cb) the reward of a deal is the sale-to-list ratio of the agreed price:
-(seller_price - deal_price) / (seller_price - buyer_price), 1 at the buyer's target price,
-0 at the seller's list price.
+The question lists the task's verdicts as numbered options (qwen_prompts.py), and each
+answer is read with `parse_verdict`: the one option it names, by number or by quoting the
+option's sentence, or None when it names none or several. No keyword of free text decides
+a reward, so "No, the issue has not been solved" is unusable rather than a success.
+
+Two modes (`--critic`):
+  sample  `num_samples` answers at `temperature`; the reward is the mean reward of the
+          usable answers (0 when none is usable), and unusable answers are counted.
+  logits  the exact distribution over the option numbers from one forward pass; the
+          reward is its expectation. Success applies the task's rule to that expectation.
+Bargaining (cb), as PPDPP: no deal if any usable answer says there is none; otherwise the
+deal price is the most common price named (the first named on a tie), and the reward is its
+sale-to-list ratio (seller_price - price) / (seller_price - buyer_price); no deal gives
+-0.1. In logits mode there is a deal when all `num_samples` answers would say so with
+probability >= 1/2 (P(deal) ** num_samples >= 0.5), and its price is asked once, greedily.
+A deal is a success when its price is at most the list price (ratio >= 0).
 """
 
+import math
 import re
-import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
 import qwen_prompts as prompts
 from tasks import case_fields
 
-PRICE_SLOT = "[price]"
-# Words too common to identify a verdict on their own, even when only one verdict has them.
-STOP_WORDS = {"a", "an", "the", "at", "of", "to", "and", "has", "have", "is", "are", "been",
-              "they", "about", "but", "no", "yes", "now", "it", "on", "in", "yet", "only",
-              "patient's", "user's", "student's", "persuadee's"}
-PRICE_PATTERN = re.compile(r"\$?\s*(\d[\d,]*(?:\.\d+)?)\s*(k\b)?", re.IGNORECASE)
-
-
-def _normalise(text):
-    return re.sub(r"\s+", " ", re.sub(r"[^a-z0-9$.,'\[\] ]", " ", text.lower())).strip()
+# an option number at the very start of an answer: "3", "(3)", "**3.**", "Option 3:"
+LEADING_LABEL = re.compile(r"[\s*_\"'`(\[#]*(?:(?:option|answer|choice)\b[\s:#]*(?:is\b\s*)?)?"
+                           r"(\d{1,4})(?!\d)(?![.,]\d)", re.IGNORECASE)
+# further option numbers: "option 2" anywhere, or a list item "2." / "2)" starting a line
+OTHER_LABELS = re.compile(r"\b(?:option|answer|choice)\b[\s:#]*(?:is\b\s*)?(\d{1,4})(?!\d)"
+                          r"|(?:^|\n)[ \t*_\"'`(\[#-]*(\d{1,4})[.)](?!\d)", re.IGNORECASE)
+NUMBER = re.compile(r"\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+THOUSANDS = re.compile(r"\s?k(?![a-z])", re.IGNORECASE)
+NO_DEAL_REWARD = -0.1  # PPDPP's reward when a sample says there is no deal
 
 
 def _words(text):
-    return set(re.findall(r"[a-z']+", text.lower()))
+    """Lowercase words with punctuation removed, for quoting checks."""
+    return " ".join(re.sub(r"[^\w'$]+", " ", text.lower().replace("\u2019", "'")).split())
+
+
+def _read(answer, verdicts):
+    """(index of the one option named, text after the reference) or (None, '')."""
+    named, end = set(), 0
+    leading = LEADING_LABEL.match(answer)
+    if leading:
+        named.add(int(leading.group(1)) - 1)
+        end = leading.end()
+    for match in OTHER_LABELS.finditer(answer):
+        named.add(int(match.group(1) or match.group(2)) - 1)
+    if any(not 0 <= i < len(verdicts) for i in named):
+        return None, ""  # a number that is not an option
+    padded = f" {_words(answer)} "
+    for i, verdict in enumerate(verdicts):
+        quoted = padded.find(f" {_words(verdict)} ")
+        if quoted >= 0:
+            named.add(i)
+            if not leading:
+                end = _position_after_words(answer, len(_words(verdict).split()))
+    if len(named) != 1:
+        return None, ""
+    return named.pop(), answer[end:]
+
+
+def _position_after_words(answer, count):
+    """The character position in answer after its first `count` words (approximately the
+    end of a quoted option, which is where a price follows)."""
+    words = list(re.finditer(r"[\w'$]+", answer))
+    return words[min(count, len(words)) - 1].end() if words else 0
+
+
+def parse_verdict(answer, verdicts):
+    """The index of the one option in `verdicts` that a critic answer names, or None.
+
+    An option is named by its number at the start of the answer ("3", "(3) ...",
+    "Option 3"), by "option N" elsewhere, by a list item "N." starting a line, or by
+    quoting its sentence. Answers naming no option, several, or a number that is not an
+    option, are unusable."""
+    return _read(answer, verdicts)[0]
 
 
 def parse_price(text):
-    """The first number in the text as a price ("$1,200", "1200.50", "1.2k"), or None."""
-    match = PRICE_PATTERN.search(text)
+    """The first number in the text ("$1,200", "45.50", "1.2k", "-30"), or None.
+    The sign and the "k" are read next to the digits only, so the time stays linear."""
+    match = NUMBER.search(text)
     if match is None:
         return None
-    value = float(match.group(1).replace(",", ""))
-    return value * 1000 if match.group(2) else value
+    value = float(match.group(0).replace(",", ""))
+    if THOUSANDS.match(text, match.end(), match.end() + 3):
+        value *= 1000
+    before = text[max(0, match.start() - 3):match.start()].replace("$", "").strip()
+    return -value if before.endswith("-") else value
 
 
-@dataclass
-class Verdict:
-    sentence: str | None  # the verdict recognised, None if the answer was unusable
-    reward: float | None
-    price: float | None = None
-
-
-@dataclass
-class CriticResult:
-    reward: float  # mean reward over the usable verdicts
-    verdicts: list = field(default_factory=list)  # raw answers
-    invalid: int = 0  # answers that matched no verdict
-    deal_price: float | None = None  # cb only
-    sale_to_list: float | None = None  # cb only
-
-
-class VerdictParser:
-    """Maps one critic answer to one of the task's verdict sentences."""
-
-    def __init__(self, verdicts):
-        self.verdicts = verdicts
-        words = {v: _words(v.replace(PRICE_SLOT, "")) - STOP_WORDS for v in verdicts}
-        self.keywords = {v: {w for w in ws if not any(w in words[o] for o in verdicts if o != v)}
-                         for v, ws in words.items()}
-        empty = [v for v, ws in self.keywords.items() if not ws]
-        if empty and len(verdicts) > 2:
-            raise ValueError(f"Verdicts {empty} share all their words with other verdicts; "
-                             "give each verdict a distinguishing word in qwen_prompts.py")
-
-    def parse(self, answer):
-        text = _normalise(answer)
-        for verdict in self.verdicts:
-            pattern = re.escape(_normalise(verdict).rstrip(".")).replace(
-                re.escape(PRICE_SLOT.lower()), r"\s*\$?\s*\d[\d,]*(?:\.\d+)?\s*k?")
-            match = re.search(pattern, text)
-            if match:
-                price = parse_price(match.group(0)) if PRICE_SLOT in verdict else None
-                return Verdict(verdict, self.verdicts[verdict], price)
-        hits = [v for v, ws in self.keywords.items() if ws & _words(answer)]
-        if PRICE_SLOT in "".join(self.verdicts):
-            return self._parse_deal(answer, hits)
-        if len(hits) == 1:
-            return Verdict(hits[0], self.verdicts[hits[0]])
-        return Verdict(None, None)
-
-    def _parse_deal(self, answer, hits):
-        """Bargaining: "not ... deal" means no deal; "deal ... <price>" is a deal."""
-        no_deal = [v for v in self.verdicts if PRICE_SLOT not in v]
-        deal = [v for v in self.verdicts if PRICE_SLOT in v]
-        lowered = answer.lower()
-        if re.search(r"\b(not|no|haven't|didn't|hasn't)\b", lowered) and "deal" in lowered:
-            return Verdict(no_deal[0], self.verdicts[no_deal[0]])
-        price = parse_price(lowered.split("deal", 1)[-1]) if "deal" in lowered else None
-        if price is not None:
-            return Verdict(deal[0], self.verdicts[deal[0]], price)
-        return Verdict(None, None)
-
-
-class Critic:
-    """Builds the critic prompt, samples verdicts in one batched call, returns rewards."""
-
-    def __init__(self, task, llm, num_samples=10, temperature=1.1, max_new_tokens=24,
-                 shared_prefix=True, stop_at_newline=True):
-        self.task = task
-        self.llm = llm
-        self.num_samples = num_samples
-        self.temperature = temperature
-        self.max_new_tokens = max_new_tokens
-        self.shared_prefix = shared_prefix
-        self.stop_at_newline = stop_at_newline  # a verdict is one line
-        self.parser = VerdictParser(task.verdicts)
-
-    def prompt(self, case, transcript, emotions):
-        fields = case_fields(self.task.name, case)
-        question = prompts.CRITIC_PROMPT[self.task.name].format(**fields)
-        text = prompts.CRITIC_TEMPLATE.format(
-            system_role=self.task.system_role, user_role=self.task.user_role,
-            transcript=transcript, emotions=", ".join(emotions) or "unknown",
-            question=question, verdicts="\n".join(self.task.verdicts))
-        return [{"role": "user", "content": text}]
-
-    def score(self, cases, transcripts, emotion_histories, cache_keys=None):
-        conversations = [self.prompt(c, t, e)
-                         for c, t, e in zip(cases, transcripts, emotion_histories)]
-        answers = self.llm.chat(conversations, max_new_tokens=self.max_new_tokens,
-                                temperature=self.temperature, num_samples=self.num_samples,
-                                shared_prefix=self.shared_prefix,
-                                stop_at_newline=self.stop_at_newline, cache_keys=cache_keys)
-        return [self.reward(case, samples) for case, samples in zip(cases, answers)]
-
-    def reward(self, case, answers):
-        parsed = [self.parser.parse(a) for a in answers]
-        usable = [p for p in parsed if p.sentence is not None]
-        invalid = len(parsed) - len(usable)
-        if self.task.bargaining:
-            return self._bargain_reward(case, answers, usable, invalid)
-        reward = statistics.fmean(p.reward for p in usable) if usable else 0.0
-        return CriticResult(reward, answers, invalid)
-
-    def _bargain_reward(self, case, answers, usable, invalid):
-        no_deal_reward = min(self.task.verdicts.values())
-        deals = [p for p in usable if p.price is not None]
-        if not usable or len(deals) * 2 <= len(usable):  # majority says no deal
-            return CriticResult(no_deal_reward, answers, invalid)
-        price = statistics.median(p.price for p in deals)
-        ratio = sale_to_list(price, case["buyer_price"], case["seller_price"])
-        return CriticResult(ratio, answers, invalid, deal_price=price, sale_to_list=ratio)
+def plausible_price(price, buyer_price, seller_price):
+    """A price is usable when it is finite, positive and within one buyer-seller gap of
+    the two prices, so that its sale-to-list ratio lies in [-1, 2]."""
+    gap = seller_price - buyer_price
+    return (price is not None and math.isfinite(price) and price > 0
+            and buyer_price - gap <= price <= seller_price + gap)
 
 
 def sale_to_list(price, buyer_price, seller_price):
     return (seller_price - price) / (seller_price - buyer_price)
 
 
-def outcome(task, result):
-    """'success', 'failure' or None (the dialogue goes on) for one critic result."""
-    if task.bargaining:
-        return "success" if result.deal_price is not None else None
-    if result.reward >= task.success_threshold:
-        return "success"
-    if task.failure_threshold is not None and result.reward <= task.failure_threshold:
-        return "failure"
-    return None
+@dataclass
+class CriticResult:
+    reward: float
+    success: bool = False
+    answers: list = field(default_factory=list)  # raw answers (sample mode, cb prices)
+    option_probs: list = field(default_factory=list)  # per option: frequency or probability
+    invalid: int = 0  # answers that named no option, several, or an unusable price
+    deal_price: float | None = None  # cb only
+    sale_to_list: float | None = None  # cb only
+
+
+class Critic:
+    """Builds the critic prompt, asks the LLM for a whole batch at once, returns results."""
+
+    def __init__(self, task, llm, mode="sample", num_samples=10, temperature=1.1,
+                 max_new_tokens=24, shared_prefix=True, stop_at_newline=True):
+        if mode not in ("sample", "logits"):
+            raise ValueError(f"Unknown critic mode '{mode}'. Expected one of ['logits', 'sample']")
+        self.task = task
+        self.llm = llm
+        self.mode = mode
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.shared_prefix = shared_prefix
+        self.stop_at_newline = stop_at_newline  # a verdict is one line
+        self.labels = [str(i + 1) for i in range(len(task.verdicts))]
+
+    def prompt(self, case, transcript, emotions, question=None):
+        fields = case_fields(case)
+        options = "\n".join(f"{label}. {v}" for label, v in zip(self.labels, self.task.verdicts))
+        text = prompts.CRITIC_TEMPLATE.format(
+            transcript=transcript, user_role=self.task.user_role,
+            emotions=", ".join(emotions) or "unknown",
+            question=(question or self.task.prompts["critic_question"]).format(**fields),
+            options=options)
+        return [{"role": "system", "content": self.task.prompts["critic"].format(**fields)},
+                {"role": "user", "content": text}]
+
+    def score(self, cases, transcripts, emotion_histories, cache_keys=None):
+        conversations = [self.prompt(c, t, e)
+                         for c, t, e in zip(cases, transcripts, emotion_histories)]
+        if self.mode == "logits":
+            probs = self.llm.option_probs(conversations, self.labels, cache_keys=cache_keys)
+            results = [self.from_distribution(p.tolist()) for p in probs]
+            if self.task.bargaining:
+                self._ask_prices(cases, transcripts, emotion_histories, results)
+            return results
+        answers = self.llm.chat(conversations, max_new_tokens=self.max_new_tokens,
+                                temperature=self.temperature, num_samples=self.num_samples,
+                                shared_prefix=self.shared_prefix,
+                                stop_at_newline=self.stop_at_newline, cache_keys=cache_keys)
+        return [self.from_answers(case, samples) for case, samples in zip(cases, answers)]
+
+    # -- sample mode ---------------------------------------------------------------------
+
+    def from_answers(self, case, answers):
+        """The result of a list of sampled answers for one conversation."""
+        read = [_read(a, self.task.verdicts) for a in answers]
+        if self.task.bargaining:
+            read = [(i, parse_price(rest) if i == 1 else None) for i, rest in read]
+            read = [(i, price) if i != 1 or plausible_price(
+                price, case["buyer_price"], case["seller_price"]) else (None, None)
+                for i, price in read]
+        usable = [r for r in read if r[0] is not None]
+        counts = Counter(i for i, _ in usable)
+        frequencies = [counts[i] / max(len(usable), 1) for i in range(len(self.task.verdicts))]
+        result = CriticResult(0.0, answers=list(answers), option_probs=frequencies,
+                              invalid=len(read) - len(usable))
+        if not usable:
+            if self.task.bargaining:
+                result.reward = NO_DEAL_REWARD
+            return result
+        if self.task.bargaining:
+            if counts[0]:  # a sample says there is no deal
+                result.reward = NO_DEAL_REWARD
+                return result
+            prices = [price for _, price in usable]
+            most = max(Counter(prices).values())
+            price = next(p for p in prices if prices.count(p) == most)
+            return self._deal(result, case, price)
+        result.reward = sum(self.task.verdict_rewards[i] for i, _ in usable) / len(usable)
+        result.success = self.task.succeeds(result.reward)
+        return result
+
+    # -- logits mode ---------------------------------------------------------------------
+
+    def from_distribution(self, probs):
+        """The result of the exact option distribution for one conversation (cb: the deal
+        decision only; its price comes from `_ask_prices`)."""
+        result = CriticResult(0.0, option_probs=list(probs))
+        if self.task.bargaining:
+            result.reward = NO_DEAL_REWARD
+            return result
+        result.reward = sum(p * r for p, r in zip(probs, self.task.verdict_rewards))
+        result.success = self.task.succeeds(result.reward)
+        return result
+
+    def _ask_prices(self, cases, transcripts, emotion_histories, results):
+        deals = [i for i, r in enumerate(results) if r.option_probs[1] ** self.num_samples >= 0.5]
+        if not deals:
+            return
+        question = self.task.prompts["price_question"]
+        answers = self.llm.chat([self.prompt(cases[i], transcripts[i], emotion_histories[i],
+                                             question) for i in deals],
+                                max_new_tokens=self.max_new_tokens, temperature=0.0,
+                                stop_at_newline=self.stop_at_newline)
+        for i, samples in zip(deals, answers):
+            case, result = cases[i], results[i]
+            result.answers = list(samples)
+            price = parse_price(samples[0])
+            if plausible_price(price, case["buyer_price"], case["seller_price"]):
+                self._deal(result, case, price)
+            else:
+                result.invalid += 1
+
+    def _deal(self, result, case, price):
+        ratio = sale_to_list(price, case["buyer_price"], case["seller_price"])
+        result.deal_price, result.sale_to_list, result.reward = price, ratio, ratio
+        result.success = self.task.succeeds(ratio)
+        return result

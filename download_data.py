@@ -3,9 +3,9 @@
     python download_data.py                  # every task
     python download_data.py --data_name esc  # one task
 
-Files come from the public releases that the PPDPP and DialogXpert code use (see
-SOURCES). --base_url replaces the host part for a mirror: a file is then fetched from
-<base_url>/<relative path>. Each downloaded file is checked with the project's own reader
+Files come from the public releases that the PPDPP and DialogXpert code use (each task's
+`sources` in tasks.py). --base_url replaces the host part for a mirror: a file is then
+fetched from <base_url>/<relative path>. Each downloaded file is checked with the project's own reader
 before it replaces anything, so a broken download never overwrites good data.
 """
 
@@ -16,21 +16,12 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from tasks import SPLITS, TASKS, DataError, load_split, split_path
+from tasks import TASKS, DataError, read_file
 
-PPDPP = "https://raw.githubusercontent.com/dengyang17/PPDPP/main/data"
-DIALOGXPERT = "https://raw.githubusercontent.com/declare-lab/dialogxpert/main/data"
-SOURCES = {  # relative path in data/ -> public URL
-    **{f"{t}-{s}.txt": f"{PPDPP}/{t}-{s}.txt" for t in ("esc", "cima", "cb") for s in SPLITS},
-    **{f"P4G/{s}.json": f"{DIALOGXPERT}/P4G/api_annotated/{s}.json"
-       for s in ("train", "dev", "test")},
-    "ExTES/ExTES.json": "https://raw.githubusercontent.com/pandazzh2020/ExTES/main/ExTES.json",
-}
 
 
 def files_for(task_name):
-    paths = {os.path.relpath(split_path("", task_name, s)) for s in SPLITS}
-    return sorted(paths)
+    return sorted(set(TASKS[task_name].files.values()))
 
 
 def fetch(url, timeout):
@@ -40,11 +31,14 @@ def fetch(url, timeout):
 
 
 def download(task_names, data_dir, base_url=None, timeout=60):
-    """Returns (downloaded paths, {path: error}) ."""
+    """Fetch every file of the tasks; returns (downloaded paths, {path: error}). A file
+    replaces the one in data_dir only when the task's reader accepts it and it has at
+    least one case; otherwise the old file stays and the next file is fetched."""
     done, failed = [], {}
     for task_name in task_names:
         for relative in files_for(task_name):
-            url = f"{base_url.rstrip('/')}/{relative}" if base_url else SOURCES[relative]
+            url = (f"{base_url.rstrip('/')}/{relative}" if base_url
+                   else TASKS[task_name].sources[relative])
             target = os.path.join(data_dir, relative)
             try:
                 content = fetch(url, timeout)
@@ -53,20 +47,21 @@ def download(task_names, data_dir, base_url=None, timeout=60):
                 continue
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as staging:
-                staged = os.path.join(staging, relative)
-                os.makedirs(os.path.dirname(staged), exist_ok=True)
+                staged = os.path.join(staging, os.path.basename(relative))
                 with open(staged, "wb") as f:
                     f.write(content)
                 try:  # validate with the project's reader before replacing anything
-                    for split in SPLITS:
-                        if os.path.relpath(split_path("", task_name, split)) == relative:
-                            load_split(staging, task_name, split)
+                    cases = read_file(staged, task_name)
+                    if not cases:
+                        raise DataError("no cases")
                 except DataError as error:
-                    failed[relative] = f"{url}: downloaded but unreadable: {error}"
+                    failed[relative] = f"{url}: downloaded but unusable ({error})"
                     continue
+                existed = os.path.exists(target)
                 os.replace(staged, target)
             done.append(target)
-            print(f"{relative}: {len(content):,} bytes from {url}")
+            print(f"{relative}: {'replaced' if existed else 'new'}, {len(cases):,} cases "
+                  f"({len(content):,} bytes) from {url}")
     return done, failed
 
 
@@ -84,7 +79,10 @@ def main(argv=None):
     names = sorted(TASKS) if args.data_name == "all" else [args.data_name]
     _, failed = download(names, args.data_dir, args.base_url, args.timeout)
     for relative, reason in failed.items():
-        print(f"FAILED {relative}: {reason}", file=sys.stderr)
+        kept = "the existing file is kept" if os.path.exists(
+            os.path.join(args.data_dir, relative)) else "no file written"
+        print(f"error: {relative} failed: {reason}; {kept}. Try again, or use --base_url "
+              f"with a mirror.", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -3,7 +3,7 @@
 One `step` advances a batch of conversations by one exchange:
   system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
   user phase:   the user LLM answers in role
-  critic phase: the critic samples verdicts; the reward and the outcome follow
+  critic phase: the critic answers its closed question; the reward and the outcome follow
 Each phase is one batched LLM call. The planner (`Planner.prior`) gives the observation:
 a prior over the task's whole action set, from which the top-k candidates are taken.
 """
@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 import torch
 
 import qwen_prompts as prompts
-from critic import outcome
-from tasks import case_fields, opening_turns
+from tasks import case_fields
 
 
 _conversation_ids = itertools.count()
+
+
+def reserve_conversation_ids(first_free):
+    """New conversations get uids from first_free on (after restoring saved ones)."""
+    global _conversation_ids
+    _conversation_ids = itertools.count(max(first_free, next(_conversation_ids)))
 
 
 @dataclass
@@ -28,10 +33,10 @@ class Conversation:
     case: dict
     turns: list  # (role, text) pairs
     uid: int = field(default_factory=lambda: next(_conversation_ids))  # prefix-cache key
-    emotions: list = field(default_factory=list)  # the user's emotion after each system turn
+    emotions: list = field(default_factory=list)  # the user's emotions (esc: the case's first)
     records: list = field(default_factory=list)  # one dict per system turn, for the JSONL log
     system_turns: int = 0
-    outcome: str | None = None  # 'success', 'failure', 'time limit' once finished
+    outcome: str | None = None  # 'success' or 'time limit' once finished
     total_reward: float = 0.0
     sale_to_list: float | None = None
     # observation of the current state, filled by the trainer
@@ -48,7 +53,7 @@ class Conversation:
 @dataclass
 class StepResult:
     reward: float
-    terminated: bool  # success or failure: no bootstrap from the next state
+    terminated: bool  # success: no bootstrap from the next state
     truncated: bool  # turn limit: the next state still bootstraps
 
 
@@ -108,11 +113,12 @@ class Planner:
         options = "\n".join(f"{label}. {name}"
                             for label, name in zip(self.labels, self.task.action_names))
         emotions = ", ".join(conversation.emotions) if self.use_emotion else "not tracked"
-        text = prompts.PLANNER_PROMPT.format(
+        text = prompts.PLANNER_TEMPLATE.format(
             system_role=self.task.system_role, user_role=self.task.user_role,
             transcript=transcript(conversation.turns), emotions=emotions or "unknown",
             options=options)
-        return [{"role": "user", "content": text}]
+        return [{"role": "system", "content": self.task.prompts["planner"]},
+                {"role": "user", "content": text}]
 
     def prior(self, conversations):
         """[batch, num_actions] probabilities, each row summing to 1."""
@@ -139,8 +145,8 @@ class Planner:
 
 class SelfPlayEnv:
     def __init__(self, task, system_llm, user_llm, critic, max_turn=8,
-                 system_temperature=0.7, user_temperature=0.7, system_max_new_tokens=80,
-                 user_max_new_tokens=60, use_emotion=True):
+                 system_temperature=0.7, user_temperature=0.7, eval_temperature=0.0,
+                 system_max_new_tokens=80, user_max_new_tokens=60, use_emotion=True):
         self.task = task
         self.system_llm = system_llm
         self.user_llm = user_llm
@@ -148,13 +154,15 @@ class SelfPlayEnv:
         self.max_turn = max_turn
         self.system_temperature = system_temperature
         self.user_temperature = user_temperature
+        self.eval_temperature = eval_temperature  # system and user turns in evaluation
         self.system_max_new_tokens = system_max_new_tokens
         self.user_max_new_tokens = user_max_new_tokens
         self.use_emotion = use_emotion
         self.errors = Counter()  # LLM answers that could not be used as they were
 
     def reset(self, case):
-        return Conversation(case=case, turns=opening_turns(self.task.name, case))
+        return Conversation(case=case, turns=self.task.opening(case),
+                            emotions=list(self.task.initial_emotions(case)))
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -166,12 +174,13 @@ class SelfPlayEnv:
         return messages
 
     def system_prompt(self, conversation, action):
-        fields = case_fields(self.task.name, conversation.case)
+        fields = case_fields(conversation.case)
         messages = self._chat_view(conversation, self.task.system_role,
-                                   prompts.SYSTEM_PROMPT[self.task.name].format(**fields))
-        instruction = f"Strategy: {action}. {self.task.actions[action]}"
-        if self.use_emotion:
-            instruction += "\n" + prompts.EMOTION_FORMAT.format(user_role=self.task.user_role)
+                                   self.task.prompts["system"].format(**fields))
+        template = prompts.SYSTEM_TURN_WITH_EMOTION if self.use_emotion else prompts.SYSTEM_TURN
+        instruction = template.format(system_role=self.task.system_role,
+                                      user_role=self.task.user_role,
+                                      instruction=self.task.actions[action])
         if messages[-1]["role"] == "user":
             messages[-1]["content"] += f"\n\n({instruction})"
         else:
@@ -179,19 +188,23 @@ class SelfPlayEnv:
         return messages
 
     def user_prompt(self, conversation):
-        fields = case_fields(self.task.name, conversation.case)
+        fields = case_fields(conversation.case)
         return self._chat_view(conversation, self.task.user_role,
-                               prompts.USER_PROMPT[self.task.name].format(**fields))
+                               self.task.prompts["user"].format(**fields))
 
     # -- one batched step ----------------------------------------------------------------
 
-    def step(self, conversations, actions):
+    def step(self, conversations, actions, evaluation=False):
+        """Play one exchange of every conversation. In evaluation the system and user
+        turns decode at eval_temperature (greedy by default); the critic is unchanged."""
+        system_temperature = self.eval_temperature if evaluation else self.system_temperature
+        user_temperature = self.eval_temperature if evaluation else self.user_temperature
         roles = (self.task.system_role, self.task.user_role)
         records = [{"turn": c.system_turns + 1, "action": a} for c, a in zip(conversations, actions)]
 
         system_answers = self.system_llm.chat(
             [self.system_prompt(c, a) for c, a in zip(conversations, actions)],
-            max_new_tokens=self.system_max_new_tokens, temperature=self.system_temperature,
+            max_new_tokens=self.system_max_new_tokens, temperature=system_temperature,
             cache_keys=[(c.uid, "system") for c in conversations])
         for conversation, answer, record in zip(conversations, system_answers, records):
             if self.use_emotion:
@@ -211,7 +224,7 @@ class SelfPlayEnv:
 
         user_answers = self.user_llm.chat(
             [self.user_prompt(c) for c in conversations],
-            max_new_tokens=self.user_max_new_tokens, temperature=self.user_temperature,
+            max_new_tokens=self.user_max_new_tokens, temperature=user_temperature,
             cache_keys=[(c.uid, "user") for c in conversations])
         for conversation, answer, record in zip(conversations, user_answers, records):
             response = clean_turn(answer[0], roles)
@@ -228,16 +241,18 @@ class SelfPlayEnv:
         results = []
         for conversation, verdict, record in zip(conversations, verdicts, records):
             self.errors["critic_invalid"] += verdict.invalid
-            end = outcome(self.task, verdict)
-            truncated = end is None and conversation.system_turns >= self.max_turn
-            conversation.outcome = end or ("time limit" if truncated else None)
+            # the only endings are success and the turn limit, as in the original release
+            truncated = not verdict.success and conversation.system_turns >= self.max_turn
+            conversation.outcome = ("success" if verdict.success
+                                    else "time limit" if truncated else None)
             conversation.total_reward += verdict.reward
             if verdict.sale_to_list is not None:
                 conversation.sale_to_list = verdict.sale_to_list
-            record.update(critic_verdicts=verdict.verdicts, critic_invalid=verdict.invalid,
+            record.update(critic_answers=verdict.answers, critic_invalid=verdict.invalid,
+                          critic_option_probs=[round(p, 4) for p in verdict.option_probs],
                           reward=verdict.reward, outcome=conversation.outcome)
             if verdict.deal_price is not None:
                 record["deal_price"] = verdict.deal_price
             conversation.records.append(record)
-            results.append(StepResult(verdict.reward, end is not None, truncated))
+            results.append(StepResult(verdict.reward, verdict.success, truncated))
         return results

@@ -6,7 +6,14 @@ booleans take true/false. `python train_model.py --help` lists them with their h
 
 import argparse
 import dataclasses
+import re
+import sys
 from dataclasses import dataclass, field
+
+
+class UserError(Exception):
+    """A mistake in the arguments, data, checkpoint or output folder: train_model.py
+    reports it as one line `error: <what and where>. <what to do>` and exits with code 2."""
 
 
 @dataclass
@@ -20,6 +27,11 @@ class Args:
         "help": "train (train, keep the best checkpoint on valid, then test it) or test "
                 "(load --checkpoint and play the test split greedily)"})
     checkpoint: str = field(default="", metadata={"help": "checkpoint file for --mode test"})
+    resume: str = field(default="", metadata={
+        "help": "run folder of a stopped training run: continue it with its own arguments"})
+    checkpoint_every: int = field(default=10, metadata={
+        "help": "finished episodes between saves of the whole training state (also saved "
+                "on SIGINT, SIGTERM and at the end)"})
     seed: int = field(default=42, metadata={"help": "seeds everything, once, at start"})
     extes_seed: int = field(default=0, metadata={
         "help": "fixed seed of the ExTES train/valid/test split (independent of --seed)"})
@@ -71,10 +83,19 @@ class Args:
         "help": "conversations played together; each LLM phase is one batched call"})
     top_k: int = field(default=4, metadata={"help": "candidate actions taken from the prior"})
     max_turn: int = field(default=8, metadata={"help": "system turns before a time-limit end"})
-    critic_samples: int = field(default=10, metadata={"help": "verdicts sampled per turn"})
+    critic: str = field(default="sample", metadata={
+        "help": "sample (sample --critic_samples answers, the mean reward of the usable ones) "
+                "or logits (the exact distribution over the critic's options from one forward "
+                "pass; the reward is its expectation)"})
+    critic_samples: int = field(default=10, metadata={
+        "help": "answers sampled per turn (logits mode, cb: a deal needs P(deal) ** "
+                "critic_samples >= 0.5)"})
     critic_temperature: float = field(default=1.1, metadata={"help": "critic sampling temperature"})
     system_temperature: float = field(default=0.7, metadata={"help": "0 decodes greedily"})
     user_temperature: float = field(default=0.7, metadata={"help": "0 decodes greedily"})
+    eval_temperature: float = field(default=0.0, metadata={
+        "help": "system and user temperature in valid and test conversations (0: greedy, so "
+                "checkpoint choice and test figures are not decoding noise)"})
     system_max_new_tokens: int = field(default=80, metadata={"help": "system turn length cap"})
     user_max_new_tokens: int = field(default=60, metadata={"help": "user turn length cap"})
     critic_max_new_tokens: int = field(default=24, metadata={"help": "verdict length cap"})
@@ -123,6 +144,8 @@ class Args:
     output_dir: str = field(default="runs", metadata={"help": "where runs are written"})
     exp_name: str = field(default="dialogxpert", metadata={"help": "run name prefix"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    debug: bool = field(default=False, metadata={
+        "help": "show the traceback of a user error instead of one line"})
 
     def __post_init__(self):
         from llm import BACKENDS
@@ -135,19 +158,54 @@ class Args:
             raise ValueError(f"Unknown --backend '{self.backend}'. Expected one of "
                              f"{sorted(BACKENDS)}")
         choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
+                   "critic": ("sample", "logits"),
                    "dtype": ("auto", "bfloat16", "float16", "float32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown --{name} '{getattr(self, name)}'. Expected one of "
                                  f"{list(allowed)}")
+        if self.resume and self.mode != "train":
+            raise ValueError("--resume continues a training run; test a checkpoint with "
+                             "--mode test --checkpoint PATH")
         if self.mode == "test" and not self.checkpoint:
             raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
         if self.backend == "openai" and not self.base_url and not all(
                 getattr(self, f"{role}_base_url") for role in ("planner", "system", "user", "critic")):
             raise ValueError("--backend openai needs --base_url http://HOST:PORT/v1 (or one "
                              "--<role>_base_url per role); `make serve` starts a local server")
-        if self.top_k < 1 or self.num_envs < 1 or self.max_turn < 1 or self.critic_samples < 1:
-            raise ValueError("--top_k, --num_envs, --max_turn and --critic_samples must be >= 1")
+        self._check_ranges()
+
+    def _check_ranges(self):
+        """Every numeric argument inside its meaningful range, before anything loads."""
+        def require(ok, name, rule, why=""):
+            if not ok:
+                raise ValueError(f"--{name}={getattr(self, name)!r} is out of range{why}. "
+                                 f"Pass a value {rule}")
+        for name in ("top_k", "num_envs", "max_turn", "critic_samples", "total_episodes",
+                     "checkpoint_every",
+                     "batch_size", "buffer_size", "learning_starts", "updates_per_step",
+                     "hidden_size", "max_encoder_tokens", "eval_every", "prior_samples",
+                     "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
+                     "prior_max_new_tokens"):
+            require(getattr(self, name) >= 1, name, ">= 1")
+        require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
+        require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
+        require(self.max_retries >= 0, "max_retries", ">= 0")
+        for name in ("max_cases", "eval_cases", "max_batch_rows"):
+            require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
+        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
+            require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
+        require(self.learning_rate > 0, "learning_rate", "> 0")
+        for name in ("critic_temperature", "system_temperature", "user_temperature",
+                     "eval_temperature"):
+            require(getattr(self, name) >= 0, name, ">= 0 (0 decodes greedily)")
+        require(self.prefix_cache_gb >= 0 or self.prefix_cache_gb == -1, "prefix_cache_gb",
+                ">= 0 or -1 (automatic)")
+        require(self.learning_starts <= self.buffer_size, "learning_starts",
+                f"<= --buffer_size ({self.buffer_size})", ": learning would never start")
+        require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
+                "among auto, cpu, mps, cuda, cuda:N")
 
 
 def _parse_bool(text):
@@ -163,14 +221,17 @@ def build_parser(description=None):
     for f in dataclasses.fields(Args):
         kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(
             f.type if isinstance(f.type, str) else f.type.__name__, str)
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default,
+        extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # --debug = true
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, **extra,
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return parser
 
 
 def parse_args(argv=None):
+    """The arguments, or one line `error: ...` on stderr and exit code 2 (as argparse)."""
     namespace = build_parser(__doc__).parse_args(argv)
     try:
         return Args(**vars(namespace))
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -170,6 +170,13 @@ class OpenAILLM:
 
     # -- chat -------------------------------------------------------------------------------
 
+    def rng_state(self):
+        """The requests' seeds are numbered: a resumed run continues the numbering."""
+        return self.requests_sent
+
+    def load_rng_state(self, state):
+        self.requests_sent = int(state)
+
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
              top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
         """num_samples answers per conversation. shared_prefix and cache_keys are the

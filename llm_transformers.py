@@ -312,6 +312,13 @@ class TransformersLLM:
         return cls(model.to(device), tokenizer, seed=seed, name=path,
                    max_batch_rows=max_batch_rows, prefix_cache_gb=prefix_cache_gb)
 
+    def rng_state(self):
+        """The sampler's state, saved with a training state (optional client method)."""
+        return self.generator.get_state()
+
+    def load_rng_state(self, state):
+        self.generator.set_state(state)
+
     def forget(self, conversation_id):
         """Drop the prefix-cache entries of a finished conversation."""
         if self.prefix_cache is not None:

@@ -1,195 +1,250 @@
-"""Prompt text and action sets for every task. Edit this file by hand to change prompts.
+"""Prompt text for every task: one block per task. Edit this file by hand to change prompts.
 
-Each task has:
-  ACTIONS[task]        ordered {action name: instruction given to the system LLM}
-  ROLES[task]          (system role, user role) as they appear in transcripts
-  SYSTEM_PROMPT[task]  the system LLM's role-play instructions (formatted with the case)
-  USER_PROMPT[task]    the user LLM's role-play instructions (formatted with the case)
-  CRITIC_PROMPT[task]  the question the critic LLM answers about the conversation
-  VERDICTS[task]       {verdict sentence offered to the critic: reward}
+A block holds only text; rewards, success rules, data files and opening turns are in the
+task registry (tasks.py). Each block has:
+  system_role, user_role  speaker names in transcripts
+  actions                 ordered {action name: instruction given to the system LLM}
+  planner                 what the planner is told about the task: roles and goal
+  system, user            each self-play role's description (formatted with the case)
+  critic                  the critic's description of what it judges (formatted with the case)
+  critic_question         the closed question the critic answers (formatted with the case)
+  verdicts                the critic's options, in order; tasks.py gives each a reward
+cb also has price_question: asked once, greedily, in `--critic logits` mode after a deal.
 
-Placeholders in braces are filled from the case fields (see tasks.py, `case_fields`).
-Every verdict offered to the critic must have a reward: tasks.py checks this at import.
+Placeholders in braces are filled from the case (see tasks.py, `case_fields`). The wording
+is this project's own; the meaning of each role's instructions follows the original
+DialogXpert release (README, "Tasks": every difference is listed there).
 """
 
-ACTIONS = {
-    "esc": {
-        "Question": "Ask the Patient an open question to learn more about the problem.",
-        "Self-disclosure": "Share a similar experience of your own to show you understand.",
-        "Affirmation and Reassurance": "Affirm the Patient's strengths and reassure them.",
-        "Providing Suggestions": "Suggest concrete ways the Patient could deal with the problem.",
-        "Others": "Respond naturally to keep the conversation going.",
-        "Reflection of feelings": "Reflect back the feelings the Patient has expressed.",
-        "Information": "Give useful information, facts or resources about the problem.",
-        "Restatement or Paraphrasing": "Restate what the Patient said in your own words.",
+ESC = {
+    "system_role": "Therapist",
+    "user_role": "Patient",
+    "actions": {
+        "Question": "Ask the Patient to tell more about the situation they described.",
+        "Self-disclosure": "Say something about yourself that relates to the Patient's situation.",
+        "Affirmation and Reassurance": "Affirm and reassure the Patient about their situation.",
+        "Providing Suggestions": "Suggest to the Patient what they could do about their situation.",
+        "Others": "Chat with the Patient.",
+        "Reflection of feelings": "Acknowledge the Patient's feelings about their situation.",
+        "Information": "Give the Patient factual information that helps with their situation.",
+        "Restatement or Paraphrasing": "Acknowledge the Patient's feelings by restating their "
+                                       "situation in your own words.",
     },
-    "extes": {
-        "Reflective Statements": "Reflect back what the User has said and felt.",
-        "Clarification": "Ask the User to clarify what they mean.",
-        "Emotional Validation": "Tell the User that their emotions are understandable.",
-        "Empathetic Statements": "Express empathy for what the User is going through.",
-        "Affirmation": "Affirm the User's strengths and efforts.",
-        "Offer Hope": "Offer the User hope that things can get better.",
-        "Avoid Judgment and Criticism": "Accept the User's choices without judging them.",
-        "Suggest Options": "Suggest some options the User could consider.",
-        "Collaborative Planning": "Work out a plan together with the User.",
-        "Provide Different Perspectives": "Offer another way of looking at the situation.",
-        "Reframe Negative Thoughts": "Help the User reframe a negative thought.",
-        "Share Information": "Share useful information related to the problem.",
-        "Normalize Experiences": "Tell the User that many people have similar experiences.",
-        "Promote Self-Care Practices": "Encourage the User to take care of themselves.",
-        "Stress Management": "Suggest a technique for managing stress.",
-        "Others": "Respond naturally to keep the conversation going.",
-    },
-    "cima": {
-        "Hint": "Give the Student a hint about a word or phrase they have not translated yet.",
-        "Question": "Ask the Student a question that leads them towards the translation.",
-        "Correction": "Correct the mistake in the Student's translation.",
-        "Confirmation": "Confirm the part of the translation that the Student got right.",
-        "Others": "Encourage the Student to keep trying.",
-    },
-    "cb": {
-        "Greetings": "Greet the Seller politely.",
-        "Ask a question": "Ask the Seller a question about the item.",
-        "Answer a question": "Answer the Seller's question.",
-        "Propose the first price": "Propose a first price for the item.",
-        "Propose a counter price": "Propose a counter price that is lower than the Seller's.",
-        "Use comparatives": "Compare with similar items to argue for a lower price.",
-        "Confirm information": "Confirm a piece of information about the item.",
-        "Affirm confirmation": "Affirm what the Seller has confirmed.",
-        "Deny confirmation": "Deny what the Seller has said.",
-        "Agree with the proposal": "Agree with the Seller's proposed price.",
-        "Disagree with a proposal": "Disagree with the Seller's proposed price.",
-    },
-    "p4g": {
-        "Greeting": "Greet the Persuadee.",
-        "Logical appeal": "Use reasoning and evidence to argue for donating.",
-        "Emotion appeal": "Appeal to the Persuadee's feelings about children in need.",
-        "Credibility appeal": "Describe the credibility and impact of Save the Children.",
-        "Personal story": "Tell a personal story that shows why donating matters.",
-        "Self-modeling": "Say that you donate yourself, to set an example.",
-        "Foot in the door": "Ask for a small donation first.",
-        "Personal-related inquiry": "Ask about the Persuadee's own experience with charity.",
-        "Source-related inquiry": "Ask whether the Persuadee knows Save the Children.",
-        "Task-related inquiry": "Ask what the Persuadee thinks about donating.",
-        "Donation information": "Explain how the donation can be made.",
-        "Proposition of donation": "Ask the Persuadee to donate.",
-        "Ask donation amount": "Ask how much the Persuadee would like to donate.",
-        "Confirm donation": "Confirm the Persuadee's donation.",
-        "Ask donate more": "Ask the Persuadee whether they would donate more.",
-        "Praise user": "Praise the Persuadee.",
-        "Acknowledgement": "Acknowledge what the Persuadee said.",
-        "Comment partner": "Comment on what the Persuadee said.",
-        "Closing": "Close the conversation politely.",
-    },
+    "planner": "You plan the next step of an emotional support conversation between a "
+               "Therapist and a Patient, using the conversation and the Patient's emotions so "
+               "far. The Therapist's goal is that the Patient feels understood and supported "
+               "and makes progress towards resolving their emotional problem.",
+    "system": "You are role-playing a Therapist in a counselling conversation with a Patient. "
+              "Your goal is to help the Patient resolve their emotional problem and to help "
+              "them understand and work through it.",
+    "user": "You are role-playing a Patient in a counselling conversation with a Therapist. "
+            "You came for help because of emotional problems: {emotion_type} about "
+            "{problem_type}. Reply in one short sentence that says naturally how you feel.",
+    "critic": "You judge counselling conversations between a Therapist and a Patient: did "
+              "the conversation improve the Patient's emotional state? The session is about "
+              "{emotion_type} and {problem_type}.",
+    "critic_question": "Based on the conversation and the Patient's emotions, has the "
+                       "Patient's problem been solved?",
+    "verdicts": [
+        "No, the Patient feels worse.",
+        "No, the Patient feels the same.",
+        "No, but the Patient feels somewhat better.",
+        "Yes, the Patient's emotional problem has been solved.",
+    ],
 }
 
-ROLES = {
-    "esc": ("Therapist", "Patient"),
-    "extes": ("Supporter", "User"),
-    "cima": ("Teacher", "Student"),
-    "cb": ("Buyer", "Seller"),
-    "p4g": ("Persuader", "Persuadee"),
+# ExTES shares ESConv's roles, planner description, Therapist, critic question and options
+EXTES = {
+    **ESC,
+    "actions": {
+        "Reflective Statements": "Reflect back what the Patient has expressed, to show that "
+                                 "you understand their thoughts and feelings.",
+        "Clarification": "Ask the Patient to clarify what they meant or to give more detail.",
+        "Emotional Validation": "Acknowledge and validate the Patient's emotions with care.",
+        "Empathetic Statements": "Show empathy for the Patient's situation.",
+        "Affirmation": "Affirm the Patient's efforts, strengths or good qualities.",
+        "Offer Hope": "Offer hope or optimism about the Patient's situation.",
+        "Avoid Judgment and Criticism": "Answer supportively and neutrally, without judging.",
+        "Suggest Options": "Suggest options or actions the Patient could consider.",
+        "Collaborative Planning": "Invite the Patient to make a plan or decision together.",
+        "Provide Different Perspectives": "Help the Patient see the situation from another "
+                                          "point of view.",
+        "Reframe Negative Thoughts": "Help the Patient turn a negative thought into a more "
+                                     "constructive one.",
+        "Share Information": "Give factual, useful information relevant to the Patient's "
+                             "situation.",
+        "Normalize Experiences": "Reassure the Patient that their feelings and experiences are "
+                                 "common and understandable.",
+        "Promote Self-Care Practices": "Encourage the Patient to take care of themselves.",
+        "Stress Management": "Offer strategies or tips that reduce or manage stress.",
+        "Others": "Continue the conversation naturally and supportively.",
+    },
+    "user": "You are role-playing a Patient in a counselling conversation with a Therapist. "
+            "You came for help with emotional problems related to {scene}. Reply in one "
+            "short sentence that says naturally how you feel.",
+    "critic": "You judge counselling conversations between a Therapist and a Patient: did "
+              "the conversation improve the Patient's emotional state? The session is about "
+              "{scene}.",
 }
 
-SYSTEM_PROMPT = {
-    "esc": "You are a Therapist talking with a Patient who has an emotional problem. "
-    "Help the Patient feel better and solve the problem. Reply with one or two short sentences.",
-    "extes": "You are a Supporter talking with a User who is going through a hard time. "
-    "Support the User emotionally and help them cope. Reply with one or two short sentences.",
-    "cima": "You are a Teacher helping a Student translate the English sentence \"{sentence}\" "
-    "into Italian. The correct translation is \"{target}\". Do not give away the whole "
-    "translation. Reply with one or two short sentences.",
-    "cb": "You are a Buyer negotiating with a Seller for a {item_name}. Your target price is "
-    "{buyer_price}; get as close to it as you can. Product description: "
-    "{buyer_item_description}. Reply with one or two short sentences.",
-    "p4g": "You are a Persuader asking a Persuadee to donate to the charity Save the Children. "
-    "Reply with one or two short sentences.",
+CIMA = {
+    "system_role": "Teacher",
+    "user_role": "Student",
+    "actions": {
+        "Hint": "Give the Student a piece of knowledge as a hint.",
+        "Question": "Ask the Student a question that checks their understanding or moves the "
+                    "conversation on.",
+        "Correction": "Correct the Student's mistake or misconception.",
+        "Confirmation": "Confirm that the Student's answer or understanding is correct.",
+        "Others": "Chat with the Student without any teaching strategy.",
+    },
+    "planner": "You plan the next step of a tutoring conversation between a Teacher and a "
+               "Student, using the Student's progress, their emotions so far and the flow of "
+               "the conversation. The goal is to lead the Student, quickly and effectively, to "
+               "translate an English sentence correctly into Italian.",
+    "system": "You are role-playing a Teacher in a tutoring conversation. Guide the Student "
+              "to translate the English sentence \"{sentence}\" into Italian. Do not tell the "
+              "Student the answer, and do not ask about other exercises.",
+    "user": "You are role-playing a Student learning Italian in a tutoring session. You do "
+            "not know how to translate \"{sentence}\" into Italian and want to learn it by "
+            "talking with the Teacher. Reply naturally in one short sentence; if you are "
+            "confused, you may ask for clarification.",
+    "critic": "You judge tutoring conversations between a Teacher and a Student: did the "
+              "Student correctly translate the English sentence \"{sentence}\" into Italian?",
+    "critic_question": "Did the Student correctly translate the whole sentence \"{sentence}\" "
+                       "into Italian?",
+    "verdicts": [
+        "No, the Student made an incorrect translation.",
+        "No, the Student did not try to translate.",
+        "No, the Student only translated a part of the sentence correctly.",
+        "Yes, the Student correctly translated the whole sentence.",
+    ],
 }
 
-USER_PROMPT = {
-    "esc": "You are a Patient talking with a Therapist. You feel {emotion_type} because of "
-    "{problem_type}. Your situation: {situation} Reply as the Patient with one or two short "
-    "sentences. Do not repeat yourself.",
-    "extes": "You are a User talking with a Supporter. Your situation: {situation} Reply as "
-    "the User with one or two short sentences.",
-    "cima": "You are a Student learning Italian. You are translating \"{sentence}\" into "
-    "Italian and you make some mistakes. Reply as the Student with one short sentence.",
-    "cb": "You are a Seller selling a {item_name}. Your target price is {seller_price}; do "
-    "not go much lower. Product description: {seller_item_description}. Reply as the Seller "
-    "with one or two short sentences.",
-    "p4g": "You are a Persuadee talking with a Persuader about donating to Save the Children. "
-    "You are not sure about donating. Reply as the Persuadee with one or two short sentences.",
+CB = {
+    "system_role": "Buyer",
+    "user_role": "Seller",
+    # the dialogue acts of CraigslistBargain, with the names the original release uses
+    "actions": {
+        "greet": "Say hello or chat casually.",
+        "inquire": "Ask a question about the item: its year, price, condition, use.",
+        "inform": "Give information about the item: its year, condition, use.",
+        "propose": "Propose a price or a price range for the item.",
+        "counter": "Propose a new price or a new price range.",
+        "counter-noprice": "Propose a vague price, comparing with the price on the table.",
+        "confirm": "Ask a question to confirm a piece of information.",
+        "affirm": "Answer yes to a question that asks for confirmation.",
+        "deny": "Answer no to a question that asks for confirmation.",
+        "agree": "Agree with the proposed price.",
+        "disagree": "Disagree with the proposed price.",
+    },
+    "planner": "You plan the next step of a price negotiation between a Buyer and a Seller, "
+               "using the Seller's emotions so far and the flow of the negotiation. The goal "
+               "is the best outcome for the Buyer.",
+    "system": "You are role-playing a skilled Buyer in a price negotiation. You want to buy "
+              "the {item_name} at your target price of {buyer_price}. Item description: "
+              "{buyer_item_description} Negotiate well: get the lowest price without losing "
+              "the deal.",
+    "user": "You are role-playing a persuasive Seller in a price negotiation. You want to "
+            "sell the {item_name} at your price of {seller_price}. Item description: "
+            "{seller_item_description} Reply in one short, persuasive sentence.",
+    "critic": "You judge price negotiations between a Buyer and a Seller: have they reached "
+              "a deal by the end of the conversation?",
+    "critic_question": "Have the Buyer and the Seller reached a deal at the end of the "
+                       "conversation? If they have, write the agreed price after the option's "
+                       "number, as a number only (for example: 2, 120).",
+    "verdicts": [
+        "They have not reached a deal.",
+        "They have reached a deal.",
+    ],
+    "price_question": "The Buyer and the Seller have reached a deal. At what price? Answer "
+                      "with the price as a number only.",
 }
 
-EMOTION_FORMAT = (
-    "First name the {user_role}'s current emotion in one word, then give your reply, in "
-    "exactly this format:\nEmotion: <one word>\nResponse: <your reply>"
-)
+P4G = {
+    "system_role": "Persuader",
+    "user_role": "Persuadee",
+    # the persuader's dialogue acts and persuasion strategies of the original release
+    "actions": {
+        "Proposition of donation": "Suggest that the Persuadee donates to Save the Children.",
+        "Proposition of amount to be donated": "Propose a small amount, such as $1 or $2, "
+                                               "that the Persuadee could donate.",
+        "Proposition of confirmation of donation": "Ask the Persuadee to confirm that they "
+                                                   "are ready to donate.",
+        "Proposition of more donation": "Suggest that the Persuadee could give a little more "
+                                        "if they are willing.",
+        "Experience affirmation": "Affirm the Persuadee's views or experiences, to build "
+                                  "rapport and trust.",
+        "Greeting": "Start or continue the conversation with a polite, friendly greeting.",
+        "Ask for donation rejection purpose": "Ask why the Persuadee may hesitate or not want "
+                                              "to donate.",
+        "Thank": "Thank the Persuadee for their time, attention or willingness to donate.",
+        "Logical appeal": "Explain with logical reasons why a donation to Save the Children "
+                          "makes a real difference.",
+        "Emotion appeal": "Appeal to the Persuadee's emotions by describing the hardship of "
+                          "children in need.",
+        "Credibility appeal": "Mention the credibility and reputation of Save the Children.",
+        "Foot in the door": "Ask first for a very small commitment, to make later agreement "
+                            "more likely.",
+        "Self-modeling": "Say that you donated yourself, so that the Persuadee does the same.",
+        "Donation information": "Give facts about how donations are used and how they help "
+                                "children.",
+        "Personal story": "Tell a short, moving story of a child whom the charity helped.",
+        "Source-related inquiry": "Ask where the Persuadee usually learns about charities and "
+                                  "donations.",
+        "Task-related inquiry": "Ask about the Persuadee's experience with, or preferences "
+                                "for, giving to charity.",
+        "Personal-related inquiry": "Ask a personal question about the Persuadee's values or "
+                                    "priorities.",
+        "Neutral inquiry": "Ask a general question that keeps the conversation going.",
+    },
+    "planner": "You plan the next step of a persuasion conversation between a Persuader and "
+               "a Persuadee, using the conversation and the Persuadee's emotions so far. The "
+               "Persuader's goal is that the Persuadee donates to the charity Save the "
+               "Children; choose steps that are persuasive and emotionally appropriate.",
+    "system": "You are role-playing a Persuader. Your goal is to persuade the Persuadee to "
+              "donate to the charity Save the Children. Save the Children has its "
+              "headquarters in London and fights poverty around the world, above all in "
+              "developing countries and war zones. Small donations such as $1 or $2 already "
+              "help a lot.",
+    "user": "You are role-playing a Persuadee in a persuasion conversation. A Persuader is "
+            "trying to convince you to donate to the charity Save the Children. Reply in one "
+            "short sentence.",
+    "critic": "You judge persuasion conversations between a Persuader and a Persuadee: has "
+              "the Persuader convinced the Persuadee to donate to the charity Save the "
+              "Children?",
+    "critic_question": "At the end of the conversation, has the Persuadee been convinced to "
+                       "donate?",
+    "verdicts": [
+        "The Persuadee has explicitly refused.",
+        "The Persuadee remains neutral about donating.",
+        "The Persuadee has a positive attitude towards donating but hasn't decided yet.",
+        "The Persuadee has decided to donate.",
+    ],
+}
 
-PLANNER_PROMPT = (
-    "The following is a conversation between a {system_role} and a {user_role}.\n"
-    "{transcript}\n"
+# --- templates shared by every task -------------------------------------------------------
+
+# The planner's question; the prior is read from the probabilities of the option numbers.
+PLANNER_TEMPLATE = (
+    "Conversation so far:\n{transcript}\n\n"
     "Emotions of the {user_role} so far: {emotions}\n\n"
-    "Which strategy should the {system_role} use next? The strategies are:\n"
-    "{options}\n"
-    "Answer with the number of the best strategy only."
+    "Options for the {system_role}'s next step:\n{options}\n"
+    "Which option is the most suitable next step? Answer with its number only."
 )
+
+# Appended to the system LLM's last message: the chosen action's instruction, and with
+# --use_emotion the request to name the user's emotion first.
+SYSTEM_TURN_WITH_EMOTION = (
+    "First infer the {user_role}'s emotional state in one word, then reply as the "
+    "{system_role} in one short sentence, in exactly this format:\n"
+    "Emotion: <one word>\nResponse: <your reply>\n{instruction}"
+)
+SYSTEM_TURN = "Reply as the {system_role} in one short sentence. {instruction}"
 
 CRITIC_TEMPLATE = (
-    "The following is a conversation between a {system_role} and a {user_role}.\n"
-    "{transcript}\n"
+    "Conversation so far:\n{transcript}\n\n"
     "Emotions of the {user_role} so far: {emotions}\n\n"
-    "{question}\nYou can only reply with one of the following sentences:\n{verdicts}"
+    "{question}\nOptions:\n{options}\n"
+    "Answer with the number of exactly one option."
 )
-
-CRITIC_PROMPT = {
-    "esc": "Has the Patient's issue been solved?",
-    "extes": "Does the User feel better now?",
-    "cima": "Has the Student correctly translated the whole sentence \"{sentence}\" into "
-    "Italian (\"{target}\")?",
-    "cb": "Have the Buyer and the Seller reached a deal at the end of the conversation? If "
-    "they have, give the agreed price in place of [price].",
-    "p4g": "Has the Persuadee decided to donate to Save the Children?",
-}
-
-# Each verdict sentence is matched by its distinguishing words (see critic.py). For cb the
-# "[price]" verdict's reward is replaced by the sale-to-list ratio of the extracted price.
-VERDICTS = {
-    "esc": {
-        "No, the Patient feels worse.": -1.0,
-        "No, the Patient feels the same.": -0.5,
-        "No, but the Patient feels better.": 0.5,
-        "Yes, the Patient's issue has been solved.": 1.0,
-    },
-    "extes": {
-        "No, the User feels worse.": -1.0,
-        "No, the User feels the same.": -0.5,
-        "Yes, the User feels somewhat better.": 0.5,
-        "Yes, the User's problem has been solved.": 1.0,
-    },
-    "cima": {
-        "No, the Student made an incorrect translation.": -1.0,
-        "No, the Student did not try to translate.": -0.5,
-        "No, the Student only translated part of the sentence correctly.": 0.5,
-        "Yes, the Student correctly translated the whole sentence.": 1.0,
-    },
-    "cb": {
-        "They have not reached a deal.": -0.1,
-        "They have reached a deal at [price].": 1.0,
-    },
-    "p4g": {
-        "The Persuadee has explicitly refused.": -1.0,
-        "The Persuadee remains neutral about donating.": -0.5,
-        "The Persuadee has a positive attitude towards donating but hasn't decided yet.": 0.5,
-        "The Persuadee has agreed to donate.": 1.0,
-    },
-}
-
-# Fixed opening turns used when a case has none of its own (see tasks.py, `opening_turns`).
-DEFAULT_OPENINGS = {
-    "cb": [("Buyer", "Hi, how much is the {item_name}?"),
-           ("Seller", "Hi, this is a good {item_name} and its price is {seller_price}.")],
-    "p4g": [("Persuader", "Hello. How are you?"),
-            ("Persuadee", "I'm good, thank you. How about you?")],
-}

@@ -48,6 +48,14 @@ class ReplayBuffer:
                 "next_mask": self.next_mask[index].to(device),
                 "terminated": self.terminated[index].to(device)}
 
+    def load_state_dict(self, state):
+        for name in ("features", "rewards", "next_features", "next_mask", "terminated"):
+            if getattr(self, name).shape != state[name].shape:
+                raise ValueError(f"saved buffer '{name}' has shape {tuple(state[name].shape)}, "
+                                 f"this buffer {tuple(getattr(self, name).shape)}")
+            getattr(self, name).copy_(state[name])
+        self.position, self.size = int(state["position"]), int(state["size"])
+
     def state_dict(self):
         return {name: getattr(self, name) for name in
                 ("features", "rewards", "next_features", "next_mask", "terminated")} | {

@@ -1,56 +1,149 @@
 """Task registry: everything that differs between datasets, keyed by --data_name.
 
-Prompt text and action sets come from qwen_prompts.py; this module adds the data format,
-the success and failure rules, and the opening turns built from a case.
+A task is one `Task` entry in TASKS: its prompt block from qwen_prompts.py, the reward of
+each critic option, its success rule, its data files with their sources, how a case is
+read and checked, and how a conversation opens. Adding a task is one prompt block and one
+entry here; no other file names tasks.
 """
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import qwen_prompts as prompts
+from get_args import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file is missing or malformed."""
+
+
+SPLITS = ("train", "valid", "test")
+NUMBER = (int, float)
+PPDPP = "https://raw.githubusercontent.com/dengyang17/PPDPP/main/data"
+DIALOGXPERT = "https://raw.githubusercontent.com/declare-lab/dialogxpert/main/data"
+EXTES = "https://raw.githubusercontent.com/pandazzh2020/ExTES/main"
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    system_role: str
-    user_role: str
-    actions: dict  # action name -> instruction
-    verdicts: dict  # verdict sentence -> reward
-    success_threshold: float  # mean critic reward at or above this ends the dialogue: success
-    failure_threshold: float | None  # mean critic reward at or below this ends it: failure
-    bargaining: bool = False  # cb: reward is the sale-to-list ratio of the agreed price
+    prompts: dict  # the task's block in qwen_prompts.py
+    verdict_rewards: tuple  # reward of each critic option, in the block's order
+    succeeds: Callable  # (turn reward) -> bool; cb decides on the deal instead
+    files: dict  # split -> path relative to --data_dir
+    sources: dict  # path relative to --data_dir -> public URL
+    schema: dict  # field -> accepted type(s); every case must have them
+    opening: Callable  # case -> [(role, text)], the turns a conversation starts from
+    initial_emotions: Callable = lambda case: []  # the user's emotions before turn 1
+    check: Callable = lambda case: None  # further checks of a case: None or the problem
+    split_seeded: bool = False  # one file split 80/10/10 by --extes_seed (ExTES)
+    bargaining: bool = False  # the critic reads a deal and its price (cb)
+
+    def __post_init__(self):
+        if len(self.verdict_rewards) != len(self.prompts["verdicts"]):
+            raise ValueError(f"task '{self.name}': {len(self.prompts['verdicts'])} verdicts in "
+                             f"qwen_prompts.py but {len(self.verdict_rewards)} rewards")
+
+    @property
+    def system_role(self):
+        return self.prompts["system_role"]
+
+    @property
+    def user_role(self):
+        return self.prompts["user_role"]
+
+    @property
+    def actions(self):
+        return self.prompts["actions"]
 
     @property
     def action_names(self):
-        return list(self.actions)
+        return list(self.prompts["actions"])
+
+    @property
+    def verdicts(self):
+        return self.prompts["verdicts"]
+
+    @property
+    def reward_range(self):
+        """Every turn reward lies in this closed interval (0, the reward when no critic
+        answer was usable, included)."""
+        if self.bargaining:
+            return (-1.0, 2.0)  # sale-to-list ratios of plausible prices, see critic.py
+        return (min(0.0, *self.verdict_rewards), max(0.0, *self.verdict_rewards))
+
+
+def _dialog_opening(case, task_prompts):
+    """The case's first two turns, as the original does (cima: Teacher then Student;
+    p4g: Persuader then Persuadee)."""
+    roles = (task_prompts["system_role"], task_prompts["user_role"])
+    return [(role, turn["text"]) for role, turn in zip(roles, case["dialog"][:2])]
+
+
+def _check_dialog(case):
+    if len(case["dialog"]) < 2 or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
+                                          for t in case["dialog"][:2]):
+        return "'dialog' must start with two turns that have a 'text' string"
+    return None
+
+
+def _check_prices(case):
+    buyer, seller = case["buyer_price"], case["seller_price"]
+    if not (math.isfinite(buyer) and math.isfinite(seller) and 0 < buyer < seller):
+        return (f"prices must be finite with 0 < buyer_price < seller_price, got "
+                f"{buyer!r} and {seller!r}")
+    return None
 
 
 TASKS = {
-    "esc": Task("esc", *prompts.ROLES["esc"], prompts.ACTIONS["esc"], prompts.VERDICTS["esc"],
-                success_threshold=0.5, failure_threshold=-1.0),
-    "extes": Task("extes", *prompts.ROLES["extes"], prompts.ACTIONS["extes"],
-                  prompts.VERDICTS["extes"], success_threshold=0.5, failure_threshold=-1.0),
-    "cima": Task("cima", *prompts.ROLES["cima"], prompts.ACTIONS["cima"],
-                 prompts.VERDICTS["cima"], success_threshold=1.0, failure_threshold=None),
-    "cb": Task("cb", *prompts.ROLES["cb"], prompts.ACTIONS["cb"], prompts.VERDICTS["cb"],
-               success_threshold=0.0, failure_threshold=None, bargaining=True),
-    "p4g": Task("p4g", *prompts.ROLES["p4g"], prompts.ACTIONS["p4g"], prompts.VERDICTS["p4g"],
-                success_threshold=0.75, failure_threshold=-1.0),
+    "esc": Task(
+        "esc", prompts.ESC, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
+        succeeds=lambda reward: reward >= 0.5,
+        files={s: f"esc-{s}.txt" for s in SPLITS},
+        sources={f"esc-{s}.txt": f"{PPDPP}/esc-{s}.txt" for s in SPLITS},
+        schema={"emotion_type": str, "problem_type": str, "situation": str, "dialog": list},
+        opening=lambda case: [("Patient", case["situation"])],
+        initial_emotions=lambda case: [case["emotion_type"]]),
+    "extes": Task(
+        "extes", prompts.EXTES, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
+        succeeds=lambda reward: reward >= 0.5,
+        files={s: "ExTES/ExTES.json" for s in SPLITS},
+        sources={"ExTES/ExTES.json": f"{EXTES}/ExTES.json"},
+        schema={"description": str, "scene": str, "content": list},
+        opening=lambda case: [("Patient", case["description"])],
+        split_seeded=True),
+    "cima": Task(
+        "cima", prompts.CIMA, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
+        succeeds=lambda reward: reward >= 1.0,
+        files={s: f"cima-{s}.txt" for s in SPLITS},
+        sources={f"cima-{s}.txt": f"{PPDPP}/cima-{s}.txt" for s in SPLITS},
+        schema={"sentence": str, "target": str, "dialog": list},
+        opening=lambda case: _dialog_opening(case, prompts.CIMA), check=_check_dialog),
+    "cb": Task(
+        "cb", prompts.CB, verdict_rewards=(-0.1, 1.0),  # a deal's reward is its sale-to-list
+        succeeds=lambda reward: reward >= 0.0,
+        files={s: f"cb-{s}.txt" for s in SPLITS},
+        sources={f"cb-{s}.txt": f"{PPDPP}/cb-{s}.txt" for s in SPLITS},
+        schema={"item_name": str, "buyer_price": NUMBER, "seller_price": NUMBER,
+                "buyer_item_description": str, "seller_item_description": str},
+        opening=lambda case: [
+            ("Buyer", f"Hi, how much is the {case['item_name']}?"),
+            ("Seller", f"Hi, this is a good {case['item_name']} and its price is "
+                       f"{case['seller_price']}.")],
+        check=_check_prices, bargaining=True),
+    "p4g": Task(
+        "p4g", prompts.P4G, verdict_rewards=(-1.0, -0.5, 0.1, 1.0),
+        succeeds=lambda reward: reward > 0.6,
+        files={"train": "P4G/train.json", "valid": "P4G/dev.json", "test": "P4G/test.json"},
+        sources={f"P4G/{s}.json": f"{DIALOGXPERT}/P4G/api_annotated/{s}.json"
+                 for s in ("train", "dev", "test")},
+        schema={"dialog": list},
+        opening=lambda case: _dialog_opening(case, prompts.P4G), check=_check_dialog),
 }
-
-SPLITS = ("train", "valid", "test")
-
-for _name in TASKS:
-    for _table in (prompts.SYSTEM_PROMPT, prompts.USER_PROMPT, prompts.CRITIC_PROMPT):
-        if _name not in _table:
-            raise KeyError(f"qwen_prompts.py has no prompt for task '{_name}'")
 
 
 def get_task(name):
@@ -59,45 +152,38 @@ def get_task(name):
     return TASKS[name]
 
 
+def case_fields(case):
+    """The values that prompt placeholders in qwen_prompts.py may use."""
+    return {k: v for k, v in case.items() if isinstance(v, (str, int, float))}
+
+
 # ---------------------------------------------------------------------------------------
 # Data files
 # ---------------------------------------------------------------------------------------
 
-REQUIRED_FIELDS = {
-    "esc": ("emotion_type", "problem_type", "situation", "dialog"),
-    "cima": ("sentence", "target", "dialog"),
-    "cb": ("item_name", "buyer_price", "seller_price", "buyer_item_description",
-           "seller_item_description", "dialog"),
-    "p4g": ("dialog",),
-    "extes": ("content",),
-}
-
-
 def split_path(data_dir, task_name, split):
-    if task_name == "p4g":
-        return os.path.join(data_dir, "P4G", {"valid": "dev"}.get(split, split) + ".json")
-    if task_name == "extes":
-        return os.path.join(data_dir, "ExTES", "ExTES.json")
-    return os.path.join(data_dir, f"{task_name}-{split}.txt")
+    return os.path.join(data_dir, get_task(task_name).files[split])
 
 
-def _check_case(case, task_name, where):
+def check_case(case, task, where):
+    """The case if it has every field the task uses, with the right types."""
     if not isinstance(case, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(case).__name__}")
-    missing = [f for f in REQUIRED_FIELDS[task_name] if f not in case]
+    missing = [f for f in task.schema if f not in case]
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing} for task '{task_name}'")
-    if task_name == "cb":
-        for field in ("buyer_price", "seller_price"):
-            if not isinstance(case[field], (int, float)):
-                raise DataError(f"{where}: '{field}' must be a number, got {case[field]!r}")
-        if case["buyer_price"] == case["seller_price"]:
-            raise DataError(f"{where}: buyer_price equals seller_price; the sale-to-list "
-                            "ratio is undefined")
+        raise DataError(f"{where}: missing field(s) {missing} for task '{task.name}'")
+    for name, kind in task.schema.items():
+        value = case[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = "a number" if kind is NUMBER else f"a {kind.__name__}"
+            raise DataError(f"{where}: '{name}' must be {expected}, got {value!r:.60}")
+    problem = task.check(case)
+    if problem:
+        raise DataError(f"{where}: {problem}")
     return case
 
 
-def _read_json_lines(path, task_name):
+def _read_json_lines(path, task):
     cases = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -108,11 +194,11 @@ def _read_json_lines(path, task_name):
                 case = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            cases.append(_check_case(case, task_name, where))
+            cases.append(check_case(case, task, where))
     return cases
 
 
-def _read_json_list(path, task_name):
+def _read_json_list(path, task):
     with open(path, encoding="utf-8") as f:
         try:
             items = json.load(f)
@@ -120,82 +206,37 @@ def _read_json_list(path, task_name):
             raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of conversations")
-    return [_check_case(item, task_name, f"{path}, item {i}") for i, item in enumerate(items)]
+    return [check_case(item, task, f"{path}, item {i}") for i, item in enumerate(items)]
+
+
+def read_file(path, task_name):
+    """Every case of one data file, checked against the task's schema."""
+    read = _read_json_list if path.endswith(".json") else _read_json_lines
+    try:
+        return read(path, get_task(task_name))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
 
 
 def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0.1)):
-    """Read one split. ExTES has one file that is split by a fixed seed of its own,
+    """Read one split. A task with one file (ExTES) is split by a fixed seed of its own,
     independent of the run's seed, so every run sees the same test cases."""
-    get_task(task_name)
+    task = get_task(task_name)
     if split not in SPLITS:
         raise ValueError(f"Unknown split '{split}'. Expected one of {list(SPLITS)}")
     path = split_path(data_dir, task_name, split)
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"No {split} data for task '{task_name}': {path} does not exist. Run "
+        raise DataError(
+            f"no {split} data for task '{task_name}': {path} does not exist. Run "
             f"`python download_data.py --data_name {task_name}` to fetch the benchmark, or "
             f"pass --data_dir data/demo for the small demo cases.")
-    if task_name == "extes":
-        cases = _read_json_list(path, task_name)
-        order = list(range(len(cases)))
-        random.Random(extes_seed).shuffle(order)
-        n_train = int(len(cases) * extes_fractions[0])
-        n_valid = int(len(cases) * extes_fractions[1])
-        bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid),
-                  "test": (n_train + n_valid, len(cases))}[split]
-        return [cases[i] for i in order[bounds[0]:bounds[1]]]
-    if task_name == "p4g":
-        return _read_json_list(path, task_name)
-    return _read_json_lines(path, task_name)
-
-
-# ---------------------------------------------------------------------------------------
-# Cases -> prompt fields and opening turns
-# ---------------------------------------------------------------------------------------
-
-def case_fields(task_name, case):
-    """The values that prompt placeholders in qwen_prompts.py may use."""
-    fields = {k: v for k, v in case.items() if isinstance(v, (str, int, float))}
-    if task_name == "extes":
-        fields.setdefault("situation", case.get("description") or case.get("scene") or "")
-    return fields
-
-
-def _first_turns(task_name, case):
-    """The case's own first system and user turns, where its format has them."""
-    task = get_task(task_name)
-    if task_name == "extes":
-        turns = []
-        for turn in case["content"]:
-            if "AI" in turn:
-                turns.append((task.system_role, turn["AI"]))
-            elif "User" in turn:
-                turns.append((task.user_role, turn["User"]))
-        return turns
-    speaker_role = {"sys": task.system_role, "usr": task.user_role,
-                    "Persuader": task.system_role, "Persuadee": task.user_role}
-    return [(speaker_role[t["speaker"]], t["text"]) for t in case["dialog"]
-            if t.get("speaker") in speaker_role]
-
-
-def opening_turns(task_name, case):
-    """The turns a self-play conversation starts from; it always ends on a user turn."""
-    task = get_task(task_name)
-    fields = case_fields(task_name, case)
-    if task_name in prompts.DEFAULT_OPENINGS and task_name != "p4g":
-        return [(role, text.format(**fields)) for role, text in prompts.DEFAULT_OPENINGS[task_name]]
-    if task_name == "esc":
-        return [(task.user_role, case["situation"])]
-    turns = _first_turns(task_name, case)
-    # Keep the first system turn (if any) and the user turn after it.
-    opening = []
-    for role, text in turns:
-        if not opening and role == task.user_role:
-            return [(role, text)]
-        opening.append((role, text))
-        if role == task.user_role:
-            return opening
-    if task_name in prompts.DEFAULT_OPENINGS:
-        return list(prompts.DEFAULT_OPENINGS[task_name])
-    situation = fields.get("situation") or fields.get("sentence", "")
-    return [(task.user_role, situation)]
+    cases = read_file(path, task_name)
+    if not task.split_seeded:
+        return cases
+    order = list(range(len(cases)))
+    random.Random(extes_seed).shuffle(order)
+    n_train = int(len(cases) * extes_fractions[0])
+    n_valid = int(len(cases) * extes_fractions[1])
+    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid),
+              "test": (n_train + n_valid, len(cases))}[split]
+    return [cases[i] for i in order[bounds[0]:bounds[1]]]

@@ -10,25 +10,35 @@ and the critic LLM's verdicts give the reward. Transitions go to a replay buffer
 Q-head learns by TD learning against a soft-updated target head.
 """
 
-import copy
-import json
 import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("stopped by SIGINT while starting: nothing "
+                                                   "to resume", file=sys.stderr), os._exit(130)))
+
+import copy  # noqa: E402 (the handler above comes first)
+import itertools
+import json
 import random
 import time
 from collections import Counter
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from critic import Critic
 from env import Planner, SelfPlayEnv, transcript
-from get_args import parse_args
+from get_args import Args, UserError, parse_args
 from llm import ServerError, backend_options, load_llm, resolve_llm_path
 from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
                        select_action, state_text)
+import run_state
 from replay_buffer import ReplayBuffer
 from tasks import get_task, load_split
 
@@ -68,7 +78,7 @@ def llm_usage(planner, env):
 
 
 def build_env(args, task, llms):
-    critic = Critic(task, llms["critic"], num_samples=args.critic_samples,
+    critic = Critic(task, llms["critic"], mode=args.critic, num_samples=args.critic_samples,
                     temperature=args.critic_temperature,
                     max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
                     stop_at_newline=args.critic_stop_at_newline)
@@ -77,6 +87,7 @@ def build_env(args, task, llms):
     env = SelfPlayEnv(task, llms["system"], llms["user"], critic, max_turn=args.max_turn,
                       system_temperature=args.system_temperature,
                       user_temperature=args.user_temperature,
+                      eval_temperature=args.eval_temperature,
                       system_max_new_tokens=args.system_max_new_tokens,
                       user_max_new_tokens=args.user_max_new_tokens, use_emotion=args.use_emotion)
     return planner, env
@@ -149,12 +160,24 @@ class Agent:
         for i, state in self.optimizer.state_dict()["state"].items():
             tensors |= {f"optimizer.{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
                         for k, v in state.items()}
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path)
         info = {"step": step, "updates": self.updates, "metrics": metrics,
                 "optimizer_param_groups": self.optimizer.state_dict()["param_groups"],
                 "args": vars(self.args)}
-        with open(path + ".json", "w") as f:
-            json.dump(info, f, indent=2)
+        # each file is replaced whole, so a kill never leaves a torn checkpoint
+        run_state.atomic_write(path + ".json",
+                               lambda f: f.write(json.dumps(info, indent=2).encode()))
+        weights = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+        run_state.atomic_write(path, lambda f: f.write(weights))
+
+    def state_dict(self):
+        return {"q_head": self.q_head.state_dict(), "target_head": self.target_head.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.q_head.load_state_dict(state["q_head"])
+        self.target_head.load_state_dict(state["target_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.updates = state["updates"]
 
     def load(self, path):
         if not os.path.exists(path):
@@ -199,13 +222,13 @@ def choose(agent, conversations, epsilon, rng):
     return chosen
 
 
-def play_step(agent, planner, env, task, conversations, epsilon, rng):
+def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation=False):
     """One batched turn. Returns (chosen features, results) with next observations filled."""
     chosen = choose(agent, conversations, epsilon, rng)
     actions = [c.candidates[i] for c, i in zip(conversations, chosen)]
     chosen_features = [c.candidate_features[i] for c, i in zip(conversations, chosen)]
     pending = [c.pending for c in conversations]
-    results = env.step(conversations, actions)
+    results = env.step(conversations, actions, evaluation)
     for conversation, extra in zip(conversations, pending):
         conversation.records[-1].update(extra)
     # the next state's candidates: needed to act on, and to bootstrap a turn-limit ending
@@ -237,7 +260,8 @@ def summarize(conversations, task, max_turn, error_counts):
 
 
 def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
-    """Play every case greedily (epsilon 0); returns (metrics, conversations)."""
+    """Play every case with argmax Q (epsilon 0) and the system and user LLMs at
+    --eval_temperature; returns (metrics, conversations)."""
     errors_before = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
     rng = random.Random(args.seed)
     finished, queue = [], list(cases)
@@ -247,7 +271,7 @@ def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
         queue = queue[args.num_envs:]
         agent.observe(planner, batch, task)
         while batch:
-            play_step(agent, planner, env, task, batch, epsilon, rng)
+            play_step(agent, planner, env, task, batch, epsilon, rng, evaluation=True)
             for conversation in [c for c in batch if c.done]:
                 finished.append(conversation)
                 bar.update(1)
@@ -272,66 +296,106 @@ def write_results(run_dir, name, metrics, conversations):
 # Training
 # ---------------------------------------------------------------------------------------
 
-def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, writer):
+def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, writer,
+          resume=None):
+    """Play and learn until --total_episodes conversations have finished; returns the path
+    of the best checkpoint. `resume`: a state saved by this function (run_state.py)."""
     rng = random.Random(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     buffer = ReplayBuffer(args.buffer_size, agent.encoder.width, args.top_k)
-    best_path, best_score = os.path.join(run_dir, "best.pt"), None
-    order = list(range(len(train_cases)))
-    started = finished = steps = 0
-    active = []
-    train_log = []
-    bar = tqdm(total=args.total_episodes, desc="train", disable=not args.progress)
-    next_eval = args.eval_every
-    while finished < args.total_episodes:
-        # finished conversations have left the batch; new cases take their place
-        new = []
-        while len(active) + len(new) < args.num_envs and started < args.total_episodes:
-            if started % len(order) == 0:
-                rng.shuffle(order)
-            new.append(env.reset(train_cases[order[started % len(order)]]))
-            started += 1
-        agent.observe(planner, new, task)
-        active += new
-        epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
-                                  args.exploration_fraction * args.total_episodes, finished)
-        chosen_features, results = play_step(agent, planner, env, task, active, epsilon, rng)
-        steps += 1
-        for conversation, features, result in zip(active, chosen_features, results):
-            next_features = None if result.terminated else conversation.candidate_features
-            buffer.add(features.cpu(), result.reward,
-                       None if next_features is None else next_features.cpu(), result.terminated)
-        if len(buffer) >= args.learning_starts:
-            for _ in range(args.updates_per_step * len(active)):
-                loss, q_mean = agent.update(buffer, generator)
-            writer.add_scalar("losses/td_loss", loss, steps)
-            writer.add_scalar("losses/q_values", q_mean, steps)
-        writer.add_scalar("charts/epsilon", epsilon, steps)
-        for conversation in [c for c in active if c.done]:
-            finished += 1
-            bar.update(1)
-            train_log.append(conversation)
-            writer.add_scalar("charts/episodic_return", conversation.total_reward, finished)
-            writer.add_scalar("charts/episode_success",
-                              float(conversation.outcome == "success"), finished)
-        active = [c for c in active if not c.done]
-        if finished >= next_eval or finished >= args.total_episodes:
-            next_eval += args.eval_every
-            metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
-            writer.add_scalar("eval/SR", metrics["SR"], finished)
-            writer.add_scalar("eval/AT", metrics["AT"], finished)
-            if task.bargaining:
-                writer.add_scalar("eval/SL", metrics["SL"], finished)
-            for role, usage in llm_usage(planner, env).items():
-                for name, count in usage.items():
-                    writer.add_scalar(f"usage/{role}_{name}", count, finished)
-            score = (metrics["SR"], -metrics["AT"])
-            tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} AT={metrics['AT']:.2f}")
-            if best_score is None or score > best_score:
-                best_score = score
-                agent.save(best_path, finished, metrics)
+    best_path = os.path.join(run_dir, "best.pt")
+    loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
+            "best_score": None, "order": list(range(len(train_cases)))}
+    active, train_log = [], []
+    llms = {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
+            "critic": env.critic.llm}
+    if resume is not None:
+        loop = resume["loop"]
+        agent.load_state_dict(resume["agent"])
+        buffer.load_state_dict(resume["buffer"])
+        active = run_state.restore_conversations(resume["active"])
+        train_log = run_state.restore_conversations(resume["train_log"])
+        env.errors.update(resume["errors"]["env"])
+        planner.invalid_answers = resume["errors"]["planner"]
+        run_state.restore_random_states(resume["random"], rng, generator, llms)
+
+    def save_state():
+        run_state.save_state(run_dir, {
+            "args": vars(args), "loop": loop, "agent": agent.state_dict(),
+            "buffer": buffer.state_dict(),
+            "active": [run_state.conversation_to_dict(c) for c in active],
+            "train_log": [run_state.conversation_to_dict(c) for c in train_log],
+            "errors": {"env": dict(env.errors), "planner": planner.invalid_answers},
+            "random": run_state.random_states(rng, generator, llms)})
+
+    order = loop["order"]
+    bar = tqdm(total=args.total_episodes, initial=loop["finished"], desc="train",
+               disable=not args.progress)
+    saved_at = loop["finished"]
+    with run_state.StopRequest() as stop:
+        while loop["finished"] < args.total_episodes:
+            # finished conversations have left the batch; new cases take their place
+            new = []
+            while (len(active) + len(new) < args.num_envs
+                   and loop["started"] < args.total_episodes):
+                if loop["started"] % len(order) == 0:
+                    rng.shuffle(order)
+                new.append(env.reset(train_cases[order[loop["started"] % len(order)]]))
+                loop["started"] += 1
+            agent.observe(planner, new, task)
+            active += new
+            epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
+                                      args.exploration_fraction * args.total_episodes,
+                                      loop["finished"])
+            chosen_features, results = play_step(agent, planner, env, task, active, epsilon, rng)
+            loop["steps"] += 1
+            steps = loop["steps"]
+            for conversation, features, result in zip(active, chosen_features, results):
+                next_features = None if result.terminated else conversation.candidate_features
+                buffer.add(features.cpu(), result.reward,
+                           None if next_features is None else next_features.cpu(),
+                           result.terminated)
+            if len(buffer) >= args.learning_starts:
+                for _ in range(args.updates_per_step * len(active)):
+                    loss, q_mean = agent.update(buffer, generator)
+                writer.add_scalar("losses/td_loss", loss, steps)
+                writer.add_scalar("losses/q_values", q_mean, steps)
+            writer.add_scalar("charts/epsilon", epsilon, steps)
+            for conversation in [c for c in active if c.done]:
+                loop["finished"] += 1
+                bar.update(1)
+                train_log.append(conversation)
+                writer.add_scalar("charts/episodic_return", conversation.total_reward,
+                                  loop["finished"])
+                writer.add_scalar("charts/episode_success",
+                                  float(conversation.outcome == "success"), loop["finished"])
+            active = [c for c in active if not c.done]
+            finished = loop["finished"]
+            if finished >= loop["next_eval"] or finished >= args.total_episodes:
+                loop["next_eval"] += args.eval_every
+                metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
+                writer.add_scalar("eval/SR", metrics["SR"], finished)
+                writer.add_scalar("eval/AT", metrics["AT"], finished)
+                if task.bargaining:
+                    writer.add_scalar("eval/SL", metrics["SL"], finished)
+                for role, usage in llm_usage(planner, env).items():
+                    for name, count in usage.items():
+                        writer.add_scalar(f"usage/{role}_{name}", count, finished)
+                score = [metrics["SR"], -metrics["AT"]]
+                tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} "
+                           f"AT={metrics['AT']:.2f}")
+                if loop["best_score"] is None or score > loop["best_score"]:
+                    loop["best_score"] = score
+                    agent.save(best_path, finished, metrics)
+            if stop.requested or finished - saved_at >= args.checkpoint_every:
+                save_state()
+                saved_at = finished
+                if stop.requested:
+                    bar.close()
+                    raise run_state.TrainingStopped(run_dir, stop.requested)
     bar.close()
-    agent.save(os.path.join(run_dir, "last.pt"), finished)
+    save_state()
+    agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
     train_metrics = summarize(train_log, task, args.max_turn, env.errors)
     train_metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "train", train_metrics, train_log)
@@ -339,55 +403,66 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args):
+    """Train then test, or test a checkpoint; returns (test metrics, run folder)."""
+    resume = None
+    if args.resume:  # the saved run's own arguments; only how it reports may change
+        resume = run_state.load_state(args.resume)
+        args = Args(**resume["args"] | {"resume": args.resume, "progress": args.progress,
+                                         "debug": args.debug})
     seed_everything(args.seed)
     task = get_task(args.data_name)
 
     def split(name):
         cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed)
         if not cases:
-            raise SystemExit(f"error: the {name} split of '{task.name}' in {args.data_dir} is empty")
+            raise UserError(f"the {name} split of '{task.name}' in {args.data_dir} has no "
+                            "cases. Download the data again with download_data.py")
         return cases[:args.max_cases] if args.max_cases else cases
 
-    # read every split first: a missing file fails before any model is loaded
+    # data, checkpoint and output folder are checked before any model is loaded
     test_cases = split("test")
     if args.mode == "train":
         train_cases, valid_cases = split("train"), split("valid")
         if args.eval_cases:
             valid_cases = valid_cases[:args.eval_cases]
+    else:
+        check_checkpoint(args.checkpoint, args)
+    run_dir = args.resume or make_run_dir(
+        args.output_dir, f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
-    try:
-        llms = load_llms(args)
-        planner, env = build_env(args, task, llms)
-        scoring_problem = getattr(llms["planner"], "option_scoring_problem", None)  # optional
-        problem = args.prior == "logits" and scoring_problem and scoring_problem(planner.labels)
-    except ServerError as error:
-        raise SystemExit(f"error: {error}") from None
+    llms = load_llms(args)
+    planner, env = build_env(args, task, llms)
+    scoring_problem = getattr(llms["planner"], "option_scoring_problem", None)  # optional
+    problem = args.prior == "logits" and scoring_problem and scoring_problem(planner.labels)
     if problem:
         print(f"warning: {problem}; the planner samples its prior instead (--prior sample)")
         args.prior = planner.mode = "sample"
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
-
-    run_name = f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    print(f"Run folder: {run_dir}")
     try:
         if args.mode == "train":
             with SummaryWriter(run_dir) as writer:
                 writer.add_text("args", json.dumps(vars(args), indent=2))
                 checkpoint = train(args, agent, planner, env, task, train_cases, valid_cases,
-                                   run_dir, writer)
+                                   run_dir, writer, resume)
         else:
             checkpoint = args.checkpoint
         agent.load(checkpoint)
         metrics, conversations = evaluate(args, agent, planner, env, task, test_cases, "test")
-    except ServerError as error:  # a served model is gone: keep the Q-head learned so far
+    except ServerError as error:  # a served model is gone: keep what was learned
         agent.save(os.path.join(run_dir, "last.pt"), None,
                    {"stopped_by": str(error), "llm_usage": llm_usage(planner, env)})
-        raise SystemExit(f"error: {error}") from None
+        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
+            raise ServerError(f"{error} The training state of the last save is in {run_dir}: "
+                              f"resume with `python train_model.py --resume {run_dir}`",
+                              error.status) from None
+        raise
     metrics["checkpoint"] = checkpoint
     metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "test", metrics, conversations)
@@ -395,5 +470,65 @@ def main(argv=None):
     return metrics, run_dir
 
 
+def make_run_dir(output_dir, run_name):
+    """A new folder: a run started in the same second as another gets a suffix."""
+    for attempt in itertools.count():
+        path = os.path.join(output_dir, run_name + (f"_{attempt}" if attempt else ""))
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise UserError(f"cannot create the run folder {path} ({error.strerror}). Pass a "
+                            "writable --output_dir") from None
+
+
+CHECKED_ARGS = ("data_name", "encoder", "hidden_size", "top_k", "use_emotion")
+
+
+def check_checkpoint(path, args):
+    """The checkpoint exists, is readable, and was trained for this task and Q-adapter."""
+    info_path = path + ".json"
+    if not (os.path.isfile(path) and os.path.isfile(info_path)):
+        raise UserError(f"no checkpoint at {path} (with {info_path} beside it). Pass the "
+                        "best.pt of a training run")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            saved = json.load(f)["args"]
+        with safe_open(path, framework="pt") as f:
+            names = set(f.keys())
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        raise UserError(f"the checkpoint {path} cannot be read ({error}). Pass the best.pt of "
+                        "a training run") from None
+    if not any(n.startswith("q_head.") for n in names):
+        raise UserError(f"the checkpoint {path} has no Q-head. Pass the best.pt of a training "
+                        "run")
+    for name in CHECKED_ARGS:
+        if saved.get(name) != getattr(args, name):
+            raise UserError(f"the checkpoint {path} was trained with --{name} "
+                            f"{saved.get(name)!r}, this run has {getattr(args, name)!r}. Pass "
+                            f"--{name} {saved.get(name)} or a checkpoint trained for this run")
+
+
+def cli():
+    """python train_model.py: a user error is one line on stderr and exit code 2."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = parse_args()
+    try:
+        run(args)
+    except run_state.TrainingStopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before training started or after it ended: no state to keep
+        print("stopped by SIGINT outside training: nothing to resume", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, ServerError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

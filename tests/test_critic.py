@@ -1,64 +1,106 @@
+import math
+import time
+
 import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
 from conftest import ScriptedLLM
-from critic import Critic, CriticResult, VerdictParser, outcome, parse_price, sale_to_list
+from critic import (Critic, parse_price, parse_verdict, plausible_price, sale_to_list)
 from tasks import TASKS, get_task
+
+ESC = get_task("esc").verdicts
 
 
 @pytest.mark.parametrize("task_name", sorted(TASKS))
-def test_every_verdict_parses_to_its_own_reward(task_name):
-    task = get_task(task_name)
-    parser = VerdictParser(task.verdicts)
-    for sentence, reward in task.verdicts.items():
-        answer = sentence.replace("[price]", "$150")
-        verdict = parser.parse(answer)
-        assert verdict.sentence == sentence, answer
-        assert verdict.reward == reward
+def test_every_option_is_read_by_number_and_by_its_sentence(task_name):
+    verdicts = get_task(task_name).verdicts
+    for i, sentence in enumerate(verdicts):
+        for answer in (str(i + 1), f"{i + 1}. {sentence}", f"Option {i + 1}", f"({i + 1})",
+                       f"**{i + 1}**", sentence, sentence.upper().rstrip(".")):
+            assert parse_verdict(answer, verdicts) == i, answer
 
 
-@pytest.mark.parametrize("answer,expected", [
-    ("no, the patient feels worse", "No, the Patient feels worse."),
-    ("I think the patient feels a bit better now.", "No, but the Patient feels better."),
-    ("Yes. The issue is solved!", "Yes, the Patient's issue has been solved."),
-    ("Answer: No, the Patient feels the same.\nExplanation: ...", "No, the Patient feels the same."),
+@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_no_option_sentence_contains_another(task_name):
+    """Otherwise quoting the longer one would also name the shorter one."""
+    words = [" " + " ".join(v.lower().replace(",", "").replace(".", "").split()) + " "
+             for v in get_task(task_name).verdicts]
+    assert not [(a, b) for a in words for b in words if a != b and a in b]
+
+
+@pytest.mark.parametrize("task_name,answer", [
+    ("esc", "No, the Patient's issue has not been solved."),
+    ("esc", "The issue remains unresolved."),
+    ("esc", "Yes, the Patient's emotional problem has not been solved."),
+    ("extes", "No, the Patient's problem has not been solved."),
+    ("p4g", "The Persuadee refuses to donate."),
+    ("cima", "Yes, the translation is correct."),
+    ("cima", "No, the Student has not correctly translated the whole sentence."),
 ])
-def test_esc_loose_answers(answer, expected):
-    assert VerdictParser(get_task("esc").verdicts).parse(answer).sentence == expected
+def test_negations_and_paraphrases_are_unusable(task_name, answer):
+    assert parse_verdict(answer, get_task(task_name).verdicts) is None
 
 
-@pytest.mark.parametrize("answer", ["", "I don't know", "worse or better, hard to say",
-                                    "The weather is nice."])
-def test_unusable_answers_are_rejected(answer):
-    verdict = VerdictParser(get_task("esc").verdicts).parse(answer)
-    assert verdict.sentence is None and verdict.reward is None
+@pytest.mark.parametrize("answer", [
+    "No, the Patient feels worse. No, the Patient feels the same.",  # two verdicts
+    "3. No, the Patient feels worse.",  # number and sentence disagree
+    "Option 2 or option 3", "1 or option 2",
+    "1. No, the Patient feels worse.\n2. No, the Patient feels the same.\n3. No, but the "
+    "Patient feels somewhat better.\n4. Yes, the Patient's emotional problem has been solved.",
+    "5", "Option 9", "0",  # not an option
+    "", "   ", "I don't know", "The weather is nice.", "worse", "better",
+    "x" * 100_000, "3" * 5000,
+])
+def test_echoes_several_options_empty_and_long_answers_are_unusable(answer):
+    assert parse_verdict(answer, ESC) is None
 
 
-def test_extes_somewhat_better_and_p4g_donate_have_rewards():
-    extes = VerdictParser(get_task("extes").verdicts)
-    assert extes.parse("Yes, the User feels somewhat better.").reward == 0.5
-    p4g = VerdictParser(get_task("p4g").verdicts)
-    assert p4g.parse("The Persuadee has agreed to donate.").reward == 1.0
-    assert p4g.parse("They refused.").reward == -1.0
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400), st.sampled_from(sorted(TASKS)))
+def test_random_text_never_raises_and_gives_an_option_or_none(answer, task_name):
+    verdicts = get_task(task_name).verdicts
+    index = parse_verdict(answer, verdicts)
+    assert index is None or 0 <= index < len(verdicts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_random_answers_give_finite_rewards_inside_each_task_range(answer):
+    for task_name in sorted(TASKS):
+        task = get_task(task_name)
+        case = {"buyer_price": 100, "seller_price": 200}
+        result = Critic(task, None).from_answers(case, [answer, "2, 150", answer])
+        low, high = task.reward_range
+        assert math.isfinite(result.reward) and low <= result.reward <= high
+
+
+@pytest.mark.parametrize("unit", ["No, the Patient feels 3 . (", "\n", " \n\t", "option ",
+                                  "1" * 7 + ",", "$ -"])
+def test_parsing_time_grows_linearly_with_answer_length(unit):
+    def seconds(n):
+        answer = (unit * n)[:n]
+        start = time.perf_counter()
+        for _ in range(3):
+            parse_verdict(answer, ESC)
+            parse_price(answer)
+        return time.perf_counter() - start
+    seconds(1000)
+    small, large = seconds(10_000), seconds(100_000)
+    assert large < 30 * small + 0.05  # 10x the length: ~10x the time, never quadratic
 
 
 @pytest.mark.parametrize("text,price", [("$1,200", 1200.0), ("at 45.50 dollars", 45.5),
-                                        ("1.2k", 1200.0), ("no price", None), ("250", 250.0)])
+                                        ("1.2k", 1200.0), ("no price", None), ("250", 250.0),
+                                        ("-30", -30.0), ("9" * 400, math.inf)])
 def test_parse_price(text, price):
     assert parse_price(text) == price
 
 
-@pytest.mark.parametrize("answer,deal,price", [
-    ("They have reached a deal at $210.", True, 210.0),
-    ("They have reached a deal at 1,500", True, 1500.0),
-    ("They have not reached a deal.", False, None),
-    ("No deal was made.", False, None),
-    ("Deal at 200 dollars", True, 200.0),
-])
-def test_cb_deal_parsing(answer, deal, price):
-    verdict = VerdictParser(get_task("cb").verdicts).parse(answer)
-    assert verdict.sentence is not None
-    assert (verdict.price is not None) == deal
-    assert verdict.price == price
+def test_implausible_prices_are_rejected():
+    assert plausible_price(150, 100, 200) and plausible_price(300, 100, 200)
+    for price in (None, -5, 0, 301, math.inf, math.nan, 1e12):
+        assert not plausible_price(price, 100, 200), price
 
 
 def test_sale_to_list_ratio():
@@ -67,49 +109,134 @@ def test_sale_to_list_ratio():
     assert sale_to_list(215, buyer_price=180, seller_price=250) == pytest.approx(0.5)
 
 
-def _critic(task_name, answers, samples=4):
+def _critic(task_name, answers, samples=4, mode="sample", prior=None):
     queue = list(answers)
-    llm = ScriptedLLM(lambda prompt: queue.pop(0))
-    return Critic(get_task(task_name), llm, num_samples=samples)
+    llm = ScriptedLLM(lambda prompt: queue.pop(0), prior=prior)
+    return Critic(get_task(task_name), llm, mode=mode, num_samples=samples)
+
+
+def test_prompt_lists_numbered_options_and_the_case():
+    critic = _critic("esc", [])
+    messages = critic.prompt({"emotion_type": "anxiety", "problem_type": "job crisis"},
+                             "Patient: hi", ["anxious"])
+    assert "anxiety" in messages[0]["content"] and "job crisis" in messages[0]["content"]
+    assert "1. No, the Patient feels worse." in messages[1]["content"]
+    assert "4. Yes, the Patient's emotional problem has been solved." in messages[1]["content"]
+
+
+def test_cima_critic_is_not_handed_the_target_translation():
+    case = {"sentence": "the red cat", "target": "il gatto rosso", "dialog": []}
+    text = "\n".join(m["content"] for m in _critic("cima", []).prompt(case, "Student: hi", []))
+    assert "the red cat" in text and "il gatto rosso" not in text
 
 
 def test_critic_averages_usable_verdicts_and_counts_invalid():
-    critic = _critic("esc", ["Yes, the Patient's issue has been solved.",
-                             "No, but the Patient feels better.", "gibberish", "banana"])
-    result = critic.score([{"situation": "x"}], ["Patient: hi"], [["sad"]])[0]
-    assert result.reward == pytest.approx(0.75)
-    assert result.invalid == 2
-    assert len(result.verdicts) == 4
+    critic = _critic("esc", ["4", "No, but the Patient feels somewhat better.",
+                             "No, the Patient's issue has not been solved.", "banana"])
+    result = critic.score([{"emotion_type": "x", "problem_type": "y"}], ["Patient: hi"],
+                          [["sad"]])[0]
+    assert result.reward == pytest.approx(0.75) and result.success
+    assert result.invalid == 2 and len(result.answers) == 4
+    assert result.option_probs == [0.0, 0.0, 0.5, 0.5]
 
 
-def test_critic_all_invalid_gives_zero_reward():
-    result = _critic("esc", ["?"] * 4).score([{}], ["Patient: hi"], [[]])[0]
-    assert result.reward == 0.0 and result.invalid == 4
+def test_nine_unusable_and_one_negated_answer_give_no_reward_and_no_success():
+    critic = _critic("esc", ["?"] * 9 + ["No, the Patient's issue has not been solved."], 10)
+    result = critic.score([{"emotion_type": "x", "problem_type": "y"}], ["Patient: hi"], [[]])[0]
+    assert result.reward == 0.0 and result.invalid == 10 and not result.success
 
 
-def test_cb_critic_majority_deal_uses_median_price():
-    case = {"buyer_price": 100, "seller_price": 200, "item_name": "bike"}
-    critic = _critic("cb", ["They have reached a deal at $150.", "They have reached a deal at 160",
-                            "They have reached a deal at 140", "They have not reached a deal."])
-    result = critic.score([case], ["Buyer: hi"], [[]])[0]
-    assert result.deal_price == 150
-    assert result.reward == pytest.approx(0.5) == result.sale_to_list
-    assert outcome(get_task("cb"), result) == "success"
+def test_logits_mode_reward_is_the_expectation_over_options():
+    weights = [0.1, 0.2, 0.3, 0.4]
+    critic = _critic("esc", [], mode="logits", prior=lambda prompt, labels: weights)
+    result = critic.score([{"emotion_type": "x", "problem_type": "y"}], ["Patient: hi"], [[]])[0]
+    assert result.reward == pytest.approx(-0.1 - 0.1 + 0.15 + 0.4)
+    assert not result.success  # 0.35 < 0.5
+    assert result.option_probs == pytest.approx(weights) and result.invalid == 0
 
 
-def test_cb_critic_no_deal_majority():
-    case = {"buyer_price": 100, "seller_price": 200, "item_name": "bike"}
-    critic = _critic("cb", ["They have reached a deal at $150."] + ["They have not reached a deal."] * 3)
-    result = critic.score([case], ["Buyer: hi"], [[]])[0]
-    assert result.deal_price is None and result.reward == pytest.approx(-0.1)
-    assert outcome(get_task("cb"), result) is None
-
-
-@pytest.mark.parametrize("task_name,reward,expected", [
-    ("esc", 0.5, "success"), ("esc", 0.4, None), ("esc", -1.0, "failure"),
-    ("extes", 0.6, "success"), ("extes", -1.0, "failure"),
-    ("cima", 1.0, "success"), ("cima", 0.9, None), ("cima", -1.0, None),
-    ("p4g", 0.75, "success"), ("p4g", 0.5, None), ("p4g", -1.0, "failure"),
+@pytest.mark.parametrize("task_name,rewards,success", [
+    ("esc", [0.5], True), ("esc", [0.5, -0.5, 0.5, 0.5], False), ("esc", [1.0, 0.5, -0.5, 1.0], True),
+    ("extes", [0.5], True), ("extes", [-1.0] * 4, False),
+    ("cima", [1.0], True), ("cima", [1.0, 0.5], False),
+    ("p4g", [1.0, 0.1], False),  # 0.55: not above 0.6
+    ("p4g", [1.0, 1.0, 0.1], True),  # 0.7
+    ("p4g", [0.1] * 4, False),
 ])
-def test_success_and_failure_rules(task_name, reward, expected):
-    assert outcome(get_task(task_name), CriticResult(reward)) == expected
+def test_success_rules_of_the_original(task_name, rewards, success):
+    task = get_task(task_name)
+    answers = [str(task.verdict_rewards.index(r) + 1) for r in rewards]
+    result = Critic(task, None).from_answers({}, answers)
+    assert result.reward == pytest.approx(sum(rewards) / len(rewards))
+    assert result.success == success
+
+
+def test_p4g_decided_to_donate_has_a_reward():
+    result = Critic(get_task("p4g"), None).from_answers({}, ["The Persuadee has decided to donate."])
+    assert result.reward == 1.0 and result.success
+
+
+CASE = {"buyer_price": 100, "seller_price": 200, "item_name": "bike"}
+
+
+@pytest.mark.parametrize("answers,price,reward,success", [
+    (["2, 150", "2, $160", "2. They have reached a deal at 160", "They have reached a deal at 140."],
+     160.0, 0.4, True),  # the most common price
+    (["2, 150", "2, 140", "2, 140", "2, 150"], 150.0, 0.5, True),  # a tie: the first named
+    (["2, 150", "1", "2, 150", "2, 150"], None, -0.1, False),  # one sample says no deal
+    (["2, 220", "2, 220"], 220.0, -0.2, False),  # above the list price: a deal, no success
+    (["2", "2, -5", "2, 1000000", "hmm"], None, -0.1, False),  # no usable price
+    ([], None, -0.1, False),
+])
+def test_cb_deals_follow_ppdpp(answers, price, reward, success):
+    result = Critic(get_task("cb"), None).from_answers(CASE, answers)
+    assert result.deal_price == price
+    assert result.reward == pytest.approx(reward) and result.success == success
+
+
+def test_cb_unusable_prices_are_counted():
+    result = Critic(get_task("cb"), None).from_answers(CASE, ["2", "2, -5", "2, 150", "no"])
+    assert result.invalid == 3 and result.deal_price == 150
+
+
+def test_cb_logits_mode_needs_every_sample_to_say_deal_then_asks_the_price():
+    def prompts_seen(weights, samples):
+        asked = []
+        llm = ScriptedLLM(lambda prompt: asked.append(prompt) or "$150",
+                          prior=lambda prompt, labels: weights)
+        critic = Critic(get_task("cb"), llm, mode="logits", num_samples=samples)
+        return critic.score([CASE], ["Buyer: 150?\nSeller: ok"], [[]])[0], asked
+    result, asked = prompts_seen([0.05, 0.95], 10)  # 0.95 ** 10 = 0.60: a deal
+    assert result.deal_price == 150 and result.reward == pytest.approx(0.5) and result.success
+    assert len(asked) == 1 and "At what price?" in asked[0]
+    result, asked = prompts_seen([0.1, 0.9], 10)  # 0.9 ** 10 = 0.35: no deal
+    assert result.deal_price is None and result.reward == pytest.approx(-0.1) and not asked
+
+
+def test_all_verdict_rewards_lie_inside_the_task_range():
+    for task in TASKS.values():
+        low, high = task.reward_range
+        assert all(low <= r <= high for r in task.verdict_rewards)
+
+
+def test_critic_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="Expected one of"):
+        Critic(get_task("esc"), None, mode="vote")
+
+
+def test_scripted_llm_option_probs_are_normalised():
+    llm = ScriptedLLM(None, prior=lambda prompt, labels: [1.0, 3.0])
+    assert torch.allclose(llm.option_probs([[{"content": "x"}]], ["1", "2"]),
+                          torch.tensor([[0.25, 0.75]]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4))
+def test_logits_rewards_are_finite_and_inside_each_task_range(weights):
+    for task_name in sorted(TASKS):
+        task = get_task(task_name)
+        probs = [w + 1e-6 for w in weights[:len(task.verdicts)]]
+        result = Critic(task, None, mode="logits").from_distribution(
+            [p / sum(probs) for p in probs])
+        low, high = task.reward_range
+        assert math.isfinite(result.reward) and low - 1e-9 <= result.reward <= high + 1e-9

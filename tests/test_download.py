@@ -9,7 +9,6 @@ import threading
 from contextlib import contextmanager
 from urllib.parse import unquote, urlparse
 
-import pytest
 
 import download_data
 import download_llm_weights
@@ -53,19 +52,27 @@ def test_download_data_fetches_validates_and_reports(tmp_path):
         assert (target / "P4G" / "dev.json").exists()
 
 
-def test_download_data_never_replaces_good_data_with_a_broken_file(tmp_path):
+def test_download_data_never_replaces_good_data_with_a_broken_file(tmp_path, capsys):
     mirror = tmp_path / "mirror"
     shutil.copytree(DEMO, mirror)
     (mirror / "esc-test.txt").write_text("not json\n")
+    (mirror / "esc-valid.txt").write_text("")  # an empty download
     target = tmp_path / "data"
     target.mkdir()
     (target / "esc-test.txt").write_text("previous\n")
+    (target / "esc-valid.txt").write_text("previous\n")
     with serve(static_handler(str(mirror))) as url:
         code = download_data.main(["--data_name", "esc", "--data_dir", str(target),
                                    "--base_url", url])
     assert code == 1
     assert (target / "esc-test.txt").read_text() == "previous\n"
-    assert (target / "esc-train.txt").exists()
+    assert (target / "esc-valid.txt").read_text() == "previous\n"
+    assert (target / "esc-train.txt").exists()  # the other files still came
+    out, err = capsys.readouterr()
+    assert "esc-train.txt: new, 4 cases" in out
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("error: esc-") for e in errors)
+    assert "no cases" in err and "not valid JSON" in err and "existing file is kept" in err
 
 
 def hub_handler(files):

@@ -34,20 +34,20 @@ def _env(task_name, critic_answer, system_answer="Emotion: calm\nResponse: Try a
 
 
 def test_step_appends_turns_emotions_and_rewards_in_one_call_per_phase():
-    task, system, user, env = _env("esc", "No, but the Patient feels better.")
+    task, system, user, env = _env("esc", "No, but the Patient feels somewhat better.")
     conversations = [env.reset(c) for c in load_split(DEMO, "esc", "train")[:3]]
     results = env.step(conversations, ["Question", "Information", "Others"])
     assert system.calls == [("chat", 3, 1)] and user.calls == [("chat", 3, 1)]
     for conversation, result in zip(conversations, results):
         assert conversation.turns[-2] == ("Therapist", "Try a walk.")
         assert conversation.turns[-1] == ("Patient", "Thanks, I will try.")
-        assert conversation.emotions == ["calm"]
+        assert conversation.emotions == [conversation.case["emotion_type"], "calm"]
         assert result.reward == 0.5 and result.terminated and not result.truncated
         assert conversation.outcome == "success"
 
 
 def test_time_limit_truncates_without_terminating():
-    task, _, _, env = _env("esc", "No, the Patient feels the same.", max_turn=2)
+    task, _, _, env = _env("esc", "2", max_turn=2)
     conversation = env.reset(load_split(DEMO, "esc", "test")[0])
     first = env.step([conversation], ["Question"])[0]
     assert not first.terminated and not first.truncated and conversation.outcome is None
@@ -57,19 +57,21 @@ def test_time_limit_truncates_without_terminating():
 
 
 def test_unusable_system_answers_are_counted_not_dropped():
-    task, _, _, env = _env("esc", "No, the Patient feels the same.", system_answer="Hello!")
+    task, _, _, env = _env("esc", "2", system_answer="Hello!")
     conversation = env.reset(load_split(DEMO, "esc", "test")[0])
     env.step([conversation], ["Question"])
     assert env.errors["system_format"] == 1
     assert conversation.turns[-2] == ("Therapist", "Hello!")
-    assert conversation.emotions == ["unknown"]
+    assert conversation.emotions == [conversation.case["emotion_type"], "unknown"]
 
 
 def test_system_prompt_carries_instruction_and_format():
     task, _, _, env = _env("cima", "x")
     conversation = env.reset(load_split(DEMO, "cima", "test")[0])
     messages = env.system_prompt(conversation, "Hint")
-    assert messages[0]["role"] == "system" and conversation.case["target"] in messages[0]["content"]
+    assert messages[0]["role"] == "system" and conversation.case["sentence"] in messages[0]["content"]
+    # the original's teacher is not handed the target translation
+    assert not any(conversation.case["target"] in m["content"] for m in messages)
     assert task.actions["Hint"] in messages[-1]["content"]
     assert "Emotion:" in messages[-1]["content"] and messages[-1]["role"] == "user"
 
@@ -82,7 +84,9 @@ def test_planner_logits_prior_covers_all_actions():
     prior = planner.prior([conversation])
     assert prior.shape == (1, 19)
     assert torch.allclose(prior.sum(-1), torch.ones(1))
-    assert "19. Closing" in planner.prompt(conversation)[0]["content"]
+    messages = planner.prompt(conversation)
+    assert "Save the Children" in messages[0]["content"]  # the task's goal
+    assert "19. Neutral inquiry" in messages[1]["content"]
 
 
 def test_planner_sampling_fallback_counts_invalid_answers():
@@ -110,7 +114,7 @@ def test_batched_step_equals_one_conversation_at_a_time(tiny_llm):
         alone = env.reset(case)
         env.step([alone], [action])
         assert alone.turns == together.turns
-        assert alone.records[0]["critic_verdicts"] == together.records[0]["critic_verdicts"]
+        assert alone.records[0]["critic_answers"] == together.records[0]["critic_answers"]
 
 
 def test_shared_prefix_critic_gives_the_same_greedy_verdicts(tiny_llm):
@@ -122,4 +126,86 @@ def test_shared_prefix_critic_gives_the_same_greedy_verdicts(tiny_llm):
                         shared_prefix=shared)
         results.append(critic.score([case, case], ["Patient: hi", "Patient: hello there"],
                                     [["sad"], []]))
-    assert [r.verdicts for r in results[0]] == [r.verdicts for r in results[1]]
+    assert [r.answers for r in results[0]] == [r.answers for r in results[1]]
+
+
+def test_evaluation_decodes_system_and_user_greedily_and_training_samples():
+    temperatures = []
+
+    class Recording(ScriptedLLM):
+        def chat(self, conversations, temperature=0.0, **kwargs):
+            temperatures.append(temperature)
+            return super().chat(conversations, temperature=temperature, **kwargs)
+
+    task = get_task("esc")
+    critic = Critic(task, Recording(lambda p: "2"), num_samples=2, temperature=1.1)
+    env = SelfPlayEnv(task, Recording(lambda p: "Emotion: sad\nResponse: Hi."),
+                      Recording(lambda p: "Ok."), critic, system_temperature=0.7,
+                      user_temperature=0.6, eval_temperature=0.0)
+    case = load_split(DEMO, "esc", "test")[0]
+    env.step([env.reset(case)], ["Question"])
+    env.step([env.reset(case)], ["Question"], evaluation=True)
+    assert temperatures == [0.7, 0.6, 1.1, 0.0, 0.0, 1.1]
+
+
+@pytest.mark.parametrize("answer", ["1", "No, the Patient's issue has not been solved.", "?"])
+def test_no_failure_ending_only_success_or_the_turn_limit(answer):
+    task, _, _, env = _env("esc", answer, max_turn=3)
+    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    for turn in range(3):
+        result = env.step([conversation], ["Question"])[0]
+        assert not result.terminated
+    assert result.truncated and conversation.outcome == "time limit"
+
+
+@pytest.mark.parametrize("task_name", ["esc", "extes", "cima", "cb", "p4g"])
+def test_openings_follow_the_original(task_name):
+    task = get_task(task_name)
+    case = load_split(DEMO, task_name, "test")[0]
+    conversation = SelfPlayEnv(task, None, None, None).reset(case)
+    expected = {
+        "esc": [("Patient", case.get("situation"))],
+        "extes": [("Patient", case.get("description"))],
+        "cima": [("Teacher", case["dialog"][0]["text"]), ("Student", case["dialog"][1]["text"])]
+        if task_name == "cima" else None,
+        "p4g": [("Persuader", case["dialog"][0]["text"]), ("Persuadee", case["dialog"][1]["text"])]
+        if task_name == "p4g" else None,
+        "cb": [("Buyer", f"Hi, how much is the {case.get('item_name')}?"),
+               ("Seller", f"Hi, this is a good {case.get('item_name')} and its price is "
+                          f"{case.get('seller_price')}.")],
+    }[task_name]
+    assert conversation.turns == expected
+    assert conversation.emotions == ([case["emotion_type"]] if task_name == "esc" else [])
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=500))
+def test_emotion_response_split_never_raises(text):
+    emotion, response, ok = parse_emotion_response(text, ("Therapist", "Patient"))
+    assert isinstance(emotion, str) and isinstance(response, str) and isinstance(ok, bool)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=5))
+def test_sampled_prior_answers_never_raise_and_give_a_distribution(answers):
+    planner = Planner(get_task("esc"), None, mode="sample")
+    prior = planner._prior_from_samples(answers)
+    assert prior.shape == (8,) and torch.isfinite(prior).all()
+    assert prior.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("unit", ["Emotion: ", "response -", "\n", "Patient:", "**"])
+def test_emotion_response_split_time_is_linear(unit):
+    import time
+
+    def seconds(n):
+        text = (unit * n)[:n]
+        start = time.perf_counter()
+        parse_emotion_response(text, ("Therapist", "Patient"))
+        clean_turn(text, ("Therapist", "Patient"))
+        return time.perf_counter() - start
+    seconds(1000)
+    assert seconds(100_000) < 30 * seconds(10_000) + 0.05

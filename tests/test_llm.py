@@ -341,3 +341,12 @@ def test_served_backend_needs_a_server():
         parse_args(["--backend", "openai"])
     parse_args(["--backend", "openai"] + [f"--{role}_base_url=http://127.0.0.1:1/v1"
                                          for role in ("planner", "system", "user", "critic")])
+
+
+def test_sampler_state_round_trip(tiny_llm):
+    """A resumed run continues the LLM's random stream where the saved state left it."""
+    chat = [[{"role": "user", "content": "Hello"}]]
+    state = tiny_llm.rng_state()
+    first = tiny_llm.chat(chat, max_new_tokens=8, temperature=1.0, num_samples=3)
+    tiny_llm.load_rng_state(state)
+    assert tiny_llm.chat(chat, max_new_tokens=8, temperature=1.0, num_samples=3) == first

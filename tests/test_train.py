@@ -1,20 +1,17 @@
 import json
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 import train_model
-from conftest import ROOT, ScriptedLLM
-from critic import Critic
-from env import Planner, SelfPlayEnv
+from conftest import ROOT
 from get_args import Args
 from q_adapter import FrozenEncoder
-from tasks import TASKS, get_task, load_split
+from tasks import TASKS, load_split
+from test_learning import esc_cases, sequence_world
 from test_tasks import DEMO
 
 
@@ -58,7 +55,7 @@ def test_train_then_test_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, t
     assert len(logged) == len(test_cases)
     record = logged[0]["records"][0]
     assert len(record["candidates"]) == 4 and {"action", "prior", "q"} <= set(record["candidates"][0])
-    assert len(record["critic_verdicts"]) == 2 and "emotion" in record
+    assert len(record["critic_answers"]) == 2 and "emotion" in record
     info = json.load(open(os.path.join(run_dir, "last.pt.json")))
     assert info["args"]["data_name"] == task_name and info["updates"] > 0
 
@@ -95,83 +92,83 @@ def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
                        agent.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
-def test_cli_errors_are_clear(tmp_path):
-    def run(*flags):
-        return subprocess.run([sys.executable, "train_model.py", *flags], cwd=ROOT,
-                              capture_output=True, text=True)
-    unknown = run("--data_name", "esconv")
-    assert unknown.returncode != 0 and "Expected one of ['cb', 'cima', 'esc', 'extes', 'p4g']" in unknown.stderr
-    missing = run("--data_name", "esc", "--data_dir", str(tmp_path))
-    assert missing.returncode != 0 and "download_data.py" in missing.stderr
-    no_checkpoint = run("--mode", "test")
-    assert "--checkpoint" in no_checkpoint.stderr
+def _cli(*flags):
+    return subprocess.run([sys.executable, "train_model.py", *flags], cwd=ROOT,
+                          capture_output=True, text=True)
 
 
-# ---------------------------------------------------------------------------------------
-# Learning: a scripted world where only "Providing Suggestions" solves the problem.
-# ---------------------------------------------------------------------------------------
-
-GOOD_ACTION = "Providing Suggestions"
-
-
-def scripted_world():
-    task = get_task("esc")
-    order = ["Question", "Others", GOOD_ACTION, "Information"]  # the prior ranks it third
-    prior = ScriptedLLM(None, prior=lambda prompt, labels: [
-        8.0 - order.index(name) if name in order else 0.1 for name in task.action_names])
-
-    def system_reply(prompt):
-        strategy = re.findall(r"\(Strategy: ([^.]+)\.", prompt)[-1]
-        return f"Emotion: sad\nResponse: I will use {strategy}."
-
-    def critic_reply(prompt):
-        last = [line for line in prompt.splitlines() if line.startswith("Therapist:")][-1]
-        return ("Yes, the Patient's issue has been solved." if GOOD_ACTION in last
-                else "No, the Patient feels the same.")
-
-    critic = Critic(task, ScriptedLLM(critic_reply), num_samples=2)
-    env = SelfPlayEnv(task, ScriptedLLM(system_reply), ScriptedLLM(lambda p: "Okay."), critic,
-                      max_turn=2)
-    return task, Planner(task, prior), env
+def _one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
-def test_agent_learns_the_winning_strategy(tiny_encoder_dir, tmp_path):
-    torch.manual_seed(0)
-    args = Args(data_name="esc", total_episodes=160, num_envs=8, max_turn=2, top_k=4,
-                learning_rate=1e-3, batch_size=32, learning_starts=32, eval_every=1000,
-                exploration_fraction=0.5, epsilon_end=0.0, hidden_size=64, progress=False,
-                gamma=0.9, tau=0.05)
-    task, planner, env = scripted_world()
-    cases = load_split(DEMO, "esc", "train") * 5
-    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
-    random_metrics, _ = train_model.evaluate(args, agent, planner, env, task, cases,
-                                             epsilon=1.0)
-    prior_greedy, _ = train_model.evaluate(args, agent, planner, env, task, cases)
-    with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, planner, env, task, cases, cases[:4], str(tmp_path),
-                          writer)
-    agent.load(str(tmp_path / "last.pt"))
-    trained, conversations = train_model.evaluate(args, agent, planner, env, task, cases)
-    print("random", random_metrics["SR"], "prior-greedy", prior_greedy["SR"], "trained", trained["SR"])
-    assert trained["SR"] >= 0.9, trained
-    assert prior_greedy["SR"] <= 0.65  # an untrained Q-head does not already know it
-    assert random_metrics["SR"] <= 0.65, random_metrics
-    assert trained["AT"] < random_metrics["AT"]
-    chosen = [r["action"] for c in conversations for r in c.records]
-    assert chosen.count(GOOD_ACTION) / len(chosen) >= 0.9
+def test_cli_errors_are_one_line(tmp_path):
+    _one_line_error(_cli("--data_name", "esconv"), "Expected one of ['cb', 'cima', 'esc', 'extes', 'p4g']")
+    _one_line_error(_cli("--data_name", "esc", "--data_dir", str(tmp_path)), "download_data.py")
+    _one_line_error(_cli("--mode", "test"), "--checkpoint")
+    _one_line_error(_cli("--gamma", "1.5"), "--gamma=1.5", "[0, 1]")
+    _one_line_error(_cli("--learning_starts", "64", "--buffer_size", "32"), "--learning_starts")
+    _one_line_error(_cli("--critic_temperature", "-1"), "--critic_temperature")
+    _one_line_error(_cli("--data_dir", DEMO, "--output_dir", "/proc/none"), "--output_dir")
+    (tmp_path / "esc-test.txt").write_text('{"situation": 1}\n')
+    _one_line_error(_cli("--data_dir", str(tmp_path)), "esc-test.txt, line 1")
+    debug = _cli("--data_dir", str(tmp_path), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_checkpoint_of_another_task_is_refused_before_models_load(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "best.pt")
+    save_file({"q_head.net.0.weight": torch.zeros(1)}, path)
+    saved = vars(Args(data_name="esc", mode="test", checkpoint=path))
+    with open(path + ".json", "w") as f:
+        json.dump({"args": saved}, f)
+    _one_line_error(_cli("--data_name", "cima", "--data_dir", DEMO, "--mode", "test",
+                         "--checkpoint", path, "--llm", "/nonexistent"),
+                    "--data_name 'esc'", "'cima'")
+    _one_line_error(_cli("--data_dir", DEMO, "--mode", "test", "--checkpoint", path,
+                         "--hidden_size", "8", "--llm", "/nonexistent"), "--hidden_size")
+    (tmp_path / "bad.pt").write_bytes(b"not safetensors")
+    (tmp_path / "bad.pt.json").write_text(json.dumps({"args": saved}))
+    _one_line_error(_cli("--data_dir", DEMO, "--mode", "test", "--checkpoint",
+                         str(tmp_path / "bad.pt")), "cannot be read")
+
+
+def test_runs_started_in_the_same_second_get_two_folders(tmp_path):
+    first = train_model.make_run_dir(str(tmp_path), "esc__x__1__100")
+    second = train_model.make_run_dir(str(tmp_path), "esc__x__1__100")
+    assert first != second and os.path.isdir(first) and os.path.isdir(second)
 
 
 def test_finished_conversations_are_forgotten_by_each_llm(tiny_encoder_dir):
     args = Args(data_name="esc", num_envs=3, max_turn=2, top_k=4, hidden_size=16,
                 progress=False)
-    task, planner, env = scripted_world()
+    world = sequence_world()
+    task = world.task
+    planner, env = world.env(max_turn=2)
     forgotten = {}
     for name, llm in (("planner", planner.llm), ("system", env.system_llm),
                       ("critic", env.critic.llm)):
         llm.forget = lambda uid, name=name: forgotten.setdefault(name, []).append(uid)
     agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
     _, conversations = train_model.evaluate(args, agent, planner, env, task,
-                                            load_split(DEMO, "esc", "train")[:5])
+                                            esc_cases(0, 5))
     uids = sorted(c.uid for c in conversations)
     assert {name: sorted(ids) for name, ids in forgotten.items()} == {
         "planner": uids, "system": uids, "critic": uids}
+
+
+@pytest.mark.parametrize("task_name", ["cb"])  # the deal decision, then the price question
+def test_logits_critic_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, tmp_path):
+    argv = _cli_args(task_name, tiny_llm_dir, tiny_encoder_dir, tmp_path) + ["--critic", "logits"]
+    metrics, run_dir = train_model.main(argv)
+    assert metrics["episodes"] == len(load_split(DEMO, task_name, "test"))
+    with open(os.path.join(run_dir, "test_conversations.jsonl")) as f:
+        record = json.loads(f.readline())["records"][0]
+    assert sum(record["critic_option_probs"]) == pytest.approx(1.0, abs=1e-3)
+    assert len(record["critic_option_probs"]) == len(TASKS[task_name].verdicts)

@@ -1,0 +1,150 @@
+"""Resuming a stopped run: killed at random moments, or stopped by a signal, a run
+continues where its last saved state left it and ends as if it had not stopped."""
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+
+import run_state
+import train_model
+from conftest import ROOT
+from get_args import Args
+from q_adapter import FrozenEncoder
+from test_learning import esc_cases, harm_world
+from test_tasks import DEMO
+
+
+def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):
+    """Train in the harm world; optionally send SIGINT to this process from inside the
+    system LLM's n-th call (mid-step), as a Ctrl-C would arrive."""
+    random.seed(0)
+    torch.manual_seed(0)
+    args = Args(data_name="esc", total_episodes=24, num_envs=4, max_turn=3, top_k=4,
+                learning_starts=8, batch_size=8, eval_every=12, checkpoint_every=4,
+                hidden_size=16, progress=False, max_encoder_tokens=64)
+    world = harm_world()
+    if stop_at_system_call is not None:
+        reply, calls = world.system.reply, []
+
+        def interrupting_reply(prompt):
+            calls.append(prompt)
+            if len(calls) == stop_at_system_call:
+                os.kill(os.getpid(), signal.SIGINT)
+            return reply(prompt)
+        world.system.reply = interrupting_reply
+    planner, env = world.env(max_turn=3)
+    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
+                                                                  device="cpu"))
+    with SummaryWriter(str(tmp_path)) as writer:
+        train_model.train(args, agent, planner, env, world.task, esc_cases(0, 40),
+                          esc_cases(100, 4), str(tmp_path), writer, resume)
+    return agent
+
+
+def test_a_resumed_run_reaches_the_same_q_head(tiny_encoder_dir, tmp_path):
+    straight = _train(tmp_path / "straight", tiny_encoder_dir)
+    stopped_dir = tmp_path / "stopped"
+    try:
+        _train(stopped_dir, tiny_encoder_dir, stop_at_system_call=27)
+        raise AssertionError("the run did not stop on SIGINT")
+    except run_state.TrainingStopped as stopped:
+        assert "--resume" in str(stopped)
+    state = run_state.load_state(str(stopped_dir))
+    assert 0 < state["loop"]["finished"] < 24 and state["active"]  # stopped mid-run
+    resumed = _train(stopped_dir, tiny_encoder_dir, resume=state)
+    for a, b in zip(straight.q_head.parameters(), resumed.q_head.parameters()):
+        assert torch.equal(a, b)
+    assert straight.updates == resumed.updates
+    with open(stopped_dir / "train_conversations.jsonl") as f:
+        assert len(f.readlines()) == 24
+
+
+def _cli_args(llm_dir, encoder_dir, output_dir):
+    return ["--data_name", "esc", "--data_dir", DEMO, "--llm", llm_dir, "--encoder", encoder_dir,
+            "--total_episodes", "14", "--num_envs", "2", "--max_turn", "2",
+            "--critic_samples", "2", "--system_max_new_tokens", "6", "--user_max_new_tokens",
+            "6", "--critic_max_new_tokens", "4", "--eval_every", "7", "--checkpoint_every",
+            "1", "--batch_size", "4", "--learning_starts", "2", "--output_dir",
+            str(output_dir), "--progress", "false", "--device", "cpu", "--dtype", "float32",
+            "--hidden_size", "16"]
+
+
+def _wait_for_state(output, process, timeout=300):
+    """Until the process has saved a state of its own (it is training)."""
+    def saved():
+        return {p: os.path.getmtime(p) for p in glob.glob(str(output / "esc__*" / run_state.STATE_FILE))}
+    before, deadline = saved(), time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if saved() != before:
+            return
+        time.sleep(0.2)
+
+
+def _buffer(run_dir):
+    buffer = run_state.load_state(run_dir)["buffer"]
+    size = int(buffer["size"])
+    return size, buffer["features"][:size], buffer["rewards"][:size]
+
+
+def test_killed_at_random_moments_the_run_completes(tiny_llm_dir, tiny_encoder_dir, tmp_path):
+    moments = random.Random(0)
+    output = tmp_path / "runs"
+    base = [sys.executable, "train_model.py"]
+    kills, interrupted, before_last = 0, False, None
+    for attempt in range(12):
+        runs = glob.glob(str(output / "esc__*"))
+        run_dir = runs[0] if runs else None
+        if run_dir and not os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
+            subprocess.run(["rm", "-rf", run_dir])  # killed before its first save
+            run_dir = None
+        if run_dir:
+            before_last = _buffer(run_dir)
+        argv = base + (["--resume", run_dir, "--progress", "false"] if run_dir else
+                       _cli_args(tiny_llm_dir, tiny_encoder_dir, output))
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        if attempt < 5:
+            if attempt == 3:  # Ctrl-C once the run is training (a state has been saved)
+                _wait_for_state(output, process)
+            time.sleep(moments.uniform(6.0, 14.0) if attempt != 3 else 1.0)
+            if process.poll() is None:
+                if attempt == 3:  # once: Ctrl-C
+                    process.send_signal(signal.SIGINT)
+                    _, err = process.communicate(timeout=120)
+                    assert process.returncode == 130, err
+                    # one line (after the libraries' own loading bars), no traceback
+                    assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
+                    interrupted = True
+                else:
+                    process.kill()
+                    process.wait()
+                    kills += 1
+                continue
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        break
+    print(f"{kills} kills, interrupted: {interrupted}")
+    assert kills >= 2 and interrupted
+    run_dir = glob.glob(str(output / "esc__*"))[0]
+    with open(os.path.join(run_dir, "train_conversations.jsonl")) as f:
+        assert len(f.readlines()) == 14
+    size, features, rewards = _buffer(run_dir)
+    if before_last is not None:  # every transition saved before the last stop is kept
+        saved_size, saved_features, saved_rewards = before_last
+        assert size >= saved_size
+        assert torch.equal(features[:saved_size], saved_features)
+        assert torch.equal(rewards[:saved_size], saved_rewards)
+    for path in glob.glob(os.path.join(run_dir, "*.json")):
+        with open(path) as f:
+            json.load(f)
+    for name in ("best.pt", "last.pt"):
+        assert any(k.startswith("q_head.") for k in load_file(os.path.join(run_dir, name)))
