@@ -83,7 +83,7 @@ def main(argv=None):
             os.path.join(args.data_dir, relative)) else "no file written"
         print(f"error: {relative} failed: {reason}; {kept}. Try again, or use --base_url "
               f"with a mirror.", file=sys.stderr)
-    return 1 if failed else 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,15 @@ def main(argv=None):
                         help="only files matching these globs (default: all)")
     args = parser.parse_args(argv)
     local_dir = args.local_dir or os.path.join("weights", args.repo_id.split("/")[-1])
-    path = download(args.repo_id, local_dir, args.revision, args.endpoint, args.allow_patterns)
+    try:
+        path = download(args.repo_id, local_dir, args.revision, args.endpoint,
+                        args.allow_patterns)
+    except Exception as error:  # huggingface_hub raises many kinds; all end the same way
+        print(f"error: could not download {args.repo_id} to {local_dir} "
+              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
+              "Check the name, the network or HF_TOKEN, or use --endpoint with a mirror",
+              file=sys.stderr)
+        return 2
     if not os.path.exists(os.path.join(path, "config.json")):
         print(f"warning: {path} has no config.json; is '{args.repo_id}' a transformers model?",
               file=sys.stderr)

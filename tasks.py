@@ -183,27 +183,39 @@ def check_case(case, task, where):
     return case
 
 
+def _read_text(path):
+    """The file's text; bytes that are not UTF-8 are named with their line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {error.start}). Save the "
+                        "file as UTF-8") from None
+
+
 def _read_json_lines(path, task):
     cases = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_number}"
-            try:
-                case = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-            cases.append(check_case(case, task, where))
+    for line_number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {line_number}"
+        try:
+            case = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg}). Fix or remove the "
+                            "line") from None
+        cases.append(check_case(case, task, where))
     return cases
 
 
 def _read_json_list(path, task):
-    with open(path, encoding="utf-8") as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    try:
+        items = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}). Fix the "
+                        "file or download it again") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of conversations")
     return [check_case(item, task, f"{path}, item {i}") for i, item in enumerate(items)]
@@ -212,10 +224,7 @@ def _read_json_list(path, task):
 def read_file(path, task_name):
     """Every case of one data file, checked against the task's schema."""
     read = _read_json_list if path.endswith(".json") else _read_json_lines
-    try:
-        return read(path, get_task(task_name))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    return read(path, get_task(task_name))
 
 
 def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0.1)):

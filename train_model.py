@@ -183,12 +183,16 @@ class Agent:
         if not os.path.exists(path):
             raise FileNotFoundError(f"No checkpoint at '{path}'; train one with "
                                     "`python train_model.py --data_name <task>` first")
+        """Testing needs only the Q-head; the target head and optimizer load when present."""
         tensors = load_file(path, device=str(self.encoder.device))
-        self.q_head.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("q_head.")})
+        q_head = {k[7:]: v for k, v in tensors.items() if k.startswith("q_head.")}
+        self.q_head.load_state_dict(q_head)
         self.target_head.load_state_dict({k[12:]: v for k, v in tensors.items()
-                                          if k.startswith("target_head.")})
+                                          if k.startswith("target_head.")} or q_head)
         with open(path + ".json") as f:
             info = json.load(f)
+        if "optimizer_param_groups" not in info:
+            return info
         state = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -196,7 +200,7 @@ class Agent:
                 state.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
         self.optimizer.load_state_dict({"state": state,
                                         "param_groups": info["optimizer_param_groups"]})
-        self.updates = info["updates"]
+        self.updates = info.get("updates", 0)
         return info
 
 

@@ -64,7 +64,7 @@ def test_download_data_never_replaces_good_data_with_a_broken_file(tmp_path, cap
     with serve(static_handler(str(mirror))) as url:
         code = download_data.main(["--data_name", "esc", "--data_dir", str(target),
                                    "--base_url", url])
-    assert code == 1
+    assert code == 2
     assert (target / "esc-test.txt").read_text() == "previous\n"
     assert (target / "esc-valid.txt").read_text() == "previous\n"
     assert (target / "esc-train.txt").exists()  # the other files still came
@@ -129,3 +129,11 @@ def test_download_llm_weights_uses_snapshot_download(tmp_path, monkeypatch, caps
         assert (tmp_path / "tiny" / name).read_bytes() == content
     printed = capsys.readouterr()
     assert "secret-token-value" not in printed.out + printed.err
+
+
+def test_download_llm_weights_failure_is_one_line(tmp_path, capsys):
+    code = download_llm_weights.main(["--repo_id", "test/missing", "--endpoint",
+                                      "http://127.0.0.1:9", "--local_dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: could not download test/missing")
+    assert len(err.splitlines()) == 1

@@ -278,9 +278,10 @@ def test_a_run_whose_server_fails_stops_with_one_line_and_keeps_its_q_head(
     # first turn) pass, then every answer is a 500
     with FaultProxy(server.url, always="500", passes=12) as proxy:
         start = time.monotonic()
-        with pytest.raises(ServerError) as stop:  # train_model.cli prints it as one line
+        with pytest.raises(ServerError) as stop:  # train_model.py prints it as one line
             train_model.main(run_args(proxy.url, tmp_path, tiny_encoder_dir,
-                                      "--max_retries", "1", "--total_episodes", "6"))
+                                      "--max_retries", "1", "--total_episodes", "6",
+                                      "--checkpoint_every", "1"))
         assert time.monotonic() - start < 300
     message = str(stop.value)
     assert message.startswith("the ") and "\n" not in message
@@ -288,6 +289,9 @@ def test_a_run_whose_server_fails_stops_with_one_line_and_keeps_its_q_head(
     (run_dir,) = os.listdir(tmp_path)
     info = json.load(open(os.path.join(tmp_path, run_dir, "last.pt.json")))
     assert "HTTP 500" in info["metrics"]["stopped_by"]
+    # the resume command is offered when a training state was saved before the failure
+    saved = os.path.exists(os.path.join(tmp_path, run_dir, "train_state.pt"))
+    assert ("--resume" in message) == saved
 
 
 def test_bench_measures_served_self_play_and_plain_completions(server, tiny_encoder_dir,

@@ -109,8 +109,8 @@ def test_cb_case_types_and_prices_are_checked(tmp_path, field, value, message):
 
 
 def test_non_utf8_bytes_name_the_file(tmp_path):
-    (tmp_path / "esc-test.txt").write_bytes(b'{"situation": "caf\xe9"}\n')
-    with pytest.raises(DataError, match=r"esc-test.txt: not UTF-8"):
+    (tmp_path / "esc-test.txt").write_bytes(b'{"situation": "ok"}\n{"situation": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"esc-test.txt, line 2: not UTF-8"):
         load_split(str(tmp_path), "esc", "test")
 
 
