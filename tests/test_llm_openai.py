@@ -127,6 +127,18 @@ def test_no_tokenizer_labels_that_extend_others_fall_back_to_sampling(client_for
     assert torch.allclose(llm.option_probs(conversations, esc_labels).sum(), torch.tensor(1.0))
 
 
+def test_a_server_without_logprobs_is_found_before_the_run_and_stops_it_cleanly_after(
+        server, client_for):
+    conversations, labels = planner_prompts("p4g", 1)
+    with FaultProxy(server.url, always="no_logprobs") as proxy:
+        llm = client_for(proxy.url, role="planner")
+        assert llm.option_scoring_problem(labels) == (
+            f"the server at {proxy.url} gives no log-probabilities")
+        with pytest.raises(ServerError, match=r"planner model's server .* without "
+                                              r"top_logprobs\. Sample instead"):
+            llm.option_probs(conversations, labels)
+
+
 # -- faults ------------------------------------------------------------------------------
 
 def within(seconds, call):
