@@ -64,8 +64,10 @@ def _retry_after(value):
         return None
 
 
-class NoLogprobs(Exception):
-    """The server's answer carries no log-probabilities."""
+class NoLogprobs(ServerError):
+    """The server's answer carries no log-probabilities. Found by option_scoring_problem
+    before a run; met later (a role whose scoring was not checked), it stops the run with
+    one line like any other ServerError."""
 
 
 class OpenAILLM:
@@ -189,7 +191,15 @@ class OpenAILLM:
 
     @staticmethod
     async def _gather(coroutines):
-        return await asyncio.gather(*coroutines)
+        """All results in order; when one fails, the others are cancelled (their retries
+        would only keep a dead server busy after the run has stopped)."""
+        tasks = [asyncio.ensure_future(c) for c in coroutines]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
 
     async def _samples(self, messages, body, num_samples):
         texts = []
@@ -227,8 +237,8 @@ class OpenAILLM:
         probe = [{"role": "user", "content": "Answer with a number from 1 to 3."}]
         try:
             _run(self._option_log_probs(probe, labels[:1], tries=1))
-        except NoLogprobs as error:
-            return f"the server at {self.base_url} gives no log-probabilities ({error})"
+        except NoLogprobs:
+            return f"the server at {self.base_url} gives no log-probabilities"
         except ServerError as error:
             if error.status is None:  # unreachable: not a missing feature
                 raise
@@ -262,13 +272,18 @@ class OpenAILLM:
         return label_probs(label_ids, lambda prefix, token: after[prefix].get(
             pieces[token], floor_log_prob(after[prefix])))
 
+    def _no_logprobs(self, endpoint):
+        return (f"the {self.role} model's server at {self.base_url} returned {endpoint} "
+                "without top_logprobs. Sample instead (--prior sample, --critic sample), or "
+                "start a server that returns them (llama.cpp: --logits_all true)")
+
     async def _completion_top_logprobs(self, prompt, tries):
         data = await self._post("/completions", {
             "model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
             "logprobs": TOP_LOGPROBS}, tries)
         logprobs = data["choices"][0].get("logprobs") or {}
         if not logprobs.get("top_logprobs"):
-            raise NoLogprobs("its completions carry no top_logprobs")
+            raise NoLogprobs(self._no_logprobs("completions"))
         return logprobs["top_logprobs"][0]
 
     async def _chat_top_logprobs(self, messages, tries):
@@ -277,7 +292,7 @@ class OpenAILLM:
             "logprobs": True, "top_logprobs": TOP_LOGPROBS}, tries)
         content = (data["choices"][0].get("logprobs") or {}).get("content")
         if not content or not content[0].get("top_logprobs"):
-            raise NoLogprobs("its chat completions carry no top_logprobs")
+            raise NoLogprobs(self._no_logprobs("chat completions"))
         top = {}
         for entry in content[0]["top_logprobs"]:  # " 3" and "3" both answer 3
             text = entry["token"].strip()

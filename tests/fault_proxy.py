@@ -2,6 +2,7 @@
 planned faults (429 with Retry-After, 500, a stalled answer) and passes the others on to
 the real server (serve.LlamaServer)."""
 
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -13,6 +14,7 @@ class FaultProxy:
       "429": Too Many Requests with Retry-After: <retry_after>
       "500": Internal Server Error
       "stall": reads the request and answers nothing until the client gives up
+      "no_logprobs": passes it on, and drops the log-probabilities from the answer
     `always` (a fault) applies to every request once `faults` is used up and `passes`
     requests have gone through. `log` records (path, what was done) per request."""
 
@@ -75,6 +77,11 @@ class FaultProxy:
                 status, payload = response.status, response.read()
         except urllib.error.HTTPError as error:
             status, payload = error.code, error.read()
+        if fault == "no_logprobs" and status == 200:  # as a server without them answers
+            answer = json.loads(payload)
+            for choice in answer.get("choices", []):
+                choice["logprobs"] = None
+            payload = json.dumps(answer).encode()
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(payload)))

@@ -118,6 +118,20 @@ def test_prior_agrees_with_the_in_process_model(client_for, task_name):
     assert served.usage["requests"] == 1 + len(conversations) * (2 if len(labels) > 9 else 1)
 
 
+def test_the_critic_reads_its_verdict_distribution_from_a_served_model(client_for):
+    from critic import Critic
+    from tasks import get_task, load_split
+
+    task = get_task("esc")
+    critic = Critic(task, client_for(role="critic"), mode="logits")
+    case = load_split(DEMO, "esc", "train")[0]
+    (result,) = critic.score([case], ["Patient: I feel low.\nTherapist: I hear you."],
+                             [["sad"]])
+    assert len(result.option_probs) == len(task.verdicts)
+    assert sum(result.option_probs) == pytest.approx(1.0, abs=1e-5)
+    assert min(task.verdict_rewards) <= result.reward <= max(task.verdict_rewards)
+
+
 def test_no_tokenizer_labels_that_extend_others_fall_back_to_sampling(client_for):
     llm = client_for(role="planner", tokenizer="none")
     labels = [str(i + 1) for i in range(12)]
@@ -125,6 +139,18 @@ def test_no_tokenizer_labels_that_extend_others_fall_back_to_sampling(client_for
     conversations, esc_labels = planner_prompts("esc", 1)
     assert llm.option_scoring_problem(esc_labels) is None  # 1..8: one token each
     assert torch.allclose(llm.option_probs(conversations, esc_labels).sum(), torch.tensor(1.0))
+
+
+def test_a_server_without_logprobs_is_found_before_the_run_and_stops_it_cleanly_after(
+        server, client_for):
+    conversations, labels = planner_prompts("p4g", 1)
+    with FaultProxy(server.url, always="no_logprobs") as proxy:
+        llm = client_for(proxy.url, role="planner")
+        assert llm.option_scoring_problem(labels) == (
+            f"the server at {proxy.url} gives no log-probabilities")
+        with pytest.raises(ServerError, match=r"planner model's server .* without "
+                                              r"top_logprobs\. Sample instead"):
+            llm.option_probs(conversations, labels)
 
 
 # -- faults ------------------------------------------------------------------------------
