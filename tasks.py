@@ -168,18 +168,21 @@ def split_path(data_dir, task_name, split):
 def check_case(case, task, where):
     """The case if it has every field the task uses, with the right types."""
     if not isinstance(case, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(case).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(case).__name__}. Fix or "
+                        "remove the case")
     missing = [f for f in task.schema if f not in case]
     if missing:
-        raise DataError(f"{where}: missing field(s) {missing} for task '{task.name}'")
+        raise DataError(f"{where}: missing field(s) {missing} for task '{task.name}'. Fix or "
+                        "remove the case")
     for name, kind in task.schema.items():
         value = case[name]
         if not isinstance(value, kind) or isinstance(value, bool):
             expected = "a number" if kind is NUMBER else f"a {kind.__name__}"
-            raise DataError(f"{where}: '{name}' must be {expected}, got {value!r:.60}")
+            raise DataError(f"{where}: '{name}' must be {expected}, got {value!r:.60}. Fix or "
+                            "remove the case")
     problem = task.check(case)
     if problem:
-        raise DataError(f"{where}: {problem}")
+        raise DataError(f"{where}: {problem}. Fix or remove the case")
     return case
 
 
@@ -217,7 +220,8 @@ def _read_json_list(path, task):
         raise DataError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}). Fix the "
                         "file or download it again") from None
     if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of conversations")
+        raise DataError(f"{path}: expected a JSON list of conversations. Download the file "
+                        "again with download_data.py")
     return [check_case(item, task, f"{path}, item {i}") for i, item in enumerate(items)]
 
 
