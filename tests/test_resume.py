@@ -138,6 +138,8 @@ def test_killed_at_random_moments_the_run_completes(tiny_llm_dir, tiny_encoder_d
     with open(os.path.join(run_dir, "train_conversations.jsonl")) as f:
         assert len(f.readlines()) == 14
     size, features, rewards = _buffer(run_dir)
+    print(f"transitions: {size} at the end, {before_last and before_last[0]} saved before "
+          "the last stop")
     if before_last is not None:  # every transition saved before the last stop is kept
         saved_size, saved_features, saved_rewards = before_last
         assert size >= saved_size
