@@ -70,7 +70,7 @@ def test_a_resumed_run_reaches_the_same_q_head(tiny_encoder_dir, tmp_path):
 
 def _cli_args(llm_dir, encoder_dir, output_dir):
     return ["--data_name", "esc", "--data_dir", DEMO, "--llm", llm_dir, "--encoder", encoder_dir,
-            "--total_episodes", "14", "--num_envs", "2", "--max_turn", "2",
+            "--total_episodes", "60", "--num_envs", "2", "--max_turn", "2",
             "--critic_samples", "2", "--system_max_new_tokens", "6", "--user_max_new_tokens",
             "6", "--critic_max_new_tokens", "4", "--eval_every", "7", "--checkpoint_every",
             "1", "--batch_size", "4", "--learning_starts", "2", "--output_dir",
@@ -112,10 +112,9 @@ def test_killed_at_random_moments_the_run_completes(tiny_llm_dir, tiny_encoder_d
                        _cli_args(tiny_llm_dir, tiny_encoder_dir, output))
         process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
-        if attempt < 5:
-            if attempt == 1:  # Ctrl-C once the run is training (a state has been saved)
-                _wait_for_state(output, process)
-            time.sleep(moments.uniform(6.0, 14.0) if attempt != 1 else 1.0)
+        if attempt < 5:  # stop it at a random moment once it is training
+            _wait_for_state(output, process)
+            time.sleep(moments.uniform(0.0, 1.5))
             if process.poll() is None:
                 if attempt == 1:  # once: Ctrl-C
                     process.send_signal(signal.SIGINT)
@@ -136,7 +135,7 @@ def test_killed_at_random_moments_the_run_completes(tiny_llm_dir, tiny_encoder_d
     assert kills >= 2 and interrupted
     run_dir = glob.glob(str(output / "esc__*"))[0]
     with open(os.path.join(run_dir, "train_conversations.jsonl")) as f:
-        assert len(f.readlines()) == 14
+        assert len(f.readlines()) == 60
     size, features, rewards = _buffer(run_dir)
     print(f"transitions: {size} at the end, {before_last and before_last[0]} saved before "
           "the last stop")
