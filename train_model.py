@@ -70,11 +70,16 @@ def load_llms(args):
     return roles
 
 
+def role_llms(planner, env):
+    """The LLM client of each role (roles may share one client)."""
+    return {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
+            "critic": env.critic.llm}
+
+
 def llm_usage(planner, env):
     """Requests, retries and tokens per role so far, for clients that count them (served)."""
-    llms = {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
-            "critic": env.critic.llm}
-    return {role: dict(llm.usage) for role, llm in llms.items() if hasattr(llm, "usage")}
+    return {role: dict(llm.usage) for role, llm in role_llms(planner, env).items()
+            if hasattr(llm, "usage")}
 
 
 def build_env(args, task, llms):
@@ -238,7 +243,7 @@ def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation
     # the next state's candidates: needed to act on, and to bootstrap a turn-limit ending
     agent.observe(planner, [c for c, r in zip(conversations, results) if not r.terminated], task)
     finished = [c.uid for c in conversations if c.done]
-    llms = {id(x): x for x in (planner.llm, env.system_llm, env.user_llm, env.critic.llm)}
+    llms = {id(x): x for x in role_llms(planner, env).values()}
     for llm in llms.values():
         if hasattr(llm, "forget"):  # an optional method of the LLM client interface
             for uid in finished:
@@ -311,8 +316,7 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
     loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
             "best_score": None, "order": list(range(len(train_cases)))}
     active, train_log = [], []
-    llms = {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
-            "critic": env.critic.llm}
+    llms = role_llms(planner, env)
     if resume is not None:
         loop = resume["loop"]
         agent.load_state_dict(resume["agent"])
