@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import qwen_prompts as prompts
+from env import transcript
+from llm import fit_prompt
 from tasks import case_fields
 
 # an option number at the very start of an answer: "3", "(3)", "**3.**", "Option 3:"
@@ -136,31 +138,37 @@ class Critic:
         self.stop_at_newline = stop_at_newline  # a verdict is one line
         self.labels = [str(i + 1) for i in range(len(task.verdicts))]
 
-    def prompt(self, case, transcript, emotions, question=None):
-        fields = case_fields(case)
+    def prompt(self, conversation, question=None):
+        """The critic's chat for a conversation (env.Conversation: case, turns, emotions)."""
         options = "\n".join(f"{label}. {v}" for label, v in zip(self.labels, self.task.verdicts))
-        text = prompts.CRITIC_TEMPLATE.format(
-            transcript=transcript, user_role=self.task.user_role,
-            emotions=", ".join(emotions) or "unknown",
-            question=(question or self.task.prompts["critic_question"]).format(**fields),
-            options=options)
-        return [{"role": "system", "content": self.task.prompts["critic"].format(**fields)},
-                {"role": "user", "content": text}]
+        emotions = ", ".join(conversation.emotions) or "unknown"
+        question = question or self.task.prompts["critic_question"]
 
-    def score(self, cases, transcripts, emotion_histories, cache_keys=None):
-        conversations = [self.prompt(c, t, e)
-                         for c, t, e in zip(cases, transcripts, emotion_histories)]
+        def build(turns, fields):
+            text = prompts.CRITIC_TEMPLATE.format(
+                transcript=transcript(turns),
+                user_role=self.task.user_role, emotions=emotions,
+                question=question.format(**fields), options=options)
+            return [{"role": "system", "content": self.task.prompts["critic"].format(**fields)},
+                    {"role": "user", "content": text}]
+        return fit_prompt(self.llm, build, conversation.turns, case_fields(conversation.case),
+                          self.max_new_tokens, conversation.prompt_cuts, "critic")
+
+    def score(self, conversations):
+        """One CriticResult per conversation, from one batched call."""
+        chats = [self.prompt(c) for c in conversations]
+        cache_keys = [(c.uid, "critic") for c in conversations]
         if self.mode == "logits":
-            probs = self.llm.option_probs(conversations, self.labels, cache_keys=cache_keys)
+            probs = self.llm.option_probs(chats, self.labels, cache_keys=cache_keys)
             results = [self.from_distribution(p.tolist()) for p in probs]
             if self.task.bargaining:
-                self._ask_prices(cases, transcripts, emotion_histories, results)
+                self._ask_prices(conversations, results)
             return results
-        answers = self.llm.chat(conversations, max_new_tokens=self.max_new_tokens,
+        answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens,
                                 temperature=self.temperature, num_samples=self.num_samples,
                                 shared_prefix=self.shared_prefix,
                                 stop_at_newline=self.stop_at_newline, cache_keys=cache_keys)
-        return [self.from_answers(case, samples) for case, samples in zip(cases, answers)]
+        return [self.from_answers(c.case, samples) for c, samples in zip(conversations, answers)]
 
     # -- sample mode ---------------------------------------------------------------------
 
@@ -206,17 +214,16 @@ class Critic:
         result.success = self.task.succeeds(result.reward)
         return result
 
-    def _ask_prices(self, cases, transcripts, emotion_histories, results):
+    def _ask_prices(self, conversations, results):
         deals = [i for i, r in enumerate(results) if r.option_probs[1] ** self.num_samples >= 0.5]
         if not deals:
             return
         question = self.task.prompts["price_question"]
-        answers = self.llm.chat([self.prompt(cases[i], transcripts[i], emotion_histories[i],
-                                             question) for i in deals],
+        answers = self.llm.chat([self.prompt(conversations[i], question) for i in deals],
                                 max_new_tokens=self.max_new_tokens, temperature=0.0,
                                 stop_at_newline=self.stop_at_newline)
         for i, samples in zip(deals, answers):
-            case, result = cases[i], results[i]
+            case, result = conversations[i].case, results[i]
             result.answers = list(samples)
             price = parse_price(samples[0])
             if plausible_price(price, case["buyer_price"], case["seller_price"]):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 import qwen_prompts as prompts
+from llm import fit_prompt
 from tasks import case_fields
 
 
@@ -44,6 +45,7 @@ class Conversation:
     candidate_priors: list = field(default_factory=list)
     candidate_features: torch.Tensor | None = None
     pending: dict = field(default_factory=dict)  # the choice being played, for the log
+    prompt_cuts: dict = field(default_factory=dict)  # prompts cut to fit a context (llm.py)
 
     @property
     def done(self):
@@ -113,12 +115,15 @@ class Planner:
         options = "\n".join(f"{label}. {name}"
                             for label, name in zip(self.labels, self.task.action_names))
         emotions = ", ".join(conversation.emotions) if self.use_emotion else "not tracked"
-        text = prompts.PLANNER_TEMPLATE.format(
-            system_role=self.task.system_role, user_role=self.task.user_role,
-            transcript=transcript(conversation.turns), emotions=emotions or "unknown",
-            options=options)
-        return [{"role": "system", "content": self.task.prompts["planner"]},
-                {"role": "user", "content": text}]
+
+        def build(turns, _):
+            text = prompts.PLANNER_TEMPLATE.format(
+                system_role=self.task.system_role, user_role=self.task.user_role,
+                transcript=transcript(turns), emotions=emotions or "unknown", options=options)
+            return [{"role": "system", "content": self.task.prompts["planner"]},
+                    {"role": "user", "content": text}]
+        return fit_prompt(self.llm, build, conversation.turns, {}, self.max_new_tokens,
+                          conversation.prompt_cuts, "planner")
 
     def prior(self, conversations):
         """[batch, num_actions] probabilities, each row summing to 1."""
@@ -166,31 +171,39 @@ class SelfPlayEnv:
 
     # -- prompts -------------------------------------------------------------------------
 
-    def _chat_view(self, conversation, own_role, system_text):
+    @staticmethod
+    def _chat_view(turns, own_role, system_text):
         messages = [{"role": "system", "content": system_text}]
-        for role, text in conversation.turns:
+        for role, text in turns:
             messages.append({"role": "assistant" if role == own_role else "user",
                              "content": text})
         return messages
 
     def system_prompt(self, conversation, action):
-        fields = case_fields(conversation.case)
-        messages = self._chat_view(conversation, self.task.system_role,
-                                   self.task.prompts["system"].format(**fields))
         template = prompts.SYSTEM_TURN_WITH_EMOTION if self.use_emotion else prompts.SYSTEM_TURN
         instruction = template.format(system_role=self.task.system_role,
                                       user_role=self.task.user_role,
                                       instruction=self.task.actions[action])
-        if messages[-1]["role"] == "user":
-            messages[-1]["content"] += f"\n\n({instruction})"
-        else:
-            messages.append({"role": "user", "content": f"({instruction})"})
-        return messages
+
+        def build(turns, fields):
+            messages = self._chat_view(turns, self.task.system_role,
+                                       self.task.prompts["system"].format(**fields))
+            if messages[-1]["role"] == "user":
+                messages[-1]["content"] += f"\n\n({instruction})"
+            else:
+                messages.append({"role": "user", "content": f"({instruction})"})
+            return messages
+        return fit_prompt(self.system_llm, build, conversation.turns,
+                          case_fields(conversation.case), self.system_max_new_tokens,
+                          conversation.prompt_cuts, "system")
 
     def user_prompt(self, conversation):
-        fields = case_fields(conversation.case)
-        return self._chat_view(conversation, self.task.user_role,
-                               self.task.prompts["user"].format(**fields))
+        def build(turns, fields):
+            return self._chat_view(turns, self.task.user_role,
+                                   self.task.prompts["user"].format(**fields))
+        return fit_prompt(self.user_llm, build, conversation.turns,
+                          case_fields(conversation.case), self.user_max_new_tokens,
+                          conversation.prompt_cuts, "user")
 
     # -- one batched step ----------------------------------------------------------------
 
@@ -234,10 +247,7 @@ class SelfPlayEnv:
             record["user"] = response
             conversation.turns.append((self.task.user_role, response))
 
-        verdicts = self.critic.score([c.case for c in conversations],
-                                     [transcript(c.turns) for c in conversations],
-                                     [c.emotions for c in conversations],
-                                     cache_keys=[(c.uid, "critic") for c in conversations])
+        verdicts = self.critic.score(conversations)
         results = []
         for conversation, verdict, record in zip(conversations, verdicts, records):
             self.errors["critic_invalid"] += verdict.invalid

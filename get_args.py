@@ -114,6 +114,9 @@ class Args:
         "help": "memory for KV caches of each conversation's last prompt per role, so a "
                 "new turn's prompt only runs its new tokens (0: off; -1: 1 GB on CPU, off "
                 "on a GPU, where it measured slower: see README)"})
+    context_length: int = field(default=0, metadata={
+        "help": "tokens a prompt and its answer may use; longer prompts lose their oldest "
+                "turns first (0: the model's own context, or what the server lists)"})
     shared_prefix: bool = field(default=True, metadata={
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={
@@ -191,7 +194,7 @@ class Args:
         require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
         require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
         require(self.max_retries >= 0, "max_retries", ">= 0")
-        for name in ("max_cases", "eval_cases", "max_batch_rows"):
+        for name in ("max_cases", "eval_cases", "max_batch_rows", "context_length"):
             require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
         for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from get_args import UserError
+
 WEIGHTS_DIR = "weights"
 DEFAULT_LLM_DIR = os.path.join(WEIGHTS_DIR, "Qwen2.5-1.5B-Instruct")
 EMBEDDED_LLM = "embedded-smollm2"
@@ -55,11 +57,13 @@ def backend_options(args, role):
     """The load options of args.backend for one role, from train_model's arguments."""
     if args.backend == "transformers":
         return dict(device=args.device, dtype=args.dtype, seed=args.seed,
-                    max_batch_rows=args.max_batch_rows, prefix_cache_gb=args.prefix_cache_gb)
+                    max_batch_rows=args.max_batch_rows, prefix_cache_gb=args.prefix_cache_gb,
+                    context_length=args.context_length)
     return dict(role=role, base_url=getattr(args, f"{role}_base_url", "") or args.base_url,
                 api_key_env=args.api_key_env, tokenizer=args.tokenizer,
                 max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
-                max_retries=args.max_retries, seed=args.seed)
+                max_retries=args.max_retries, seed=args.seed,
+                context_length=args.context_length)
 
 
 def pick_device(device="auto"):
@@ -184,3 +188,102 @@ def floor_log_prob(top_log_probs):
     listed = list(top_log_probs.values())
     left_out = max(1.0 - sum(math.exp(v) for v in listed), 1e-12)
     return min(min(listed), math.log(left_out))
+
+
+# -- prompts within the model's context ---------------------------------------------------
+
+CUT_MARK = " [...]"
+# a prompt's text is cut to this many characters per token of the budget before any
+# tokenizing, so a 5 MB field is never tokenized whole (real text averages ~4 characters
+# a token; a text denser than this loses only what could not fit anyway)
+MAX_CHARS_PER_TOKEN = 16
+
+
+def _bytes(messages):
+    return sum(len(m["content"].encode()) for m in messages)
+
+
+def message_tokens_bound(messages):
+    """An upper bound on a chat's tokens without its tokenizer: a byte-level tokenizer
+    gives each token at least one byte, and a chat template adds a few tokens a message."""
+    return _bytes(messages) + 8 * len(messages) + 32
+
+
+def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):
+    """build(turns, fields) -> chat messages that fit the client's context_length with
+    max_new_tokens to spare. Too long: the oldest turns go first (the last one stays),
+    then the longest text (a case field or a kept turn) is shortened from its end, until
+    the prompt fits; the instruction is never cut. cuts (a dict) counts prompts cut per
+    role, turns dropped and texts shortened. A client without context_length (a scripted
+    one) gets build(turns, fields) as it is."""
+    limit = getattr(llm, "context_length", None)
+    messages = build(turns, fields)
+    if not limit:
+        return messages
+    budget = limit - max_new_tokens
+    if message_tokens_bound(messages) <= budget:
+        return messages  # the common case: no tokenizing
+
+    def size(turns, fields):
+        return llm.count_tokens(build(turns, fields))
+
+    # texts are keyed ("field", name) or ("turn", position from the end)
+    texts = {("field", k): v for k, v in fields.items()  # the fields that the prompt shows
+             if isinstance(v, str) and v and build(turns, {**fields, k: ""}) != messages}
+    texts |= {("turn", len(turns) - i): text for i, (_, text) in enumerate(turns)}
+    roles = [r for r, _ in turns]
+
+    def assemble(texts, dropped=0):
+        return ([(r, texts[("turn", len(roles) - i)]) for i, r in enumerate(roles)
+                 if i >= dropped],
+                {k: texts.get(("field", k), v) for k, v in fields.items()})
+
+    longest = budget * MAX_CHARS_PER_TOKEN
+    shortened = {key for key, text in texts.items() if len(text) > longest}
+    texts = {key: text[:longest] + CUT_MARK if key in shortened else text
+             for key, text in texts.items()}
+    if not shortened and size(turns, fields) <= budget:
+        return messages
+    # the fewest oldest turns to drop (the last turn stays), by bisection
+    low, high = 0, len(roles) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if size(*assemble(texts, middle)) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    dropped = low
+    texts = {key: text for key, text in texts.items()
+             if key[0] == "field" or key[1] <= len(roles) - dropped}
+    shortened = {key for key in shortened if key in texts}
+    bisected = set()
+    while size(*assemble(texts, dropped)) > budget:
+        left = [(len(text), key) for key, text in texts.items() if key not in bisected]
+        length, key = max(left, default=(0, None))
+        if not length:
+            empty = {k: "" for k in texts}
+            raise UserError(
+                f"the {role} prompt needs {size(*assemble(empty, dropped))} tokens without "
+                f"any conversation or case text, more than the model's context of {limit} "
+                f"tokens less {max_new_tokens} for the answer. Shorten the {role} prompt in "
+                f"qwen_prompts.py, or use a model with a longer context (--context_length)")
+        text = texts[key]
+
+        def with_length(n):
+            return {**texts, key: text[:n] + CUT_MARK if n < len(text) else text}
+
+        low, high = 0, length  # the longest kept length that fits, by bisection
+        while low < high:
+            middle = (low + high + 1) // 2
+            if size(*assemble(with_length(middle), dropped)) <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        texts = with_length(low)
+        bisected.add(key)
+        if low < length:
+            shortened.add(key)
+    cuts[role] = cuts.get(role, 0) + 1
+    cuts["turns_dropped"] = cuts.get("turns_dropped", 0) + dropped
+    cuts["texts_shortened"] = cuts.get("texts_shortened", 0) + len(shortened)
+    return build(*assemble(texts, dropped))

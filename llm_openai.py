@@ -36,7 +36,7 @@ import httpx
 import torch
 
 from llm import (EMBEDDED_LLM, ServerError, floor_log_prob, label_prefixes, label_probs,
-                 label_token_ids, resolve_llm_path)
+                 label_token_ids, message_tokens_bound, resolve_llm_path)
 
 TOP_LOGPROBS = 20  # the most that the OpenAI API returns
 RETRY_STATUSES = (408, 409, 429)  # and every 5xx: the server may answer a retry
@@ -75,7 +75,7 @@ class OpenAILLM:
 
     def __init__(self, base_url, model="auto", role="llm", api_key=None, tokenizer="auto",
                  max_concurrency=32, request_timeout=120.0, max_retries=4, seed=0,
-                 backoff_seconds=0.5):
+                 backoff_seconds=0.5, context_length=0):
         self.base_url = base_url.rstrip("/")
         self.role = role
         self.request_timeout = request_timeout
@@ -90,19 +90,46 @@ class OpenAILLM:
         self.usage = Counter(requests=0, retries=0, prompt_tokens=0, completion_tokens=0)
         self.n_supported = None  # does one request return n samples? decided on first use
         self.requests_sent = 0  # numbers the requests' seeds
+        self._models = None  # the server's model list, asked on first use
         self.model = self._served_model() if model == "auto" else model
         self.path = f"{self.base_url} ({self.model})"
         self.tokenizer = self._load_tokenizer(tokenizer)
+        self.context_length = context_length or self._served_context_length()
         self._scoring_problems = {}
         self._label_cache = {}
 
+    def _listed_models(self):
+        """The server's /models list, asked once."""
+        if self._models is None:
+            self._models = _run(self._request("GET", "/models", None)).get("data") or []
+        return self._models
+
     def _served_model(self):
         """The first model the server lists: 'auto' needs no name for one-model servers."""
-        data = _run(self._request("GET", "/models", None))
-        if not data.get("data"):
+        if not self._listed_models():
             raise ServerError(f"the server at {self.base_url} lists no model; name one with "
                               f"--{self.role}_llm or --llm")
-        return data["data"][0]["id"]
+        return self._listed_models()[0]["id"]
+
+    def _served_context_length(self):
+        """The context the server lists for the model (vLLM and SGLang: max_model_len), or
+        None with a warning: prompts then go uncut (llama.cpp and Ollama list none)."""
+        length = next((m.get("max_model_len") for m in self._listed_models()
+                       if m.get("id") == self.model), None)
+        if isinstance(length, int) and length > 0:
+            return length
+        print(f"warning: the {self.role} server at {self.base_url} does not list the "
+              f"context length of '{self.model}'; prompts are not cut to fit it. Pass "
+              "--context_length TOKENS")
+        return None
+
+    def count_tokens(self, messages):
+        """The prompt's tokens with the model's tokenizer, else an upper bound on them."""
+        if self.tokenizer is None:
+            return message_tokens_bound(messages)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _load_tokenizer(self, name):
         """The served model's tokenizer, for the exact prior: 'auto' finds it where the
@@ -301,7 +328,7 @@ class OpenAILLM:
 
 
 def load(name, role="llm", base_url="", api_key_env="OPENAI_API_KEY", tokenizer="auto",
-         max_concurrency=32, request_timeout=120.0, max_retries=4, seed=0):
+         max_concurrency=32, request_timeout=120.0, max_retries=4, seed=0, context_length=0):
     """The backend factory's entry (llm.load_llm): `name` is the served model's name, or
     'auto' for the first one the server lists. The API key is read from the environment
     variable named by api_key_env (none is sent when it is unset: local servers)."""
@@ -311,4 +338,4 @@ def load(name, role="llm", base_url="", api_key_env="OPENAI_API_KEY", tokenizer=
     api_key = os.environ.get(api_key_env) if api_key_env else None
     return OpenAILLM(base_url, name, role, api_key=api_key, tokenizer=tokenizer,
                      max_concurrency=max_concurrency, request_timeout=request_timeout,
-                     max_retries=max_retries, seed=seed)
+                     max_retries=max_retries, seed=seed, context_length=context_length)

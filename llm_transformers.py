@@ -259,7 +259,7 @@ class TransformersLLM:
     """A local causal LM with a chat template, decoded by a batched sampling loop."""
 
     def __init__(self, model, tokenizer, seed=0, name="model", max_batch_rows=0,
-                 prefix_cache_gb=0.0):
+                 prefix_cache_gb=0.0, context_length=0):
         self.path = name
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -300,17 +300,22 @@ class TransformersLLM:
         # on CPU, the heap's free pages go back to the system after every call
         self.trim_heap = heap_trimmer() if self.device.type == "cpu" else None
         self._label_cache = {}
+        # tokens a prompt and its answer may use (llm.fit_prompt): the model's positions,
+        # or fewer when asked (context_length also bounds the KV cache's memory)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.context_length = min(filter(None, (context_length, positions)), default=None)
 
     @classmethod
     def from_pretrained(cls, path, device="auto", dtype="auto", seed=0, max_batch_rows=0,
-                        prefix_cache_gb=0.0):
+                        prefix_cache_gb=0.0, context_length=0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = pick_device(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(device, dtype))
         return cls(model.to(device), tokenizer, seed=seed, name=path,
-                   max_batch_rows=max_batch_rows, prefix_cache_gb=prefix_cache_gb)
+                   max_batch_rows=max_batch_rows, prefix_cache_gb=prefix_cache_gb,
+                   context_length=context_length)
 
     def rng_state(self):
         """The sampler's state, saved with a training state (optional client method)."""
@@ -344,6 +349,9 @@ class TransformersLLM:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages):
+        return len(self.encode_chat(messages))
 
     def _left_pad(self, sequences):
         width = max(len(s) for s in sequences)
@@ -691,9 +699,11 @@ def _maximal_prefixes(label_ids):
     return sorted(maximal) or [()]
 
 
-def load(name, device="auto", dtype="auto", seed=0, max_batch_rows=0, prefix_cache_gb=0.0):
+def load(name, device="auto", dtype="auto", seed=0, max_batch_rows=0, prefix_cache_gb=0.0,
+         context_length=0):
     """The backend factory's entry (llm.load_llm): `name` is a model folder, 'auto' or
     'embedded-smollm2' (see llm.resolve_llm_path)."""
     return TransformersLLM.from_pretrained(resolve_llm_path(name), device=device, dtype=dtype,
                                            seed=seed, max_batch_rows=max_batch_rows,
-                                           prefix_cache_gb=prefix_cache_gb)
+                                           prefix_cache_gb=prefix_cache_gb,
+                                           context_length=context_length)

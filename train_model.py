@@ -261,7 +261,10 @@ def summarize(conversations, task, max_turn, error_counts):
                "mean_final_reward": sum(c.records[-1]["reward"] for c in conversations
                                         if c.records) / max(n, 1),
                "outcomes": dict(Counter(c.outcome for c in conversations)),
-               "llm_answers_unusable": dict(error_counts)}
+               "llm_answers_unusable": dict(error_counts),
+               # prompts cut to fit a model's context, per role, with what was cut
+               "prompt_cuts": dict(sum((Counter(c.prompt_cuts) for c in conversations),
+                                       Counter()))}
     if task.bargaining:  # failures count 0, as in PPDPP
         metrics["SL"] = sum(c.sale_to_list or 0.0 for c in conversations
                             if c.outcome == "success") / max(n, 1)
@@ -447,11 +450,15 @@ def run(args):
 
     llms = load_llms(args)
     planner, env = build_env(args, task, llms)
-    scoring_problem = getattr(llms["planner"], "option_scoring_problem", None)  # optional
-    problem = args.prior == "logits" and scoring_problem and scoring_problem(planner.labels)
-    if problem:
-        print(f"warning: {problem}; the planner samples its prior instead (--prior sample)")
-        args.prior = planner.mode = "sample"
+    # a backend that cannot score options exactly (a server without log-probs): sample
+    for role, user, flag in (("planner", planner, "prior"), ("critic", env.critic, "critic")):
+        scoring_problem = getattr(llms[role], "option_scoring_problem", None)  # optional
+        problem = user.mode == "logits" and scoring_problem and scoring_problem(user.labels)
+        if problem:
+            print(f"warning: {problem}; the {role} samples its answers instead "
+                  f"(--{flag} sample)")
+            setattr(args, flag, "sample")
+            user.mode = "sample"
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)

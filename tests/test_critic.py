@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ScriptedLLM
 from critic import (Critic, parse_price, parse_verdict, plausible_price, sale_to_list)
+from env import Conversation
 from tasks import TASKS, get_task
 
 ESC = get_task("esc").verdicts
@@ -109,6 +110,11 @@ def test_sale_to_list_ratio():
     assert sale_to_list(215, buyer_price=180, seller_price=250) == pytest.approx(0.5)
 
 
+def _conversation(case=None, emotions=()):
+    return Conversation(case or {"emotion_type": "x", "problem_type": "y"},
+                        [("Patient", "hi")], emotions=list(emotions))
+
+
 def _critic(task_name, answers, samples=4, mode="sample", prior=None):
     queue = list(answers)
     llm = ScriptedLLM(lambda prompt: queue.pop(0), prior=prior)
@@ -117,8 +123,8 @@ def _critic(task_name, answers, samples=4, mode="sample", prior=None):
 
 def test_prompt_lists_numbered_options_and_the_case():
     critic = _critic("esc", [])
-    messages = critic.prompt({"emotion_type": "anxiety", "problem_type": "job crisis"},
-                             "Patient: hi", ["anxious"])
+    messages = critic.prompt(_conversation({"emotion_type": "anxiety",
+                                            "problem_type": "job crisis"}, ["anxious"]))
     assert "anxiety" in messages[0]["content"] and "job crisis" in messages[0]["content"]
     assert "1. No, the Patient feels worse." in messages[1]["content"]
     assert "4. Yes, the Patient's emotional problem has been solved." in messages[1]["content"]
@@ -126,15 +132,15 @@ def test_prompt_lists_numbered_options_and_the_case():
 
 def test_cima_critic_is_not_handed_the_target_translation():
     case = {"sentence": "the red cat", "target": "il gatto rosso", "dialog": []}
-    text = "\n".join(m["content"] for m in _critic("cima", []).prompt(case, "Student: hi", []))
+    text = "\n".join(m["content"] for m in _critic("cima", []).prompt(
+        Conversation(case, [("Student", "hi")])))
     assert "the red cat" in text and "il gatto rosso" not in text
 
 
 def test_critic_averages_usable_verdicts_and_counts_invalid():
     critic = _critic("esc", ["4", "No, but the Patient feels somewhat better.",
                              "No, the Patient's issue has not been solved.", "banana"])
-    result = critic.score([{"emotion_type": "x", "problem_type": "y"}], ["Patient: hi"],
-                          [["sad"]])[0]
+    result = critic.score([_conversation(emotions=["sad"])])[0]
     assert result.reward == pytest.approx(0.75) and result.success
     assert result.invalid == 2 and len(result.answers) == 4
     assert result.option_probs == [0.0, 0.0, 0.5, 0.5]
@@ -142,14 +148,14 @@ def test_critic_averages_usable_verdicts_and_counts_invalid():
 
 def test_nine_unusable_and_one_negated_answer_give_no_reward_and_no_success():
     critic = _critic("esc", ["?"] * 9 + ["No, the Patient's issue has not been solved."], 10)
-    result = critic.score([{"emotion_type": "x", "problem_type": "y"}], ["Patient: hi"], [[]])[0]
+    result = critic.score([_conversation()])[0]
     assert result.reward == 0.0 and result.invalid == 10 and not result.success
 
 
 def test_logits_mode_reward_is_the_expectation_over_options():
     weights = [0.1, 0.2, 0.3, 0.4]
     critic = _critic("esc", [], mode="logits", prior=lambda prompt, labels: weights)
-    result = critic.score([{"emotion_type": "x", "problem_type": "y"}], ["Patient: hi"], [[]])[0]
+    result = critic.score([_conversation()])[0]
     assert result.reward == pytest.approx(-0.1 - 0.1 + 0.15 + 0.4)
     assert not result.success  # 0.35 < 0.5
     assert result.option_probs == pytest.approx(weights) and result.invalid == 0
@@ -205,7 +211,8 @@ def test_cb_logits_mode_needs_every_sample_to_say_deal_then_asks_the_price():
         llm = ScriptedLLM(lambda prompt: asked.append(prompt) or "$150",
                           prior=lambda prompt, labels: weights)
         critic = Critic(get_task("cb"), llm, mode="logits", num_samples=samples)
-        return critic.score([CASE], ["Buyer: 150?\nSeller: ok"], [[]])[0], asked
+        conversation = Conversation(CASE, [("Buyer", "150?"), ("Seller", "ok")])
+        return critic.score([conversation])[0], asked
     result, asked = prompts_seen([0.05, 0.95], 10)  # 0.95 ** 10 = 0.60: a deal
     assert result.deal_price == 150 and result.reward == pytest.approx(0.5) and result.success
     assert len(asked) == 1 and "At what price?" in asked[0]

@@ -3,7 +3,7 @@ import torch
 
 from conftest import ScriptedLLM
 from critic import Critic
-from env import Planner, SelfPlayEnv, clean_turn, parse_emotion_response
+from env import Conversation, Planner, SelfPlayEnv, clean_turn, parse_emotion_response
 from tasks import get_task, load_split
 from test_tasks import DEMO
 
@@ -124,8 +124,8 @@ def test_shared_prefix_critic_gives_the_same_greedy_verdicts(tiny_llm):
     for shared in (True, False):
         critic = Critic(task, tiny_llm, num_samples=4, temperature=0.0, max_new_tokens=6,
                         shared_prefix=shared)
-        results.append(critic.score([case, case], ["Patient: hi", "Patient: hello there"],
-                                    [["sad"], []]))
+        results.append(critic.score([Conversation(case, [("Patient", "hi")], emotions=["sad"]),
+                                     Conversation(case, [("Patient", "hello there")])]))
     assert [r.answers for r in results[0]] == [r.answers for r in results[1]]
 
 

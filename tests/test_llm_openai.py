@@ -43,7 +43,8 @@ def client_for(server, monkeypatch):
     monkeypatch.setenv(KEY_ENV, server.api_key)
 
     def make(url=None, role="critic", **options):
-        options = {"max_retries": 2, "request_timeout": 60.0} | options
+        # the context llama.cpp was started with (it lists none: see the test below)
+        options = {"max_retries": 2, "request_timeout": 60.0, "context_length": 4096} | options
         llm = load_llm("openai", EMBEDDED_LLM, role=role, base_url=url or server.url,
                        api_key_env=KEY_ENV, **options)
         llm.backoff_seconds = 0.05  # short backoffs: a Retry-After wait stands out
@@ -65,6 +66,13 @@ def test_chat_samples_and_stop_strings(client_for, capsys):
     assert llm.n_supported is False and "ignores n" in capsys.readouterr().out
     assert llm.usage["requests"] == 2 + 2 + 2 * 3 and llm.usage["retries"] == 0
     assert llm.usage["prompt_tokens"] > 0 and llm.usage["completion_tokens"] > 0
+
+
+def test_a_server_that_lists_no_context_length_gets_a_warning(client_for, capsys):
+    llm = client_for(context_length=0)
+    assert llm.context_length is None and llm.usage["requests"] == 1  # asked /models
+    assert ("does not list the context length of 'embedded-smollm2'; prompts are not cut "
+            "to fit it. Pass --context_length TOKENS") in capsys.readouterr().out
 
 
 def test_auto_names_the_served_model_and_a_wrong_key_stops_at_once(server, monkeypatch):
@@ -120,13 +128,14 @@ def test_prior_agrees_with_the_in_process_model(client_for, task_name):
 
 def test_the_critic_reads_its_verdict_distribution_from_a_served_model(client_for):
     from critic import Critic
+    from env import Conversation
     from tasks import get_task, load_split
 
     task = get_task("esc")
     critic = Critic(task, client_for(role="critic"), mode="logits")
     case = load_split(DEMO, "esc", "train")[0]
-    (result,) = critic.score([case], ["Patient: I feel low.\nTherapist: I hear you."],
-                             [["sad"]])
+    (result,) = critic.score([Conversation(case, [("Patient", "I feel low."),
+                                                  ("Therapist", "I hear you.")], emotions=["sad"])])
     assert len(result.option_probs) == len(task.verdicts)
     assert sum(result.option_probs) == pytest.approx(1.0, abs=1e-5)
     assert min(task.verdict_rewards) <= result.reward <= max(task.verdict_rewards)
@@ -223,7 +232,10 @@ def test_server_killed_mid_run_stops_with_a_clear_error(client_for, monkeypatch)
 
         worker = threading.Thread(target=run)
         worker.start()
-        time.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while outcome["calls"] == 0 and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the run is under way: a phase has finished
+        time.sleep(0.5)
         doomed.kill()
         worker.join(timeout=60)
     assert not worker.is_alive(), "the client hung after the server died"
@@ -243,7 +255,7 @@ def run_args(url, output_dir, encoder_dir, *extra):
             "--user_max_new_tokens", "8", "--critic_max_new_tokens", "6", "--eval_every", "2",
             "--eval_cases", "1", "--max_cases", "2", "--batch_size", "2",
             "--learning_starts", "1", "--output_dir", str(output_dir), "--progress", "false",
-            "--device", "cpu", "--dtype", "float32", *extra]
+            "--device", "cpu", "--dtype", "float32", "--context_length", "4096", *extra]
 
 
 def test_train_then_test_with_every_role_served(server, client_for, tiny_encoder_dir,
@@ -278,7 +290,7 @@ def test_train_then_test_with_every_role_served(server, client_for, tiny_encoder
                 assert server.api_key.encode() not in f.read(), name
 
 
-def test_a_planner_that_cannot_score_options_samples_its_prior_with_a_warning(
+def test_a_planner_and_critic_that_cannot_score_options_sample_with_a_warning(
         tiny_encoder_dir, tmp_path, monkeypatch, capsys):
     from conftest import ScriptedLLM
 
@@ -290,12 +302,14 @@ def test_a_planner_that_cannot_score_options_samples_its_prior_with_a_warning(
     monkeypatch.setattr(train_model, "load_llms", lambda args: dict.fromkeys(
         ("planner", "system", "user", "critic"), llm))
     metrics, run_dir = train_model.main(run_args("http://example.invalid/v1", tmp_path,
-                                                 tiny_encoder_dir))
-    assert ("warning: the server at http://example.invalid gives no log-probabilities; the "
-            "planner samples its prior instead (--prior sample)") in capsys.readouterr().out
+                                                 tiny_encoder_dir, "--critic", "logits"))
+    printed = capsys.readouterr().out
+    for role, flag in (("planner", "prior"), ("critic", "critic")):
+        assert (f"warning: the server at http://example.invalid gives no log-probabilities; "
+                f"the {role} samples its answers instead (--{flag} sample)") in printed
     assert not any(call[0] == "option_probs" for call in llm.calls)
     info = json.load(open(os.path.join(run_dir, "best.pt.json")))
-    assert info["args"]["prior"] == "sample"  # the run records what it did
+    assert info["args"]["prior"] == info["args"]["critic"] == "sample"  # what the run did
 
 
 def test_a_run_whose_server_fails_stops_with_one_line_and_keeps_its_q_head(

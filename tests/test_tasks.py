@@ -91,7 +91,7 @@ def test_every_prompt_of_a_task_formats_with_its_demo_cases(task_name):
             assert task.actions[action] in env.system_prompt(conversation, action)[-1]["content"]
         env.user_prompt(conversation)
         Planner(task, None).prompt(conversation)
-        Critic(task, None).prompt(case, "x", [])
+        Critic(task, None).prompt(conversation)
 
 
 @pytest.mark.parametrize("field,value,message", [
