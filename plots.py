@@ -1,0 +1,213 @@
+"""Figures of one run, written as PNG files into the run folder.
+
+    python plots.py runs/esc__exp__1__1700000000
+
+plot_run reads whichever of train_history.jsonl, test_conversations.jsonl and
+train_conversations.jsonl exist and skips the figures whose file is missing (a run in test
+mode has no training history). Each plot_* function takes plain data and writes one PNG.
+"""
+
+import json
+import os
+import sys
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
+
+from tasks import TASKS  # noqa: E402
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be read."""
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunFileError(f"cannot read {path} ({error})") from None
+
+
+def read_jsonl(path):
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        raise RunFileError(f"cannot read {path} ({error})") from None
+
+
+def _save(figure, path):
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _panels(x_label, series, path, title):
+    """One panel per (label, xs, ys), stacked, sharing the x axis."""
+    figure, axes = plt.subplots(len(series), 1, figsize=(6, 2.2 * len(series)), sharex=True,
+                                squeeze=False)
+    for axis, (label, xs, ys) in zip(axes[:, 0], series):
+        axis.plot(xs, ys, marker="." if len(xs) < 50 else None)
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(x_label)
+    axes[0, 0].set_title(title)
+    return _save(figure, path)
+
+
+def plot_valid_curve(evals, path):
+    """Validation SR and AT (and SL when logged) against training episodes."""
+    names = ["SR", "AT"] + (["SL"] if any("SL" in e for e in evals) else [])
+    series = [(name, [e["episode"] for e in evals if name in e],
+               [e[name] for e in evals if name in e]) for name in names]
+    return _panels("episodes", series, path, "validation")
+
+
+def plot_td_loss(updates, path):
+    steps = [u["step"] for u in updates]
+    series = [("TD loss", steps, [u["td_loss"] for u in updates]),
+              ("mean Q", steps, [u["q_mean"] for u in updates])]
+    return _panels("gradient steps", series, path, "Q-head updates")
+
+
+def plot_epsilon(steps, path):
+    series = [("epsilon", [s["step"] for s in steps], [s["epsilon"] for s in steps])]
+    return _panels("environment steps", series, path, "exploration")
+
+
+def ordered(actions, task):
+    """The actions that occur, in the task's order when the task is known."""
+    known = TASKS[task].action_names if task in TASKS else []
+    present = set(actions)
+    return [a for a in known if a in present] + sorted(present - set(known))
+
+
+def plot_actions(series, order, path):
+    """Share of turns per chosen action; `series`: name -> list of actions."""
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(order) * len(series)), 4))
+    width = 0.8 / len(series)
+    for offset, (name, actions) in enumerate(series.items()):
+        counts = Counter(actions)
+        shares = [counts[a] / len(actions) for a in order]
+        axis.bar([i + offset * width for i in range(len(order))], shares, width, label=name)
+    axis.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(order))])
+    axis.set_xticklabels(order, rotation=45, ha="right")
+    axis.set_ylabel("share of turns")
+    axis.set_title("chosen actions")
+    axis.legend()
+    return _save(figure, path)
+
+
+def prior_choice_pairs(conversations):
+    """(prior's top-1 action, chosen action) per turn that had a strategy."""
+    return [(r["candidates"][0]["action"], r["action"]) for c in conversations
+            for r in c["records"] if r.get("action") is not None and r.get("candidates")]
+
+
+def override_rate(conversations):
+    """Share of turns where the chosen action is not the prior's top-1, or None."""
+    pairs = prior_choice_pairs(conversations)
+    return sum(top != chosen for top, chosen in pairs) / len(pairs) if pairs else None
+
+
+def plot_prior_vs_q(pairs, order, path):
+    """Counts of prior top-1 (rows) against chosen action (columns)."""
+    index = {a: i for i, a in enumerate(order)}
+    counts = [[0] * len(order) for _ in order]
+    for top, chosen in pairs:
+        counts[index[top]][index[chosen]] += 1
+    rate = sum(top != chosen for top, chosen in pairs) / len(pairs)
+    size = max(4, 0.5 * len(order) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(counts, cmap="Blues")
+    figure.colorbar(image, ax=axis, label="turns")
+    darkest = max(max(line) for line in counts)
+    for row, line in enumerate(counts):
+        for column, count in enumerate(line):
+            if count:
+                axis.text(column, row, count, ha="center", va="center", fontsize=8,
+                          color="white" if count > darkest / 2 else "black")
+    axis.set_xticks(range(len(order)), order, rotation=45, ha="right")
+    axis.set_yticks(range(len(order)), order)
+    axis.set_xlabel("chosen action")
+    axis.set_ylabel("prior's top-1 action")
+    axis.set_title(f"test turns\nchosen differs from prior top-1: {rate:.1%}")
+    return _save(figure, path)
+
+
+def plot_run(run_dir):
+    """Write the figures that this run's files allow; returns the paths written."""
+    def path(name):
+        return os.path.join(run_dir, name)
+
+    written = []
+    if os.path.exists(path("train_history.jsonl")):
+        history = read_jsonl(path("train_history.jsonl"))
+        for kind, plot, name in (("eval", plot_valid_curve, "valid_curve.png"),
+                                 ("update", plot_td_loss, "td_loss.png"),
+                                 ("step", plot_epsilon, "epsilon.png")):
+            lines = [h for h in history if h.get("kind") == kind]
+            if lines:
+                written.append(plot(lines, path(name)))
+    if not os.path.exists(path("test_conversations.jsonl")):
+        return written
+    test = read_jsonl(path("test_conversations.jsonl"))
+    task = (read_json(path("test_metrics.json")).get("task")
+            if os.path.exists(path("test_metrics.json")) else None)
+    series = {"test": [a for _, a in prior_choice_pairs(test)]}
+    if os.path.exists(path("train_conversations.jsonl")):
+        train = read_jsonl(path("train_conversations.jsonl"))
+        series["train"] = [a for _, a in prior_choice_pairs(train)]
+    series = {name: actions for name, actions in series.items() if actions}
+    if series:  # the policy "none" chooses no strategy
+        order = ordered([a for actions in series.values() for a in actions], task)
+        written.append(plot_actions(series, order, path("actions.png")))
+    pairs = prior_choice_pairs(test)
+    if pairs:
+        order = ordered([a for pair in pairs for a in pair], task)
+        written.append(plot_prior_vs_q(pairs, order, path("prior_vs_q.png")))
+        print(f"{run_dir}: chosen action differs from the prior's top-1 in "
+              f"{override_rate(test):.1%} of test turns")
+    return written
+
+
+
+def plot_summary(groups, metrics, path):
+    """Bars with their intervals, one panel per metric, bars grouped by task, one colour
+    per policy. `groups`: dicts with task, policy and metrics[name] = {mean, low, high}
+    (None where the metric does not apply)."""
+    policies = sorted({g["policy"] for g in groups})
+    figures = {(g["task"], g["policy"]): g["metrics"] for g in groups}
+    width = 0.8 / len(policies)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(1 + 4 * len(metrics), 3.5),
+                                squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        tasks = sorted({g["task"] for g in groups if g["metrics"].get(metric)})
+        for number, policy in enumerate(policies):
+            xs, means, below, above = [], [], [], []
+            for column, task in enumerate(tasks):
+                value = figures.get((task, policy), {}).get(metric)
+                if value is not None:
+                    xs.append(column + number * width)
+                    means.append(value["mean"])
+                    below.append(value["mean"] - value["low"])
+                    above.append(value["high"] - value["mean"])
+            axis.bar(xs, means, width, yerr=[below, above], capsize=3,
+                     color=f"C{number % 10}", label=policy)
+        axis.set_xticks([c + width * (len(policies) - 1) / 2 for c in range(len(tasks))], tasks)
+        axis.set_title(metric)
+        axis.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()  # every policy has an SR
+    axes[0, -1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(figure, path)
+
+
+if __name__ == "__main__":
+    for folder in sys.argv[1:]:
+        for written_path in plot_run(folder):
+            print(written_path)

@@ -1,0 +1,230 @@
+"""Tables with confidence intervals, and figures, from finished runs.
+
+    python report.py runs/ [more runs or folders of runs] [--out reports/esc]
+
+A run folder is one that holds test_metrics.json; other folders given are searched for
+run folders at any depth. Runs are grouped by (task, policy), one run per seed: when
+several runs share a task, policy and seed (a test-mode replay of a trained run, say),
+the newest test_metrics.json is kept and the others are listed as skipped.
+
+Per-conversation values: SR 1 on success else 0; AT the system turns on success else
+max_turn; SL the sale-to-list ratio on success else 0 (as PPDPP); return total_reward;
+unusable the sum over its records of critic_invalid, system_format_error and
+planner_invalid (those present). Counters kept only for the whole run (system_empty,
+user_empty, the planner total in test_metrics.json) are not per conversation and so are
+not counted here.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import plots
+from stats import bootstrap_ci, paired_bootstrap_ci
+
+BASELINE = "dialogxpert"  # the paired table compares every other policy with this one
+METRICS = {"SR": ".3f", "AT": ".2f", "SL": ".3f", "mean_return": ".3f", "unusable": ".2f"}
+HEADERS = {"SR": "SR", "AT": "AT", "SL": "SL", "mean_return": "mean return",
+           "unusable": "unusable LLM answers / conv."}
+UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "planner_invalid")
+
+
+class ReportError(Exception):
+    """Bad input: reported as one line `error: ...` and exit code 2."""
+
+
+def find_runs(paths):
+    runs = []
+    for path in paths:
+        if not os.path.isdir(path):
+            raise ReportError(f"{path} is not a folder. Give run folders or folders of runs")
+        for folder, subfolders, files in os.walk(path):
+            subfolders.sort()
+            if "test_metrics.json" in files:
+                runs.append(os.path.normpath(folder))
+                subfolders.clear()  # a run's own subfolders hold no other run
+    if not runs:
+        raise ReportError(f"no run folder (one with test_metrics.json) in {', '.join(paths)}. "
+                          "Give the runs/ folder of a finished train_model.py run")
+    return sorted(set(runs))
+
+
+def conversation_values(conversation, max_turn):
+    success = conversation["outcome"] == "success"
+    return {"SR": float(success),
+            "AT": float(conversation["system_turns"] if success else max_turn),
+            "SL": float(conversation["sale_to_list"] or 0.0) if success else 0.0,
+            "mean_return": float(conversation["total_reward"]),
+            "unusable": float(sum(record.get(key) or 0 for record in conversation["records"]
+                                  for key in UNUSABLE_KEYS))}
+
+
+def load_run(folder):
+    metrics_path = os.path.join(folder, "test_metrics.json")
+    conversations_path = os.path.join(folder, "test_conversations.jsonl")
+    try:
+        metrics = plots.read_json(metrics_path)
+        conversations = plots.read_jsonl(conversations_path)
+        values = [conversation_values(c, metrics["max_turn"]) for c in conversations]
+        run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
+               "seed": metrics["seed"], "bargaining": "SL" in metrics,
+               "case_ids": [c["case_id"] for c in conversations]}
+    except plots.RunFileError as error:
+        raise ReportError(f"{error}. Rerun the test of this run or leave it out") from None
+    except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
+        raise ReportError(f"{folder}: unexpected test_metrics.json or test_conversations.jsonl "
+                          f"({type(error).__name__}: {error}). Is it a run of this version of "
+                          "train_model.py?") from None
+    if not conversations:
+        raise ReportError(f"{conversations_path} has no conversations. Rerun the test")
+    run["values"] = {name: [v[name] for v in values] for name in METRICS}
+    run["override_rate"] = plots.override_rate(conversations)
+    run["mtime"] = os.path.getmtime(metrics_path)
+    return run
+
+
+def group_runs(runs):
+    """{(task, policy): {seed: run}} keeping the newest run of each seed; and the skipped."""
+    groups, skipped = {}, []
+    for run in sorted(runs, key=lambda r: (r["mtime"], r["folder"])):
+        seeds = groups.setdefault((run["task"], run["policy"]), {})
+        if run["seed"] in seeds:
+            skipped.append(seeds[run["seed"]]["folder"])
+        seeds[run["seed"]] = run
+    return dict(sorted(groups.items())), skipped
+
+
+def interval(groups, n_boot, paired_with=None):
+    mean, low, high = (paired_bootstrap_ci(groups, paired_with, n_boot) if paired_with
+                       else bootstrap_ci(groups, n_boot))
+    return {"mean": mean, "low": low, "high": high}
+
+
+def summarize(task, policy, seeds, n_boot):
+    runs = list(seeds.values())
+    figures = {}
+    for name in METRICS:
+        applies = name != "SL" or any(run["bargaining"] for run in runs)
+        figures[name] = interval([run["values"][name] for run in runs], n_boot) if applies else None
+    return {"task": task, "policy": policy, "conversations": sum(len(r["case_ids"]) for r in runs),
+            "runs": [{"folder": r["folder"], "seed": r["seed"], "override_rate": r["override_rate"]}
+                     for r in runs], "metrics": figures}
+
+
+def paired_difference(baseline, other, n_boot):
+    """BASELINE minus `other` on the conversations both played: same seed, same case_id."""
+    seeds, pairs = [], {name: ([], []) for name in ("SR", "mean_return")}
+    for seed in sorted(set(baseline) & set(other)):
+        index_a = {c: i for i, c in enumerate(baseline[seed]["case_ids"])}
+        index_b = {c: i for i, c in enumerate(other[seed]["case_ids"])}
+        shared = sorted(set(index_a) & set(index_b))
+        if not shared:
+            continue
+        seeds.append(seed)
+        for name, (groups_a, groups_b) in pairs.items():
+            groups_a.append([baseline[seed]["values"][name][index_a[c]] for c in shared])
+            groups_b.append([other[seed]["values"][name][index_b[c]] for c in shared])
+    count = sum(len(values) for values in pairs["SR"][0])
+    result = {"seeds": seeds, "pairs": count}
+    for name, (groups_a, groups_b) in pairs.items():
+        result[name] = interval(groups_a, n_boot, paired_with=groups_b) if count else None
+    return result
+
+
+def cell(figure, form):
+    if figure is None:
+        return "-"
+    return f"{figure['mean']:{form}} [{figure['low']:{form}}, {figure['high']:{form}}]"
+
+
+def markdown(summaries, differences, skipped, images, out, n_boot):
+    line = f"{n_boot:,} resamples"
+    rows = ["| task | policy | runs | conversations | " + " | ".join(HEADERS.values()) + " |",
+            "|---" * (4 + len(HEADERS)) + "|"]
+    for s in summaries:
+        rows.append(f"| {s['task']} | {s['policy']} | {len(s['runs'])} | {s['conversations']} | "
+                    + " | ".join(cell(s["metrics"][n], f) for n, f in METRICS.items()) + " |")
+    rows += ["", "Each cell: mean [95% interval]. The mean is the mean over seeds of each "
+             "seed's mean; the interval is a 95% percentile bootstrap over conversations within "
+             f"a seed and over seeds (hierarchical when there are several seeds), {line}.", ""]
+    rows += ["## Paired differences against " + BASELINE, "",
+             f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
+             f"mean return ({BASELINE} - policy) |", "|---" * 6 + "|"]
+    for d in differences:
+        if d["pairs"]:
+            figures = f"{cell(d['SR'], '.3f')} | {cell(d['mean_return'], '.3f')}"
+        else:
+            figures = f"no seed and case_id shared with {BASELINE} | -"
+        rows.append(f"| {d['task']} | {d['policy']} | {', '.join(map(str, d['seeds'])) or '-'} | "
+                    f"{d['pairs']} | {figures} |")
+    if not differences:
+        rows.append(f"| - | - | - | 0 | no task has both {BASELINE} and another policy | - |")
+    rows += ["", "Pairs are the conversations of the same seed and case_id in both runs; the "
+             "interval is a 95% paired percentile bootstrap (hierarchical over seeds), "
+             f"{line}.", ""]
+    if skipped:
+        rows += ["Skipped (a newer run has the same task, policy and seed): "
+                 + ", ".join(skipped), ""]
+    rows += ["## Figures", ""] + [f"- [{os.path.relpath(p, out)}]({os.path.relpath(p, out)})"
+                                  for p in images]
+    return "\n".join(rows) + "\n"
+
+
+def output_folder(out):
+    if out:
+        os.makedirs(out, exist_ok=True)
+        return out
+    base = os.path.join("reports", time.strftime("report_%Y%m%d_%H%M%S"))
+    folder, number = base, 1
+    while os.path.exists(folder):
+        number += 1
+        folder = f"{base}_{number}"
+    os.makedirs(folder)
+    return folder
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run folders or folders that hold runs")
+    parser.add_argument("--out", help="output folder (default reports/report_<time>)")
+    parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples")
+    args = parser.parse_args(argv)
+    if args.n_boot < 1:
+        parser.error(f"--n_boot must be positive, got {args.n_boot}")
+    try:
+        runs = [load_run(folder) for folder in find_runs(args.paths)]
+        images = [p for run in runs for p in plots.plot_run(run["folder"])]
+    except plots.RunFileError as error:  # a training file read by plot_run
+        print(f"error: {error}. Repair or delete that file, or leave the run out",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    groups, skipped = group_runs(runs)
+    summaries = [summarize(task, policy, seeds, args.n_boot)
+                 for (task, policy), seeds in groups.items()]
+    differences = [{"task": task, "policy": policy, "baseline": BASELINE,
+                    **paired_difference(groups[(task, BASELINE)], seeds, args.n_boot)}
+                   for (task, policy), seeds in groups.items()
+                   if policy != BASELINE and (task, BASELINE) in groups]
+
+    out = output_folder(args.out)
+    shown = [name for name in ("SR", "AT", "SL") if any(s["metrics"][name] for s in summaries)]
+    images.insert(0, plots.plot_summary(summaries, shown, os.path.join(out, "report.png")))
+    text = markdown(summaries, differences, skipped, images, out, args.n_boot)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({"n_boot": args.n_boot, "level": 0.95, "groups": summaries,
+                   "paired_differences": differences, "skipped": skipped, "images": images},
+                  f, indent=2)
+    print(text.split("\n## Figures")[0])
+    print(os.path.join(out, "report.md"))
+    return os.path.join(out, "report.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""stats.py, plots.py and report.py on run folders written here in the trainer's format."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import plots
+import report
+from stats import bootstrap_ci, paired_bootstrap_ci
+from tasks import TASKS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def conversation(case_id, success, pairs, rng, sale_to_list=None, critic_invalid=0):
+    """One line of *_conversations.jsonl; `pairs`: (prior's top-1, chosen) per turn, or
+    (None, None) for the policy "none"."""
+    records = []
+    for turn, (top, chosen) in enumerate(pairs, start=1):
+        others = [a for a in dict.fromkeys([chosen, "Others", "Self-disclosure"]) if a != top]
+        candidates = [] if top is None else [
+            {"action": action, "prior": prior, "q": round(rng.random(), 4)}
+            for action, prior in zip([top] + others[:2], (0.5, 0.3, 0.2))]
+        records.append({"turn": turn, "action": chosen, "candidates": candidates,
+                        "explored": False, "reward": 0.5, "critic_invalid": critic_invalid})
+    return {"case_id": case_id, "case": {}, "turns": [], "emotions": [],
+            "outcome": "success" if success else "time limit", "system_turns": len(pairs),
+            "total_reward": round(rng.uniform(-1, 1), 3), "sale_to_list": sale_to_list,
+            "records": records}
+
+
+def random_conversations(task, outcomes, rng, max_turn=4, policy="dialogxpert"):
+    actions = TASKS[task].action_names
+    result = []
+    for case_id, success in enumerate(outcomes):
+        turns = rng.randint(1, max_turn) if success else max_turn
+        pairs = ([(None, None)] * turns if policy == "none" else
+                 [(rng.choice(actions), rng.choice(actions)) for _ in range(turns)])
+        result.append(conversation(case_id, success, pairs, rng,
+                                   # a failed bargain may still carry a price: SL counts it 0
+                                   sale_to_list=round(rng.random(), 3) if task == "cb" else None,
+                                   critic_invalid=rng.randint(0, 2)))
+    return result
+
+
+def write_jsonl(path, lines):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def write_run(parent, task, policy, seed, conversations, max_turn=4, train=None):
+    """A run folder as train_model.py writes it; `train`: train conversations, which also
+    adds a training history."""
+    folder = os.path.join(parent, f"{task}__{policy}__{seed}__1700000000")
+    os.makedirs(folder)
+    n = len(conversations)
+    metrics = {"task": task, "policy": policy, "seed": seed, "max_turn": max_turn,
+               "episodes": n, "SR": sum(c["outcome"] == "success" for c in conversations) / n,
+               "AT": 0.0, "mean_return": 0.0, "llm_answers_unusable": {"critic_invalid": 3}}
+    if task == "cb":
+        metrics["SL"] = 0.0
+    with open(os.path.join(folder, "test_metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    write_jsonl(os.path.join(folder, "test_conversations.jsonl"), conversations)
+    if train is not None:
+        write_jsonl(os.path.join(folder, "train_conversations.jsonl"), train)
+        history = [{"kind": "step", "step": s, "epsilon": 1 - s / 20} for s in range(1, 20)]
+        history += [{"kind": "update", "step": s, "td_loss": 1 / s, "q_mean": s / 10}
+                    for s in range(1, 10)]
+        history += [{"kind": "eval", "episode": e, "SR": e / 40, "AT": 4 - e / 10}
+                    for e in (8, 16, 24)]
+        write_jsonl(os.path.join(folder, "train_history.jsonl"), history)
+    return folder
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    """Two tasks (one cb), two policies and two seeds on esc, every run on the same cases."""
+    rng = random.Random(0)
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        for policy, p in (("dialogxpert", 0.7), ("prior", 0.4)):
+            outcomes = [rng.random() < p for _ in range(12)]
+            write_run(root, "esc", policy, seed, random_conversations("esc", outcomes, rng))
+    for policy in ("dialogxpert", "none"):
+        outcomes = [rng.random() < 0.5 for _ in range(10)]
+        write_run(root, "cb", policy, 1, random_conversations("cb", outcomes, rng, policy=policy))
+    return root
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG
+
+
+# ---- stats ----------------------------------------------------------------------------
+
+def test_constant_values_give_a_zero_width_interval():
+    assert bootstrap_ci([[0.25] * 50]) == (0.25, 0.25, 0.25)
+    assert bootstrap_ci([[2.0] * 5, [2.0] * 9]) == (2.0, 2.0, 2.0)
+    assert bootstrap_ci([[3.5]]) == (3.5, 3.5, 3.5)
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="no values"):
+        bootstrap_ci([[1.0], []])
+
+
+def test_bernoulli_interval_has_the_binomial_width():
+    sample = (np.random.default_rng(1).random(2000) < 0.3).astype(float)
+    mean, low, high = bootstrap_ci([sample.tolist()])
+    assert mean == sample.mean() and low < mean < high
+    half_width = 1.96 * np.sqrt(mean * (1 - mean) / len(sample))
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
+    assert bootstrap_ci([sample.tolist()], seed=3) == bootstrap_ci([sample.tolist()], seed=3)
+
+
+def test_seeds_that_disagree_widen_the_interval_and_seeds_that_agree_do_not():
+    rng = np.random.default_rng(2)
+    groups = [(rng.random(200) < p).astype(float).tolist() for p in (0.2, 0.5, 0.8)]
+    mean, low, high = bootstrap_ci(groups)
+    pooled_mean, pooled_low, pooled_high = bootstrap_ci([sum(groups, [])])
+    assert mean == pytest.approx(pooled_mean)
+    assert high - low > 3 * (pooled_high - pooled_low)
+    # two seeds with the same values: a seed drawn twice gets two independent resamples,
+    # so the interval is that of the pooled values
+    _, low, high = bootstrap_ci([groups[0], groups[0]])
+    _, pooled_low, pooled_high = bootstrap_ci([groups[0] * 2])
+    assert high - low == pytest.approx(pooled_high - pooled_low, rel=0.1)
+
+
+def test_interval_covers_the_true_rate_about_95_percent_of_the_time():
+    rng = np.random.default_rng(3)
+    covered = 0
+    for trial in range(200):
+        sample = (rng.random(100) < 0.3).astype(float)
+        _, low, high = bootstrap_ci([sample], n_boot=2000, seed=trial)
+        covered += low <= 0.3 <= high
+    assert 180 <= covered <= 198
+
+
+def test_paired_differences():
+    rng = np.random.default_rng(4)
+    b = [(rng.integers(0, 8, size=30) / 8).tolist(), (rng.integers(0, 8, size=20) / 4).tolist()]
+    assert paired_bootstrap_ci(b, b) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap_ci([[x + 1 for x in g] for g in b], b) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="seed 1"):
+        paired_bootstrap_ci(b, [b[0], b[1][:-1]])
+
+
+# ---- plots ----------------------------------------------------------------------------
+
+def test_plot_run_writes_every_figure_of_a_training_run(tmp_path):
+    rng = random.Random(5)
+    folder = write_run(tmp_path, "esc", "dialogxpert", 1,
+                       random_conversations("esc", [True, False, True], rng),
+                       train=random_conversations("esc", [False, True], rng))
+    written = plots.plot_run(folder)
+    names = ["valid_curve.png", "td_loss.png", "epsilon.png", "actions.png", "prior_vs_q.png"]
+    assert written == [os.path.join(folder, name) for name in names]
+    assert all(is_png(path) for path in written)
+
+
+def test_plot_run_of_a_test_run_and_the_override_rate(tmp_path):
+    rng = random.Random(6)
+    conversations = [
+        conversation(0, True, [("Question", "Question"), ("Question", "Others")], rng),
+        conversation(1, False, [("Others", "Others"), ("Information", "Question"),
+                                ("Question", "Question")], rng)]
+    folder = write_run(tmp_path, "esc", "dialogxpert", 1, conversations)
+    written = plots.plot_run(folder)
+    assert [os.path.basename(p) for p in written] == ["actions.png", "prior_vs_q.png"]
+    assert all(is_png(path) for path in written)
+    assert plots.override_rate(conversations) == 2 / 5
+
+    silent = write_run(tmp_path / "none", "esc", "none", 1,
+                       [conversation(0, True, [(None, None)], rng)])
+    assert plots.plot_run(silent) == [] and plots.override_rate(
+        plots.read_jsonl(os.path.join(silent, "test_conversations.jsonl"))) is None
+
+
+# ---- report ---------------------------------------------------------------------------
+
+def test_report_of_two_policies_on_the_same_cases(tmp_path):
+    rng = random.Random(7)
+    write_run(tmp_path / "runs", "esc", "dialogxpert", 1,
+              random_conversations("esc", [True, True, False, True], rng))
+    write_run(tmp_path / "runs", "esc", "prior", 1,
+              random_conversations("esc", [True, False, False, False], rng))
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "2000"])
+    text = (out / "report.md").read_text()
+    assert "| esc | dialogxpert | 1 | 4 | 0.750 [" in text
+    assert "| esc | prior | 1 | 4 | 0.250 [" in text
+    assert "| esc | prior | 1 | 4 | 0.500 [" in text  # the paired row: seeds, pairs, SR
+    figures = json.loads((out / "report.json").read_text())
+    sr = {g["policy"]: g["metrics"]["SR"]["mean"] for g in figures["groups"]}
+    assert sr == {"dialogxpert": 0.75, "prior": 0.25}
+    assert figures["paired_differences"][0]["SR"]["mean"] == 0.5
+    assert figures["groups"][0]["metrics"]["SL"] is None
+    assert is_png(out / "report.png")
+    for run in (tmp_path / "runs").iterdir():
+        assert is_png(run / "actions.png") and is_png(run / "prior_vs_q.png")
+        assert str(run / "actions.png") in figures["images"]
+
+
+def test_report_over_tasks_seeds_and_cb(runs_root, tmp_path):
+    out = tmp_path / "report"
+    report.main([str(runs_root), "--out", str(out)])
+    figures = json.loads((out / "report.json").read_text())
+    groups = {(g["task"], g["policy"]): g for g in figures["groups"]}
+    assert sorted(groups) == [("cb", "dialogxpert"), ("cb", "none"),
+                              ("esc", "dialogxpert"), ("esc", "prior")]
+    # by hand: the mean over seeds of each seed's mean
+    for (task, policy), group in groups.items():
+        per_seed = {"SR": [], "AT": [], "SL": [], "unusable": []}
+        for run in group["runs"]:
+            lines = plots.read_jsonl(os.path.join(run["folder"], "test_conversations.jsonl"))
+            success = [c["outcome"] == "success" for c in lines]
+            per_seed["SR"].append(np.mean(success))
+            per_seed["AT"].append(np.mean([c["system_turns"] if ok else 4
+                                           for c, ok in zip(lines, success)]))
+            per_seed["SL"].append(np.mean([(c["sale_to_list"] or 0.0) if ok else 0.0
+                                           for c, ok in zip(lines, success)]))
+            per_seed["unusable"].append(np.mean([sum(r["critic_invalid"] for r in c["records"])
+                                                 for c in lines]))
+        for name in ("SR", "AT", "unusable") + (("SL",) if task == "cb" else ()):
+            assert group["metrics"][name]["mean"] == pytest.approx(np.mean(per_seed[name]))
+    assert [len(groups[("esc", p)]["runs"]) for p in ("dialogxpert", "prior")] == [2, 2]
+    paired = {(d["task"], d["policy"]): d for d in figures["paired_differences"]}
+    assert paired[("esc", "prior")]["pairs"] == 24 and paired[("cb", "none")]["pairs"] == 10
+    text = (out / "report.md").read_text()
+    assert "| cb | none | 1 | 10 | " in text  # no strategy, no action plots, still a row
+    esc_row = next(line for line in text.splitlines() if line.startswith("| esc | prior | 2 |"))
+    assert esc_row.split(" | ")[6] == "-"  # SL only for cb
+    assert "10,000 resamples" in text
+
+
+def test_a_replayed_seed_counts_once_and_pairs_go_by_case_id(tmp_path):
+    rng = random.Random(9)
+    old = write_run(tmp_path / "train", "esc", "dialogxpert", 1,
+                    random_conversations("esc", [True, False], rng))
+    new = write_run(tmp_path / "test", "esc", "dialogxpert", 1,
+                    random_conversations("esc", [False, False, True], rng))
+    os.utime(os.path.join(old, "test_metrics.json"), (1, 1))
+    # cases 2 and 0, in that order, with the outcomes the baseline had on them
+    other_lines = [conversation(2, True, [("Question", "Question")], rng),
+                   conversation(0, False, [("Question", "Question")] * 4, rng)]
+    other = write_run(tmp_path / "other", "esc", "prior", 1, other_lines)
+    runs = [report.load_run(f) for f in report.find_runs([str(tmp_path)])]
+    groups, skipped = report.group_runs(runs)
+    assert [run["folder"] for run in groups[("esc", "dialogxpert")].values()] == [new]
+    assert skipped == [old]
+    paired = report.paired_difference(groups[("esc", "dialogxpert")], groups[("esc", "prior")],
+                                      n_boot=100)
+    assert paired["seeds"] == [1] and paired["pairs"] == 2 and paired["SR"]["mean"] == 0.0
+
+    for line in other_lines:
+        line["case_id"] += 10
+    write_jsonl(os.path.join(other, "test_conversations.jsonl"), other_lines)
+    groups, _ = report.group_runs([report.load_run(new), report.load_run(other)])
+    unpaired = report.paired_difference(groups[("esc", "dialogxpert")],
+                                        groups[("esc", "prior")], n_boot=100)
+    assert unpaired == {"seeds": [], "pairs": 0, "SR": None, "mean_return": None}
+
+
+def test_default_output_folder_gets_a_suffix_when_it_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = report.output_folder(None), report.output_folder(None)
+    assert os.path.isdir(first) and os.path.isdir(second)
+    assert first.startswith(os.path.join("reports", "report_")) and second != first
+
+
+def test_report_without_runs_or_with_broken_json_exits_with_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: no run folder")
+
+    folder = write_run(tmp_path / "runs", "esc", "prior", 1,
+                       random_conversations("esc", [True], random.Random(8)))
+    with open(os.path.join(folder, "test_conversations.jsonl"), "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(error) == 1 and "test_conversations.jsonl" in error[0]
+    assert not (tmp_path / "out").exists()
