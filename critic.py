@@ -167,7 +167,8 @@ class Critic:
         answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens,
                                 temperature=self.temperature, num_samples=self.num_samples,
                                 shared_prefix=self.shared_prefix,
-                                stop_at_newline=self.stop_at_newline, cache_keys=cache_keys)
+                                stop_at_newline=self.stop_at_newline, cache_keys=cache_keys,
+                                seeds=[c.seed("critic") for c in conversations])
         return [self.from_answers(c.case, samples) for c, samples in zip(conversations, answers)]
 
     # -- sample mode ---------------------------------------------------------------------

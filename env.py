@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 import qwen_prompts as prompts
-from llm import fit_prompt
+from llm import fit_prompt, stream_seed
 from tasks import case_fields
 
 
@@ -46,6 +46,18 @@ class Conversation:
     candidate_features: torch.Tensor | None = None
     pending: dict = field(default_factory=dict)  # the choice being played, for the log
     prompt_cuts: dict = field(default_factory=dict)  # prompts cut to fit a context (llm.py)
+    case_id: int | None = None  # the case's place in its split (pairs runs in reports)
+    # the seed of this conversation's LLM samples (llm.stream_seed): the trainer derives it
+    # from the run's seed and the case (evaluation) or the episode (training)
+    stream: int | None = None
+
+    def __post_init__(self):
+        if self.stream is None:
+            self.stream = self.uid
+
+    def seed(self, role):
+        """The seed of this turn's samples of one role."""
+        return stream_seed(self.stream, self.system_turns, role)
 
     @property
     def done(self):
@@ -132,7 +144,8 @@ class Planner:
             return self.llm.option_probs(chats, self.labels,
                                          cache_keys=[(c.uid, "planner") for c in conversations])
         answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
-                                num_samples=self.num_samples)
+                                num_samples=self.num_samples,
+                                seeds=[c.seed("planner") for c in conversations])
         return torch.stack([self._prior_from_samples(a) for a in answers])
 
     def _prior_from_samples(self, answers):
@@ -165,9 +178,10 @@ class SelfPlayEnv:
         self.use_emotion = use_emotion
         self.errors = Counter()  # LLM answers that could not be used as they were
 
-    def reset(self, case):
+    def reset(self, case, case_id=None, stream=None):
         return Conversation(case=case, turns=self.task.opening(case),
-                            emotions=list(self.task.initial_emotions(case)))
+                            emotions=list(self.task.initial_emotions(case)), case_id=case_id,
+                            stream=stream)
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -183,7 +197,8 @@ class SelfPlayEnv:
         template = prompts.SYSTEM_TURN_WITH_EMOTION if self.use_emotion else prompts.SYSTEM_TURN
         instruction = template.format(system_role=self.task.system_role,
                                       user_role=self.task.user_role,
-                                      instruction=self.task.actions[action])
+                                      instruction=self.task.actions[action]
+                                      if action is not None else "").strip()
 
         def build(turns, fields):
             messages = self._chat_view(turns, self.task.system_role,
@@ -208,8 +223,9 @@ class SelfPlayEnv:
     # -- one batched step ----------------------------------------------------------------
 
     def step(self, conversations, actions, evaluation=False):
-        """Play one exchange of every conversation. In evaluation the system and user
-        turns decode at eval_temperature (greedy by default); the critic is unchanged."""
+        """Play one exchange of every conversation. An action None gives the system LLM no
+        strategy (the 'none' baseline). In evaluation the system and user turns decode at
+        eval_temperature (greedy by default); the critic is unchanged."""
         system_temperature = self.eval_temperature if evaluation else self.system_temperature
         user_temperature = self.eval_temperature if evaluation else self.user_temperature
         roles = (self.task.system_role, self.task.user_role)
@@ -218,12 +234,14 @@ class SelfPlayEnv:
         system_answers = self.system_llm.chat(
             [self.system_prompt(c, a) for c, a in zip(conversations, actions)],
             max_new_tokens=self.system_max_new_tokens, temperature=system_temperature,
-            cache_keys=[(c.uid, "system") for c in conversations])
+            cache_keys=[(c.uid, "system") for c in conversations],
+            seeds=[c.seed("system") for c in conversations])
         for conversation, answer, record in zip(conversations, system_answers, records):
             if self.use_emotion:
                 emotion, response, ok = parse_emotion_response(answer[0], roles)
                 if not ok:
                     self.errors["system_format"] += 1
+                    record["system_format_error"] = 1
                 conversation.emotions.append(emotion)
                 record["emotion"] = emotion
             else:
@@ -238,7 +256,8 @@ class SelfPlayEnv:
         user_answers = self.user_llm.chat(
             [self.user_prompt(c) for c in conversations],
             max_new_tokens=self.user_max_new_tokens, temperature=user_temperature,
-            cache_keys=[(c.uid, "user") for c in conversations])
+            cache_keys=[(c.uid, "user") for c in conversations],
+            seeds=[c.seed("user") for c in conversations])
         for conversation, answer, record in zip(conversations, user_answers, records):
             response = clean_turn(answer[0], roles)
             if not response:

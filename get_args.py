@@ -26,6 +26,13 @@ class Args:
     mode: str = field(default="train", metadata={
         "help": "train (train, keep the best checkpoint on valid, then test it) or test "
                 "(load --checkpoint and play the test split greedily)"})
+    policy: str = field(default="dialogxpert", metadata={
+        "help": "who picks the action: dialogxpert (the Q-adapter), or a baseline with "
+                "--mode test and no checkpoint: prior (the planner's top action), random "
+                "(uniform over the top-k), uniform (over all actions), none (no strategy)"})
+    seeds: str = field(default="", metadata={
+        "help": "comma-separated seeds, e.g. 1,2,3: one run per seed (each as --seed), "
+                "then report.py over them"})
     checkpoint: str = field(default="", metadata={"help": "checkpoint file for --mode test"})
     resume: str = field(default="", metadata={
         "help": "run folder of a stopped training run: continue it with its own arguments"})
@@ -161,6 +168,7 @@ class Args:
             raise ValueError(f"Unknown --backend '{self.backend}'. Expected one of "
                              f"{sorted(BACKENDS)}")
         choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
+                   "policy": ("dialogxpert", "prior", "random", "uniform", "none"),
                    "critic": ("sample", "logits"),
                    "dtype": ("auto", "bfloat16", "float16", "float32")}
         for name, allowed in choices.items():
@@ -170,8 +178,20 @@ class Args:
         if self.resume and self.mode != "train":
             raise ValueError("--resume continues a training run; test a checkpoint with "
                              "--mode test --checkpoint PATH")
-        if self.mode == "test" and not self.checkpoint:
-            raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training run)")
+        if self.policy != "dialogxpert" and self.mode != "test":
+            raise ValueError(f"--policy {self.policy} has nothing to train: run it with "
+                             "--mode test (no checkpoint needed)")
+        if self.policy != "dialogxpert" and self.checkpoint:
+            raise ValueError(f"--policy {self.policy} uses no checkpoint: leave out "
+                             "--checkpoint, or use --policy dialogxpert")
+        if self.mode == "test" and not self.checkpoint and self.policy == "dialogxpert":
+            raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training "
+                             "run), or a baseline --policy (prior, random, uniform, none)")
+        if self.seeds and (self.resume or self.checkpoint):
+            raise ValueError("--seeds starts new runs: leave out --resume and --checkpoint")
+        if self.seeds and not re.fullmatch(r"\d+(,\d+)*", self.seeds):
+            raise ValueError(f"--seeds '{self.seeds}' is not a list of seeds. Pass "
+                             "integers separated by commas, e.g. --seeds 1,2,3")
         if self.backend == "openai" and not self.base_url and not all(
                 getattr(self, f"{role}_base_url") for role in ("planner", "system", "user", "critic")):
             raise ValueError("--backend openai needs --base_url http://HOST:PORT/v1 (or one "

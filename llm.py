@@ -2,7 +2,9 @@
 
 Every phase of self-play talks to an LLM client, an object with:
   chat(conversations, max_new_tokens, temperature, num_samples, top_p, shared_prefix,
-       stop_at_newline, cache_keys) -> one list of num_samples texts per conversation
+       stop_at_newline, cache_keys, seeds) -> one list of num_samples texts per conversation;
+       seeds (one int per conversation, or None) make each conversation's samples a
+       function of its seed alone, whatever else the batch holds (see stream_seed)
   option_probs(conversations, labels, cache_keys) -> tensor [batch, len(labels)]: the
        probability that the answer is each label, normalised over the labels
   forget(conversation_id) (optional) -> drop what is cached for a finished conversation
@@ -18,6 +20,7 @@ Backends, one flat file each, imported only when chosen (parsing arguments impor
                 Ollama, a hosted API), requests sent concurrently
 """
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -64,6 +67,15 @@ def backend_options(args, role):
                 max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
                 max_retries=args.max_retries, seed=args.seed,
                 context_length=args.context_length)
+
+
+def stream_seed(*parts):
+    """A 63-bit seed from any values (stable across processes, unlike hash()): e.g. a
+    conversation's stream, its turn and the role. Paired evaluation rests on it: two
+    policies that meet a case get the same user and critic draws on every turn where
+    they have said the same things."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def pick_device(device="auto"):

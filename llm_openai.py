@@ -36,7 +36,7 @@ import httpx
 import torch
 
 from llm import (EMBEDDED_LLM, ServerError, floor_log_prob, label_prefixes, label_probs,
-                 label_token_ids, message_tokens_bound, resolve_llm_path)
+                 label_token_ids, message_tokens_bound, resolve_llm_path, stream_seed)
 
 TOP_LOGPROBS = 20  # the most that the OpenAI API returns
 RETRY_STATUSES = (408, 409, 429)  # and every 5xx: the server may answer a retry
@@ -187,11 +187,12 @@ class OpenAILLM:
                           f"(last: {last}). Check that it is up (make serve), or raise "
                           "--max_retries / --request_timeout", status)
 
-    async def _post(self, path, body, tries=None):
+    async def _post(self, path, body, tries=None, seed=None):
         self.requests_sent += 1
         # a seed per request: reproducible, and concurrent samples of one prompt differ
-        data = await self._request("POST", path, body | {"seed": self.seed * 100003 +
-                                                         self.requests_sent}, tries)
+        if seed is None:
+            seed = self.seed * 100003 + self.requests_sent
+        data = await self._request("POST", path, body | {"seed": seed % 2**31}, tries)
         usage = data.get("usage") or {}
         self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
         self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
@@ -207,14 +208,18 @@ class OpenAILLM:
         self.requests_sent = int(state)
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
+             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None,
+             seeds=None):
         """num_samples answers per conversation. shared_prefix and cache_keys are the
-        in-process engine's; a serving engine shares prompt caches by itself."""
+        in-process engine's; a serving engine shares prompt caches by itself. seeds (one
+        per conversation) set the requests' seeds, else they are numbered."""
         body = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p}
         if stop_at_newline:
             body["stop"] = ["\n"]
-        return _run(self._gather([self._samples(c, body, num_samples) for c in conversations]))
+        seeds = seeds or [None] * len(conversations)
+        return _run(self._gather([self._samples(c, body, num_samples, seed)
+                                  for c, seed in zip(conversations, seeds)]))
 
     @staticmethod
     async def _gather(coroutines):
@@ -228,21 +233,22 @@ class OpenAILLM:
                 task.cancel()
             raise
 
-    async def _samples(self, messages, body, num_samples):
+    async def _samples(self, messages, body, num_samples, seed=None):
         texts = []
         if num_samples > 1 and self.n_supported is not False:
-            texts = await self._choices(messages, body, num_samples)
+            texts = await self._choices(messages, body, num_samples, seed)
             if self.n_supported is None:
                 self.n_supported = len(texts) >= num_samples
                 print(f"{self.path}: " + ("one request returns n samples" if self.n_supported
                       else "the server ignores n; one request per sample"), flush=True)
-        more = await asyncio.gather(*[self._choices(messages, body, 1)
-                                      for _ in range(num_samples - len(texts))])
+        more = await asyncio.gather(*[
+            self._choices(messages, body, 1, None if seed is None else stream_seed(seed, k))
+            for k in range(len(texts), num_samples)])
         return (texts + [text for answer in more for text in answer])[:num_samples]
 
-    async def _choices(self, messages, body, n):
+    async def _choices(self, messages, body, n, seed=None):
         data = await self._post("/chat/completions", body | {"messages": messages} |
-                                ({"n": n} if n > 1 else {}))
+                                ({"n": n} if n > 1 else {}), seed=seed)
         return [(choice["message"].get("content") or "").strip() for choice in data["choices"]]
 
     # -- the prior --------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llm import label_probs, label_token_ids, pick_device, pick_dtype, resolve_llm_path
+from llm import (label_probs, label_token_ids, pick_device, pick_dtype, resolve_llm_path,
+                 stream_seed)
 
 def heap_trimmer():
     """glibc's malloc_trim, or None on other C libraries.
@@ -472,7 +473,8 @@ class TransformersLLM:
 
     @torch.no_grad()
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
+             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None,
+             seeds=None):
         """Answer each conversation `num_samples` times.
 
         With shared_prefix the prompt is run once and its samples are decoded from one
@@ -482,7 +484,8 @@ class TransformersLLM:
         some text (a critic verdict is one line). At most `max_batch_rows` rows decode together: the
         conversations are split into groups that fit, which bounds the KV cache's memory.
         cache_keys (one per conversation, or None) let a prompt reuse the KV cache of the
-        last prompt with the same key (see PrefixCache)."""
+        last prompt with the same key (see PrefixCache). seeds (one per conversation, or
+        None: the client's own generator) give each conversation its own random stream."""
         start = time.perf_counter()
         prompts = [self.encode_chat(c) for c in conversations]
         keys = cache_keys or [None] * len(prompts)
@@ -491,7 +494,8 @@ class TransformersLLM:
         for first in range(0, len(prompts), per_group):
             texts += self._generate(prompts[first:first + per_group], max_new_tokens,
                                     temperature, num_samples, top_p, shared_prefix,
-                                    stop_at_newline, keys[first:first + per_group])
+                                    stop_at_newline, keys[first:first + per_group],
+                                    seeds and seeds[first:first + per_group])
         self._trim_heap()
         self.stats["generate_seconds"] += time.perf_counter() - start
         return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
@@ -502,7 +506,7 @@ class TransformersLLM:
             self.stats["heap_trims"] += 1
 
     def _generate(self, prompts, max_new_tokens, temperature, num_samples, top_p,
-                  shared_prefix, stop_at_newline, keys):
+                  shared_prefix, stop_at_newline, keys, seeds):
         """Decode num_samples answers per prompt; returns the texts, prompt by prompt.
 
         With shared_prefix the samples of one prompt are decoded as `num_samples` query
@@ -514,6 +518,10 @@ class TransformersLLM:
         if not shared_prefix:
             prompts = [p for p in prompts for _ in range(num_samples)]
             keys = [k for k in keys for _ in range(num_samples)]
+            seeds = seeds and [stream_seed(s, j) for s in seeds for j in range(num_samples)]
+        # with seeds, each row draws from a generator of its own (on the CPU: one small
+        # transfer a step), else all from the client's generator
+        own = [torch.Generator().manual_seed(s) for s in seeds] if seeds else None
         logits, cache, prompt_mask, last_position = self._prefill(prompts, keys,
                                                                    reserve=max_new_tokens * streams)
         logits = logits[:, -1:].expand(-1, streams, -1)  # every stream starts from the prompt
@@ -541,8 +549,13 @@ class TransformersLLM:
             # samples do not depend on when other rows or streams finish
             uniforms = None
             if temperature > 0:
-                uniforms = torch.rand(rows, streams, generator=self.generator,
-                                      device=self.device)[active[:, None], slots.clamp(min=0)]
+                if own is None:
+                    draws = torch.rand(rows, streams, generator=self.generator,
+                                       device=self.device)
+                else:
+                    draws = torch.stack([torch.rand(streams, generator=g)
+                                         for g in own]).to(self.device)
+                uniforms = draws[active[:, None], slots.clamp(min=0)]
             if streams == 1:
                 next_tokens = self._sample(logits[:, 0], temperature, top_p, uniforms)[:, None]
             else:

@@ -233,8 +233,9 @@ PLANNER_TEMPLATE = (
     "Which option is the most suitable next step? Answer with its number only."
 )
 
-# Appended to the system LLM's last message: the chosen action's instruction, and with
-# --use_emotion the request to name the user's emotion first.
+# Appended to the system LLM's last message: the chosen action's instruction (none for
+# the 'none' baseline policy), and with --use_emotion the request to name the user's
+# emotion first.
 SYSTEM_TURN_WITH_EMOTION = (
     "First infer the {user_role}'s emotional state in one word, then reply as the "
     "{system_role} in one short sentence, in exactly this format:\n"

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from critic import Critic
 from env import Planner, SelfPlayEnv, transcript
 from get_args import Args, UserError, parse_args
-from llm import ServerError, backend_options, load_llm, resolve_llm_path
+from llm import ServerError, backend_options, load_llm, resolve_llm_path, stream_seed
 from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
                        select_action, state_text)
 import run_state
@@ -213,29 +213,56 @@ class Agent:
 # Playing conversations
 # ---------------------------------------------------------------------------------------
 
-def choose(agent, conversations, epsilon, rng):
-    """Pick one candidate per conversation; log candidates with prior and Q."""
-    features = torch.cat([c.candidate_features for c in conversations])
-    q_all = agent.q_values(features).cpu()
-    chosen, offset = [], 0
+POLICIES = {
+    "dialogxpert": "the Q-adapter over the prior's top-k (epsilon-greedy in training)",
+    "prior": "the planner alone: the prior's most probable action",
+    "random": "uniform over the prior's top-k",
+    "uniform": "uniform over the task's whole action set",
+    "none": "no strategy: the system LLM gets no action instruction (standard prompting)",
+}
+
+
+def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
+    """One action per conversation (None for policy 'none') and the index of the chosen
+    candidate (None when the action is not one: 'uniform', 'none'); logs the candidates
+    with prior (and Q for dialogxpert). Every policy sees the same candidates."""
+    q_all = None
+    if policy == "dialogxpert":
+        q_all = agent.q_values(torch.cat([c.candidate_features for c in conversations])).cpu()
+    actions, chosen, offset = [], [], 0
     for conversation in conversations:
-        q = q_all[offset:offset + len(conversation.candidates)]
-        offset += len(q)
-        index, explored = select_action(q, epsilon, rng)
+        count = len(conversation.candidates)
+        q = q_all[offset:offset + count] if q_all is not None else None
+        offset += count
+        explored = False
+        if policy == "dialogxpert":
+            index, explored = select_action(q, epsilon, rng)
+        elif policy == "prior":
+            index = 0  # the candidates are in order of prior probability
+        elif policy == "random":
+            index = rng.randrange(count)
+        else:
+            index = None
+        action = (conversation.candidates[index] if index is not None
+                  else rng.choice(task.action_names) if policy == "uniform" else None)
+        actions.append(action)
         chosen.append(index)
         conversation.pending = {
-            "candidates": [{"action": a, "prior": round(p, 4), "q": round(float(v), 4)}
-                           for a, p, v in zip(conversation.candidates,
-                                              conversation.candidate_priors, q)],
-            "explored": explored}
-    return chosen
+            "candidates": [{"action": a, "prior": round(p, 4)} | (
+                {"q": round(float(v), 4)} if q is not None else {})
+                for a, p, v in zip(conversation.candidates, conversation.candidate_priors,
+                                   q if q is not None else [None] * count)],
+            "explored": explored, "policy": policy}
+    return actions, chosen
 
 
-def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation=False):
-    """One batched turn. Returns (chosen features, results) with next observations filled."""
-    chosen = choose(agent, conversations, epsilon, rng)
-    actions = [c.candidates[i] for c, i in zip(conversations, chosen)]
-    chosen_features = [c.candidate_features[i] for c, i in zip(conversations, chosen)]
+def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation=False,
+              policy="dialogxpert"):
+    """One batched turn. Returns (chosen features, results) with next observations filled
+    (chosen features are None for actions that are no candidate)."""
+    actions, chosen = choose(agent, conversations, epsilon, rng, policy, task)
+    chosen_features = [None if i is None else c.candidate_features[i]
+                       for c, i in zip(conversations, chosen)]
     pending = [c.pending for c in conversations]
     results = env.step(conversations, actions, evaluation)
     for conversation, extra in zip(conversations, pending):
@@ -272,18 +299,22 @@ def summarize(conversations, task, max_turn, error_counts):
 
 
 def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
-    """Play every case with argmax Q (epsilon 0) and the system and user LLMs at
-    --eval_temperature; returns (metrics, conversations)."""
+    """Play every case with --policy (dialogxpert: argmax Q, epsilon 0) and the system and
+    user LLMs at --eval_temperature; returns (metrics, conversations). Paired: a case's
+    LLM samples come from a stream of its own (the run's seed, the split, the case), so
+    every policy meets each case with the same user and critic draws."""
     errors_before = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
     rng = random.Random(args.seed)
-    finished, queue = [], list(cases)
+    finished, queue = [], list(enumerate(cases))
     bar = tqdm(total=len(cases), desc=desc, disable=not args.progress, leave=False)
     while queue:
-        batch = [env.reset(case) for case in queue[:args.num_envs]]
+        batch = [env.reset(case, i, stream_seed(args.seed, desc, i))
+                 for i, case in queue[:args.num_envs]]
         queue = queue[args.num_envs:]
         agent.observe(planner, batch, task)
         while batch:
-            play_step(agent, planner, env, task, batch, epsilon, rng, evaluation=True)
+            play_step(agent, planner, env, task, batch, epsilon, rng, evaluation=True,
+                      policy=args.policy)
             for conversation in [c for c in batch if c.done]:
                 finished.append(conversation)
                 bar.update(1)
@@ -294,14 +325,21 @@ def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
     return summarize(finished, task, args.max_turn, +errors), finished
 
 
+def write_history(run_dir, history):
+    run_state.atomic_write(os.path.join(run_dir, "train_history.jsonl"), lambda f: f.write(
+        "".join(json.dumps(entry) + "\n" for entry in history).encode()))
+
+
 def write_results(run_dir, name, metrics, conversations):
     with open(os.path.join(run_dir, f"{name}_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(run_dir, f"{name}_conversations.jsonl"), "w") as f:
         for c in conversations:
-            f.write(json.dumps({"case": c.case, "turns": c.turns, "emotions": c.emotions, "outcome": c.outcome,
+            f.write(json.dumps({"case_id": c.case_id, "case": c.case, "turns": c.turns,
+                                "emotions": c.emotions, "outcome": c.outcome,
+                                "system_turns": c.system_turns,
                                 "total_reward": c.total_reward, "sale_to_list": c.sale_to_list,
-                                "records": c.records}) + "\n")
+                                "prompt_cuts": c.prompt_cuts, "records": c.records}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,11 +355,13 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
     buffer = ReplayBuffer(args.buffer_size, agent.encoder.width, args.top_k)
     best_path = os.path.join(run_dir, "best.pt")
     loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
-            "best_score": None, "order": list(range(len(train_cases)))}
+            "best_score": None, "order": list(range(len(train_cases))),
+            "history": []}  # one dict per step, update and evaluation: train_history.jsonl
     active, train_log = [], []
     llms = role_llms(planner, env)
     if resume is not None:
         loop = resume["loop"]
+        loop.setdefault("history", [])  # states saved before the history was kept
         agent.load_state_dict(resume["agent"])
         buffer.load_state_dict(resume["buffer"])
         active = run_state.restore_conversations(resume["active"])
@@ -331,6 +371,7 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
         run_state.restore_random_states(resume["random"], rng, generator, llms)
 
     def save_state():
+        write_history(run_dir, loop["history"])
         run_state.save_state(run_dir, {
             "args": vars(args), "loop": loop, "agent": agent.state_dict(),
             "buffer": buffer.state_dict(),
@@ -351,7 +392,9 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                    and loop["started"] < args.total_episodes):
                 if loop["started"] % len(order) == 0:
                     rng.shuffle(order)
-                new.append(env.reset(train_cases[order[loop["started"] % len(order)]]))
+                index = order[loop["started"] % len(order)]
+                new.append(env.reset(train_cases[index], index,
+                                     stream_seed(args.seed, "train", loop["started"])))
                 loop["started"] += 1
             agent.observe(planner, new, task)
             active += new
@@ -366,11 +409,15 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                 buffer.add(features.cpu(), result.reward,
                            None if next_features is None else next_features.cpu(),
                            result.terminated)
+            loop["history"].append({"kind": "step", "step": steps, "epsilon": epsilon})
             if len(buffer) >= args.learning_starts:
                 for _ in range(args.updates_per_step * len(active)):
                     loss, q_mean = agent.update(buffer, generator)
                 writer.add_scalar("losses/td_loss", loss, steps)
                 writer.add_scalar("losses/q_values", q_mean, steps)
+                loop["history"].append({"kind": "update", "step": agent.updates,
+                                        "env_step": steps, "td_loss": loss, "q_mean": q_mean,
+                                        "epsilon": epsilon})
             writer.add_scalar("charts/epsilon", epsilon, steps)
             for conversation in [c for c in active if c.done]:
                 loop["finished"] += 1
@@ -385,6 +432,9 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
             if finished >= loop["next_eval"] or finished >= args.total_episodes:
                 loop["next_eval"] += args.eval_every
                 metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
+                loop["history"].append({"kind": "eval", "episode": finished} | {
+                    name: metrics[name] for name in ("SR", "AT", "SL", "mean_return")
+                    if name in metrics})
                 writer.add_scalar("eval/SR", metrics["SR"], finished)
                 writer.add_scalar("eval/AT", metrics["AT"], finished)
                 if task.bargaining:
@@ -416,7 +466,19 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
 
 
 def main(argv=None):
-    return run(parse_args(argv))
+    """Run train_model.py's arguments: one run, or with --seeds one run per seed and a
+    report over them (returns the last run's (metrics, folder))."""
+    args = parse_args(argv)
+    if not args.seeds:
+        return run(args)
+    results = [run(Args(**vars(args) | {"seed": int(seed), "seeds": ""}))
+               for seed in args.seeds.split(",")]
+    import report  # matplotlib loads only when a report is made
+
+    report.main([folder for _, folder in results] +
+                ["--out", os.path.join(args.output_dir, f"report_{args.data_name}_"
+                                       f"{args.policy}_{int(time.time())}")])
+    return results[-1]
 
 
 def run(args):
@@ -442,10 +504,11 @@ def run(args):
         train_cases, valid_cases = split("train"), split("valid")
         if args.eval_cases:
             valid_cases = valid_cases[:args.eval_cases]
-    else:
+    elif args.policy == "dialogxpert":
         check_checkpoint(args.checkpoint, args)
+    name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
-        args.output_dir, f"{task.name}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")
     print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
     llms = load_llms(args)
@@ -469,8 +532,9 @@ def run(args):
                 checkpoint = train(args, agent, planner, env, task, train_cases, valid_cases,
                                    run_dir, writer, resume)
         else:
-            checkpoint = args.checkpoint
-        agent.load(checkpoint)
+            checkpoint = args.checkpoint or None  # a baseline policy has none
+        if checkpoint:
+            agent.load(checkpoint)
         metrics, conversations = evaluate(args, agent, planner, env, task, test_cases, "test")
     except KeyboardInterrupt:  # Ctrl-C while testing after training: the state is whole
         if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
@@ -484,10 +548,16 @@ def run(args):
                               f"resume with `python train_model.py --resume {run_dir}`",
                               error.status) from None
         raise
+    metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
+               "max_turn": args.max_turn} | metrics
     metrics["checkpoint"] = checkpoint
     metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "test", metrics, conversations)
     print(json.dumps(metrics, indent=2))
+    import plots  # matplotlib loads only now
+
+    for path in plots.plot_run(run_dir):
+        print(f"figure: {path}")
     return metrics, run_dir
 
 

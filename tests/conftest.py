@@ -95,7 +95,8 @@ class ScriptedLLM:
         self.calls = []
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None):
+             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None,
+             seeds=None):
         self.calls.append(("chat", len(conversations), num_samples))
         texts = ["\n".join(m["content"] for m in c) for c in conversations]
         return [[self.reply(t) for _ in range(num_samples)] for t in texts]
