@@ -4,6 +4,8 @@
 # make serve: serve the embedded model at http://127.0.0.1:8080/v1 until Ctrl-C
 # make test: create .venv, install, run the test suite (the served tests included)
 # make bench: the self-play speed benchmark (see README)
+# make results: train with two seeds, test the four baselines on the same seeds, report
+#   (README, "Results"; RESULTS_DATA=folder for other data, SEEDS=1,2,3 for more seeds)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,12 @@ DEMO_ARGS ?= --data_dir data/demo --total_episodes 8 --num_envs 4 --eval_every 8
 # on one of the development machines, so it is built for a generic x86-64 CPU
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: demo test bench serve
+SEEDS ?= 1,2
+RESULTS_DATA ?= data/demo
+RESULTS_DIR ?= runs/results_$(TASK)
+RESULTS_ARGS ?= --data_name $(TASK) --data_dir $(RESULTS_DATA) --seeds $(SEEDS) --output_dir $(RESULTS_DIR) --max_turn 4 --critic_samples 5 --num_envs 8 --progress false
+
+.PHONY: demo test bench serve results
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +47,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench.py
+
+results: $(VENV)/.installed
+	$(PY) train_model.py $(RESULTS_ARGS) --total_episodes 16 --eval_every 8
+	for policy in prior random uniform none; do \
+	    $(PY) train_model.py $(RESULTS_ARGS) --mode test --policy $$policy || exit 1; \
+	done
+	$(PY) report.py $(RESULTS_DIR) --out $(RESULTS_DIR)/report

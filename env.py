@@ -248,6 +248,7 @@ class SelfPlayEnv:
                 response = clean_turn(answer[0], roles)
             if not response:
                 self.errors["system_empty"] += 1
+                record["system_empty"] = 1
                 response = "..."
             record["system_raw"], record["system"] = answer[0], response
             conversation.turns.append((self.task.system_role, response))
@@ -262,6 +263,7 @@ class SelfPlayEnv:
             response = clean_turn(answer[0], roles)
             if not response:
                 self.errors["user_empty"] += 1
+                record["user_empty"] = 1
                 response = "..."
             record["user"] = response
             conversation.turns.append((self.task.user_role, response))

@@ -31,8 +31,8 @@ class Args:
                 "--mode test and no checkpoint: prior (the planner's top action), random "
                 "(uniform over the top-k), uniform (over all actions), none (no strategy)"})
     seeds: str = field(default="", metadata={
-        "help": "comma-separated seeds, e.g. 1,2,3: one run per seed (each as --seed), "
-                "then report.py over them"})
+        "help": "comma-separated seeds, e.g. 1,2,3: one run per seed (each as --seed, "
+                "which it replaces), then report.py over them"})
     checkpoint: str = field(default="", metadata={"help": "checkpoint file for --mode test"})
     resume: str = field(default="", metadata={
         "help": "run folder of a stopped training run: continue it with its own arguments"})
@@ -192,6 +192,8 @@ class Args:
         if self.seeds and not re.fullmatch(r"\d+(,\d+)*", self.seeds):
             raise ValueError(f"--seeds '{self.seeds}' is not a list of seeds. Pass "
                              "integers separated by commas, e.g. --seeds 1,2,3")
+        if self.seeds and len(set(self.seeds.split(","))) < len(self.seeds.split(",")):
+            raise ValueError(f"--seeds '{self.seeds}' repeats a seed. Pass each seed once")
         if self.backend == "openai" and not self.base_url and not all(
                 getattr(self, f"{role}_base_url") for role in ("planner", "system", "user", "critic")):
             raise ValueError("--backend openai needs --base_url http://HOST:PORT/v1 (or one "
@@ -214,8 +216,13 @@ class Args:
         require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
         require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
         require(self.max_retries >= 0, "max_retries", ">= 0")
-        for name in ("max_cases", "eval_cases", "max_batch_rows", "context_length"):
+        for name in ("max_cases", "eval_cases", "max_batch_rows"):
             require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
+        longest_answer = max(self.system_max_new_tokens, self.user_max_new_tokens,
+                             self.critic_max_new_tokens, self.prior_max_new_tokens)
+        require(self.context_length == 0 or self.context_length > longest_answer,
+                "context_length", f"above the longest answer ({longest_answer} tokens), "
+                "or 0 (the model's own)")
         for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")

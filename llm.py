@@ -207,7 +207,8 @@ def floor_log_prob(top_log_probs):
 CUT_MARK = " [...]"
 # a prompt's text is cut to this many characters per token of the budget before any
 # tokenizing, so a 5 MB field is never tokenized whole (real text averages ~4 characters
-# a token; a text denser than this loses only what could not fit anyway)
+# a token; a text with more characters a token than this, such as a long run of spaces,
+# can lose text that would have fit)
 MAX_CHARS_PER_TOKEN = 16
 
 

@@ -114,8 +114,13 @@ class OpenAILLM:
     def _served_context_length(self):
         """The context the server lists for the model (vLLM and SGLang: max_model_len), or
         None with a warning: prompts then go uncut (llama.cpp and Ollama list none)."""
-        length = next((m.get("max_model_len") for m in self._listed_models()
-                       if m.get("id") == self.model), None)
+        try:
+            listed = self._listed_models()
+        except ServerError as error:  # a server or proxy without /models
+            listed = []
+            print(f"warning: {error}")
+        length = next((m.get("max_model_len") for m in listed if m.get("id") == self.model),
+                      None)
         if isinstance(length, int) and length > 0:
             return length
         print(f"warning: the {self.role} server at {self.base_url} does not list the "
@@ -236,7 +241,8 @@ class OpenAILLM:
     async def _samples(self, messages, body, num_samples, seed=None):
         texts = []
         if num_samples > 1 and self.n_supported is not False:
-            texts = await self._choices(messages, body, num_samples, seed)
+            texts = await self._choices(messages, body, num_samples,
+                                        None if seed is None else stream_seed(seed, "n"))
             if self.n_supported is None:
                 self.n_supported = len(texts) >= num_samples
                 print(f"{self.path}: " + ("one request returns n samples" if self.n_supported

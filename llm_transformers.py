@@ -519,9 +519,13 @@ class TransformersLLM:
             prompts = [p for p in prompts for _ in range(num_samples)]
             keys = [k for k in keys for _ in range(num_samples)]
             seeds = seeds and [stream_seed(s, j) for s in seeds for j in range(num_samples)]
-        # with seeds, each row draws from a generator of its own (on the CPU: one small
-        # transfer a step), else all from the client's generator
-        own = [torch.Generator().manual_seed(s) for s in seeds] if seeds else None
+        # with seeds, each row draws from a generator of its own, all its steps' uniforms
+        # at once (one transfer a call), else every step from the client's generator
+        own = None
+        if seeds and temperature > 0:
+            own = torch.stack([torch.rand(max_new_tokens, streams,
+                                          generator=torch.Generator().manual_seed(s))
+                               for s in seeds]).to(self.device)
         logits, cache, prompt_mask, last_position = self._prefill(prompts, keys,
                                                                    reserve=max_new_tokens * streams)
         logits = logits[:, -1:].expand(-1, streams, -1)  # every stream starts from the prompt
@@ -553,8 +557,7 @@ class TransformersLLM:
                     draws = torch.rand(rows, streams, generator=self.generator,
                                        device=self.device)
                 else:
-                    draws = torch.stack([torch.rand(streams, generator=g)
-                                         for g in own]).to(self.device)
+                    draws = own[:, step]
                 uniforms = draws[active[:, None], slots.clamp(min=0)]
             if streams == 1:
                 next_tokens = self._sample(logits[:, 0], temperature, top_p, uniforms)[:, None]

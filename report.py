@@ -9,10 +9,10 @@ the newest test_metrics.json is kept and the others are listed as skipped.
 
 Per-conversation values: SR 1 on success else 0; AT the system turns on success else
 max_turn; SL the sale-to-list ratio on success else 0 (as PPDPP); return total_reward;
-unusable the sum over its records of critic_invalid, system_format_error and
-planner_invalid (those present). Counters kept only for the whole run (system_empty,
-user_empty, the planner total in test_metrics.json) are not per conversation and so are
-not counted here.
+unusable the sum over its records of critic_invalid, system_format_error, system_empty
+and user_empty (those present). The planner's unusable sampled answers (--prior sample
+only) are counted for the whole run in test_metrics.json, not per conversation, and so
+are not counted here.
 """
 
 import argparse
@@ -28,7 +28,7 @@ BASELINE = "dialogxpert"  # the paired table compares every other policy with th
 METRICS = {"SR": ".3f", "AT": ".2f", "SL": ".3f", "mean_return": ".3f", "unusable": ".2f"}
 HEADERS = {"SR": "SR", "AT": "AT", "SL": "SL", "mean_return": "mean return",
            "unusable": "unusable LLM answers / conv."}
-UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "planner_invalid")
+UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "system_empty", "user_empty")
 
 
 class ReportError(Exception):
@@ -70,7 +70,8 @@ def load_run(folder):
         values = [conversation_values(c, metrics["max_turn"]) for c in conversations]
         run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
-               "case_ids": [c["case_id"] for c in conversations]}
+               "case_ids": [c["case_id"] for c in conversations],
+               "config": metrics.get("config", {})}
     except plots.RunFileError as error:
         raise ReportError(f"{error}. Rerun the test of this run or leave it out") from None
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
@@ -85,8 +86,23 @@ def load_run(folder):
     return run
 
 
+def check_comparable(runs):
+    """Runs of one task must share their evaluation setup (test_metrics.json's config:
+    data, cases, turn limit, LLMs, critic): else their cases and draws do not pair."""
+    first = {}
+    for run in runs:
+        seen = first.setdefault(run["task"], run)
+        for name in sorted(set(seen["config"]) | set(run["config"])):
+            if seen["config"].get(name) != run["config"].get(name):
+                raise ReportError(
+                    f"{seen['folder']} and {run['folder']} differ in --{name} "
+                    f"({seen['config'].get(name)!r} and {run['config'].get(name)!r}), so "
+                    "their figures do not compare. Report them separately")
+
+
 def group_runs(runs):
     """{(task, policy): {seed: run}} keeping the newest run of each seed; and the skipped."""
+    check_comparable(runs)
     groups, skipped = {}, []
     for run in sorted(runs, key=lambda r: (r["mtime"], r["folder"])):
         seeds = groups.setdefault((run["task"], run["policy"]), {})
@@ -96,18 +112,26 @@ def group_runs(runs):
     return dict(sorted(groups.items())), skipped
 
 
-def interval(groups, n_boot, paired_with=None):
-    mean, low, high = (paired_bootstrap_ci(groups, paired_with, n_boot) if paired_with
-                       else bootstrap_ci(groups, n_boot))
+def interval(groups, n_boot, paired_with=None, crossed=False):
+    """crossed: every seed played the same cases in the same order (stats.py)."""
+    mean, low, high = (paired_bootstrap_ci(groups, paired_with, n_boot, crossed=crossed)
+                       if paired_with else bootstrap_ci(groups, n_boot, crossed=crossed))
     return {"mean": mean, "low": low, "high": high}
+
+
+def by_case(run, name):
+    """A run's values of one metric in the order of its case_ids."""
+    return [value for _, value in sorted(zip(run["case_ids"], run["values"][name]))]
 
 
 def summarize(task, policy, seeds, n_boot):
     runs = list(seeds.values())
+    crossed = len({tuple(sorted(run["case_ids"])) for run in runs}) == 1
     figures = {}
     for name in METRICS:
         applies = name != "SL" or any(run["bargaining"] for run in runs)
-        figures[name] = interval([run["values"][name] for run in runs], n_boot) if applies else None
+        figures[name] = (interval([by_case(run, name) for run in runs], n_boot,
+                                  crossed=crossed) if applies else None)
     return {"task": task, "policy": policy, "conversations": sum(len(r["case_ids"]) for r in runs),
             "runs": [{"folder": r["folder"], "seed": r["seed"], "override_rate": r["override_rate"]}
                      for r in runs], "metrics": figures}
@@ -115,7 +139,7 @@ def summarize(task, policy, seeds, n_boot):
 
 def paired_difference(baseline, other, n_boot):
     """BASELINE minus `other` on the conversations both played: same seed, same case_id."""
-    seeds, pairs = [], {name: ([], []) for name in ("SR", "mean_return")}
+    seeds, pairs, shared_cases = [], {name: ([], []) for name in ("SR", "mean_return")}, []
     for seed in sorted(set(baseline) & set(other)):
         index_a = {c: i for i, c in enumerate(baseline[seed]["case_ids"])}
         index_b = {c: i for i, c in enumerate(other[seed]["case_ids"])}
@@ -123,13 +147,17 @@ def paired_difference(baseline, other, n_boot):
         if not shared:
             continue
         seeds.append(seed)
+        shared_cases.append(shared)
         for name, (groups_a, groups_b) in pairs.items():
             groups_a.append([baseline[seed]["values"][name][index_a[c]] for c in shared])
             groups_b.append([other[seed]["values"][name][index_b[c]] for c in shared])
     count = sum(len(values) for values in pairs["SR"][0])
     result = {"seeds": seeds, "pairs": count}
+    crossed = len({len(values) for values in pairs["SR"][0]}) == 1 and all(
+        shared_cases[0] == cases for cases in shared_cases)
     for name, (groups_a, groups_b) in pairs.items():
-        result[name] = interval(groups_a, n_boot, paired_with=groups_b) if count else None
+        result[name] = (interval(groups_a, n_boot, paired_with=groups_b, crossed=crossed)
+                        if count else None)
     return result
 
 
@@ -147,8 +175,9 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
         rows.append(f"| {s['task']} | {s['policy']} | {len(s['runs'])} | {s['conversations']} | "
                     + " | ".join(cell(s["metrics"][n], f) for n, f in METRICS.items()) + " |")
     rows += ["", "Each cell: mean [95% interval]. The mean is the mean over seeds of each "
-             "seed's mean; the interval is a 95% percentile bootstrap over conversations within "
-             f"a seed and over seeds (hierarchical when there are several seeds), {line}.", ""]
+             "seed's mean; the interval is a 95% percentile bootstrap over the test cases and, "
+             "with several seeds, over seeds (one resample of cases for all seeds when they "
+             f"played the same cases; rough with under 5 seeds), {line}.", ""]
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
              f"mean return ({BASELINE} - policy) |", "|---" * 6 + "|"]
@@ -162,7 +191,7 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
     if not differences:
         rows.append(f"| - | - | - | 0 | no task has both {BASELINE} and another policy | - |")
     rows += ["", "Pairs are the conversations of the same seed and case_id in both runs; the "
-             "interval is a 95% paired percentile bootstrap (hierarchical over seeds), "
+             "interval is a 95% paired percentile bootstrap over cases and seeds, "
              f"{line}.", ""]
     if skipped:
         rows += ["Skipped (a newer run has the same task, policy and seed): "
@@ -195,6 +224,7 @@ def main(argv=None):
         parser.error(f"--n_boot must be positive, got {args.n_boot}")
     try:
         runs = [load_run(folder) for folder in find_runs(args.paths)]
+        groups, skipped = group_runs(runs)
         images = [p for run in runs for p in plots.plot_run(run["folder"])]
     except plots.RunFileError as error:  # a training file read by plot_run
         print(f"error: {error}. Repair or delete that file, or leave the run out",
@@ -203,7 +233,6 @@ def main(argv=None):
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    groups, skipped = group_runs(runs)
     summaries = [summarize(task, policy, seeds, args.n_boot)
                  for (task, policy), seeds in groups.items()]
     differences = [{"task": task, "policy": policy, "baseline": BASELINE,

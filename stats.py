@@ -2,8 +2,11 @@
 
 A result is a list of groups, one per training seed, each a list of per-conversation
 values. The intervals are percentile bootstraps: over conversations when there is one
-seed, and hierarchical (seeds, then conversations within each seed) when there are
-several, so that the seed-to-seed spread of RL training counts in the interval.
+seed; with several, seeds are resampled too, so that the seed-to-seed spread of RL
+training counts in the interval. When every seed played the same cases (crossed=True:
+groups[s][i] is case i in every seed), one resample of cases serves all seeds, as the
+design has it; otherwise each seed's conversations are resampled on their own. With few
+seeds (under 5) the seed part of the interval rests on few distinct values: it is rough.
 """
 
 import numpy as np
@@ -34,7 +37,7 @@ def _resampled_means(values, count, rng):
     return means
 
 
-def bootstrap_ci(groups, n_boot=10000, seed=0, level=0.95):
+def bootstrap_ci(groups, n_boot=10000, seed=0, level=0.95, crossed=False):
     """(mean, low, high) of a metric measured on several seeds.
 
     `groups[s]` holds the per-conversation values of seed s. `mean` is the mean of the
@@ -42,8 +45,9 @@ def bootstrap_ci(groups, n_boot=10000, seed=0, level=0.95):
     with one seed, over conversations; with several, hierarchical: each resample draws
     as many seeds as there are, with replacement, then each drawn seed's conversations
     with replacement, and takes the mean over drawn seeds of each one's mean. A seed
-    drawn twice gets two independent resamples of its conversations.
-    Deterministic given `seed`.
+    drawn twice gets two independent resamples of its conversations. crossed=True (all
+    seeds played the same cases, in the same order): each resample draws seeds and one
+    set of cases, used in every drawn seed. Deterministic given `seed`.
     """
     arrays = _check(groups)
     if not 0 < level < 1 or n_boot < 1:
@@ -51,6 +55,23 @@ def bootstrap_ci(groups, n_boot=10000, seed=0, level=0.95):
                          f"{n_boot}")
     rng = np.random.default_rng(seed)
     mean = float(np.mean([values.mean() for values in arrays]))
+    tail = (1 - level) / 2
+    if crossed and len(arrays) > 1:
+        if len({len(values) for values in arrays}) != 1:
+            raise ValueError("crossed=True needs the same cases in every seed")
+        table = np.stack(arrays)  # [seeds, cases]
+        statistics = np.empty(n_boot)
+        rows = max(1, CHUNK // table.shape[1])
+        for start in range(0, n_boot, rows):
+            count = min(rows, n_boot - start)
+            cases = rng.multinomial(table.shape[1], np.full(table.shape[1],
+                                                            1 / table.shape[1]), size=count)
+            seeds = rng.multinomial(len(arrays), np.full(len(arrays), 1 / len(arrays)),
+                                    size=count)
+            seed_means = cases @ table.T / table.shape[1]  # [count, seeds]
+            statistics[start:start + count] = (seeds * seed_means).sum(1) / len(arrays)
+        low, high = np.quantile(statistics, [tail, 1 - tail])
+        return mean, float(low), float(high)
     # which seed fills each of the len(arrays) places of each resample
     drawn = rng.integers(0, len(arrays), size=(n_boot, len(arrays)))
     seed_means = np.empty(drawn.shape)
@@ -58,12 +79,12 @@ def bootstrap_ci(groups, n_boot=10000, seed=0, level=0.95):
         places = drawn == index
         seed_means[places] = _resampled_means(values, int(places.sum()), rng)
     statistics = seed_means.mean(axis=1)
-    tail = (1 - level) / 2
     low, high = np.quantile(statistics, [tail, 1 - tail])
     return mean, float(low), float(high)
 
 
-def paired_bootstrap_ci(groups_a, groups_b, n_boot=10000, seed=0, level=0.95):
+def paired_bootstrap_ci(groups_a, groups_b, n_boot=10000, seed=0, level=0.95,
+                        crossed=False):
     """(mean_diff, low, high) for mean(a) - mean(b), where groups_a[s][i] and
     groups_b[s][i] are the same case in seed s (both policies met the same case).
 
@@ -79,4 +100,5 @@ def paired_bootstrap_ci(groups_a, groups_b, n_boot=10000, seed=0, level=0.95):
         if len(a) != len(b):
             raise ValueError(f"seed {index}: {len(a)} values in groups_a but {len(b)} in "
                              "groups_b: pair each case of a with the same case of b")
-    return bootstrap_ci([a - b for a, b in zip(arrays_a, arrays_b)], n_boot, seed, level)
+    return bootstrap_ci([a - b for a, b in zip(arrays_a, arrays_b)], n_boot, seed, level,
+                        crossed)

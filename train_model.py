@@ -239,12 +239,13 @@ def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
             index, explored = select_action(q, epsilon, rng)
         elif policy == "prior":
             index = 0  # the candidates are in order of prior probability
-        elif policy == "random":
-            index = rng.randrange(count)
+        elif policy == "random":  # a stream of the conversation's own: paired across runs
+            index = random.Random(conversation.seed("policy")).randrange(count)
         else:
             index = None
         action = (conversation.candidates[index] if index is not None
-                  else rng.choice(task.action_names) if policy == "uniform" else None)
+                  else random.Random(conversation.seed("policy")).choice(task.action_names)
+                  if policy == "uniform" else None)
         actions.append(action)
         chosen.append(index)
         conversation.pending = {
@@ -466,9 +467,12 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
 
 
 def main(argv=None):
-    """Run train_model.py's arguments: one run, or with --seeds one run per seed and a
-    report over them (returns the last run's (metrics, folder))."""
-    args = parse_args(argv)
+    return run_seeds(parse_args(argv))
+
+
+def run_seeds(args):
+    """One run, or with --seeds one run per seed and a report over them; returns the
+    (last) run's (test metrics, run folder)."""
     if not args.seeds:
         return run(args)
     results = [run(Args(**vars(args) | {"seed": int(seed), "seeds": ""}))
@@ -549,7 +553,8 @@ def run(args):
                               error.status) from None
         raise
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
-               "max_turn": args.max_turn} | metrics
+               "max_turn": args.max_turn,
+               "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}} | metrics
     metrics["checkpoint"] = checkpoint
     metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "test", metrics, conversations)
@@ -576,6 +581,11 @@ def make_run_dir(output_dir, run_name):
 
 
 CHECKED_ARGS = ("data_name", "encoder", "hidden_size", "top_k", "use_emotion")
+# what makes two test runs comparable (report.py refuses to mix runs that differ in one)
+EVALUATION_CONFIG = ("data_dir", "max_cases", "extes_seed", "max_turn", "top_k", "backend",
+                     "llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "prior",
+                     "critic", "critic_samples", "critic_temperature", "eval_temperature",
+                     "use_emotion", "context_length")
 
 
 def check_checkpoint(path, args):
@@ -589,7 +599,10 @@ def check_checkpoint(path, args):
             saved = json.load(f)["args"]
         with safe_open(path, framework="pt") as f:
             names = set(f.keys())
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+    except KeyError as error:
+        raise UserError(f"the checkpoint {path} cannot be read ({info_path} has no "
+                        f"{error}). Pass the best.pt of a training run") from None
+    except (OSError, ValueError, TypeError, SafetensorError) as error:
         raise UserError(f"the checkpoint {path} cannot be read ({error}). Pass the best.pt of "
                         "a training run") from None
     if not any(n.startswith("q_head.") for n in names):
@@ -607,7 +620,7 @@ def cli():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args()
     try:
-        run(args)
+        run_seeds(args)
     except run_state.TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(130)

@@ -131,6 +131,22 @@ def test_seeds_that_disagree_widen_the_interval_and_seeds_that_agree_do_not():
     assert high - low == pytest.approx(pooled_high - pooled_low, rel=0.1)
 
 
+def test_seeds_on_the_same_cases_share_one_resample_of_cases():
+    """Four seeds that played the same 200 cases, whose outcome is the case's own: the
+    seeds add no information about the cases, so the crossed interval is as wide as one
+    seed's; resampling each seed's cases on its own would halve it (sqrt of 4 seeds)."""
+    rng = np.random.default_rng(5)
+    cases = (rng.random(200) < 0.4).astype(float)
+    groups = [cases.tolist()] * 4
+    _, low, high = bootstrap_ci(groups, crossed=True)
+    _, one_low, one_high = bootstrap_ci([cases.tolist()])
+    _, nested_low, nested_high = bootstrap_ci(groups)
+    assert high - low == pytest.approx(one_high - one_low, rel=0.1)
+    assert nested_high - nested_low < 0.7 * (high - low)
+    with pytest.raises(ValueError, match="same cases"):
+        bootstrap_ci([[1.0, 0.0], [1.0]], crossed=True)
+
+
 def test_interval_covers_the_true_rate_about_95_percent_of_the_time():
     rng = np.random.default_rng(3)
     covered = 0
@@ -271,6 +287,22 @@ def test_default_output_folder_gets_a_suffix_when_it_exists(tmp_path, monkeypatc
     first, second = report.output_folder(None), report.output_folder(None)
     assert os.path.isdir(first) and os.path.isdir(second)
     assert first.startswith(os.path.join("reports", "report_")) and second != first
+
+
+def test_runs_of_different_setups_are_not_mixed(tmp_path, capsys):
+    rng = random.Random(7)
+    for policy, data_dir in (("dialogxpert", "data"), ("prior", "data/demo")):
+        folder = write_run(tmp_path / "runs", "esc", policy, 1,
+                           random_conversations("esc", [True, False], rng))
+        path = os.path.join(folder, "test_metrics.json")
+        metrics = json.load(open(path)) | {"config": {"data_dir": data_dir}}
+        json.dump(metrics, open(path, "w"))
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "differ in --data_dir ('data' and 'data/demo')" in error
+    assert "\n" not in error
 
 
 def test_report_without_runs_or_with_broken_json_exits_with_one_error_line(tmp_path, capsys):
