@@ -308,6 +308,41 @@ def print_table(results, modes):
               f"model {c['model']}")
 
 
+def state_write_figures(args, widths, repeats=3):
+    """Seconds and size of one training-state write (run_state.save_state: fsync and
+    rename) with a full replay buffer of --buffer_size transitions, per encoder width
+    (384: MiniLM, 768: BERT-base), best of `repeats`."""
+    import run_state
+    from q_adapter import QHead
+    from replay_buffer import ReplayBuffer
+
+    figures = {}
+    for width in widths:
+        buffer = ReplayBuffer(args.buffer_size, width, args.top_k)
+        buffer.features.normal_()
+        buffer.next_features.normal_()
+        buffer.next_mask.fill_(True)
+        buffer.size = args.buffer_size
+        head = QHead(width, args.hidden_size)
+        optimizer = torch.optim.Adam(head.parameters())
+        head(torch.randn(2, width)).sum().backward()
+        optimizer.step()
+        state = {"agent": {"q_head": head.state_dict(), "target_head": head.state_dict(),
+                           "optimizer": optimizer.state_dict()},
+                 "buffer": buffer.state_dict()}
+        with tempfile.TemporaryDirectory(dir=".") as folder:
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run_state.save_state(folder, state)
+                seconds.append(time.perf_counter() - start)
+            size = os.path.getsize(os.path.join(folder, run_state.STATE_FILE))
+        figures[width] = {"seconds": min(seconds), "megabytes": size / 1e6}
+        print(f"training state, buffer {args.buffer_size} x top-{args.top_k}, width {width}: "
+              f"{size / 1e6:.1f} MB written in {min(seconds):.2f} s")
+    return figures
+
+
 def main(argv=None):
     from get_args import build_parser
 
@@ -327,6 +362,9 @@ def main(argv=None):
                              "(served) on the embedded SmolLM2, the server started here")
     parser.add_argument("--serve_threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="llama.cpp threads for --serve")
+    parser.add_argument("--state_write", default="",
+                        help="only time writing a training state with a full buffer, for "
+                             "these encoder widths (e.g. 384,768)")
     parser.add_argument("--json_out", default="bench_results/bench.json")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # child process
     # 96 episodes are six batches of 16: when the episodes run out the batch drains
@@ -342,10 +380,13 @@ def main(argv=None):
     bench = argparse.Namespace(**{k: vars(namespace).pop(k) for k in
                                   ("random_model", "random_model_tokenizer",
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
-                                   "only", "serve", "serve_threads")})
+                                   "only", "serve", "serve_threads", "state_write")})
     from get_args import Args
 
     args = Args(**vars(namespace))
+    if bench.state_write:
+        state_write_figures(args, [int(w) for w in bench.state_write.split(",")])
+        return 0
     if bench.only:
         print(json.dumps(run_mode(bench.only, bench, args)))
         return 0

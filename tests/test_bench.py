@@ -29,3 +29,14 @@ def test_bench_runs_both_modes_and_writes_figures(tmp_path):
     assert figures["speedup"] > 0 and fast["plain_generate_tokens_per_second"] > 0
     # the baseline is the original loop: no prefix cache, so no prompt token is reused
     assert base["prompt_tokens_reused"] == 0 and fast["prompt_tokens_reused"] > 0
+
+
+def test_bench_times_a_training_state_write_whose_size_matches_the_buffer():
+    import bench
+    from get_args import Args
+
+    args = Args(buffer_size=100, top_k=4, hidden_size=8, learning_starts=1)
+    figures = bench.state_write_figures(args, [16], repeats=1)
+    # float16 features: 100 x (1 + 4) x 16 x 2 bytes, plus masks, rewards and the heads
+    assert 100 * 5 * 16 * 2 / 1e6 < figures[16]["megabytes"] < 0.1
+    assert figures[16]["seconds"] > 0
