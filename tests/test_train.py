@@ -172,3 +172,16 @@ def test_logits_critic_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, tmp
         record = json.loads(f.readline())["records"][0]
     assert sum(record["critic_option_probs"]) == pytest.approx(1.0, abs=1e-3)
     assert len(record["critic_option_probs"]) == len(TASKS[task_name].verdicts)
+
+
+def test_the_command_line_runs_every_seed_of_a_sweep(tiny_llm_dir, tiny_encoder_dir, tmp_path):
+    """python train_model.py --seeds: one run folder per seed, then a report over them."""
+    result = _cli(*_cli_args("esc", tiny_llm_dir, tiny_encoder_dir, tmp_path),
+                  "--mode", "test", "--policy", "prior", "--seeds", "3,4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(os.listdir(tmp_path))
+    assert [r.split("__")[2] for r in runs if r.startswith("esc__")] == ["3", "4"]
+    assert any(r.startswith("report_esc_prior_") for r in runs)
+    for run in (r for r in runs if r.startswith("esc__")):
+        metrics = json.load(open(tmp_path / run / "test_metrics.json"))
+        assert metrics["policy"] == "prior" and str(metrics["seed"]) == run.split("__")[2]
