@@ -78,6 +78,12 @@ def stream_seed(*parts):
     return int.from_bytes(digest, "little") >> 1
 
 
+def chat_prompt(tokenizer, messages):
+    """The chat template applied for the assistant's reply: (text, token ids)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def pick_device(device="auto"):
     if device != "auto":
         return torch.device(device)
@@ -212,14 +218,10 @@ CUT_MARK = " [...]"
 MAX_CHARS_PER_TOKEN = 16
 
 
-def _bytes(messages):
-    return sum(len(m["content"].encode()) for m in messages)
-
-
 def message_tokens_bound(messages):
     """An upper bound on a chat's tokens without its tokenizer: a byte-level tokenizer
     gives each token at least one byte, and a chat template adds a few tokens a message."""
-    return _bytes(messages) + 8 * len(messages) + 32
+    return sum(len(m["content"].encode()) + 8 for m in messages) + 32
 
 
 def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):

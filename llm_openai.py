@@ -35,8 +35,9 @@ from collections import Counter
 import httpx
 import torch
 
-from llm import (EMBEDDED_LLM, ServerError, floor_log_prob, label_prefixes, label_probs,
-                 label_token_ids, message_tokens_bound, resolve_llm_path, stream_seed)
+from llm import (EMBEDDED_LLM, ServerError, chat_prompt, floor_log_prob, label_prefixes,
+                 label_probs, label_token_ids, message_tokens_bound, resolve_llm_path,
+                 stream_seed)
 
 TOP_LOGPROBS = 20  # the most that the OpenAI API returns
 RETRY_STATUSES = (408, 409, 429)  # and every 5xx: the server may answer a retry
@@ -132,9 +133,7 @@ class OpenAILLM:
         """The prompt's tokens with the model's tokenizer, else an upper bound on them."""
         if self.tokenizer is None:
             return message_tokens_bound(messages)
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(chat_prompt(self.tokenizer, messages)[1])
 
     def _load_tokenizer(self, name):
         """The served model's tokenizer, for the exact prior: 'auto' finds it where the
@@ -294,9 +293,7 @@ class OpenAILLM:
             top = await self._chat_top_logprobs(messages, tries)
             tokens = [(label,) for label in labels]
             return label_probs(tokens, lambda prefix, token: top.get(token, floor_log_prob(top)))
-        prompt = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                    add_generation_prompt=True)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt, prompt_ids = chat_prompt(self.tokenizer, messages)
         cache_key = (tuple(prompt_ids[-8:]), tuple(labels))  # only the end can merge
         if cache_key not in self._label_cache:
             self._label_cache[cache_key] = label_token_ids(self.tokenizer, prompt_ids[-8:],

@@ -24,8 +24,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llm import (label_probs, label_token_ids, pick_device, pick_dtype, resolve_llm_path,
-                 stream_seed)
+from llm import (chat_prompt, label_probs, label_token_ids, pick_device, pick_dtype,
+                 resolve_llm_path, stream_seed)
 
 def heap_trimmer():
     """glibc's malloc_trim, or None on other C libraries.
@@ -347,9 +347,7 @@ class TransformersLLM:
     # -- prompts --------------------------------------------------------------------------
 
     def encode_chat(self, messages):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt(self.tokenizer, messages)[1]
 
     def count_tokens(self, messages):
         return len(self.encode_chat(messages))

@@ -109,10 +109,13 @@ def prior_choice_pairs(conversations):
             for r in c["records"] if r.get("action") is not None and r.get("candidates")]
 
 
+def _rate(pairs):
+    return sum(top != chosen for top, chosen in pairs) / len(pairs) if pairs else None
+
+
 def override_rate(conversations):
     """Share of turns where the chosen action is not the prior's top-1, or None."""
-    pairs = prior_choice_pairs(conversations)
-    return sum(top != chosen for top, chosen in pairs) / len(pairs) if pairs else None
+    return _rate(prior_choice_pairs(conversations))
 
 
 def plot_prior_vs_q(pairs, order, path):
@@ -121,7 +124,7 @@ def plot_prior_vs_q(pairs, order, path):
     counts = [[0] * len(order) for _ in order]
     for top, chosen in pairs:
         counts[index[top]][index[chosen]] += 1
-    rate = sum(top != chosen for top, chosen in pairs) / len(pairs)
+    rate = _rate(pairs)
     size = max(4, 0.5 * len(order) + 2)
     figure, axis = plt.subplots(figsize=(size + 1, size))
     image = axis.imshow(counts, cmap="Blues")
@@ -159,7 +162,8 @@ def plot_run(run_dir):
     test = read_jsonl(path("test_conversations.jsonl"))
     task = (read_json(path("test_metrics.json")).get("task")
             if os.path.exists(path("test_metrics.json")) else None)
-    series = {"test": [a for _, a in prior_choice_pairs(test)]}
+    pairs = prior_choice_pairs(test)
+    series = {"test": [a for _, a in pairs]}
     if os.path.exists(path("train_conversations.jsonl")):
         train = read_jsonl(path("train_conversations.jsonl"))
         series["train"] = [a for _, a in prior_choice_pairs(train)]
@@ -167,12 +171,11 @@ def plot_run(run_dir):
     if series:  # the policy "none" chooses no strategy
         order = ordered([a for actions in series.values() for a in actions], task)
         written.append(plot_actions(series, order, path("actions.png")))
-    pairs = prior_choice_pairs(test)
     if pairs:
         order = ordered([a for pair in pairs for a in pair], task)
         written.append(plot_prior_vs_q(pairs, order, path("prior_vs_q.png")))
         print(f"{run_dir}: chosen action differs from the prior's top-1 in "
-              f"{override_rate(test):.1%} of test turns")
+              f"{_rate(pairs):.1%} of test turns")
     return written
 
 

@@ -10,9 +10,10 @@ the name 'embedded-smollm2' (so `--llm auto` finds it and its tokenizer). Two en
           --logits_all so that it returns top_logprobs; it runs one request at a time
   native  llama.cpp's own llama-server (`make llama-server` builds it from the same
           llama.cpp source), with --slots parallel slots decoded together (continuous
-          batching): the kind of server the 80% throughput target is for A command given after --then gets
-`--base_url <the server's URL> --context_length <its context>` added before its own
-arguments (llama.cpp's server does not list its context, and prompts are cut to fit it).
+          batching)
+A command given after --then gets `--base_url <the server's URL> --context_length <its
+context>` added before its own arguments (llama.cpp's servers do not list their context,
+and prompts are cut to fit it).
 """
 
 import argparse
@@ -134,7 +135,7 @@ def main(argv=None):
     parser.add_argument("--then", nargs=argparse.REMAINDER, default=None,
                         help="a Python script and its arguments to run against the server")
     args = parser.parse_args(argv)
-    if importlib.util.find_spec("llama_cpp") is None:
+    if args.engine == "python" and importlib.util.find_spec("llama_cpp") is None:
         raise SystemExit("error: llama-cpp-python is not installed. Run `make serve` (it "
                          "installs requirements.txt), or pip install 'llama-cpp-python[server]'")
     port = 0 if args.then else args.port

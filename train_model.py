@@ -213,15 +213,6 @@ class Agent:
 # Playing conversations
 # ---------------------------------------------------------------------------------------
 
-POLICIES = {
-    "dialogxpert": "the Q-adapter over the prior's top-k (epsilon-greedy in training)",
-    "prior": "the planner alone: the prior's most probable action",
-    "random": "uniform over the prior's top-k",
-    "uniform": "uniform over the task's whole action set",
-    "none": "no strategy: the system LLM gets no action instruction (standard prompting)",
-}
-
-
 def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
     """One action per conversation (None for policy 'none') and the index of the chosen
     candidate (None when the action is not one: 'uniform', 'none'); logs the candidates
@@ -243,17 +234,19 @@ def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
             index = random.Random(conversation.seed("policy")).randrange(count)
         else:
             index = None
-        action = (conversation.candidates[index] if index is not None
-                  else random.Random(conversation.seed("policy")).choice(task.action_names)
-                  if policy == "uniform" else None)
+        if policy == "uniform":
+            action = random.Random(conversation.seed("policy")).choice(task.action_names)
+        else:
+            action = conversation.candidates[index] if index is not None else None
         actions.append(action)
         chosen.append(index)
-        conversation.pending = {
-            "candidates": [{"action": a, "prior": round(p, 4)} | (
-                {"q": round(float(v), 4)} if q is not None else {})
-                for a, p, v in zip(conversation.candidates, conversation.candidate_priors,
-                                   q if q is not None else [None] * count)],
-            "explored": explored, "policy": policy}
+        candidates = [{"action": a, "prior": round(p, 4)}
+                      for a, p in zip(conversation.candidates, conversation.candidate_priors)]
+        if q is not None:
+            for candidate, value in zip(candidates, q):
+                candidate["q"] = round(float(value), 4)
+        conversation.pending = {"candidates": candidates, "explored": explored,
+                                "policy": policy}
     return actions, chosen
 
 
