@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import qwen_prompts as prompts
 from env import transcript
-from llm import fit_prompt
+from llm import ask_in_orders, fit_prompt, order_seed, rotations, split_samples, stream_seed
 from tasks import case_fields
 
 # an option number at the very start of an answer: "3", "(3)", "**3.**", "Option 3:"
@@ -119,15 +119,30 @@ class CriticResult:
     invalid: int = 0  # answers that named no option, several, or an unusable price
     deal_price: float | None = None  # cb only
     sale_to_list: float | None = None  # cb only
+    # the option orders shown (each: the option at each position), and per order the
+    # distribution read in it, over the options in the task's order (sample mode: the
+    # frequencies of its usable answers)
+    orders: list = field(default_factory=list)
+    order_probs: list = field(default_factory=list)
+    answer_orders: list = field(default_factory=list)  # sample mode: each answer's order
+    reads: list = field(default_factory=list)  # sample mode: each answer's option, or None
 
 
 class Critic:
-    """Builds the critic prompt, asks the LLM for a whole batch at once, returns results."""
+    """Builds the critic prompt, asks the LLM for a whole batch at once, returns results.
+
+    With order 'shuffle' the options are shown in rotations drawn from the conversation's
+    stream (so paired runs see the same orders): in sample mode a turn's samples are
+    spread over up to one rotation per option, in logits mode the distribution is the mean
+    over all rotations. Every answer is read in the order it was shown. 'fixed' shows the
+    task's order only."""
 
     def __init__(self, task, llm, mode="sample", num_samples=10, temperature=1.1,
-                 max_new_tokens=24, shared_prefix=True, stop_at_newline=True):
+                 max_new_tokens=24, shared_prefix=True, stop_at_newline=True, order="fixed"):
         if mode not in ("sample", "logits"):
             raise ValueError(f"Unknown critic mode '{mode}'. Expected one of ['logits', 'sample']")
+        if order not in ("fixed", "shuffle"):
+            raise ValueError(f"Unknown critic order '{order}'. Expected one of ['fixed', 'shuffle']")
         self.task = task
         self.llm = llm
         self.mode = mode
@@ -136,56 +151,110 @@ class Critic:
         self.max_new_tokens = max_new_tokens
         self.shared_prefix = shared_prefix
         self.stop_at_newline = stop_at_newline  # a verdict is one line
+        self.order = order
         self.labels = [str(i + 1) for i in range(len(task.verdicts))]
 
-    def prompt(self, conversation, question=None):
-        """The critic's chat for a conversation (env.Conversation: case, turns, emotions)."""
-        options = "\n".join(f"{label}. {v}" for label, v in zip(self.labels, self.task.verdicts))
-        emotions = ", ".join(conversation.emotions) or "unknown"
+    def orders(self, conversation):
+        """The option orders shown this turn: [[option index at each position]]."""
+        count = len(self.task.verdicts)
+        if self.order == "fixed":
+            return [list(range(count))]
+        return rotations(count, 0 if self.mode == "logits" else self.num_samples,
+                         stream_seed(conversation.stream, conversation.system_turns,
+                                     "critic_order"))
+
+    def prompt(self, conversation, question=None, order=None):
+        """The critic's chat for a conversation (env.Conversation: case and turns), with the
+        options in `order` (default: the task's). The critic sees the case and the
+        conversation, not the emotions that the system LLM named: those are the policy's
+        own output, and without them the critic is the same instrument with and without
+        --use_emotion."""
+        order = order or range(len(self.task.verdicts))
+        options = "\n".join(f"{label}. {self.task.verdicts[i]}"
+                            for label, i in zip(self.labels, order))
         question = question or self.task.prompts["critic_question"]
+        # cb's question shows the answer format with the deal option's number as shown
+        labels = {"deal_label": self.labels[list(order).index(1)]} if self.task.bargaining else {}
 
         def build(turns, fields):
             text = prompts.CRITIC_TEMPLATE.format(
-                transcript=transcript(turns),
-                user_role=self.task.user_role, emotions=emotions,
-                question=question.format(**fields), options=options)
+                transcript=transcript(turns), question=question.format(**fields, **labels),
+                options=options)
             return [{"role": "system", "content": self.task.prompts["critic"].format(**fields)},
                     {"role": "user", "content": text}]
         return fit_prompt(self.llm, build, conversation.turns, case_fields(conversation.case),
                           self.max_new_tokens, conversation.prompt_cuts, "critic")
 
-    def score(self, conversations):
-        """One CriticResult per conversation, from one batched call."""
-        chats = [self.prompt(c) for c in conversations]
-        cache_keys = [(c.uid, "critic") for c in conversations]
-        if self.mode == "logits":
-            probs = self.llm.option_probs(chats, self.labels, cache_keys=cache_keys)
-            results = [self.from_distribution(p.tolist()) for p in probs]
-            if self.task.bargaining:
-                self._ask_prices(conversations, results)
-            return results
-        answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens,
-                                temperature=self.temperature, num_samples=self.num_samples,
-                                shared_prefix=self.shared_prefix,
-                                stop_at_newline=self.stop_at_newline, cache_keys=cache_keys,
-                                seeds=[c.seed("critic") for c in conversations])
-        return [self.from_answers(c.case, samples) for c, samples in zip(conversations, answers)]
+    def score(self, conversations, orders=None):
+        """One CriticResult per conversation, from batched calls (one per order count; see
+        llm.ask_in_orders). orders: per conversation, the orders to show (default: `orders`)."""
+        orders = orders or [self.orders(c) for c in conversations]
+        jobs = []
+        for i, (conversation, shown) in enumerate(zip(conversations, orders)):
+            counts = ([(order, 1) for order in shown] if self.mode == "logits"
+                      else split_samples(self.num_samples, shown))
+            orders[i] = [order for order, _ in counts]
+            jobs += [(i, k, self.prompt(conversation, order=order), count,
+                      order_seed(conversation.seed("critic"), k))
+                     for k, (order, count) in enumerate(counts)]
+
+        def ask(part):
+            chats = [job[2] for job in part]
+            keys = [(conversations[job[0]].uid, "critic") for job in part]
+            if self.mode == "logits":
+                return list(self.llm.option_probs(chats, self.labels, cache_keys=keys))
+            return self.llm.chat(chats, max_new_tokens=self.max_new_tokens,
+                                 temperature=self.temperature, num_samples=part[0][3],
+                                 shared_prefix=self.shared_prefix,
+                                 stop_at_newline=self.stop_at_newline, cache_keys=keys,
+                                 seeds=[job[4] for job in part])
+        answers = ask_in_orders(ask, jobs)
+        results = []
+        for i, (conversation, shown) in enumerate(zip(conversations, orders)):
+            if self.mode == "logits":
+                per_order = [in_task_order(answers[(i, k)].tolist(), order)
+                             for k, order in enumerate(shown)]
+                mean = [sum(column) / len(per_order) for column in zip(*per_order)]
+                result = self.from_distribution(mean)
+                result.order_probs = per_order
+            else:
+                texts, answer_orders = [], []
+                for k in range(len(shown)):
+                    texts += answers[(i, k)]
+                    answer_orders += [k] * len(answers[(i, k)])
+                result = self.from_answers(conversation.case, texts, shown, answer_orders)
+            result.orders = shown
+            results.append(result)
+        if self.mode == "logits" and self.task.bargaining:
+            self.ask_prices(conversations, results)
+        return results
 
     # -- sample mode ---------------------------------------------------------------------
 
-    def from_answers(self, case, answers):
-        """The result of a list of sampled answers for one conversation."""
-        read = [_read(a, self.task.verdicts) for a in answers]
-        if self.task.bargaining:
+    def from_answers(self, case, answers, orders=None, answer_orders=None):
+        """The result of a list of sampled answers for one conversation; answer j was asked
+        with the options in orders[answer_orders[j]] (default: the task's order)."""
+        count = len(self.task.verdicts)
+        orders = orders or [list(range(count))]
+        answer_orders = answer_orders or [0] * len(answers)
+        read = []
+        for answer, k in zip(answers, answer_orders):
+            shown, rest = _read(answer, [self.task.verdicts[i] for i in orders[k]])
+            read.append((None if shown is None else orders[k][shown], rest))
+        if self.task.bargaining:  # option 1 (in the task's order) is the deal
             read = [(i, parse_price(rest) if i == 1 else None) for i, rest in read]
             read = [(i, price) if i != 1 or plausible_price(
                 price, case["buyer_price"], case["seller_price"]) else (None, None)
                 for i, price in read]
         usable = [r for r in read if r[0] is not None]
         counts = Counter(i for i, _ in usable)
-        frequencies = [counts[i] / max(len(usable), 1) for i in range(len(self.task.verdicts))]
+        frequencies = [counts[i] / max(len(usable), 1) for i in range(count)]
         result = CriticResult(0.0, answers=list(answers), option_probs=frequencies,
-                              invalid=len(read) - len(usable))
+                              invalid=len(read) - len(usable), answer_orders=answer_orders,
+                              reads=[i for i, _ in read])
+        for k in range(len(orders)):
+            mine = Counter(i for (i, _), j in zip(read, answer_orders) if j == k and i is not None)
+            result.order_probs.append([mine[i] / max(sum(mine.values()), 1) for i in range(count)])
         if not usable:
             if self.task.bargaining:
                 result.reward = NO_DEAL_REWARD
@@ -206,7 +275,7 @@ class Critic:
 
     def from_distribution(self, probs):
         """The result of the exact option distribution for one conversation (cb: the deal
-        decision only; its price comes from `_ask_prices`)."""
+        decision only; its price comes from `ask_prices`)."""
         result = CriticResult(0.0, option_probs=list(probs))
         if self.task.bargaining:
             result.reward = NO_DEAL_REWARD
@@ -215,12 +284,13 @@ class Critic:
         result.success = self.task.succeeds(result.reward)
         return result
 
-    def _ask_prices(self, conversations, results):
+    def ask_prices(self, conversations, results):
         deals = [i for i, r in enumerate(results) if r.option_probs[1] ** self.num_samples >= 0.5]
         if not deals:
             return
         question = self.task.prompts["price_question"]
-        answers = self.llm.chat([self.prompt(conversations[i], question) for i in deals],
+        answers = self.llm.chat([self.prompt(conversations[i], question, results[i].orders[0])
+                                 for i in deals],
                                 max_new_tokens=self.max_new_tokens, temperature=0.0,
                                 stop_at_newline=self.stop_at_newline)
         for i, samples in zip(deals, answers):
@@ -237,3 +307,12 @@ class Critic:
         result.deal_price, result.sale_to_list, result.reward = price, ratio, ratio
         result.success = self.task.succeeds(ratio)
         return result
+
+
+def in_task_order(shown_probs, order):
+    """A distribution over the positions shown -> the same over the options in the task's
+    order (order[position] is the option shown there)."""
+    probs = [0.0] * len(order)
+    for position, option in enumerate(order):
+        probs[option] = shown_probs[position]
+    return probs

@@ -9,6 +9,7 @@ a prior over the task's whole action set, from which the top-k candidates are ta
 """
 
 import itertools
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 import qwen_prompts as prompts
-from llm import fit_prompt, stream_seed
+from llm import (ask_in_orders, fit_prompt, order_seed, rotations, split_samples,
+                 stream_seed)
 from tasks import case_fields
 
 
@@ -44,6 +46,7 @@ class Conversation:
     candidates: list = field(default_factory=list)
     candidate_priors: list = field(default_factory=list)
     candidate_features: torch.Tensor | None = None
+    prior_orders: list = field(default_factory=list)  # the planner's orders (Planner.prior)
     pending: dict = field(default_factory=dict)  # the choice being played, for the log
     prompt_cuts: dict = field(default_factory=dict)  # prompts cut to fit a context (llm.py)
     case_id: int | None = None  # the case's place in its split (pairs runs in reports)
@@ -110,22 +113,39 @@ def clean_turn(text, roles=()):
 
 
 class Planner:
-    """The frozen LLM's prior over the task's actions."""
+    """The frozen LLM's prior over the task's actions.
+
+    The actions are asked as a numbered list. With order 'rotate' the list is shown in
+    several rotations (`rotations`, 0: all of them) drawn from the conversation's stream,
+    and the prior is the mean of the priors read in each, mapped back to the task's
+    action order: a preference for the first listed number is spread over every action
+    instead of choosing it. 'fixed' shows the task's order only."""
 
     def __init__(self, task, llm, mode="logits", num_samples=10, use_emotion=True,
-                 max_new_tokens=4):
+                 max_new_tokens=4, order="fixed", rotations=0):
         self.task = task
         self.max_new_tokens = max_new_tokens  # answer length when mode is 'sample'
         self.llm = llm
         self.mode = mode
         self.num_samples = num_samples
         self.use_emotion = use_emotion
+        self.order = order
+        self.rotations = rotations
         self.labels = [str(i + 1) for i in range(len(task.actions))]
         self.invalid_answers = 0  # sampled answers that named no action (mode 'sample')
 
-    def prompt(self, conversation):
-        options = "\n".join(f"{label}. {name}"
-                            for label, name in zip(self.labels, self.task.action_names))
+    def orders(self, conversation):
+        """The action orders shown this turn: [[action index at each position]]."""
+        n = len(self.task.actions)
+        if self.order == "fixed":
+            return [list(range(n))]
+        return rotations(n, self.rotations, stream_seed(conversation.stream,
+                                                        conversation.system_turns, "planner_order"))
+
+    def prompt(self, conversation, order=None):
+        names = self.task.action_names
+        options = "\n".join(f"{label}. {names[a]}"
+                            for label, a in zip(self.labels, order or range(len(names))))
         emotions = ", ".join(conversation.emotions) if self.use_emotion else "not tracked"
 
         def build(turns, _):
@@ -138,27 +158,73 @@ class Planner:
                           conversation.prompt_cuts, "planner")
 
     def prior(self, conversations):
-        """[batch, num_actions] probabilities, each row summing to 1."""
-        chats = [self.prompt(c) for c in conversations]
-        if self.mode == "logits":
-            return self.llm.option_probs(chats, self.labels,
-                                         cache_keys=[(c.uid, "planner") for c in conversations])
-        answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
-                                num_samples=self.num_samples,
-                                seeds=[c.seed("planner") for c in conversations])
-        return torch.stack([self._prior_from_samples(a) for a in answers])
+        """[batch, num_actions] probabilities in the task's action order, each row summing
+        to 1. Each conversation's `prior_orders` gets the orders shown (the first action
+        of each, which fixes a rotation)."""
+        jobs, orders = [], []
+        for i, conversation in enumerate(conversations):
+            shown = self.orders(conversation)
+            if self.mode == "sample":
+                shown = split_samples(self.num_samples, shown)
+            else:
+                shown = [(order, 1) for order in shown]
+            orders.append([order for order, _ in shown])
+            conversation.prior_orders = [order[0] for order, _ in shown]
+            for k, (order, count) in enumerate(shown):
+                jobs.append((i, k, self.prompt(conversation, order), count,
+                             order_seed(conversation.seed("planner"), k)))
 
-    def _prior_from_samples(self, answers):
+        def ask(part):
+            chats = [job[2] for job in part]
+            if self.mode == "logits":
+                keys = [(conversations[job[0]].uid, "planner") for job in part]
+                return list(self.llm.option_probs(chats, self.labels, cache_keys=keys))
+            return self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
+                                 num_samples=part[0][3], seeds=[job[4] for job in part])
+        results = ask_in_orders(ask, jobs)
+        n = len(self.task.actions)
+        rows = []
+        for i, conversation_orders in enumerate(orders):
+            if self.mode == "logits":
+                row = torch.zeros(n)
+                for k, order in enumerate(conversation_orders):
+                    row[order] += results[(i, k)].float()  # position -> its action
+                rows.append(row / len(conversation_orders))
+            else:
+                answers = [(answer, order) for k, order in enumerate(conversation_orders)
+                           for answer in results[(i, k)]]
+                rows.append(self._prior_from_samples(*zip(*answers)))
+        return torch.stack(rows)
+
+    def _prior_from_samples(self, answers, orders=None):
+        """A smoothed prior over the actions from sampled answers; answer j was asked with
+        the actions in orders[j] (default: the task's order)."""
         counts = Counter()
-        for answer in answers:
+        orders = orders or [range(len(self.labels))] * len(answers)
+        for answer, order in zip(answers, orders):
             match = re.search(r"\d+", answer)
             if match and match.group(0) in self.labels:
-                counts[match.group(0)] += 1
+                counts[order[int(match.group(0)) - 1]] += 1
             else:
                 self.invalid_answers += 1
         # add-one smoothing: an action never sampled keeps a small prior
-        prior = torch.tensor([counts[label] + 1.0 for label in self.labels])
+        prior = torch.tensor([counts[a] + 1.0 for a in range(len(self.labels))])
         return prior / prior.sum()
+
+    def candidates(self, conversations, k):
+        """The top-k actions of each conversation's prior: (prior [batch, n], [[action
+        index]], [[prior]]). Equal priors (unsampled actions in sample mode) are ordered
+        by a draw from the conversation's stream, not by their place in the list."""
+        prior = self.prior(conversations)
+        indices, values = [], []
+        for conversation, row in zip(conversations, prior.tolist()):
+            draw = random.Random(stream_seed(conversation.stream, conversation.system_turns,
+                                             "planner_ties"))
+            ties = [draw.random() for _ in row]
+            top = sorted(range(len(row)), key=lambda a: (-row[a], ties[a]))[:k]
+            indices.append(top)
+            values.append([row[a] for a in top])
+        return prior, indices, values
 
 
 class SelfPlayEnv:
@@ -281,7 +347,13 @@ class SelfPlayEnv:
                 conversation.sale_to_list = verdict.sale_to_list
             record.update(critic_answers=verdict.answers, critic_invalid=verdict.invalid,
                           critic_option_probs=[round(p, 4) for p in verdict.option_probs],
+                          critic_orders=verdict.orders,
+                          critic_order_probs=[[round(p, 4) for p in row]
+                                              for row in verdict.order_probs],
                           reward=verdict.reward, outcome=conversation.outcome)
+            if verdict.reads:  # sample mode: the order each answer saw, the option it named
+                record.update(critic_answer_orders=verdict.answer_orders,
+                              critic_reads=verdict.reads)
             if verdict.deal_price is not None:
                 record["deal_price"] = verdict.deal_price
             conversation.records.append(record)

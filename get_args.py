@@ -112,6 +112,17 @@ class Args:
     prior_samples: int = field(default=10, metadata={"help": "answers sampled when --prior sample"})
     prior_max_new_tokens: int = field(default=4, metadata={
         "help": "answer length when --prior sample"})
+    prior_order: str = field(default="rotate", metadata={
+        "help": "order of the actions in the planner's question: rotate (the prior is the "
+                "mean over --prior_rotations rotations of the list, so a preference for a "
+                "listed position is spread over all actions) or fixed (the task's order)"})
+    prior_rotations: int = field(default=0, metadata={
+        "help": "rotations of the action list with --prior_order rotate, evenly spaced "
+                "(0: all of them, one per action)"})
+    critic_order: str = field(default="shuffle", metadata={
+        "help": "order of the critic's options: shuffle (sample: a turn's samples spread "
+                "over rotations of the options; logits: the mean distribution over all "
+                "rotations) or fixed (the task's order)"})
     critic_stop_at_newline: bool = field(default=True, metadata={
         "help": "end each verdict at its first line break"})
     max_batch_rows: int = field(default=0, metadata={
@@ -169,7 +180,8 @@ class Args:
                              f"{sorted(BACKENDS)}")
         choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
                    "policy": ("dialogxpert", "prior", "random", "uniform", "none"),
-                   "critic": ("sample", "logits"),
+                   "critic": ("sample", "logits"), "prior_order": ("rotate", "fixed"),
+                   "critic_order": ("shuffle", "fixed"),
                    "dtype": ("auto", "bfloat16", "float16", "float32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -216,7 +228,7 @@ class Args:
         require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
         require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
         require(self.max_retries >= 0, "max_retries", ">= 0")
-        for name in ("max_cases", "eval_cases", "max_batch_rows"):
+        for name in ("max_cases", "eval_cases", "max_batch_rows", "prior_rotations"):
             require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
         longest_answer = max(self.system_max_new_tokens, self.user_max_new_tokens,
                              self.critic_max_new_tokens, self.prior_max_new_tokens)

@@ -43,8 +43,8 @@ ESC = {
     "critic": "You judge counselling conversations between a Therapist and a Patient: did "
               "the conversation improve the Patient's emotional state? The session is about "
               "{emotion_type} and {problem_type}.",
-    "critic_question": "Based on the conversation and the Patient's emotions, has the "
-                       "Patient's problem been solved?",
+    "critic_question": "Based on the conversation, has the Patient's problem been "
+                       "solved?",
     "verdicts": [
         "No, the Patient feels worse.",
         "No, the Patient feels the same.",
@@ -152,7 +152,7 @@ CB = {
               "a deal by the end of the conversation?",
     "critic_question": "Have the Buyer and the Seller reached a deal at the end of the "
                        "conversation? If they have, write the agreed price after the option's "
-                       "number, as a number only (for example: 2, 120).",
+                       "number, as a number only (for example: {deal_label}, 120).",
     "verdicts": [
         "They have not reached a deal.",
         "They have reached a deal.",
@@ -245,7 +245,6 @@ SYSTEM_TURN = "Reply as the {system_role} in one short sentence. {instruction}"
 
 CRITIC_TEMPLATE = (
     "Conversation so far:\n{transcript}\n\n"
-    "Emotions of the {user_role} so far: {emotions}\n\n"
     "{question}\nOptions:\n{options}\n"
     "Answer with the number of exactly one option."
 )

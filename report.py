@@ -51,6 +51,19 @@ def find_runs(paths):
     return sorted(set(runs))
 
 
+def rejudged(folders, judge):
+    """The runs' folders re-judged by `judge` (critic_check.py --run), or the runs."""
+    if not judge:
+        return folders
+    out = [os.path.join(folder, "rejudged", judge) for folder in folders]
+    for folder, path in zip(folders, out):
+        if not os.path.exists(os.path.join(path, "test_metrics.json")):
+            raise ReportError(f"{folder} has not been re-judged by '{judge}' ({path} is "
+                              "missing). Run `python critic_check.py --run "
+                              f"{folder} --judge_name {judge} ...` first")
+    return out
+
+
 def conversation_values(conversation, max_turn):
     success = conversation["outcome"] == "success"
     return {"SR": float(success),
@@ -71,7 +84,7 @@ def load_run(folder):
         run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
                "case_ids": [c["case_id"] for c in conversations],
-               "config": metrics.get("config", {})}
+               "config": metrics.get("config", {}), "judge": metrics.get("judge", {})}
     except plots.RunFileError as error:
         raise ReportError(f"{error}. Rerun the test of this run or leave it out") from None
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
@@ -132,9 +145,20 @@ def summarize(task, policy, seeds, n_boot):
         applies = name != "SL" or any(run["bargaining"] for run in runs)
         figures[name] = (interval([by_case(run, name) for run in runs], n_boot,
                                   crossed=crossed) if applies else None)
-    return {"task": task, "policy": policy, "conversations": sum(len(r["case_ids"]) for r in runs),
+    return {"task": task, "policy": policy, "judge": judge_text(runs[0]["judge"]),
+            "conversations": sum(len(r["case_ids"]) for r in runs),
             "runs": [{"folder": r["folder"], "seed": r["seed"], "override_rate": r["override_rate"]}
                      for r in runs], "metrics": figures}
+
+
+def judge_text(judge):
+    """The critic that judged a run, in a few words: model, mode, option order; marked
+    when it is the same model as the system or the user."""
+    if not judge:
+        return "not recorded"
+    text = (f"{os.path.basename(os.path.normpath(str(judge['critic_llm'])))} "
+            f"{judge['critic']}, {judge['critic_order']} order")
+    return text + (" (self-judged)" if judge.get("self_judged") else "")
 
 
 def paired_difference(baseline, other, n_boot):
@@ -169,15 +193,19 @@ def cell(figure, form):
 
 def markdown(summaries, differences, skipped, images, out, n_boot):
     line = f"{n_boot:,} resamples"
-    rows = ["| task | policy | runs | conversations | " + " | ".join(HEADERS.values()) + " |",
-            "|---" * (4 + len(HEADERS)) + "|"]
+    rows = ["| task | policy | judge | runs | conversations | " + " | ".join(HEADERS.values())
+            + " |", "|---" * (5 + len(HEADERS)) + "|"]
     for s in summaries:
-        rows.append(f"| {s['task']} | {s['policy']} | {len(s['runs'])} | {s['conversations']} | "
+        rows.append(f"| {s['task']} | {s['policy']} | {s['judge']} | {len(s['runs'])} | "
+                    f"{s['conversations']} | "
                     + " | ".join(cell(s["metrics"][n], f) for n, f in METRICS.items()) + " |")
     rows += ["", "Each cell: mean [95% interval]. The mean is the mean over seeds of each "
              "seed's mean; the interval is a 95% percentile bootstrap over the test cases and, "
              "with several seeds, over seeds (one resample of cases for all seeds when they "
-             f"played the same cases; rough with under 5 seeds), {line}.", ""]
+             f"played the same cases; rough with under 5 seeds), {line}. judge: the critic "
+             "LLM that gave every reward and success (see critic_check.py for its report "
+             "card); self-judged: the same model as the system or the user, which a judge "
+             "can favour.", ""]
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
              f"mean return ({BASELINE} - policy) |", "|---" * 6 + "|"]
@@ -219,11 +247,13 @@ def main(argv=None):
     parser.add_argument("paths", nargs="+", help="run folders or folders that hold runs")
     parser.add_argument("--out", help="output folder (default reports/report_<time>)")
     parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples")
+    parser.add_argument("--judge", default="", help="table each run as re-judged by "
+                        "critic_check.py --run (its folder rejudged/JUDGE)")
     args = parser.parse_args(argv)
     if args.n_boot < 1:
         parser.error(f"--n_boot must be positive, got {args.n_boot}")
     try:
-        runs = [load_run(folder) for folder in find_runs(args.paths)]
+        runs = [load_run(folder) for folder in rejudged(find_runs(args.paths), args.judge)]
         groups, skipped = group_runs(runs)
         images = [p for run in runs for p in plots.plot_run(run["folder"])]
     except plots.RunFileError as error:  # a training file read by plot_run

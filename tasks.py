@@ -40,6 +40,9 @@ class Task:
     opening: Callable  # case -> [(role, text)], the turns a conversation starts from
     initial_emotions: Callable = lambda case: []  # the user's emotions before turn 1
     check: Callable = lambda case: None  # further checks of a case: None or the problem
+    # case -> [(role, text)]: the human conversation of the case as it ends in the data,
+    # for checking a critic on it (critic_check.py)
+    human_dialog: Callable = lambda case: []
     split_seeded: bool = False  # one file split 80/10/10 by --extes_seed (ExTES)
     bargaining: bool = False  # the critic reads a deal and its price (cb)
 
@@ -84,6 +87,25 @@ def _dialog_opening(case, task_prompts):
     return [(role, turn["text"]) for role, turn in zip(roles, case["dialog"][:2])]
 
 
+def _speaker_turns(pairs, task_prompts, system_speakers):
+    """[(role, text)] from (speaker, text) pairs of a data file: a speaker in
+    system_speakers is the system role, any other the user role; empty turns are left out."""
+    roles = (task_prompts["system_role"], task_prompts["user_role"])
+    return [(roles[0] if speaker in system_speakers else roles[1], text.strip())
+            for speaker, text in pairs if isinstance(text, str) and text.strip()]
+
+
+def _dialog_pairs(dialog):
+    """(speaker, text) of each turn of a "dialog" list ({"speaker": ..., "text": ...})."""
+    return [(turn.get("speaker"), turn.get("text")) for turn in dialog if isinstance(turn, dict)]
+
+
+def _extes_pairs(case):
+    """ExTES turns are {"User": text} or {"AI": text, "AI Strategy": ...}."""
+    return [("AI", turn["AI"]) if "AI" in turn else ("User", turn.get("User"))
+            for turn in case["content"] if isinstance(turn, dict)]
+
+
 def _check_dialog(case):
     if len(case["dialog"]) < 2 or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
                                           for t in case["dialog"][:2]):
@@ -107,6 +129,8 @@ TASKS = {
         sources={f"esc-{s}.txt": f"{PPDPP}/esc-{s}.txt" for s in SPLITS},
         schema={"emotion_type": str, "problem_type": str, "situation": str, "dialog": list},
         opening=lambda case: [("Patient", case["situation"])],
+        human_dialog=lambda case: [("Patient", case["situation"])] + _speaker_turns(
+            _dialog_pairs(case["dialog"]), prompts.ESC, {"sys"}),
         initial_emotions=lambda case: [case["emotion_type"]]),
     "extes": Task(
         "extes", prompts.EXTES, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
@@ -115,6 +139,8 @@ TASKS = {
         sources={"ExTES/ExTES.json": f"{EXTES}/ExTES.json"},
         schema={"description": str, "scene": str, "content": list},
         opening=lambda case: [("Patient", case["description"])],
+        human_dialog=lambda case: [("Patient", case["description"])] + _speaker_turns(
+            _extes_pairs(case), prompts.EXTES, {"AI"}),
         split_seeded=True),
     "cima": Task(
         "cima", prompts.CIMA, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
@@ -122,7 +148,9 @@ TASKS = {
         files={s: f"cima-{s}.txt" for s in SPLITS},
         sources={f"cima-{s}.txt": f"{PPDPP}/cima-{s}.txt" for s in SPLITS},
         schema={"sentence": str, "target": str, "dialog": list},
-        opening=lambda case: _dialog_opening(case, prompts.CIMA), check=_check_dialog),
+        opening=lambda case: _dialog_opening(case, prompts.CIMA), check=_check_dialog,
+        human_dialog=lambda case: _speaker_turns(_dialog_pairs(case["dialog"]),
+                                                         prompts.CIMA, {"sys"})),
     "cb": Task(
         "cb", prompts.CB, verdict_rewards=(-0.1, 1.0),  # a deal's reward is its sale-to-list
         succeeds=lambda reward: reward >= 0.0,
@@ -134,6 +162,8 @@ TASKS = {
             ("Buyer", f"Hi, how much is the {case['item_name']}?"),
             ("Seller", f"Hi, this is a good {case['item_name']} and its price is "
                        f"{case['seller_price']}.")],
+        human_dialog=lambda case: _speaker_turns(_dialog_pairs(case.get("dialog", [])),
+                                                       prompts.CB, {"sys"}),
         check=_check_prices, bargaining=True),
     "p4g": Task(
         "p4g", prompts.P4G, verdict_rewards=(-1.0, -0.5, 0.1, 1.0),
@@ -142,7 +172,9 @@ TASKS = {
         sources={f"P4G/{s}.json": f"{DIALOGXPERT}/P4G/api_annotated/{s}.json"
                  for s in ("train", "dev", "test")},
         schema={"dialog": list},
-        opening=lambda case: _dialog_opening(case, prompts.P4G), check=_check_dialog),
+        opening=lambda case: _dialog_opening(case, prompts.P4G), check=_check_dialog,
+        human_dialog=lambda case: _speaker_turns(_dialog_pairs(case["dialog"]),
+                                                         prompts.P4G, {"Persuader"})),
 }
 
 

@@ -70,6 +70,28 @@ def load_llms(args):
     return roles
 
 
+def llm_name(llm):
+    """The model behind a client: its resolved folder (in process) or the served model's
+    name; a client without either (a scripted one) by its class."""
+    served = getattr(llm, "model", None)
+    return served if isinstance(served, str) else getattr(llm, "path", type(llm).__name__)
+
+
+def judge_of(args, planner, env):
+    """Who judged a run: the critic's model and settings, the option orders, and whether
+    the critic is the same model as the system or the user ("self-judged": a judge can
+    favour text of its own model)."""
+    names = {role: llm_name(llm) for role, llm in role_llms(planner, env).items()}
+    return {"critic_llm": names["critic"], "system_llm": names["system"],
+            "user_llm": names["user"], "planner_llm": names["planner"],
+            "critic": env.critic.mode, "critic_order": env.critic.order,
+            "critic_samples": env.critic.num_samples,
+            "critic_temperature": env.critic.temperature,
+            "prior": planner.mode, "prior_order": planner.order,
+            "prior_rotations": planner.rotations,
+            "self_judged": names["critic"] in (names["system"], names["user"])}
+
+
 def role_llms(planner, env):
     """The LLM client of each role (roles may share one client)."""
     return {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
@@ -86,9 +108,10 @@ def build_env(args, task, llms):
     critic = Critic(task, llms["critic"], mode=args.critic, num_samples=args.critic_samples,
                     temperature=args.critic_temperature,
                     max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
-                    stop_at_newline=args.critic_stop_at_newline)
+                    stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
-                      use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens)
+                      use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens,
+                      order=args.prior_order, rotations=args.prior_rotations)
     env = SelfPlayEnv(task, llms["system"], llms["user"], critic, max_turn=args.max_turn,
                       system_temperature=args.system_temperature,
                       user_temperature=args.user_temperature,
@@ -122,13 +145,12 @@ class Agent:
         planner call and one encoder call for the whole batch."""
         if not conversations:
             return
-        prior = planner.prior(conversations)
-        k = min(self.args.top_k, prior.shape[1])
-        top = prior.topk(k, dim=1)
+        k = min(self.args.top_k, len(task.actions))
+        _, top, top_priors = planner.candidates(conversations, k)
         actions, states = [], []
-        for conversation, indices, values in zip(conversations, top.indices, top.values):
-            conversation.candidates = [task.action_names[i] for i in indices.tolist()]
-            conversation.candidate_priors = values.tolist()
+        for conversation, indices, values in zip(conversations, top, top_priors):
+            conversation.candidates = [task.action_names[i] for i in indices]
+            conversation.candidate_priors = values
             text = state_text(transcript(conversation.turns),
                               conversation.emotions if self.args.use_emotion else [])
             actions += conversation.candidates
@@ -246,7 +268,7 @@ def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
             for candidate, value in zip(candidates, q):
                 candidate["q"] = round(float(value), 4)
         conversation.pending = {"candidates": candidates, "explored": explored,
-                                "policy": policy}
+                                "policy": policy, "prior_orders": conversation.prior_orders}
     return actions, chosen
 
 
@@ -548,6 +570,7 @@ def run(args):
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
                "max_turn": args.max_turn,
                "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}} | metrics
+    metrics["judge"] = judge_of(args, planner, env)
     metrics["checkpoint"] = checkpoint
     metrics["llm_usage"] = llm_usage(planner, env)
     write_results(run_dir, "test", metrics, conversations)
@@ -578,7 +601,8 @@ CHECKED_ARGS = ("data_name", "encoder", "hidden_size", "top_k", "use_emotion")
 EVALUATION_CONFIG = ("data_dir", "max_cases", "extes_seed", "max_turn", "top_k", "backend",
                      "llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "prior",
                      "critic", "critic_samples", "critic_temperature", "eval_temperature",
-                     "use_emotion", "context_length")
+                     "use_emotion", "context_length", "prior_order", "prior_rotations",
+                     "critic_order")
 
 
 def check_checkpoint(path, args):

@@ -3,6 +3,7 @@ client. All build offline in well under a second."""
 
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -108,6 +109,16 @@ class ScriptedLLM:
         weights = torch.tensor([self.prior(c[-1]["content"], labels) for c in conversations],
                                dtype=torch.float)
         return weights / weights.sum(-1, keepdim=True)
+
+
+def listed_options(prompt):
+    """The numbered options of a planner or critic question, in the order shown."""
+    return [match.group(1) for match in re.finditer(r"^\d+\. (.+)$", prompt, re.M)]
+
+
+def option_number(prompt, option):
+    """The number that a planner or critic question shows for an option (its text)."""
+    return str(listed_options(prompt).index(option) + 1)
 
 
 def write_json_lines(path, rows):

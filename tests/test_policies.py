@@ -12,7 +12,7 @@ import re
 import pytest
 
 import train_model
-from conftest import ScriptedLLM
+from conftest import ScriptedLLM, listed_options, option_number
 from critic import Critic
 from env import Planner, SelfPlayEnv
 from get_args import Args
@@ -46,10 +46,11 @@ def closed_form_world():
         return "Emotion: calm\nResponse: I hear you."
 
     def critic(prompt):  # solved (4) after a "Question" turn, else no change (2)
-        return "4" if last[case_of(prompt)] == "Question" else "2"
+        verdict = TASK.verdicts[3 if last[case_of(prompt)] == "Question" else 1]
+        return option_number(prompt, verdict)  # the number shown for it in this order
 
     prior = ScriptedLLM(None, prior=lambda prompt, labels: [
-        10.0 - PRIOR_ORDER.index(n) for n in TASK.action_names])
+        10.0 - PRIOR_ORDER.index(n) for n in listed_options(prompt)])
     return {"planner": prior, "system": ScriptedLLM(system),
             "user": ScriptedLLM(lambda prompt: "I see."), "critic": ScriptedLLM(critic)}
 
@@ -85,8 +86,9 @@ def test_each_baseline_policy_has_its_closed_form_success_rate(policy, encoder):
         assert set(actions) == set(TASK.action_names)
 
 
+@pytest.mark.parametrize("order", ["fixed", "shuffle"])
 def test_paired_evaluation_gives_the_same_draws_where_two_policies_act_alike(tiny_llm,
-                                                                            encoder):
+                                                                            encoder, order):
     """The real sampler, user and critic both sampling: on the cases where two policies
     chose the same actions, the user's turns and the critic's answers are the same, though
     the other conversations of the batch went differently."""
@@ -97,9 +99,11 @@ def test_paired_evaluation_gives_the_same_draws_where_two_policies_act_alike(tin
     cases = esc_cases(0, 16)
     runs = {}
     for policy in ("prior", "random"):
-        critic = Critic(TASK, tiny_llm, num_samples=3, temperature=1.0, max_new_tokens=4)
+        critic = Critic(TASK, tiny_llm, num_samples=3, temperature=1.0, max_new_tokens=4,
+                        order=order)
         planner = Planner(TASK, ScriptedLLM(None, prior=lambda prompt, labels: [
-            10.0 - PRIOR_ORDER.index(n) for n in TASK.action_names]))
+            10.0 - PRIOR_ORDER.index(n) for n in listed_options(prompt)]),
+            order="rotate" if order == "shuffle" else "fixed")
         env = SelfPlayEnv(TASK, tiny_llm, tiny_llm, critic, max_turn=1, eval_temperature=1.0,
                           system_max_new_tokens=6, user_max_new_tokens=6)
         args.policy = policy
@@ -112,8 +116,8 @@ def test_paired_evaluation_gives_the_same_draws_where_two_policies_act_alike(tin
         if [r["action"] for r in first.records] == [r["action"] for r in second.records]:
             alike += 1
             assert first.turns == second.turns
-            assert ([r["critic_answers"] for r in first.records]
-                    == [r["critic_answers"] for r in second.records])
+            for key in ("critic_answers", "critic_orders", "prior_orders"):
+                assert [r[key] for r in first.records] == [r[key] for r in second.records]
         else:
             differ += 1
     assert alike and differ  # both kinds of case occur, so the batches did differ
