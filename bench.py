@@ -343,6 +343,78 @@ def state_write_figures(args, widths, repeats=3):
     return figures
 
 
+def prior_probe(args, count, shifts=(0, 1, 2, 4)):
+    """How much of the planner's prior is the position of the options: on the first
+    `count` human conversations of the valid split (the opening and the first four human
+    turns), the top-1 action of the prior read in the task's list shifted by each of
+    `shifts` places (fixed), and of the mean over every rotation (rotate, which does not
+    depend on the list it starts from)."""
+    from env import Conversation, Planner
+    from llm import backend_options, load_llm
+    from tasks import get_task, load_split
+
+    task = get_task(args.data_name)
+    cases = load_split(args.data_dir, task.name, "valid", extes_seed=args.extes_seed)[:count]
+    llm = load_llm(args.backend, args.llm, **backend_options(args, "planner"))
+    planner = Planner(task, llm, use_emotion=args.use_emotion)
+    n = len(task.actions)
+    conversations = [Conversation(case, task.opening(case) + task.human_dialog(case)[
+        len(task.opening(case)):][:4], emotions=list(task.initial_emotions(case)), stream=i)
+        for i, case in enumerate(cases)]
+    tops = {}
+    for shift in shifts:
+        order = [(shift + i) % n for i in range(n)]
+        probs = llm.option_probs([planner.prompt(c, order) for c in conversations],
+                                 planner.labels)
+        tops[shift] = [order[int(row.argmax())] for row in probs]
+    planner.order = "rotate"
+    rotated = planner.prior(conversations)
+    top_rotated = [int(row.argmax()) for row in rotated]
+    figures = {
+        "conversations": len(conversations),
+        "fixed_top1_is_first_listed": {s: sum(t == s for t in tops[s]) / len(cases)
+                                       for s in shifts},
+        "fixed_top1_same_after_a_shift_by_one": sum(
+            a == b for a, b in zip(tops[shifts[0]], tops[shifts[1]])) / len(cases),
+        "rotate_top1_is_first_listed": {s: sum(t == s for t in top_rotated) / len(cases)
+                                        for s in shifts},
+        "rotate_top1_actions": {task.action_names[a]: top_rotated.count(a)
+                                for a in sorted(set(top_rotated))},
+        "rotate_mean_top1_prior": float(rotated.max(dim=1).values.mean()),
+        "uniform_prior": 1 / n}
+    print(json.dumps(figures, indent=2))
+    return figures
+
+
+def order_costs(results):
+    """Per turn: seconds of the prior and the critic, and prompt tokens, under fixed and
+    controlled orders (the fast mode's figures of each)."""
+    rows = {}
+    for name, figures in results.items():
+        turns = max(figures["turns"], 1)
+        rows[name] = {"prior_seconds_per_turn": figures["phase_seconds"]["prior"] / turns,
+                      "critic_seconds_per_turn": figures["phase_seconds"]["critic"] / turns,
+                      "prompt_tokens_per_turn": figures["prompt_tokens"] / turns,
+                      "prompt_tokens_reused_per_turn": figures["prompt_tokens_reused"] / turns,
+                      "turns_per_second": figures["turns_per_second"]}
+    print("| per turn | " + " | ".join(rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    for key in next(iter(rows.values())):
+        print(f"| {key} | " + " | ".join(f"{row[key]:.4g}" for row in rows.values()) + " |")
+    return rows
+
+
+def run_child(mode, flags, name):
+    """One mode's figures, from a process of its own (so that its peak memory is its own)."""
+    command = [sys.executable, os.path.abspath(__file__), "--only", mode, *flags]
+    print(f"running {name} ...", flush=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"the {name} run failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     from get_args import build_parser
 
@@ -368,6 +440,13 @@ def main(argv=None):
     parser.add_argument("--state_write", default="",
                         help="only time writing a training state with a full buffer, for "
                              "these encoder widths (e.g. 384,768)")
+    parser.add_argument("--orders", action="store_true",
+                        help="the fast loop with fixed option orders against controlled "
+                             "ones (--prior_order rotate, --critic_order shuffle): the cost "
+                             "of the orders per turn")
+    parser.add_argument("--prior_probe", type=int, default=0,
+                        help="only probe the planner's position preference on this many "
+                             "valid conversations (--data_dir must hold the valid split)")
     parser.add_argument("--json_out", default="bench_results/bench.json")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # child process
     # 96 episodes are six batches of 16: when the episodes run out the batch drains
@@ -384,15 +463,31 @@ def main(argv=None):
                                   ("random_model", "random_model_tokenizer",
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
                                    "only", "serve", "serve_threads", "serve_engine",
-                                   "state_write")})
+                                   "state_write", "orders", "prior_probe")})
     from get_args import Args
 
     args = Args(**vars(namespace))
     if bench.state_write:
         state_write_figures(args, [int(w) for w in bench.state_write.split(",")])
         return 0
+    if bench.prior_probe:
+        prior_probe(args, bench.prior_probe)
+        return 0
     if bench.only:
         print(json.dumps(run_mode(bench.only, bench, args)))
+        return 0
+    given = argv if argv is not None else sys.argv[1:]
+    if bench.orders:
+        results = {}
+        for name, flags in (("fixed orders", ["fixed", "fixed"]),
+                            ("controlled orders", ["rotate", "shuffle"])):
+            results[name] = run_child("fast", [a for a in given if a != "--orders"] + [
+                "--prior_order", flags[0], "--critic_order", flags[1]], name)
+        results["per_turn"] = order_costs(results)
+        os.makedirs(os.path.dirname(bench.json_out) or ".", exist_ok=True)
+        with open(bench.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"figures written to {bench.json_out}")
         return 0
 
     modes = (("fast", "served") if bench.serve else ("served",) if args.backend == "openai"
@@ -402,17 +497,11 @@ def main(argv=None):
                           slots=args.num_envs) if bench.serve else nullcontext()
     with serving as server:
         for mode in modes:
-            command = [sys.executable, os.path.abspath(__file__), "--only", mode,
-                       *(argv if argv is not None else sys.argv[1:])]
+            flags = list(given)
             if server is not None:  # the same model in process and on the server
-                command += ["--llm", EMBEDDED_LLM] + (
+                flags += ["--llm", EMBEDDED_LLM] + (
                     ["--backend", "openai", "--base_url", server.url] if mode == "served" else [])
-            print(f"running {mode} ...", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.stderr.write(done.stderr)
-                raise SystemExit(f"the {mode} run failed (exit {done.returncode})")
-            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[mode] = run_child(mode, flags, mode)
             results[mode]["selfplay_vs_plain"] = (
                 results[mode]["generated_tokens_per_second"] /
                 results[mode]["plain_generate_tokens_per_second"]) if mode != "baseline" else None

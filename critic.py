@@ -188,12 +188,12 @@ class Critic:
     def score(self, conversations, orders=None):
         """One CriticResult per conversation, from batched calls (one per order count; see
         llm.ask_in_orders). orders: per conversation, the orders to show (default: `orders`)."""
-        orders = orders or [self.orders(c) for c in conversations]
-        jobs = []
-        for i, (conversation, shown) in enumerate(zip(conversations, orders)):
+        asked, jobs = [], []
+        for i, conversation in enumerate(conversations):
+            shown = orders[i] if orders else self.orders(conversation)
             counts = ([(order, 1) for order in shown] if self.mode == "logits"
                       else split_samples(self.num_samples, shown))
-            orders[i] = [order for order, _ in counts]
+            asked.append([order for order, _ in counts])
             jobs += [(i, k, self.prompt(conversation, order=order), count,
                       order_seed(conversation.seed("critic"), k))
                      for k, (order, count) in enumerate(counts)]
@@ -210,7 +210,7 @@ class Critic:
                                  seeds=[job[4] for job in part])
         answers = ask_in_orders(ask, jobs)
         results = []
-        for i, (conversation, shown) in enumerate(zip(conversations, orders)):
+        for i, (conversation, shown) in enumerate(zip(conversations, asked)):
             if self.mode == "logits":
                 per_order = [in_task_order(answers[(i, k)].tolist(), order)
                              for k, order in enumerate(shown)]

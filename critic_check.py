@@ -92,7 +92,7 @@ def judge(critic, conversations, orders=None, chunk=16):
     results = []
     for first in range(0, len(conversations), chunk):
         part = conversations[first:first + chunk]
-        results += critic.score(part, None if orders is None else [list(orders) for _ in part])
+        results += critic.score(part, None if orders is None else [orders] * len(part))
     return results
 
 
@@ -161,8 +161,7 @@ def human_card(args, card, critic, model):
             item["fixed"] = item["rotations"][0]
             item["shuffled"] = pooled(critic, item["case"], item["rotations"])
         if critic.mode == "logits" and task.bargaining:
-            critic.ask_prices([c for c in conversations],
-                              [item["shuffled"] for item in judged[point]])
+            critic.ask_prices(conversations, [item["shuffled"] for item in judged[point]])
     figures = card_figures(task, critic, judged)
     figures["cases"] = len(kept)
     figures["cases_without_dialog"] = len(cases) - len(kept)
@@ -309,7 +308,7 @@ def read_run(folder):
     return metrics, runs
 
 
-def replay(task, conversation, where):
+def replay(conversation, where):
     """The conversation as it stood after each saved turn: [(turns, record)]."""
     turns, records = conversation.get("turns"), conversation.get("records")
     if not isinstance(turns, list) or not isinstance(records, list):
@@ -340,7 +339,7 @@ def rejudge(args, card, critic, model):
         turns, owners = [], []
         for line, conversation in enumerate(conversations, start=1):
             where = f"{card['run']}/{split}_conversations.jsonl, line {line}"
-            for k, (played, record) in enumerate(replay(critic.task, conversation, where)):
+            for k, (played, record) in enumerate(replay(conversation, where)):
                 turns.append(Conversation(conversation["case"], played, system_turns=k + 1,
                                           stream=stream_seed(args.seed, "rejudge", split, line)))
                 owners.append((line - 1, record))
@@ -515,7 +514,8 @@ def markdown(card, figures, judge):
     lines += ["", "Each option column: the mean over conversations of the option's frequency "
               "among usable answers (sample mode) or its probability (logits mode).", "",
               "## The instrument", "", "| figure | value |", "|---|---|",
-              f"| unusable answers | {fmt(f['unusable_share'])} of {f['answers_asked']} |",
+              f"| unusable answers | {fmt(f['unusable_share'])} of {f['answers_asked']} |"
+              if f["answers_asked"] else "| unusable answers | none asked (exact distributions) |",
               "| position curve (share chosen at position 1..V) | " +
               ", ".join(fmt(v) for v in f["position_curve"]) + " |",
               f"| top verdict changes with the order | "

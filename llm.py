@@ -108,14 +108,12 @@ def ask_in_orders(ask, jobs):
     conversation when the other orders, which differ only in the options after it, are
     asked; they follow grouped by count. Returns {(conversation, order): result}."""
     first = [job for job in jobs if job[1] == 0]
-    groups = [first] + [[job for job in jobs if job[1] and job[3] == count]
-                        for count in sorted({job[3] for job in jobs if job[1]}, reverse=True)]
+    rest = [job for job in jobs if job[1] != 0]
     results = {}
-    for group in groups:
+    for group in (first, rest):
         for count in sorted({job[3] for job in group}, reverse=True):
             part = [job for job in group if job[3] == count]
-            answers = ask(part)
-            results.update({(job[0], job[1]): answer for job, answer in zip(part, answers)})
+            results.update({(job[0], job[1]): answer for job, answer in zip(part, ask(part))})
     return results
 
 

@@ -474,6 +474,7 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
         save_state()  # a signal from here on stops the run after these files are whole
         agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
         train_metrics = summarize(train_log, task, args.max_turn, env.errors)
+        train_metrics["judge"] = judge_of(args, planner, env)
         train_metrics["llm_usage"] = llm_usage(planner, env)
         write_results(run_dir, "train", train_metrics, train_log)
         if stop.requested:
