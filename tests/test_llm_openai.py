@@ -32,7 +32,7 @@ QUESTIONS = [[{"role": "user", "content": "Name a colour."}],
 def server():
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.fail("llama-cpp-python's server is not installed: `make test` installs it "
-                    "(see requirements.txt)")
+                    "(see requirements-serve.txt)")
     with LlamaServer(api_key=secrets.token_hex(16)) as running:
         yield running
 
