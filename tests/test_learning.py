@@ -20,7 +20,7 @@ import train_model
 from conftest import ScriptedLLM
 from critic import Critic
 from env import Planner, SelfPlayEnv
-from get_args import Args
+from get_args import recipe_args
 from q_adapter import FrozenEncoder
 from tasks import get_task
 
@@ -86,14 +86,23 @@ class PriorAgent(train_model.Agent):
         return -(torch.arange(len(features)) % self.args.top_k).float()
 
 
+# the test's budget, the same under both recipes: episodes, turns, candidates, gamma
+# (the worlds' Q-values are computed with 0.9) and the tiny encoder's input length
+WORLD = dict(num_envs=8, eval_every=10**6, progress=False, gamma=0.9, max_encoder_tokens=64)
+# the project recipe, tuned to learn within the budget
+PROJECT = dict(learning_rate=1e-3, batch_size=32, learning_starts=32,
+               exploration_fraction=0.6, epsilon_end=0.0, hidden_size=64, tau=0.05,
+               updates_per_step=4)
+
+
 def train_and_compare(world, train_cases, test_cases, encoder_dir, tmp_path, max_turn,
-                      episodes=160, top_k=4):
+                      episodes=160, top_k=4, recipe="project"):
+    """Random policy, prior top-1 and the trained agent on the test cases. recipe
+    'original': every value of the original release except the budget (WORLD)."""
     torch.manual_seed(0)
-    args = Args(data_name=world.task.name, total_episodes=episodes, num_envs=8,
-                max_turn=max_turn, top_k=top_k, learning_rate=1e-3, batch_size=32,
-                learning_starts=32, eval_every=10**6, exploration_fraction=0.6,
-                epsilon_end=0.0, hidden_size=64, progress=False, gamma=0.9, tau=0.05,
-                max_encoder_tokens=64, updates_per_step=4)
+    budget = WORLD | dict(data_name=world.task.name, total_episodes=episodes,
+                          max_turn=max_turn, top_k=top_k)
+    args = recipe_args(recipe, **budget | (PROJECT if recipe == "project" else {}))
     planner, env = world.env(max_turn)
     encoder = FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64, device="cpu")
     agent = train_model.Agent(args, encoder)
