@@ -38,11 +38,12 @@ def test_long_states_keep_the_action_and_the_emotion_line_whole(tiny_encoder_dir
     first, kept, cut = encoder_input("Question", [("Seeker", "a " * 100)], ["sad"], "pair")
     ids = encoder._fit(first, kept, cut)["input_ids"]
     assert len(ids) == 48
-    assert encoder.tokenizer.decode(ids).replace(" ", "").startswith("[CLS]question[SEP]useremotions:sad")
+    text = encoder.tokenizer.decode(ids).replace(" ", "")
+    assert text.startswith("[CLS]question[SEP]useremotions:sad")
 
 
 def test_the_original_encoder_text_is_one_segment_without_emotions():
-    first, kept, cut = encoder_input("Question", [("Patient", "I feel low."), ("Therapist", "Why?")],
-                                     ["sad"], "original")
+    turns = [("Patient", "I feel low."), ("Therapist", "Why?")]
+    first, kept, cut = encoder_input("Question", turns, ["sad"], "original")
     assert first is None and "sad" not in kept + cut
     assert kept + cut == "Action: Question for Observation: Patient: I feel low. Therapist: Why? "

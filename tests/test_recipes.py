@@ -17,7 +17,7 @@ from test_learning import bargain_world, cb_cases
 
 # Written from the original release's code (declare-lab/dialogxpert), not from RECIPES.
 ORIGINAL = {
-    "optimizer": "adamw",  # train_model.py: torch.optim.AdamW(prob_network.parameters(), lr=args.lr)
+    "optimizer": "adamw",  # train_model.py: torch.optim.AdamW(prob_network.parameters(), ...)
     "learning_rate": 1e-3,  # misc.get_args_train: --lr 1e-3
     "tau": 0.005,  # llm_priors.train_qnetwork: soft_update(target, online, 0.005) per minibatch
     "loss_reduction": "sum",  # mse_loss(p, target_value, reduction="sum")
@@ -33,7 +33,8 @@ ORIGINAL = {
     "hidden_size": 64,  # QAdapter: Linear(768, 64), Linear(64, 64), Linear(64, 1)
     "encoder": "weights/bert-base-uncased",  # QAdapter: BertModel 'bert-base-uncased' (768 wide)
     "max_encoder_tokens": 512,  # QAdapter.transform_features: max_length=512
-    "encoder_input": "original",  # env.get_prior_actions_llm: f"Action: {action} for Observation: {full_conv}"
+    # env.get_prior_actions_llm: f"Action: {action} for Observation: {full_conv}"
+    "encoder_input": "original",
     "llm": "weights/Qwen2.5-14B-Instruct",  # --model_path Qwen2.5-14B, one model for every role
     "system_max_new_tokens": 200, "user_max_new_tokens": 200,  # --max_new_tokens 200
     "critic_max_new_tokens": 25,  # env.prepare_critic_output: max_new_tokens=25
