@@ -16,6 +16,31 @@ class UserError(Exception):
     reports it as one line `error: <what and where>. <what to do>` and exits with code 2."""
 
 
+# --recipe original: the values of the original release (declare-lab/dialogxpert:
+# misc.get_args_train, llm_priors.train_qnetwork, q_adapter.QAdapter, env.Env). Why the
+# project's differ, value by value: README, "Two recipes".
+RECIPES = {
+    "project": {},  # the dataclass defaults below
+    "original": {
+        "optimizer": "adamw", "learning_rate": 1e-3,
+        "tau": 0.005,  # soft update after every minibatch (as here)
+        "loss_reduction": "sum", "max_grad_norm": 1.0,
+        "buffer_size": 0,  # every transition kept
+        "update_every_episodes": 2, "replay_ratio": 4.0,  # 2 episodes, then 4*|B|/32 draws
+        "learning_starts": 1,  # so the first update comes after the first 2 episodes
+        "epsilon_start": 0.5, "epsilon_end": 0.5,
+        "total_episodes": 2000,  # 1,000 steps of 2 episodes
+        "hidden_size": 64,
+        "encoder_input": "original",
+        "llm": "weights/Qwen2.5-14B-Instruct", "encoder": "weights/bert-base-uncased",
+        "system_max_new_tokens": 200, "user_max_new_tokens": 200, "critic_max_new_tokens": 25,
+        "system_temperature": 0.0, "user_temperature": 0.0,  # generate(do_sample=False)
+        "seed": 1,
+        "extes_split": "10717,200,200",
+    },
+}
+
+
 @dataclass
 class Args:
     # --- task and data
@@ -42,6 +67,9 @@ class Args:
     seed: int = field(default=42, metadata={"help": "seeds everything, once, at start"})
     extes_seed: int = field(default=0, metadata={
         "help": "fixed seed of the ExTES train/valid/test split (independent of --seed)"})
+    extes_split: str = field(default="0.8,0.1,0.1", metadata={
+        "help": "ExTES train,valid,test sizes: fractions (0.8,0.1,0.1) or case counts "
+                "(10717,200,200)"})
     max_cases: int = field(default=0, metadata={
         "help": "use at most this many cases of each split (0: all)"})
 
@@ -139,18 +167,37 @@ class Args:
         "help": "critic samples share the prompt's KV cache instead of repeating the prompt"})
     use_emotion: bool = field(default=True, metadata={
         "help": "ask the system LLM for the user's emotion and show the history to the "
-                "planner, encoder and critic"})
+                "planner and the encoder (the critic never sees it)"})
 
-    # --- Q-learning
+    # --- Q-learning (--recipe original: the values of the original release, see RECIPES)
+    recipe: str = field(default="project", metadata={
+        "help": "project (this repository's values) or original (the original release's: "
+                "see README); each value can still be set by its own flag"})
     total_episodes: int = field(default=200, metadata={"help": "training conversations"})
     gamma: float = field(default=0.99, metadata={"help": "discount factor"})
     tau: float = field(default=0.01, metadata={"help": "soft target update rate"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "optimizer learning rate"})
+    optimizer: str = field(default="adam", metadata={
+        "help": "adam, or adamw (torch's default weight decay 0.01)"})
+    loss_reduction: str = field(default="mean", metadata={
+        "help": "TD loss over a minibatch: mean or sum of squared errors"})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "clip the gradient to this norm (0: no clipping)"})
     batch_size: int = field(default=32, metadata={"help": "replay minibatch size"})
-    buffer_size: int = field(default=10000, metadata={"help": "replay buffer capacity"})
+    buffer_size: int = field(default=10000, metadata={
+        "help": "replay buffer capacity (0: keep every transition)"})
     learning_starts: int = field(default=32, metadata={"help": "transitions before updates"})
     updates_per_step: int = field(default=1, metadata={
-        "help": "gradient steps per collected transition"})
+        "help": "gradient steps per collected transition (when --update_every_episodes 0)"})
+    update_every_episodes: int = field(default=0, metadata={
+        "help": "0: update after every turn; N: play N episodes, then draw "
+                "ceil(replay_ratio * len(buffer) / batch_size) minibatches with replacement"})
+    replay_ratio: float = field(default=4.0, metadata={
+        "help": "with --update_every_episodes: transitions drawn per update, per transition "
+                "in the buffer"})
+    encoder_input: str = field(default="pair", metadata={
+        "help": "pair: (action, emotions + conversation); original: 'Action: {action} for "
+                "Observation: {conversation}' as one text, no emotions"})
     epsilon_start: float = field(default=1.0, metadata={"help": "exploration at the start"})
     epsilon_end: float = field(default=0.05, metadata={"help": "exploration at the end"})
     exploration_fraction: float = field(default=0.5, metadata={
@@ -181,7 +228,9 @@ class Args:
         choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
                    "policy": ("dialogxpert", "prior", "random", "uniform", "none"),
                    "critic": ("sample", "logits"), "prior_order": ("rotate", "fixed"),
-                   "critic_order": ("shuffle", "fixed"),
+                   "critic_order": ("shuffle", "fixed"), "recipe": tuple(RECIPES),
+                   "optimizer": ("adam", "adamw"), "loss_reduction": ("mean", "sum"),
+                   "encoder_input": ("pair", "original"),
                    "dtype": ("auto", "bfloat16", "float16", "float32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -220,7 +269,7 @@ class Args:
                                  f"Pass a value {rule}")
         for name in ("top_k", "num_envs", "max_turn", "critic_samples", "total_episodes",
                      "checkpoint_every",
-                     "batch_size", "buffer_size", "learning_starts", "updates_per_step",
+                     "batch_size", "learning_starts", "updates_per_step",
                      "hidden_size", "max_encoder_tokens", "eval_every", "prior_samples",
                      "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
                      "prior_max_new_tokens"):
@@ -228,7 +277,8 @@ class Args:
         require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
         require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
         require(self.max_retries >= 0, "max_retries", ">= 0")
-        for name in ("max_cases", "eval_cases", "max_batch_rows", "prior_rotations"):
+        for name in ("max_cases", "eval_cases", "max_batch_rows", "buffer_size",
+                     "update_every_episodes", "prior_rotations"):
             require(getattr(self, name) >= 0, name, ">= 0 (0: no limit)")
         longest_answer = max(self.system_max_new_tokens, self.user_max_new_tokens,
                              self.critic_max_new_tokens, self.prior_max_new_tokens)
@@ -244,7 +294,12 @@ class Args:
             require(getattr(self, name) >= 0, name, ">= 0 (0 decodes greedily)")
         require(self.prefix_cache_gb >= 0 or self.prefix_cache_gb == -1, "prefix_cache_gb",
                 ">= 0 or -1 (automatic)")
-        require(self.learning_starts <= self.buffer_size, "learning_starts",
+        require(self.replay_ratio > 0, "replay_ratio", "> 0")
+        require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0: no clipping)")
+        require(re.fullmatch(r"\d+,\d+,\d+|[\d.]+,[\d.]+,[\d.]+", self.extes_split) is not None,
+                "extes_split", "like 0.8,0.1,0.1 (fractions) or 10717,200,200 (counts)")
+        require(self.buffer_size == 0 or self.learning_starts <= self.buffer_size,
+                "learning_starts",
                 f"<= --buffer_size ({self.buffer_size})", ": learning would never start")
         require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "device",
                 "among auto, cpu, mps, cuda, cuda:N")
@@ -258,22 +313,33 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
 
 
-def build_parser(description=None):
+def recipe_args(recipe="project", **values):
+    """Args with the recipe's values, then `values` (explicit flags) over them."""
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown --recipe '{recipe}'. Expected one of {list(RECIPES)}")
+    return Args(**RECIPES[recipe] | values | {"recipe": recipe})
+
+
+def build_parser(description=None, defaults=True):
+    """defaults=False: flags not given stay out of the namespace (to find the given ones)."""
     parser = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(Args):
         kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(
             f.type if isinstance(f.type, str) else f.type.__name__, str)
         extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # --debug = true
-        parser.add_argument(f"--{f.name}", type=kind, default=f.default, **extra,
+        parser.add_argument(f"--{f.name}", type=kind, **extra,
+                            default=f.default if defaults else argparse.SUPPRESS,
                             help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return parser
 
 
 def parse_args(argv=None):
-    """The arguments, or one line `error: ...` on stderr and exit code 2 (as argparse)."""
-    namespace = build_parser(__doc__).parse_args(argv)
+    """The arguments, or one line `error: ...` on stderr and exit code 2 (as argparse).
+    --recipe sets its values first; a flag given on the command line overrides them."""
+    build_parser(__doc__).parse_args(argv)  # --help, and argparse's own errors
+    given = vars(build_parser(__doc__, defaults=False).parse_args(argv))
     try:
-        return Args(**vars(namespace))
+        return recipe_args(**given)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

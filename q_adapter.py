@@ -2,8 +2,10 @@
 MLP head turns the embedding into a Q-value. Only the head is trained.
 
 Embeddings are mean-pooled last hidden states. The encoder sees the action first and the
-conversation (with the emotion history) second; when the pair is too long, the oldest
-conversation tokens are cut, so the action and the latest turns are always kept.
+emotion history and conversation second (`--encoder_input pair`), or the original
+release's one text "Action: {action} for Observation: {conversation}" (`original`). When
+an input is too long, the oldest conversation tokens are cut: the action, the emotion line
+and the latest turns are always kept.
 """
 
 import os
@@ -36,9 +38,14 @@ def resolve_encoder_path(name):
     return name
 
 
-def state_text(transcript, emotions):
+def encoder_input(action, turns, emotions, style="pair"):
+    """(first segment or None, text kept whole, conversation cut from its start when too
+    long) for one candidate action in one state; `turns` are (role, text) pairs."""
+    if style == "original":  # the original's get_full_conversation, no emotions
+        return None, f"Action: {action} for Observation: ", "".join(
+            f"{role}: {text} " for role, text in turns)
     emotion_line = f"User emotions: {', '.join(emotions)}\n" if emotions else ""
-    return emotion_line + transcript
+    return action, emotion_line, "\n".join(f"{role}: {text}" for role, text in turns)
 
 
 class QHead(nn.Module):
@@ -55,7 +62,6 @@ class QHead(nn.Module):
 class FrozenEncoder:
     def __init__(self, model, tokenizer, max_tokens=512):
         self.tokenizer = tokenizer
-        self.tokenizer.truncation_side = "left"  # keep the most recent conversation tokens
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
         self.width = model.config.hidden_size
@@ -75,16 +81,44 @@ class FrozenEncoder:
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
 
+    def _fit(self, first, kept, cut):
+        """Token ids of one input too long for the encoder: `cut` loses its oldest tokens;
+        `first` and `kept` stay whole (if they alone are too long, `kept` loses its start)."""
+        backend = self.tokenizer.backend_tokenizer
+        first = None if first is None else backend.encode(first, add_special_tokens=False)
+        kept, cut = (backend.encode(text, add_special_tokens=False) for text in (kept, cut))
+        room = self.max_tokens - backend.num_special_tokens_to_add(first is not None) - (
+            0 if first is None else len(first))
+        kept.truncate(max(room, 0), direction="left")
+        cut.truncate(max(room - len(kept), 0), direction="left")
+        second = type(kept).merge([kept, cut])
+        encoding = backend.post_process(second) if first is None else backend.post_process(
+            first, second)
+        return {"input_ids": encoding.ids, "token_type_ids": encoding.type_ids,
+                "attention_mask": encoding.attention_mask}
+
     @torch.no_grad()
-    def embed(self, actions, states, batch_size=None):
-        """[len(actions), width] float32 embeddings of (action, state) pairs, computed in
-        chunks that keep the attention matrices small on CPU."""
+    def embed(self, actions, states, kept=None, batch_size=None):
+        """[len(states), width] float32 embeddings of (action, kept + state) pairs (one
+        text kept + state where the action is None), computed in chunks that keep the
+        attention matrices small on CPU. A long state loses its oldest tokens; the action
+        and `kept` (the emotion line) stay whole."""
         batch_size = batch_size or (16 if self.device.type == "cpu" else 256)
-        encoded = self.tokenizer(actions, states, truncation="only_second",
-                                 max_length=self.max_tokens)
+        kept = kept or [""] * len(states)
+        texts = [k + s for k, s in zip(kept, states)]
+        if all(a is None for a in actions):
+            encoded = self.tokenizer(texts)
+        else:
+            encoded = self.tokenizer(actions, texts)
+        encoded = {key: list(values) for key, values in encoded.items()}
+        for i, ids in enumerate(encoded["input_ids"]):
+            if len(ids) > self.max_tokens:
+                fitted = self._fit(actions[i], kept[i], states[i])
+                for key in encoded:
+                    encoded[key][i] = fitted[key]
         # chunks of similar lengths, so that little compute goes to padding
-        order = sorted(range(len(actions)), key=lambda i: len(encoded["input_ids"][i]))
-        out = torch.empty(len(actions), self.width, device=self.device)
+        order = sorted(range(len(states)), key=lambda i: len(encoded["input_ids"][i]))
+        out = torch.empty(len(states), self.width, device=self.device)
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = self.tokenizer.pad({key: [values[i] for i in rows]

@@ -263,9 +263,11 @@ def read_file(path, task_name):
     return read(path, get_task(task_name))
 
 
-def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0.1)):
+def load_split(data_dir, task_name, split, extes_seed=0, extes_split="0.8,0.1,0.1"):
     """Read one split. A task with one file (ExTES) is split by a fixed seed of its own,
-    independent of the run's seed, so every run sees the same test cases."""
+    independent of the run's seed, so every run sees the same test cases. `extes_split`:
+    fractions (the test split takes the rest) or case counts (the original's
+    10717,200,200; the cases beyond them are unused)."""
     task = get_task(task_name)
     if split not in SPLITS:
         raise ValueError(f"Unknown split '{split}'. Expected one of {list(SPLITS)}")
@@ -280,8 +282,16 @@ def load_split(data_dir, task_name, split, extes_seed=0, extes_fractions=(0.8, 0
         return cases
     order = list(range(len(cases)))
     random.Random(extes_seed).shuffle(order)
-    n_train = int(len(cases) * extes_fractions[0])
-    n_valid = int(len(cases) * extes_fractions[1])
+    parts = extes_split.split(",")
+    if all(part.isdigit() for part in parts):
+        n_train, n_valid, n_test = map(int, parts)
+        if n_train + n_valid + n_test > len(cases):
+            raise DataError(f"--extes_split {extes_split} asks for {n_train + n_valid + n_test} "
+                            f"cases, {path} has {len(cases)}. Pass smaller counts or fractions")
+    else:
+        n_train = int(len(cases) * float(parts[0]))
+        n_valid = int(len(cases) * float(parts[1]))
+        n_test = len(cases) - n_train - n_valid
     bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid),
-              "test": (n_train + n_valid, len(cases))}[split]
+              "test": (n_train + n_valid, n_train + n_valid + n_test)}[split]
     return [cases[i] for i in order[bounds[0]:bounds[1]]]

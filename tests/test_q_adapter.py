@@ -1,6 +1,6 @@
 import torch
 
-from q_adapter import FrozenEncoder
+from q_adapter import FrozenEncoder, encoder_input
 
 
 def test_embed_in_length_sorted_chunks_equals_one_at_a_time(tiny_encoder_dir):
@@ -22,3 +22,28 @@ def test_long_states_lose_their_oldest_tokens_not_the_action(tiny_encoder_dir):
     assert torch.allclose(same_tail[0], same_tail[1], atol=1e-6)
     other_action = encoder.embed(["Others"], [long_a])
     assert not torch.allclose(same_tail[0], other_action[0])
+
+
+def test_long_states_keep_the_action_and_the_emotion_line_whole(tiny_encoder_dir):
+    encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, max_tokens=48, device="cpu")
+    old_a, old_b = "Seeker: " + "a " * 100, "Seeker: " + "b " * 100
+    recent = "\nSupporter: I hear you.\nSeeker: the latest turn"
+    emotions = ["User emotions: sadness, anger\n", "User emotions: sadness, joy\n"]
+    features = encoder.embed(["Question"] * 3, [old_a + recent, old_a + recent, old_b + recent],
+                             kept=[emotions[0], emotions[1], emotions[0]])
+    # the emotion line is kept: other emotions, other features; the oldest turns are cut
+    assert not torch.allclose(features[0], features[1])
+    assert torch.allclose(features[0], features[2], atol=1e-6)
+    # the pair stays within the encoder's limit and ends with the latest tokens
+    first, kept, cut = encoder_input("Question", [("Seeker", "a " * 100)], ["sad"], "pair")
+    ids = encoder._fit(first, kept, cut)["input_ids"]
+    assert len(ids) == 48
+    text = encoder.tokenizer.decode(ids).replace(" ", "")
+    assert text.startswith("[CLS]question[SEP]useremotions:sad")
+
+
+def test_the_original_encoder_text_is_one_segment_without_emotions():
+    turns = [("Patient", "I feel low."), ("Therapist", "Why?")]
+    first, kept, cut = encoder_input("Question", turns, ["sad"], "original")
+    assert first is None and "sad" not in kept + cut
+    assert kept + cut == "Action: Question for Observation: Patient: I feel low. Therapist: Why? "

