@@ -33,6 +33,12 @@ TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
 # a turn's LLM answers that could not be used as they were (as report.py counts them)
 UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "system_empty", "user_empty")
 ARGS_FILES = ("last.pt.json", "best.pt.json")  # checkpoint sidecars that hold the arguments
+# how the tests and bench.py open pages: Debian's chromium, headless, with nothing that
+# reaches the network on its own
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-quic",
+                  "--disable-sync"]
 
 
 class ViewError(Exception):

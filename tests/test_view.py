@@ -24,9 +24,7 @@ from env import Conversation
 from scripted_runs import INJECTED, make_runs
 from tasks import get_task
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-quic", "--disable-sync"]
+CHROMIUM, FLAGS = view.CHROMIUM, view.CHROMIUM_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +313,14 @@ def test_browser_screenshot_of_a_conversation(browser, page_path, tmp_path):
     assert open(shot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("VIEW_SCREENSHOT"):
         shutil.copy(shot, os.environ["VIEW_SCREENSHOT"])
+
+
+def test_bench_view_prints_the_pages_size_and_times(browser, runs, capsys):
+    import bench
+
+    figures = bench.view_figures(runs, repeats=1, browser=browser)
+    assert figures["conversations"] == sum(len(read_lines(runs[0], split))
+                                          for split in ("train", "test")) + len(read_lines(runs[1]))
+    assert figures["megabytes"] > 0 and figures["open_seconds"] > 0
+    assert figures["filter_seconds"] > 0 and figures["conversation_seconds"] > 0
+    assert "MB" in capsys.readouterr().out
