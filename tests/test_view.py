@@ -273,8 +273,12 @@ def test_browser_filters_explored_training_turns_and_sorts_by_reward(browser, ru
     page.select_option("#f-action", "Question")
     assert len(shown_rows(page)) == sum(
         any(r["action"] == "Question" for r in c["records"]) for c in train)
+    assert "test: SR " in page.inner_text("#runs summary >> nth=0")  # folded: two runs
+    page.click("details.run > summary >> nth=0")
+    page.click("details.run > summary >> nth=1")
     assert page.locator("#runs img").count() >= 6  # the runs' figures, from data: URIs
-    assert "SR" in page.inner_text("#runs") and "learning_rate" in page.inner_text("#runs")
+    assert page.evaluate("[...document.querySelectorAll('#runs img')].every(i => i.naturalWidth > 0)")
+    assert "learning_rate" in page.inner_text("#runs")
 
 
 def test_browser_unknown_and_missing_fields_and_skipped_lines_keep_the_page(
@@ -285,6 +289,8 @@ def test_browser_unknown_and_missing_fields_and_skipped_lines_keep_the_page(
     conversations = read_lines(run)
     conversations[0]["records"][0]["critic_orders"] = [[2, 0, 1, 3]]  # a newer field
     conversations[0]["reviewer"] = "someone"
+    conversations[0]["case"] |= {"buyer_price": 100, "seller_price": 200}  # as cb's cases
+    conversations[0]["records"][0]["deal_price"] = 150.0
     conversations[1] = {"case_id": conversations[1]["case_id"], "records": [{"turn": 1}]}
     with open(path, "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in conversations)
@@ -298,6 +304,7 @@ def test_browser_unknown_and_missing_fields_and_skipped_lines_keep_the_page(
     page.click("#rows tr >> nth=0")
     text = page.inner_text("#detail")
     assert "critic_orders" in text and "[[2,0,1,3]]" in text and "reviewer" in text
+    assert "deal price 150 · SL 0.5" in page.inner_text(".turn")
     page.fill("#f-case", str(conversations[1]["case_id"]))
     page.click("#rows tr >> nth=0")
     assert page.inner_text(".turn").startswith("Turn 1 · action none") and not page.errors
@@ -308,6 +315,9 @@ def test_browser_screenshot_of_a_conversation(browser, page_path, tmp_path):
     page.select_option("#f-split", "test")
     page.select_option("#f-run", "0")
     page.click("#rows tr >> nth=2")
+    page.click("details.run > summary >> nth=0")  # the trained run's metrics and figures
+    page.set_viewport_size({"width": 1400, "height": 1300})
+    page.evaluate("window.scrollTo(0, 0)")
     shot = str(tmp_path / "viewer.png")
     page.screenshot(path=shot)
     assert open(shot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
