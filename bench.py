@@ -347,8 +347,9 @@ def state_write_figures(args, widths, repeats=3):
 
 # in the page: pick the first outcome, or open the first conversation listed; the time
 # until the browser has laid the page out again, in milliseconds
-FILTER_JS = """() => { const start = performance.now(); const box = document.getElementById("f-outcome");
-  box.value = box.options[1].value; box.dispatchEvent(new Event("change"));
+FILTER_JS = """() => { const start = performance.now();
+  const box = document.getElementById("f-outcome"); box.value = box.options[1].value;
+  box.dispatchEvent(new Event("change"));
   document.body.offsetHeight; return performance.now() - start; }"""
 OPEN_JS = """() => { const start = performance.now(); document.querySelector("#rows tr").click();
   document.body.offsetHeight; return performance.now() - start; }"""

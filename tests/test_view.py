@@ -77,7 +77,8 @@ def test_every_conversation_is_data_and_no_llm_markup_reaches_the_html(runs, pag
 
 def test_critic_answers_are_read_by_the_critics_rules():
     esc = get_task("esc")
-    readings = view.critic_readings(esc, {}, ["4", "Option 9", "option 1 or option 3", "I cannot tell.", 7])
+    readings = view.critic_readings(esc, {}, ["4", "Option 9", "option 1 or option 3",
+                                              "I cannot tell.", 7])
     assert readings[0] == {"option": 3, "text": esc.verdicts[3]}
     assert readings[1]["option"] is None and "9, which is not an option" in readings[1]["why"]
     assert "several options (1, 3)" in readings[2]["why"]
@@ -91,7 +92,8 @@ def test_critic_answers_are_read_by_the_critics_rules():
                                               {"critic_answers": ["2"], "critic_orders": []}]}
     view.annotate(conversation, cb)
     first, second = conversation["records"]
-    assert first["view"]["sale_to_list"] == 0.5 and first["view"]["critic_readings"][0]["option"] == 0
+    assert first["view"]["sale_to_list"] == 0.5
+    assert first["view"]["critic_readings"][0]["option"] == 0
     assert "critic_readings" not in second["view"]  # an option order of its own: not re-read
 
 
@@ -114,7 +116,8 @@ def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_pa
     done = cli(run, "--out", str(tmp_path / "page.html"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith(f"error: {path}, line 3: not JSON") and "--skip_bad" in done.stderr
+    assert done.stderr.startswith(f"error: {path}, line 3: not JSON")
+    assert "--skip_bad" in done.stderr
     assert not os.path.exists(tmp_path / "page.html")
     done = cli(run, "--out", str(tmp_path / "page.html"), "--skip_bad")
     assert done.returncode == 0, done.stderr
@@ -127,7 +130,8 @@ def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_pa
         if folder == str(tmp_path):
             shutil.rmtree(run)
         done = cli(folder)
-        assert done.returncode == 2 and done.stderr.startswith("error: ") and fragment in done.stderr
+        assert done.returncode == 2 and done.stderr.startswith("error: ")
+        assert fragment in done.stderr
 
 
 # ---- in the browser -------------------------------------------------------------------
@@ -277,7 +281,8 @@ def test_browser_filters_explored_training_turns_and_sorts_by_reward(browser, ru
     page.click("details.run > summary >> nth=0")
     page.click("details.run > summary >> nth=1")
     assert page.locator("#runs img").count() >= 6  # the runs' figures, from data: URIs
-    assert page.evaluate("[...document.querySelectorAll('#runs img')].every(i => i.naturalWidth > 0)")
+    assert page.evaluate("[...document.querySelectorAll('#runs img')]"
+                         ".every(image => image.naturalWidth > 0)")
     assert "learning_rate" in page.inner_text("#runs")
 
 
