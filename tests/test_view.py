@@ -125,13 +125,16 @@ def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_pa
     page = open(tmp_path / "page.html").read()
     assert len(data_block(page, "conversations-data").split("\n")) == (
         len(lines) - 1 + len(read_lines(run, "train")))
-    for folder, fragment in ((str(tmp_path / "none"), "is not a folder"),
+    with open(os.path.join(run, "test_metrics.json"), "w") as f:
+        f.write('{"task": "esc",')  # cut short
+    for folder, fragment in ((run, "cannot read " + os.path.join(run, "test_metrics.json")),
+                             (str(tmp_path / "none"), "is not a folder"),
                              (str(tmp_path), "no conversations")):
         if folder == str(tmp_path):
             shutil.rmtree(run)
-        done = cli(folder)
+        done = cli(folder, "--skip_bad")
         assert done.returncode == 2 and done.stderr.startswith("error: ")
-        assert fragment in done.stderr
+        assert fragment in done.stderr and len(done.stderr.splitlines()) == 1
 
 
 # ---- in the browser -------------------------------------------------------------------
