@@ -26,7 +26,8 @@ import re
 import sys
 import time
 
-from critic import LEADING_LABEL, OTHER_LABELS, Critic, parse_verdict, sale_to_list
+from critic import (LEADING_LABEL, OTHER_LABELS, Critic, parse_price, parse_verdict,
+                    plausible_price, sale_to_list)
 from tasks import SPLITS, TASKS
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
@@ -148,14 +149,24 @@ def why_unusable(answer, option_count):
     return "names no option by number and quotes no single option"
 
 
-def critic_readings(task, case, answers):
+def critic_readings(task, case, answers, logits=False):
     """Per critic answer: the option it was read as (index, text) or why it is unusable.
-    cb: a deal answer needs a plausible price, read as critic.py reads it."""
+    cb: a deal answer needs a plausible price, read as critic.py reads it; with --critic
+    logits the answers are those to the price question alone."""
     critic = Critic(task, llm=None)
     readings = []
     for answer in answers:
         if not isinstance(answer, str):
             readings.append({"option": None, "why": "not a text"})
+            continue
+        if logits:
+            price = parse_price(answer)
+            try:
+                usable = plausible_price(price, case["buyer_price"], case["seller_price"])
+            except (KeyError, TypeError):  # a case without its prices
+                usable = False
+            readings.append({"option": None, "price": price} if usable else
+                            {"option": None, "why": "no plausible price"})
             continue
         index = parse_verdict(answer, task.verdicts)
         if index is None:
@@ -176,10 +187,10 @@ def critic_readings(task, case, answers):
     return readings
 
 
-def annotate(conversation, task):
+def annotate(conversation, task, logits=False):
     """Adds `view` to each record: the critic readings and, cb, the turn's sale-to-list
-    ratio. Skipped for records that name their own option order (the readings would use
-    the task's order) and for tasks this version does not know."""
+    ratio. The readings are skipped for records that name their own option order (they
+    would use the task's order) and for tasks this version does not know."""
     records = conversation.get("records")
     if task is None or not isinstance(records, list):
         return
@@ -190,7 +201,7 @@ def annotate(conversation, task):
         view = {}
         answers = record.get("critic_answers")
         if isinstance(answers, list) and not any(k.startswith("critic_order") for k in record):
-            view["critic_readings"] = critic_readings(task, case, answers)
+            view["critic_readings"] = critic_readings(task, case, answers, logits)
         price = record.get("deal_price")
         try:
             view["sale_to_list"] = sale_to_list(float(price), float(case["buyer_price"]),
@@ -242,7 +253,7 @@ def load_run(folder, run_index, skip_bad):
         if not os.path.isfile(path):
             continue
         for conversation in read_conversations(path, skip_bad, bad):
-            annotate(conversation, task)
+            annotate(conversation, task, logits=args.get("critic") == "logits")
             rows.append(summary(run_index, split, conversation))
             lines.append(json.dumps(conversation, separators=(",", ":")))
     name = os.path.basename(os.path.normpath(folder))

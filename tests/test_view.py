@@ -88,6 +88,8 @@ def test_critic_answers_are_read_by_the_critics_rules():
     deal, no_price = view.critic_readings(cb, case, ["2, at $150", "2"])
     assert deal["option"] == 1 and deal["price"] == 150 and "why" not in deal
     assert no_price["why"] == "a deal without a usable price"
+    price, no_price = view.critic_readings(cb, case, ["$150", "about 9000"], logits=True)
+    assert price == {"option": None, "price": 150} and no_price["why"] == "no plausible price"
     conversation = {"case": case, "records": [{"deal_price": 150, "critic_answers": ["1"]},
                                               {"critic_answers": ["2"], "critic_orders": []}]}
     view.annotate(conversation, cb)
