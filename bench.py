@@ -5,6 +5,7 @@ the in-process engine against a served model.
     python bench.py --num_envs 64 --random_model qwen2.5-1.5b --max_turn 4   # on a GPU
     python bench.py --serve                           # in-process against llama.cpp's server
     python bench.py --backend openai --base_url http://HOST:PORT/v1 --llm NAME   # any server
+    python bench.py --view runs/<run>                 # view.py's page of a run in chromium
 
 Both modes play the same training episodes (same cases, model and seeds) through the real
 training loop, each in its own process so that peak memory is measured per mode:
@@ -27,6 +28,7 @@ Any train_model.py flag can be added (e.g. --critic_samples 10 --system_max_new_
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -415,6 +417,66 @@ def run_child(mode, flags, name):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# in the page: pick the first outcome, or open the first conversation listed; the time
+# until the browser has laid the page out again, in milliseconds
+FILTER_JS = """() => { const start = performance.now();
+  const box = document.getElementById("f-outcome"); box.value = box.options[1].value;
+  box.dispatchEvent(new Event("change"));
+  document.body.offsetHeight; return performance.now() - start; }"""
+OPEN_JS = """() => { const start = performance.now(); document.querySelector("#rows tr").click();
+  document.body.offsetHeight; return performance.now() - start; }"""
+
+
+def view_figures(folders, repeats=3, browser=None):
+    """Size of view.py's page of these runs and, in headless chromium, the seconds from
+    navigation to the list shown (the file read, parsed and the first page of rows laid
+    out), to filter it by outcome, and to open a conversation; best of `repeats` loads.
+    browser: a Playwright browser context to use (default: one started here)."""
+    import view
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "view.html")
+        start = time.perf_counter()
+        view.write_page(folders, path)
+        written = time.perf_counter() - start
+        with open(path, encoding="utf-8") as f:
+            count = len(re.search(r'id="conversations-data">(.*?)</script>', f.read(),
+                                  re.S).group(1).split("\n"))
+        if browser is None:
+            from playwright.sync_api import sync_playwright
+
+            with sync_playwright() as playwright:
+                context = playwright.chromium.launch_persistent_context(
+                    os.path.join(folder, "profile"), executable_path=view.CHROMIUM,
+                    args=view.CHROMIUM_FLAGS, headless=True)
+                times = page_times(context, path, repeats)
+                context.close()
+        else:
+            times = page_times(browser, path, repeats)
+        figures = {"conversations": count, "runs": len(folders),
+                   "megabytes": os.path.getsize(path) / 1e6, "write_seconds": written}
+    figures |= {f"{name}_seconds": min(values) for name, values in times.items()}
+    print(f"view page of {count} conversations ({len(folders)} run(s)): "
+          f"{figures['megabytes']:.1f} MB, written in {written:.1f} s; in chromium, best of "
+          f"{repeats}: list shown {figures['open_seconds']:.2f} s after navigation, filtered "
+          f"by outcome in {figures['filter_seconds']:.3f} s, a conversation opened in "
+          f"{figures['conversation_seconds']:.3f} s")
+    return figures
+
+
+def page_times(context, path, repeats):
+    times = defaultdict(list)
+    for _ in range(repeats):
+        page = context.new_page()  # a fresh page: the file is read and parsed again
+        page.goto("file://" + path)
+        page.wait_for_function("window.viewReady !== undefined", timeout=120_000)
+        times["open"].append(page.evaluate("window.viewReady") / 1000)
+        times["filter"].append(page.evaluate(FILTER_JS) / 1000)
+        times["conversation"].append(page.evaluate(OPEN_JS) / 1000)
+        page.close()
+    return times
+
+
 def main(argv=None):
     from get_args import build_parser
 
@@ -448,6 +510,9 @@ def main(argv=None):
                         help="only probe the planner's position preference on this many "
                              "valid conversations (--data_dir must hold the valid split)")
     parser.add_argument("--json_out", default="bench_results/bench.json")
+    parser.add_argument("--view", nargs="+", metavar="RUN", default=None,
+                        help="only measure view.py's page of these runs in headless "
+                             "chromium: size, time to open, filter and show a conversation")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # child process
     # 96 episodes are six batches of 16: when the episodes run out the batch drains
     # (its last steps serve a few conversations at nearly the cost of a full batch), as it
@@ -463,10 +528,13 @@ def main(argv=None):
                                   ("random_model", "random_model_tokenizer",
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
                                    "only", "serve", "serve_threads", "serve_engine",
-                                   "state_write", "orders", "prior_probe")})
+                                   "state_write", "orders", "prior_probe", "view")})
     from get_args import Args
 
     args = Args(**vars(namespace))
+    if bench.view:
+        view_figures(bench.view)
+        return 0
     if bench.state_write:
         state_write_figures(args, [int(w) for w in bench.state_write.split(",")])
         return 0

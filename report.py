@@ -226,7 +226,25 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
                  + ", ".join(skipped), ""]
     rows += ["## Figures", ""] + [f"- [{os.path.relpath(p, out)}]({os.path.relpath(p, out)})"
                                   for p in images]
+    rows += ["", "## Conversations", "", "Each run's conversations turn by turn (view.py; "
+             "`python view.py RUN RUN` shows runs side by side):", ""]
+    rows += [f"- [{s['task']} {s['policy']} seed {run['seed']}]({run['view']})"
+             for s in summaries for run in s["runs"]]
     return "\n".join(rows) + "\n"
+
+
+def write_views(summaries, out):
+    """One view.py page per run tabled, in out/views; its path goes into the summary."""
+    import view  # its imports (the critic's rules) load only when a report is written
+
+    for summary in summaries:
+        for run in summary["runs"]:
+            name = os.path.basename(os.path.normpath(run["folder"])) + ".html"
+            try:
+                view.write_page([run["folder"]], os.path.join(out, "views", name))
+            except view.ViewError as error:
+                raise ReportError(str(error)) from None
+            run["view"] = os.path.join("views", name)
 
 
 def output_folder(out):
@@ -271,6 +289,11 @@ def main(argv=None):
                    if policy != BASELINE and (task, BASELINE) in groups]
 
     out = output_folder(args.out)
+    try:
+        write_views(summaries, out)
+    except ReportError as error:  # a run file that the page cannot read
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     shown = [name for name in ("SR", "AT", "SL") if any(s["metrics"][name] for s in summaries)]
     images.insert(0, plots.plot_summary(summaries, shown, os.path.join(out, "report.png")))
     text = markdown(summaries, differences, skipped, images, out, args.n_boot)

@@ -338,6 +338,15 @@ def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
     return actions, chosen
 
 
+def turn_prompt_cuts(conversation):
+    """The prompt cuts (llm.fit_prompt) of the latest turn: the conversation's counts less
+    those of its earlier records, so the turn's planner, system, user and critic prompts."""
+    before = Counter()
+    for record in conversation.records[:-1]:
+        before.update(record.get("prompt_cuts", {}))
+    return dict(Counter(conversation.prompt_cuts) - before)
+
+
 def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation=False,
               policy="dialogxpert"):
     """One batched turn. Returns (chosen features, results) with next observations filled
@@ -349,6 +358,9 @@ def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation
     results = env.step(conversations, actions, evaluation)
     for conversation, extra in zip(conversations, pending):
         conversation.records[-1].update(extra)
+        cuts = turn_prompt_cuts(conversation)
+        if cuts:
+            conversation.records[-1]["prompt_cuts"] = cuts
     # the next state's candidates: needed to act on, and to bootstrap a turn-limit ending
     agent.observe(planner, [c for c, r in zip(conversations, results) if not r.terminated], task)
     finished = [c.uid for c in conversations if c.done]

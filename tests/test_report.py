@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -322,3 +323,13 @@ def test_report_without_runs_or_with_broken_json_exits_with_one_error_line(tmp_p
     error = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(error) == 1 and "test_conversations.jsonl" in error[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_report_links_a_conversation_page_per_run(runs_root, tmp_path):
+    out = report.main([str(runs_root), "--out", str(tmp_path / "report"), "--n_boot", "200"])
+    text = open(out).read()
+    links = re.findall(r"\]\((views/[^)]+\.html)\)", text)
+    assert len(links) == 6 and "## Conversations" in text  # 4 esc runs, 2 cb runs
+    for link in links:
+        page = open(tmp_path / "report" / link, encoding="utf-8").read()
+        assert page.startswith("<!doctype html>") and 'id="conversations-data"' in page
