@@ -107,8 +107,9 @@ def check_comparable(runs):
         seen = first.setdefault(run["task"], run)
         for name in sorted(set(seen["config"]) | set(run["config"])):
             if seen["config"].get(name) != run["config"].get(name):
+                what = "their models (resolved)" if name == "models" else f"--{name}"
                 raise ReportError(
-                    f"{seen['folder']} and {run['folder']} differ in --{name} "
+                    f"{seen['folder']} and {run['folder']} differ in {what} "
                     f"({seen['config'].get(name)!r} and {run['config'].get(name)!r}), so "
                     "their figures do not compare. Report them separately")
 
@@ -193,12 +194,12 @@ def cell(figure, form):
 
 def markdown(summaries, differences, skipped, images, out, n_boot):
     line = f"{n_boot:,} resamples"
-    rows = ["| task | policy | judge | runs | conversations | " + " | ".join(HEADERS.values())
-            + " |", "|---" * (5 + len(HEADERS)) + "|"]
+    rows = ["| task | policy | runs | conversations | " + " | ".join(HEADERS.values())
+            + " | judge |", "|---" * (5 + len(HEADERS)) + "|"]
     for s in summaries:
-        rows.append(f"| {s['task']} | {s['policy']} | {s['judge']} | {len(s['runs'])} | "
-                    f"{s['conversations']} | "
-                    + " | ".join(cell(s["metrics"][n], f) for n, f in METRICS.items()) + " |")
+        rows.append(f"| {s['task']} | {s['policy']} | {len(s['runs'])} | {s['conversations']} | "
+                    + " | ".join(cell(s["metrics"][n], f) for n, f in METRICS.items())
+                    + f" | {s['judge']} |")
     rows += ["", "Each cell: mean [95% interval]. The mean is the mean over seeds of each "
              "seed's mean; the interval is a 95% percentile bootstrap over the test cases and, "
              "with several seeds, over seeds (one resample of cases for all seeds when they "

@@ -79,7 +79,7 @@ def test_critic_answers_are_read_by_the_critics_rules():
     esc = get_task("esc")
     readings = view.critic_readings(esc, {}, ["4", "Option 9", "option 1 or option 3",
                                               "I cannot tell.", 7])
-    assert readings[0] == {"option": 3, "text": esc.verdicts[3]}
+    assert readings[0] == {"option": 3, "text": esc.verdicts[3], "shown_as": 4}
     assert readings[1]["option"] is None and "9, which is not an option" in readings[1]["why"]
     assert "several options (1, 3)" in readings[2]["why"]
     assert "names no option" in readings[3]["why"] and readings[4]["why"] == "not a text"
@@ -91,12 +91,17 @@ def test_critic_answers_are_read_by_the_critics_rules():
     price, no_price = view.critic_readings(cb, case, ["$150", "about 9000"], logits=True)
     assert price == {"option": None, "price": 150} and no_price["why"] == "no plausible price"
     conversation = {"case": case, "records": [{"deal_price": 150, "critic_answers": ["1"]},
-                                              {"critic_answers": ["2"], "critic_orders": []}]}
+                                              {"critic_answers": ["1, 150", "1"],
+                                               "critic_orders": [[1, 0], [0, 1]],
+                                               "critic_answer_orders": [0, 1]}]}
     view.annotate(conversation, cb)
     first, second = conversation["records"]
     assert first["view"]["sale_to_list"] == 0.5
     assert first["view"]["critic_readings"][0]["option"] == 0
-    assert "critic_readings" not in second["view"]  # an option order of its own: not re-read
+    # shuffled options: each answer is read in the order it was shown
+    shuffled, fixed = second["view"]["critic_readings"]
+    assert shuffled["option"] == 1 and shuffled["shown_as"] == 1 and shuffled["price"] == 150
+    assert fixed["option"] == 0 and fixed["shown_as"] == 1
 
 
 def test_turn_prompt_cuts_are_the_cuts_since_the_last_record():
