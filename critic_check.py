@@ -59,28 +59,17 @@ def parse(argv=None):
 
 def load_critic(args):
     """The Critic of a run with these arguments, and its model's resolved name."""
-    from critic import Critic
     from llm import backend_options, load_llm, resolve_llm_path
+    from tasks import get_task
+    from train_model import build_critic, sample_if_unscorable
 
     name = args.critic_llm or args.llm
     if args.backend == "transformers":
         name = resolve_llm_path(name)
     llm = load_llm(args.backend, name, **backend_options(args, "critic"))
-    critic = Critic(get_task_of(args), llm, mode=args.critic, num_samples=args.critic_samples,
-                    temperature=args.critic_temperature,
-                    max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
-                    stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
-    problem = getattr(llm, "option_scoring_problem", None)
-    problem = critic.mode == "logits" and problem and problem(critic.labels)
-    if problem:
-        print(f"warning: {problem}; the critic samples its answers instead (--critic sample)")
-        critic.mode = "sample"
-    return critic, getattr(llm, "model", None) if args.backend == "openai" else name
-
-
-def get_task_of(args):
-    from tasks import get_task
-    return get_task(args.data_name)
+    critic = build_critic(args, get_task(args.data_name), llm)
+    sample_if_unscorable(critic, llm, "critic", "critic")
+    return critic, llm.model if args.backend == "openai" else name
 
 
 def all_rotations(count):
@@ -96,10 +85,13 @@ def judge(critic, conversations, orders=None, chunk=16):
     return results
 
 
-def top_verdict(result):
+def top_option(probs):
     """The option with the most weight, or None when no answer was usable."""
-    probs = result.option_probs
     return max(range(len(probs)), key=probs.__getitem__) if probs and sum(probs) > 0 else None
+
+
+def top_verdict(result):
+    return top_option(result.option_probs)
 
 
 def pooled(critic, case, results):
@@ -321,12 +313,13 @@ def replay(conversation, where):
             for k, record in enumerate(records)]
 
 
-def rejudge(args, card, critic, model):
+def rejudge(args, card, critic, model, run_files):
+    """Every saved turn of the run (run_files: read_run's result) judged again."""
     from env import Conversation
     from llm import stream_seed
-    from train_model import summarize, write_results
+    from train_model import critic_settings, summarize, write_results
 
-    metrics, runs = read_run(card["run"])
+    metrics, runs = run_files
     if metrics.get("task") != critic.task.name:
         raise UserError(f"{card['run']} is a run of task '{metrics.get('task')}', not "
                         f"'{critic.task.name}'. Pass --data_name {metrics.get('task')}")
@@ -344,18 +337,16 @@ def rejudge(args, card, critic, model):
                                           stream=stream_seed(args.seed, "rejudge", split, line)))
                 owners.append((line - 1, record))
         results = judge(critic, turns)
+        judged = [[] for _ in conversations]  # per conversation: (record, new result)
+        for (owner, record), result in zip(owners, results):
+            judged[owner].append((record, result))
         rebuilt = []
-        for index, conversation in enumerate(conversations):
-            mine = [(record, result) for (owner, record), result in zip(owners, results)
-                    if owner == index]
+        for conversation, mine in zip(conversations, judged):
             rebuilt.append(rejudged_conversation(conversation, mine, max_turn))
             success_pairs.append((conversation["outcome"] == "success",
                                   rebuilt[-1].outcome == "success"))
             for record, result in mine:
-                old = record.get("critic_option_probs") or []
-                old_top = (max(range(len(old)), key=old.__getitem__)
-                           if old and sum(old) > 0 else None)
-                old_tops.append(old_top)
+                old_tops.append(top_option(record.get("critic_option_probs") or []))
                 new_tops.append(top_verdict(result))
                 old_rewards.append(float(record["reward"]))
                 new_rewards.append(result.reward)
@@ -367,7 +358,7 @@ def rejudge(args, card, critic, model):
                           critic_samples=critic.num_samples,
                           critic_temperature=critic.temperature)
             played = metrics.get("judge", {})
-            this_judge = judge_of(model, critic) | {
+            this_judge = critic_settings(critic, model) | {
                 "self_judged": model in (played.get("system_llm"), played.get("user_llm"))}
             split_metrics = {key: metrics[key] for key in ("task", "policy", "seed", "max_turn")
                              } | {"config": config, "judge": this_judge,
@@ -460,11 +451,6 @@ def judge_name(model, args):
     base = os.path.basename(os.path.normpath(str(model))) or "critic"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in
                    f"{base}_{args.critic}_{args.critic_order}")
-
-
-def judge_of(model, critic):
-    return {"critic_llm": model, "critic": critic.mode, "critic_order": critic.order,
-            "critic_samples": critic.num_samples, "critic_temperature": critic.temperature}
 
 
 def fmt(value):
@@ -593,23 +579,26 @@ def main(argv=None):
     if not card["out"]:
         raise UserError("critic_check.py needs --out DIR for report_card.md/.json/.png. "
                         "Pass e.g. --out runs/critic_check")
+    from train_model import critic_settings
+
     if card["run"]:
-        read_run(card["run"])  # its files are checked before any model loads
+        run_files = read_run(card["run"])  # its files are checked before any model loads
     else:
         from tasks import load_split
         load_split(args.data_dir, args.data_name, card["split"], extes_seed=args.extes_seed)
     os.makedirs(card["out"], exist_ok=True)
     critic, model = load_critic(args)
-    judge = judge_of(model, critic)
+    judged_by = critic_settings(critic, model)
     card["task"] = critic.task.name
-    figures = (rejudge if card["run"] else human_card)(args, card, critic, model)
-    result = {"card": card, "judge": judge, "figures": figures}
+    figures = (rejudge(args, card, critic, model, run_files) if card["run"]
+               else human_card(args, card, critic, model))
+    result = {"card": card, "judge": judged_by, "figures": figures}
     with open(os.path.join(card["out"], "report_card.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(card["out"], "report_card.md"), "w") as f:
-        f.write(markdown(card, figures, judge))
+        f.write(markdown(card, figures, judged_by))
     (plot_rejudged if card["run"] else plot)(figures, os.path.join(card["out"], "report_card.png"))
-    print(markdown(card, figures, judge))
+    print(markdown(card, figures, judged_by))
     print(f"report card: {os.path.join(card['out'], 'report_card.md')}")
     return result
 

@@ -82,17 +82,20 @@ def llm_name(llm):
     return served if isinstance(served, str) else getattr(llm, "path", type(llm).__name__)
 
 
+def critic_settings(critic, model):
+    """The critic's model and how it is asked: the judge's part of `judge_of`."""
+    return {"critic_llm": model, "critic": critic.mode, "critic_order": critic.order,
+            "critic_samples": critic.num_samples, "critic_temperature": critic.temperature}
+
+
 def judge_of(args, planner, env):
     """Who judged a run: the critic's model and settings, the option orders, and whether
     the critic is the same model as the system or the user ("self-judged": a judge can
     favour text of its own model)."""
     names = {role: llm_name(llm) for role, llm in role_llms(planner, env).items()}
-    return {"critic_llm": names["critic"], "system_llm": names["system"],
-            "user_llm": names["user"], "planner_llm": names["planner"],
-            "critic": env.critic.mode, "critic_order": env.critic.order,
-            "critic_samples": env.critic.num_samples,
-            "critic_temperature": env.critic.temperature,
-            "prior": planner.mode, "prior_order": planner.order,
+    return critic_settings(env.critic, names["critic"]) | {
+            "system_llm": names["system"], "user_llm": names["user"],
+            "planner_llm": names["planner"], "prior": planner.mode, "prior_order": planner.order,
             "prior_rotations": planner.rotations,
             "self_judged": names["critic"] in (names["system"], names["user"])}
 
@@ -160,11 +163,27 @@ def llm_usage(planner, env):
             if hasattr(llm, "usage")}
 
 
+def build_critic(args, task, llm):
+    return Critic(task, llm, mode=args.critic, num_samples=args.critic_samples,
+                  temperature=args.critic_temperature,
+                  max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
+                  stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
+
+
+def sample_if_unscorable(user, llm, role, flag):
+    """A backend that cannot score options exactly (a server without log-probs): the
+    planner or critic (`user`) samples its answers instead, with a warning. True when it
+    switched."""
+    scoring_problem = getattr(llm, "option_scoring_problem", None)  # optional
+    problem = user.mode == "logits" and scoring_problem and scoring_problem(user.labels)
+    if problem:
+        print(f"warning: {problem}; the {role} samples its answers instead (--{flag} sample)")
+        user.mode = "sample"
+    return bool(problem)
+
+
 def build_env(args, task, llms):
-    critic = Critic(task, llms["critic"], mode=args.critic, num_samples=args.critic_samples,
-                    temperature=args.critic_temperature,
-                    max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
-                    stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
+    critic = build_critic(args, task, llms["critic"])
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
                       use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens,
                       order=args.prior_order, rotations=args.prior_rotations)
@@ -645,15 +664,9 @@ def run(args):
 
     llms = load_llms(args)
     planner, env = build_env(args, task, llms)
-    # a backend that cannot score options exactly (a server without log-probs): sample
     for role, user, flag in (("planner", planner, "prior"), ("critic", env.critic, "critic")):
-        scoring_problem = getattr(llms[role], "option_scoring_problem", None)  # optional
-        problem = user.mode == "logits" and scoring_problem and scoring_problem(user.labels)
-        if problem:
-            print(f"warning: {problem}; the {role} samples its answers instead "
-                  f"(--{flag} sample)")
+        if sample_if_unscorable(user, llms[role], role, flag):
             setattr(args, flag, "sample")
-            user.mode = "sample"
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
