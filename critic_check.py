@@ -31,7 +31,8 @@ import os
 import sys
 from collections import Counter
 
-from get_args import Args, UserError, build_parser
+from errors import ServerError, UserError
+from get_args import Args, build_parser
 
 CARD_FLAGS = ("split", "run", "out", "judge_name")
 
@@ -604,7 +605,6 @@ def main(argv=None):
 
 
 def cli():
-    from llm import ServerError
     try:
         main()
     except (UserError, ServerError) as error:

@@ -10,10 +10,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-
-class UserError(Exception):
-    """A mistake in the arguments, data, checkpoint or output folder: train_model.py
-    reports it as one line `error: <what and where>. <what to do>` and exits with code 2."""
+# --backend name -> the module that defines its client's load(name, **options) (llm.py)
+BACKENDS = {"transformers": "llm_transformers", "openai": "llm_openai"}
 
 
 # --recipe original: the values of the original release (declare-lab/dialogxpert:
@@ -216,7 +214,6 @@ class Args:
         "help": "show the traceback of a user error instead of one line"})
 
     def __post_init__(self):
-        from llm import BACKENDS
         from tasks import TASKS
 
         if self.data_name not in TASKS:

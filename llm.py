@@ -29,24 +29,14 @@ import random
 
 import torch
 
-from get_args import UserError
+from errors import UserError
+from get_args import BACKENDS
 
 WEIGHTS_DIR = "weights"
 DEFAULT_LLM_DIR = os.path.join(WEIGHTS_DIR, "Qwen2.5-1.5B-Instruct")
 EMBEDDED_LLM = "embedded-smollm2"
 EMBEDDED_LLM_CACHE = os.path.join(WEIGHTS_DIR, "SmolLM2-135M-Instruct")
 
-# backend name -> module that defines load(name, **options)
-BACKENDS = {"transformers": "llm_transformers", "openai": "llm_openai"}
-
-
-class ServerError(RuntimeError):
-    """A served model failed after its retries: the run stops with this one-line message.
-    `status` is the last HTTP status, None when the server gave none."""
-
-    def __init__(self, message, status=None):
-        super().__init__(message)
-        self.status = status
 
 
 def load_llm(backend, name, **options):

@@ -35,7 +35,8 @@ from collections import Counter
 import httpx
 import torch
 
-from llm import (EMBEDDED_LLM, ServerError, chat_prompt, floor_log_prob, label_prefixes,
+from errors import ServerError
+from llm import (EMBEDDED_LLM, chat_prompt, floor_log_prob, label_prefixes,
                  label_probs, label_token_ids, message_tokens_bound, resolve_llm_path,
                  stream_seed)
 

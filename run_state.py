@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from env import Conversation, reserve_conversation_ids
-from get_args import UserError
+from errors import UserError
 
 STATE_FILE = "train_state.pt"
 

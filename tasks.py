@@ -14,11 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import qwen_prompts as prompts
-from get_args import UserError
-
-
-class DataError(UserError, ValueError):
-    """A data file is missing or malformed."""
+from errors import DataError
 
 
 SPLITS = ("train", "valid", "test")

@@ -14,11 +14,16 @@ import os
 import signal
 import sys
 
-if __name__ == "__main__":  # Ctrl-C while the libraries load: one line, no traceback
+from get_args import Args, parse_args
+
+if __name__ == "__main__":
+    # --help and argument errors answer here, before torch and the models' libraries load
+    CLI_ARGS = parse_args()
+    # Ctrl-C while the libraries load: one line, no traceback
     signal.signal(signal.SIGINT, lambda *_: (print("stopped by SIGINT while starting: nothing "
                                                    "to resume", file=sys.stderr), os._exit(130)))
 
-import copy  # noqa: E402 (the handler above comes first)
+import copy  # noqa: E402 (the arguments come first)
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -37,8 +42,8 @@ from tqdm import tqdm
 
 from critic import Critic
 from env import Planner, SelfPlayEnv
-from get_args import Args, UserError, parse_args
-from llm import (DEFAULT_LLM_DIR, EMBEDDED_LLM, ServerError, backend_options, load_llm,
+from errors import ServerError, UserError
+from llm import (DEFAULT_LLM_DIR, EMBEDDED_LLM, backend_options, load_llm,
                  resolve_llm_path, stream_seed)
 from q_adapter import (FrozenEncoder, QHead, encoder_input, linear_schedule,
                        resolve_encoder_path, select_action)
@@ -777,10 +782,9 @@ def check_checkpoint(path, args, models):
                         "checkpoint trained with this encoder")
 
 
-def cli():
+def cli(args):
     """python train_model.py: a user error is one line on stderr and exit code 2."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    args = parse_args()
     try:
         run_seeds(args)
     except run_state.TrainingStopped as stopped:
@@ -797,4 +801,4 @@ def cli():
 
 
 if __name__ == "__main__":
-    cli()
+    cli(CLI_ARGS)

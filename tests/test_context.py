@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import DEVICE
 from critic import Critic
 from env import Planner, SelfPlayEnv
-from get_args import UserError
+from errors import UserError
 from llm import fit_prompt, message_tokens_bound
 from tasks import get_task, load_split
 from test_tasks import DEMO

@@ -17,7 +17,8 @@ import torch
 import train_model
 from conftest import ROOT
 from fault_proxy import FaultProxy
-from llm import EMBEDDED_LLM, ServerError, load_llm
+from errors import ServerError
+from llm import EMBEDDED_LLM, load_llm
 from llm_openai import OpenAILLM
 from serve import NATIVE_SERVER, LlamaServer
 from test_tasks import DEMO

@@ -1,0 +1,19 @@
+"""The errors that end a command with one line `error: <what and where>. <what to do>`
+(exit code 2). Every module raises these; none of them imports another module."""
+
+
+class UserError(Exception):
+    """A mistake in the arguments, data, checkpoint or output folder."""
+
+
+class DataError(UserError, ValueError):
+    """A data file is missing or malformed."""
+
+
+class ServerError(RuntimeError):
+    """A served model failed after its retries: the run stops with this one-line message.
+    `status` is the last HTTP status, None when the server gave none."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
