@@ -39,7 +39,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from llm import EMBEDDED_LLM
+from llm import EMBEDDED_LLM, LLMClient
 from serve import LlamaServer
 
 PHASES = ("prior", "system", "user", "critic", "encoder", "q_update")
@@ -63,11 +63,15 @@ class PhaseClock:
             self.calls[phase] += 1
 
 
-class TimedLLM:
-    """Times one role's calls to a shared LLM client and counts its conversations."""
+class TimedLLM(LLMClient):
+    """Times one role's calls to a shared LLM client and counts its conversations; every
+    other member is the inner client's."""
 
     def __init__(self, inner, phase, clock):
+        super().__init__(inner.name)
         self.inner, self.phase, self.clock = inner, phase, clock
+        self.context_length = inner.context_length
+        self.usage, self.stats = inner.usage, inner.stats
         self.conversations = 0
 
     def chat(self, conversations, **kwargs):  # keyword arguments as in TransformersLLM.chat
@@ -79,9 +83,20 @@ class TimedLLM:
         with self.clock(self.phase):
             return self.inner.option_probs(conversations, labels, **kwargs)
 
+    def option_scoring_problem(self, labels):
+        return self.inner.option_scoring_problem(labels)
+
+    def count_tokens(self, messages):
+        return self.inner.count_tokens(messages)
+
     def forget(self, conversation_id):
-        if hasattr(self.inner, "forget"):  # optional in the client interface
-            self.inner.forget(conversation_id)
+        self.inner.forget(conversation_id)
+
+    def rng_state(self):
+        return self.inner.rng_state()
+
+    def load_rng_state(self, state):
+        self.inner.load_rng_state(state)
 
 
 def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
@@ -204,7 +219,7 @@ def run_mode(mode, bench, args):
                "sequences_per_decode_step": counted("decoded_sequences") / max(steps, 1),
                "generated_tokens_per_second": generated / wall,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-               "device": str(device), "model": llm.path,
+               "device": str(device), "model": llm.name,
                "dtype": str(next(llm.model.parameters()).dtype) if mode != "served" else "served"}
     if mode == "served":  # the server's decoding is not visible from here
         figures |= {key: None for key in ("prompt_tokens_reused", "prompt_positions",
@@ -222,7 +237,7 @@ def run_mode(mode, bench, args):
 
 def llm_counters(llm):
     """Tokens and steps so far: the in-process engine's stats, or a client's usage."""
-    if hasattr(llm, "stats"):
+    if llm.stats:
         return dict(llm.stats)
     return dict(llm.usage) | {"generated_tokens": llm.usage["completion_tokens"]}
 

@@ -1,17 +1,9 @@
-"""The LLM client interface, the backend factory and what every backend shares.
+"""The LLM client interface (`LLMClient`), the backend factory and what every backend
+shares.
 
-Every phase of self-play talks to an LLM client, an object with:
-  chat(conversations, max_new_tokens, temperature, num_samples, top_p, shared_prefix,
-       stop_at_newline, cache_keys, seeds) -> one list of num_samples texts per conversation;
-       seeds (one int per conversation, or None) make each conversation's samples a
-       function of its seed alone, whatever else the batch holds (see stream_seed)
-  option_probs(conversations, labels, cache_keys) -> tensor [batch, len(labels)]: the
-       probability that the answer is each label, normalised over the labels
-  forget(conversation_id) (optional) -> drop what is cached for a finished conversation
-  option_scoring_problem(labels) (optional) -> why option_probs cannot be exact for these
-       labels on this backend (the planner then samples its prior), or None
-A conversation is a list of {"role": ..., "content": ...} chat messages. Calls are batched:
-one call serves every conversation in the batch.
+Every phase of self-play talks to an LLMClient: `chat` and `option_probs` (see the class)
+on batches of conversations, a conversation being a list of {"role": ..., "content": ...}
+chat messages. The base class gives every other member its default.
 
 Backends, one flat file each, imported only when chosen (parsing arguments imports none):
   transformers  llm_transformers.py: a local Hugging Face model on this project's batched
@@ -26,6 +18,7 @@ import importlib.util
 import math
 import os
 import random
+from collections import Counter, defaultdict
 
 import torch
 
@@ -37,6 +30,62 @@ DEFAULT_LLM_DIR = os.path.join(WEIGHTS_DIR, "Qwen2.5-1.5B-Instruct")
 EMBEDDED_LLM = "embedded-smollm2"
 EMBEDDED_LLM_CACHE = os.path.join(WEIGHTS_DIR, "SmolLM2-135M-Instruct")
 
+
+
+class LLMClient:
+    """One role's LLM. Subclasses implement `chat` and `option_probs`; the defaults below
+    fit a client that caches nothing, counts nothing and has no context limit."""
+
+    context_length = None  # tokens a prompt and its answer may use (None: no limit known)
+    tokenizer = None  # the model's tokenizer, where the client has one
+
+    def __init__(self, name=None):
+        self.name = name or type(self).__name__  # the model, as results name it
+        self.usage = Counter()  # requests, retries and tokens, where a client counts them
+        self.stats = defaultdict(float)  # the in-process engine's tokens and seconds
+        self._label_ids = {}
+
+    def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
+             shared_prefix=True, stop_at_newline=False, cache_keys=None, seeds=None):
+        """One list of num_samples texts per conversation. temperature 0 decodes greedily;
+        stop_at_newline ends an answer at its first line break; cache_keys (one per
+        conversation) name the prompts whose KV cache a later prompt may extend; seeds
+        (one int per conversation, or None) make each conversation's samples a function
+        of its seed alone, whatever else the batch holds (see stream_seed)."""
+        raise NotImplementedError
+
+    def option_probs(self, conversations, labels, cache_keys=None):
+        """Tensor [batch, len(labels)]: the probability that the answer is each label,
+        normalised over the labels."""
+        raise NotImplementedError
+
+    def option_scoring_problem(self, labels):
+        """Why option_probs cannot be exact for these labels on this client (the planner
+        or critic then samples its answers), or None."""
+        return None
+
+    def count_tokens(self, messages):
+        """The prompt's tokens (an upper bound without a tokenizer), for fit_prompt."""
+        return message_tokens_bound(messages)
+
+    def forget(self, conversation_id):
+        """Drop what is cached for a finished conversation."""
+
+    def rng_state(self):
+        """The sampler's state, saved with a training state (None: the client has none)."""
+        return None
+
+    def load_rng_state(self, state):
+        """Restore what rng_state returned."""
+
+    def label_token_ids(self, prompt_ids, labels):
+        """Token ids of each label as the tokenizer tokenizes it right after the prompt.
+        Only the prompt's last tokens can merge with a label, so the answer is cached by
+        them."""
+        key = (tuple(prompt_ids[-8:]), tuple(labels))
+        if key not in self._label_ids:
+            self._label_ids[key] = label_token_ids(self.tokenizer, prompt_ids[-8:], labels)
+        return self._label_ids[key]
 
 
 def load_llm(backend, name, **options):
@@ -258,9 +307,9 @@ def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):
     max_new_tokens to spare. Too long: the oldest turns go first (the last one stays),
     then the longest text (a case field or a kept turn) is shortened from its end, until
     the prompt fits; the instruction is never cut. cuts (a dict) counts prompts cut per
-    role, turns dropped and texts shortened. A client without context_length (a scripted
-    one) gets build(turns, fields) as it is."""
-    limit = getattr(llm, "context_length", None)
+    role, turns dropped and texts shortened. A client without a context_length (a
+    scripted one) gets build(turns, fields) as it is."""
+    limit = llm.context_length
     messages = build(turns, fields)
     if not limit:
         return messages

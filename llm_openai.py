@@ -30,14 +30,13 @@ import asyncio
 import os
 import random
 import threading
-from collections import Counter
 
 import httpx
 import torch
 
 from errors import ServerError
-from llm import (EMBEDDED_LLM, chat_prompt, floor_log_prob, label_prefixes,
-                 label_probs, label_token_ids, message_tokens_bound, resolve_llm_path,
+from llm import (EMBEDDED_LLM, LLMClient, chat_prompt, floor_log_prob, label_prefixes,
+                 label_probs, message_tokens_bound, resolve_llm_path,
                  stream_seed)
 
 TOP_LOGPROBS = 20  # the most that the OpenAI API returns
@@ -72,7 +71,7 @@ class NoLogprobs(ServerError):
     one line like any other ServerError."""
 
 
-class OpenAILLM:
+class OpenAILLM(LLMClient):
     """One role's client of an OpenAI-compatible server (see the module docstring)."""
 
     def __init__(self, base_url, model="auto", role="llm", api_key=None, tokenizer="auto",
@@ -89,16 +88,16 @@ class OpenAILLM:
         self.http = httpx.AsyncClient(headers=headers, timeout=request_timeout,
                                       limits=httpx.Limits(max_connections=max_concurrency))
         self.slots = asyncio.Semaphore(max_concurrency)
-        self.usage = Counter(requests=0, retries=0, prompt_tokens=0, completion_tokens=0)
+        super().__init__(model)
+        self.usage.update(requests=0, retries=0, prompt_tokens=0, completion_tokens=0)
         self.n_supported = None  # does one request return n samples? decided on first use
         self.requests_sent = 0  # numbers the requests' seeds
         self._models = None  # the server's model list, asked on first use
-        self.model = self._served_model() if model == "auto" else model
-        self.path = f"{self.base_url} ({self.model})"
+        self.model = self.name = self._served_model() if model == "auto" else model
+        self.endpoint = f"{self.base_url} ({self.model})"
         self.tokenizer = self._load_tokenizer(tokenizer)
         self.context_length = context_length or self._served_context_length()
         self._scoring_problems = {}
-        self._label_cache = {}
 
     def _listed_models(self):
         """The server's /models list, asked once."""
@@ -213,13 +212,13 @@ class OpenAILLM:
         self.requests_sent = int(state)
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None,
-             seeds=None):
+             shared_prefix=True, stop_at_newline=False, cache_keys=None, seeds=None):
         """num_samples answers per conversation. shared_prefix and cache_keys are the
         in-process engine's; a serving engine shares prompt caches by itself. seeds (one
         per conversation) set the requests' seeds, else they are numbered."""
+        # top_p 1: no nucleus cut (llama.cpp's server would apply its default of 0.95)
         body = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature,
-                "top_p": top_p}
+                "top_p": 1.0}
         if stop_at_newline:
             body["stop"] = ["\n"]
         seeds = seeds or [None] * len(conversations)
@@ -245,7 +244,7 @@ class OpenAILLM:
                                         None if seed is None else stream_seed(seed, "n"))
             if self.n_supported is None:
                 self.n_supported = len(texts) >= num_samples
-                print(f"{self.path}: " + ("one request returns n samples" if self.n_supported
+                print(f"{self.endpoint}: " + ("one request returns n samples" if self.n_supported
                       else "the server ignores n; one request per sample"), flush=True)
         more = await asyncio.gather(*[
             self._choices(messages, body, 1, None if seed is None else stream_seed(seed, k))
@@ -295,11 +294,7 @@ class OpenAILLM:
             tokens = [(label,) for label in labels]
             return label_probs(tokens, lambda prefix, token: top.get(token, floor_log_prob(top)))
         prompt, prompt_ids = chat_prompt(self.tokenizer, messages)
-        cache_key = (tuple(prompt_ids[-8:]), tuple(labels))  # only the end can merge
-        if cache_key not in self._label_cache:
-            self._label_cache[cache_key] = label_token_ids(self.tokenizer, prompt_ids[-8:],
-                                                           labels)
-        label_ids = self._label_cache[cache_key]
+        label_ids = self.label_token_ids(prompt_ids, labels)
         prefixes = label_prefixes(label_ids)
         tops = await asyncio.gather(*[
             self._completion_top_logprobs(prompt + self.tokenizer.decode(list(p)), tries)

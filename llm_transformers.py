@@ -16,7 +16,7 @@ import inspect
 import platform
 import sys
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llm import (chat_prompt, label_probs, label_token_ids, pick_device, pick_dtype,
+from llm import (LLMClient, chat_prompt, label_probs, pick_device, pick_dtype,
                  resolve_llm_path, stream_seed)
 
 def heap_trimmer():
@@ -256,12 +256,12 @@ def _common_prefix_length(a, b):
     return n
 
 
-class TransformersLLM:
+class TransformersLLM(LLMClient):
     """A local causal LM with a chat template, decoded by a batched sampling loop."""
 
     def __init__(self, model, tokenizer, seed=0, name="model", max_batch_rows=0,
                  prefix_cache_gb=0.0, context_length=0):
-        self.path = name
+        super().__init__(name)
         self.model = model.eval()
         self.tokenizer = tokenizer
         if tokenizer.chat_template is None:
@@ -297,10 +297,8 @@ class TransformersLLM:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # the embedding matrix may be padded past the tokenizer's vocabulary
         self.vocab_size = len(tokenizer)
-        self.stats = defaultdict(float)  # tokens and seconds, read by the benchmark
         # on CPU, the heap's free pages go back to the system after every call
         self.trim_heap = heap_trimmer() if self.device.type == "cpu" else None
-        self._label_cache = {}
         # tokens a prompt and its answer may use (llm.fit_prompt): the model's positions,
         # or fewer when asked (context_length also bounds the KV cache's memory)
         positions = getattr(model.config, "max_position_embeddings", None)
@@ -319,7 +317,6 @@ class TransformersLLM:
                    context_length=context_length)
 
     def rng_state(self):
-        """The sampler's state, saved with a training state (optional client method)."""
         return self.generator.get_state()
 
     def load_rng_state(self, state):
@@ -341,7 +338,7 @@ class TransformersLLM:
             if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
                 ids.add(token_id)
         if not ids:
-            raise ValueError(f"The tokenizer of '{self.path}' has no end-of-turn token")
+            raise ValueError(f"The tokenizer of '{self.name}' has no end-of-turn token")
         return sorted(ids)
 
     # -- prompts --------------------------------------------------------------------------
@@ -471,8 +468,7 @@ class TransformersLLM:
 
     @torch.no_grad()
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None,
-             seeds=None):
+             shared_prefix=True, stop_at_newline=False, cache_keys=None, seeds=None):
         """Answer each conversation `num_samples` times.
 
         With shared_prefix the prompt is run once and its samples are decoded from one
@@ -491,7 +487,7 @@ class TransformersLLM:
         texts = []
         for first in range(0, len(prompts), per_group):
             texts += self._generate(prompts[first:first + per_group], max_new_tokens,
-                                    temperature, num_samples, top_p, shared_prefix,
+                                    temperature, num_samples, shared_prefix,
                                     stop_at_newline, keys[first:first + per_group],
                                     seeds and seeds[first:first + per_group])
         self._trim_heap()
@@ -503,7 +499,7 @@ class TransformersLLM:
             self.trim_heap(0)
             self.stats["heap_trims"] += 1
 
-    def _generate(self, prompts, max_new_tokens, temperature, num_samples, top_p,
+    def _generate(self, prompts, max_new_tokens, temperature, num_samples,
                   shared_prefix, stop_at_newline, keys, seeds):
         """Decode num_samples answers per prompt; returns the texts, prompt by prompt.
 
@@ -558,9 +554,9 @@ class TransformersLLM:
                     draws = own[:, step]
                 uniforms = draws[active[:, None], slots.clamp(min=0)]
             if streams == 1:
-                next_tokens = self._sample(logits[:, 0], temperature, top_p, uniforms)[:, None]
+                next_tokens = self._sample(logits[:, 0], temperature, uniforms)[:, None]
             else:
-                picked = self._sample(logits.reshape(-1, logits.shape[-1]), temperature, top_p,
+                picked = self._sample(logits.reshape(-1, logits.shape[-1]), temperature,
                                       None if uniforms is None else uniforms.reshape(-1, 1))
                 # finished streams get the stop token: it changes nothing for them
                 next_tokens = torch.full((len(active), streams + 1), self.stop_ids[0],
@@ -625,28 +621,15 @@ class TransformersLLM:
             self._newline_ids = torch.tensor(ids or [-1], device=self.device)
         return self._newline_ids
 
-    def _sample(self, logits, temperature, top_p, uniforms=None):
+    def _sample(self, logits, temperature, uniforms=None):
         if logits.shape[-1] > self.vocab_size:
             logits[:, self.vocab_size:] = float("-inf")
         if temperature <= 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return sample_categorical(probs, self.generator, uniforms)
 
     # -- option scoring -------------------------------------------------------------------
-
-    def label_token_ids(self, prompt_ids, labels):
-        """Token ids of each label as it is tokenized right after the prompt. Only the
-        prompt's last tokens can merge with a label, so the answer is cached by them."""
-        key = (tuple(prompt_ids[-8:]), tuple(labels))
-        if key not in self._label_cache:
-            self._label_cache[key] = label_token_ids(self.tokenizer, prompt_ids[-8:], labels)
-        return self._label_cache[key]
 
     @torch.no_grad()
     def option_probs(self, conversations, labels, cache_keys=None):

@@ -83,7 +83,7 @@ def random_states(rng, generator, llms):
                       *numpy_state[2:]],
             "torch": torch.get_rng_state(), "generator": generator.get_state(),
             "llms": {role: llm.rng_state() for role, llm in llms.items()
-                     if hasattr(llm, "rng_state")}}
+                     if llm.rng_state() is not None}}
 
 
 def restore_random_states(states, rng, generator, llms):

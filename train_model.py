@@ -80,13 +80,6 @@ def load_llms(args):
     return roles
 
 
-def llm_name(llm):
-    """The model behind a client: its resolved folder (in process) or the served model's
-    name; a client without either (a scripted one) by its class."""
-    served = getattr(llm, "model", None)
-    return served if isinstance(served, str) else getattr(llm, "path", type(llm).__name__)
-
-
 def critic_settings(critic, model):
     """The critic's model and how it is asked: the judge's part of `judge_of`."""
     return {"critic_llm": model, "critic": critic.mode, "critic_order": critic.order,
@@ -97,7 +90,7 @@ def judge_of(args, planner, env):
     """Who judged a run: the critic's model and settings, the option orders, and whether
     the critic is the same model as the system or the user ("self-judged": a judge can
     favour text of its own model)."""
-    names = {role: llm_name(llm) for role, llm in role_llms(planner, env).items()}
+    names = {role: llm.name for role, llm in role_llms(planner, env).items()}
     return critic_settings(env.critic, names["critic"]) | {
             "system_llm": names["system"], "user_llm": names["user"],
             "planner_llm": names["planner"], "prior": planner.mode, "prior_order": planner.order,
@@ -130,7 +123,7 @@ def resolve_models(args, llms=None):
     for role in ROLES:
         name = getattr(args, f"{role}_llm") or args.llm
         if args.backend != "transformers":
-            name = getattr(llms[role], "model", name) if llms else name
+            name = llms[role].name if llms else name
             models[role] = {"name": name, "revision": None}
             continue
         if name == "auto":
@@ -165,7 +158,7 @@ def role_llms(planner, env):
 def llm_usage(planner, env):
     """Requests, retries and tokens per role so far, for clients that count them (served)."""
     return {role: dict(llm.usage) for role, llm in role_llms(planner, env).items()
-            if hasattr(llm, "usage")}
+            if llm.usage}
 
 
 def build_critic(args, task, llm):
@@ -179,8 +172,7 @@ def sample_if_unscorable(user, llm, role, flag):
     """A backend that cannot score options exactly (a server without log-probs): the
     planner or critic (`user`) samples its answers instead, with a warning. True when it
     switched."""
-    scoring_problem = getattr(llm, "option_scoring_problem", None)  # optional
-    problem = user.mode == "logits" and scoring_problem and scoring_problem(user.labels)
+    problem = user.mode == "logits" and llm.option_scoring_problem(user.labels)
     if problem:
         print(f"warning: {problem}; the {role} samples its answers instead (--{flag} sample)")
         user.mode = "sample"
@@ -390,9 +382,8 @@ def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation
     finished = [c.uid for c in conversations if c.done]
     llms = {id(x): x for x in role_llms(planner, env).values()}
     for llm in llms.values():
-        if hasattr(llm, "forget"):  # an optional method of the LLM client interface
-            for uid in finished:
-                llm.forget(uid)  # its cached prompts will not be extended again
+        for uid in finished:
+            llm.forget(uid)  # its cached prompts will not be extended again
     return chosen_features, results
 
 

@@ -12,6 +12,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from llm import LLMClient  # noqa: E402 (after the path)
+
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 # the device of the LLM tests: cpu here and in CI; DIALOGXPERT_TEST_DEVICE=cuda on a GPU machine
 DEVICE = os.environ.get("DIALOGXPERT_TEST_DEVICE", "cpu")
@@ -84,20 +86,20 @@ def tiny_llm(tiny_llm_dir):
     return TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
 
 
-class ScriptedLLM:
+class ScriptedLLM(LLMClient):
     """An LLM client whose answers come from Python functions of the prompt text.
 
     reply(prompt_text) -> str is called once per requested sample;
     prior(prompt_text, labels) -> list of weights, for option_probs."""
 
     def __init__(self, reply, prior=None):
+        super().__init__()
         self.reply = reply
         self.prior = prior
         self.calls = []
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
-             top_p=1.0, shared_prefix=True, stop_at_newline=False, cache_keys=None,
-             seeds=None):
+             shared_prefix=True, stop_at_newline=False, cache_keys=None, seeds=None):
         self.calls.append(("chat", len(conversations), num_samples))
         texts = ["\n".join(m["content"] for m in c) for c in conversations]
         return [[self.reply(t) for _ in range(num_samples)] for t in texts]
