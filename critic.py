@@ -9,17 +9,12 @@ a reward, so "No, the issue has not been solved" is unusable rather than a succe
 Two modes (`--critic`):
   sample  `num_samples` answers at `temperature`; the reward is the mean reward of the
           usable answers (0 when none is usable), and unusable answers are counted.
-  logits  the exact distribution over the option numbers from one forward pass; the
-          reward is its expectation. Success applies the task's rule to that expectation.
-Bargaining (cb), as PPDPP: no deal if any usable answer says there is none; otherwise the
-deal price is the most common price named (the first named on a tie), and the reward is its
-sale-to-list ratio (seller_price - price) / (seller_price - buyer_price); no deal gives
--0.1. In logits mode there is a deal when all `num_samples` answers would say so with
-probability >= 1/2 (P(deal) ** num_samples >= 0.5), and its price is asked once, greedily.
-A deal is a success when its price is at most the list price (ratio >= 0).
+  logits  the exact distribution over the option numbers from one forward pass.
+The task's reward rule (tasks.py: `Task.reward`) turns the answers read, or the
+distribution, into the reward, the success and (cb) the deal price; in logits mode, when
+the rule wants a price (cb: a likely deal), it is asked once, greedily.
 """
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,7 +22,7 @@ from dataclasses import dataclass, field
 import qwen_prompts as prompts
 from env import transcript
 from llm import ask_in_orders, fit_prompt, order_seed, rotations, split_samples, stream_seed
-from tasks import case_fields
+from tasks import case_fields, parse_price
 
 # an option number at the very start of an answer: "3", "(3)", "**3.**", "Option 3:"
 LEADING_LABEL = re.compile(r"[\s*_\"'`(\[#]*(?:(?:option|answer|choice)\b[\s:#]*(?:is\b\s*)?)?"
@@ -35,9 +30,6 @@ LEADING_LABEL = re.compile(r"[\s*_\"'`(\[#]*(?:(?:option|answer|choice)\b[\s:#]*
 # further option numbers: "option 2" anywhere, or a list item "2." / "2)" starting a line
 OTHER_LABELS = re.compile(r"\b(?:option|answer|choice)\b[\s:#]*(?:is\b\s*)?(\d{1,4})(?!\d)"
                           r"|(?:^|\n)[ \t*_\"'`(\[#-]*(\d{1,4})[.)](?!\d)", re.IGNORECASE)
-NUMBER = re.compile(r"\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
-THOUSANDS = re.compile(r"\s?k(?![a-z])", re.IGNORECASE)
-NO_DEAL_REWARD = -0.1  # PPDPP's reward when a sample says there is no deal
 
 
 def _words(text):
@@ -83,31 +75,6 @@ def parse_verdict(answer, verdicts):
     quoting its sentence. Answers naming no option, several, or a number that is not an
     option, are unusable."""
     return _read(answer, verdicts)[0]
-
-
-def parse_price(text):
-    """The first number in the text ("$1,200", "45.50", "1.2k", "-30"), or None.
-    The sign and the "k" are read next to the digits only, so the time stays linear."""
-    match = NUMBER.search(text)
-    if match is None:
-        return None
-    value = float(match.group(0).replace(",", ""))
-    if THOUSANDS.match(text, match.end(), match.end() + 3):
-        value *= 1000
-    before = text[max(0, match.start() - 3):match.start()].replace("$", "").strip()
-    return -value if before.endswith("-") else value
-
-
-def plausible_price(price, buyer_price, seller_price):
-    """A price is usable when it is finite, positive and within one buyer-seller gap of
-    the two prices, so that its sale-to-list ratio lies in [-1, 2]."""
-    gap = seller_price - buyer_price
-    return (price is not None and math.isfinite(price) and price > 0
-            and buyer_price - gap <= price <= seller_price + gap)
-
-
-def sale_to_list(price, buyer_price, seller_price):
-    return (seller_price - price) / (seller_price - buyer_price)
 
 
 @dataclass
@@ -174,7 +141,7 @@ class Critic:
                             for label, i in zip(self.labels, order))
         question = question or self.task.prompts["critic_question"]
         # cb's question shows the answer format with the deal option's number as shown
-        labels = {"deal_label": self.labels[list(order).index(1)]} if self.task.bargaining else {}
+        labels = self.task.reward.prompt_fields(self.labels, order)
 
         def build(turns, fields):
             text = prompts.CRITIC_TEMPLATE.format(
@@ -215,7 +182,7 @@ class Critic:
                 per_order = [in_task_order(answers[(i, k)].tolist(), order)
                              for k, order in enumerate(shown)]
                 mean = [sum(column) / len(per_order) for column in zip(*per_order)]
-                result = self.from_distribution(mean)
+                result = self.from_distribution(mean, conversation.case)
                 result.order_probs = per_order
             else:
                 texts, answer_orders = [], []
@@ -225,7 +192,7 @@ class Critic:
                 result = self.from_answers(conversation.case, texts, shown, answer_orders)
             result.orders = shown
             results.append(result)
-        if self.mode == "logits" and self.task.bargaining:
+        if self.mode == "logits":
             self.ask_prices(conversations, results)
         return results
 
@@ -237,15 +204,11 @@ class Critic:
         count = len(self.task.verdicts)
         orders = orders or [list(range(count))]
         answer_orders = answer_orders or [0] * len(answers)
-        read = []
+        read = []  # (option in the task's order or None, what the rule read with it)
         for answer, k in zip(answers, answer_orders):
             shown, rest = _read(answer, [self.task.verdicts[i] for i in orders[k]])
-            read.append((None if shown is None else orders[k][shown], rest))
-        if self.task.bargaining:  # option 1 (in the task's order) is the deal
-            read = [(i, parse_price(rest) if i == 1 else None) for i, rest in read]
-            read = [(i, price) if i != 1 or plausible_price(
-                price, case["buyer_price"], case["seller_price"]) else (None, None)
-                for i, price in read]
+            read.append(self.task.reward.read(case, None if shown is None else orders[k][shown],
+                                              rest))
         usable = [r for r in read if r[0] is not None]
         counts = Counter(i for i, _ in usable)
         frequencies = [counts[i] / max(len(usable), 1) for i in range(count)]
@@ -255,37 +218,20 @@ class Critic:
         for k in range(len(orders)):
             mine = Counter(i for (i, _), j in zip(read, answer_orders) if j == k and i is not None)
             result.order_probs.append([mine[i] / max(sum(mine.values()), 1) for i in range(count)])
-        if not usable:
-            if self.task.bargaining:
-                result.reward = NO_DEAL_REWARD
-            return result
-        if self.task.bargaining:
-            if counts[0]:  # a sample says there is no deal
-                result.reward = NO_DEAL_REWARD
-                return result
-            prices = [price for _, price in usable]
-            most = max(Counter(prices).values())
-            price = next(p for p in prices if prices.count(p) == most)
-            return self._deal(result, case, price)
-        result.reward = sum(self.task.verdict_rewards[i] for i, _ in usable) / len(usable)
-        result.success = self.task.succeeds(result.reward)
-        return result
+        return judged(result, self.task.reward.from_reads(case, usable))
 
     # -- logits mode ---------------------------------------------------------------------
 
-    def from_distribution(self, probs):
+    def from_distribution(self, probs, case=None):
         """The result of the exact option distribution for one conversation (cb: the deal
         decision only; its price comes from `ask_prices`)."""
-        result = CriticResult(0.0, option_probs=list(probs))
-        if self.task.bargaining:
-            result.reward = NO_DEAL_REWARD
-            return result
-        result.reward = sum(p * r for p, r in zip(probs, self.task.verdict_rewards))
-        result.success = self.task.succeeds(result.reward)
-        return result
+        return judged(CriticResult(0.0, option_probs=list(probs)),
+                      self.task.reward.from_distribution(case, probs))
 
     def ask_prices(self, conversations, results):
-        deals = [i for i, r in enumerate(results) if r.option_probs[1] ** self.num_samples >= 0.5]
+        """Ask the price of each result whose distribution the rule wants one for."""
+        deals = [i for i, r in enumerate(results)
+                 if self.task.reward.wants_price(r.option_probs, self.num_samples)]
         if not deals:
             return
         question = self.task.prompts["price_question"]
@@ -296,17 +242,17 @@ class Critic:
         for i, samples in zip(deals, answers):
             case, result = conversations[i].case, results[i]
             result.answers = list(samples)
-            price = parse_price(samples[0])
-            if plausible_price(price, case["buyer_price"], case["seller_price"]):
-                self._deal(result, case, price)
-            else:
+            judgement = self.task.reward.from_price(case, parse_price(samples[0]))
+            if judgement is None:
                 result.invalid += 1
+            else:
+                judged(result, judgement)
 
-    def _deal(self, result, case, price):
-        ratio = sale_to_list(price, case["buyer_price"], case["seller_price"])
-        result.deal_price, result.sale_to_list, result.reward = price, ratio, ratio
-        result.success = self.task.succeeds(ratio)
-        return result
+
+def judged(result, judgement):
+    """The result with the reward rule's judgement (tasks.Judgement) in it."""
+    result.reward, result.success, result.deal_price, result.sale_to_list = judgement
+    return result
 
 
 def in_task_order(shown_probs, order):

@@ -115,11 +115,11 @@ def pooled(critic, case, results):
 
 def last_named_price(turns, case):
     """The last plausible price named in a human negotiation, or None."""
-    from critic import NUMBER, parse_price, plausible_price
+    from tasks import NUMBER_TEXT, parse_price, plausible_price
 
     found = None
     for _, text in turns:
-        for match in NUMBER.finditer(text):
+        for match in NUMBER_TEXT.finditer(text):
             price = parse_price(text[match.start():])
             if plausible_price(price, case["buyer_price"], case["seller_price"]):
                 found = price
@@ -153,7 +153,7 @@ def human_card(args, card, critic, model):
         for item in judged[point]:
             item["fixed"] = item["rotations"][0]
             item["shuffled"] = pooled(critic, item["case"], item["rotations"])
-        if critic.mode == "logits" and task.bargaining:
+        if critic.mode == "logits":
             critic.ask_prices(conversations, [item["shuffled"] for item in judged[point]])
     figures = card_figures(task, critic, judged)
     figures["cases"] = len(kept)
@@ -178,7 +178,7 @@ def card_figures(task, critic, judged):
                 "no_usable_answer_share": tops[None] / len(results),
                 "mean_reward": sum(r.reward for r in results) / len(results),
                 "success_share": sum(r.success for r in results) / len(results)}
-            if task.bargaining:
+            if task.reward.deals:
                 entry[instrument]["deal_share"] = sum(r.deal_price is not None
                                                       for r in results) / len(results)
         figures["by_point"][point] = entry
@@ -200,7 +200,7 @@ def card_figures(task, critic, judged):
             "better_at_end": sum(e > s for s, e in pairs) / len(pairs),
             "same": sum(e == s for s, e in pairs) / len(pairs),
             "worse_at_end": sum(e < s for s, e in pairs) / len(pairs)}
-    if task.bargaining:
+    if task.reward.deals:
         figures["price"] = price_error(judged["end"])
     return figures
 

@@ -308,8 +308,9 @@ def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):
     then the longest text (a case field or a kept turn) is shortened from its end, until
     the prompt fits; the instruction is never cut. cuts (a dict) counts prompts cut per
     role, turns dropped and texts shortened. A client without a context_length (a
-    scripted one) gets build(turns, fields) as it is."""
-    limit = llm.context_length
+    scripted one), or no client (llm None: a prompt only looked at), gets build(turns,
+    fields) as it is."""
+    limit = llm.context_length if llm is not None else None
     messages = build(turns, fields)
     if not limit:
         return messages

@@ -1,17 +1,19 @@
 """Task registry: everything that differs between datasets, keyed by --data_name.
 
-A task is one `Task` entry in TASKS: its prompt block from qwen_prompts.py, the reward of
-each critic option, its success rule, its data files with their sources, how a case is
-read and checked, and how a conversation opens. Adding a task is one prompt block and one
-entry here; no other file names tasks.
+A task is one `Task` entry in TASKS: its prompt block from qwen_prompts.py, its reward
+rule (how the critic's answers become the turn's reward and success), its data files with
+their sources, how a case is read and checked, and how a conversation opens. Adding a task
+is one prompt block and one entry here (and its name in get_args.py's --data_name help).
 """
 
 import json
 import math
 import os
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import qwen_prompts as prompts
 from errors import DataError
@@ -24,12 +26,156 @@ DIALOGXPERT = "https://raw.githubusercontent.com/declare-lab/dialogxpert/main/da
 EXTES = "https://raw.githubusercontent.com/pandazzh2020/ExTES/main"
 
 
+# ---------------------------------------------------------------------------------------
+# Reward rules: critic answers (or an option distribution) -> reward, success, deal price
+# ---------------------------------------------------------------------------------------
+
+class Judgement(NamedTuple):
+    reward: float
+    success: bool
+    deal_price: float | None = None
+    sale_to_list: float | None = None
+
+
+@dataclass(frozen=True)
+class OptionRewards:
+    """Each critic option has a reward. Sampled answers: the reward is the mean reward of
+    the usable ones (0 when none is usable); an exact distribution: its expectation. The
+    turn succeeds when `succeeds(reward)`."""
+
+    rewards: tuple  # reward of each critic option, in the prompt block's order
+    succeeds: Callable  # turn reward -> bool
+    deals = False  # no deal price: no SL
+
+    @property
+    def reward_range(self):
+        """Every turn reward lies in this closed interval (0: no usable answer)."""
+        return (min(0.0, *self.rewards), max(0.0, *self.rewards))
+
+    def check(self, verdicts):
+        if len(self.rewards) != len(verdicts):
+            return f"{len(verdicts)} verdicts in qwen_prompts.py but {len(self.rewards)} rewards"
+        return None
+
+    def prompt_fields(self, labels, order):
+        return {}
+
+    def read(self, case, option, rest):
+        """(option, price) of one answer that named `option` (None: unusable)."""
+        return option, None
+
+    def from_reads(self, case, reads):
+        """The judgement of the usable answers [(option, price)] of one turn."""
+        if not reads:
+            return Judgement(0.0, False)
+        reward = sum(self.rewards[i] for i, _ in reads) / len(reads)
+        return Judgement(reward, self.succeeds(reward))
+
+    def from_distribution(self, case, probs):
+        reward = sum(p * r for p, r in zip(probs, self.rewards))
+        return Judgement(reward, self.succeeds(reward))
+
+    def wants_price(self, probs, num_samples):
+        return False
+
+
+NUMBER_TEXT = re.compile(r"\d+(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+THOUSANDS = re.compile(r"\s?k(?![a-z])", re.IGNORECASE)
+
+
+def parse_price(text):
+    """The first number in the text ("$1,200", "45.50", "1.2k", "-30"), or None.
+    The sign and the "k" are read next to the digits only, so the time stays linear."""
+    match = NUMBER_TEXT.search(text)
+    if match is None:
+        return None
+    value = float(match.group(0).replace(",", ""))
+    if THOUSANDS.match(text, match.end(), match.end() + 3):
+        value *= 1000
+    before = text[max(0, match.start() - 3):match.start()].replace("$", "").strip()
+    return -value if before.endswith("-") else value
+
+
+def plausible_price(price, buyer_price, seller_price):
+    """A price is usable when it is finite, positive and within one buyer-seller gap of
+    the two prices, so that its sale-to-list ratio lies in [-1, 2]."""
+    gap = seller_price - buyer_price
+    return (price is not None and math.isfinite(price) and price > 0
+            and buyer_price - gap <= price <= seller_price + gap)
+
+
+def sale_to_list(price, buyer_price, seller_price):
+    return (seller_price - price) / (seller_price - buyer_price)
+
+
+@dataclass(frozen=True)
+class DealRewards:
+    """Bargaining, as PPDPP: the critic says whether there is a deal and names its price
+    ("N, price"). No deal if any usable answer says there is none; otherwise the deal
+    price is the most common price named (the first named on a tie), and the reward is its
+    sale-to-list ratio (seller_price - price) / (seller_price - buyer_price); no deal (or
+    no usable answer) gives `no_deal`. A deal answer without a plausible price is
+    unusable. An exact distribution has a deal when all `num_samples` answers would say
+    so with probability >= 1/2 (P(deal) ** num_samples >= 0.5); its price is then asked
+    once. A deal is a success when its price is at most the list price (ratio >= 0)."""
+
+    deal_option: int = 1  # the option (in the block's order) that says there is a deal
+    no_deal: float = -0.1  # PPDPP's reward when there is no deal
+    deals = True  # SL is reported
+
+    @property
+    def reward_range(self):
+        """Plausible prices give ratios in [-1, 2]; no deal gives `no_deal`."""
+        return (min(self.no_deal, -1.0), max(self.no_deal, 2.0))
+
+    def check(self, verdicts):
+        if len(verdicts) != 2 or self.deal_option not in (0, 1):
+            return "a deal rule needs two verdicts: no deal and a deal"
+        return None
+
+    def prompt_fields(self, labels, order):
+        """The deal option's number as shown, for the question's answer format."""
+        return {"deal_label": labels[list(order).index(self.deal_option)]}
+
+    def read(self, case, option, rest):
+        if option != self.deal_option:
+            return option, None
+        price = parse_price(rest)
+        if not plausible_price(price, case["buyer_price"], case["seller_price"]):
+            return None, None
+        return option, price
+
+    def from_reads(self, case, reads):
+        if not reads or any(i != self.deal_option for i, _ in reads):
+            return Judgement(self.no_deal, False)
+        prices = [price for _, price in reads]
+        most = max(Counter(prices).values())
+        return self.from_price(case, next(p for p in prices if prices.count(p) == most))
+
+    def from_distribution(self, case, probs):
+        """The deal decision only: its price comes from `from_price` after asking."""
+        return Judgement(self.no_deal, False)
+
+    def wants_price(self, probs, num_samples):
+        return probs[self.deal_option] ** num_samples >= 0.5
+
+    def from_price(self, case, price):
+        """The judgement of a deal at `price`, or None when the price is not plausible."""
+        if not plausible_price(price, case["buyer_price"], case["seller_price"]):
+            return None
+        ratio = sale_to_list(price, case["buyer_price"], case["seller_price"])
+        return Judgement(ratio, ratio >= 0.0, price, ratio)
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Task:
     name: str
     prompts: dict  # the task's block in qwen_prompts.py
-    verdict_rewards: tuple  # reward of each critic option, in the block's order
-    succeeds: Callable  # (turn reward) -> bool; cb decides on the deal instead
+    reward: OptionRewards | DealRewards  # the critic's answers -> reward and success
     files: dict  # split -> path relative to --data_dir
     sources: dict  # path relative to --data_dir -> public URL
     schema: dict  # field -> accepted type(s); every case must have them
@@ -40,12 +186,11 @@ class Task:
     # for checking a critic on it (critic_check.py)
     human_dialog: Callable = lambda case: []
     split_seeded: bool = False  # one file split 80/10/10 by --extes_seed (ExTES)
-    bargaining: bool = False  # the critic reads a deal and its price (cb)
 
     def __post_init__(self):
-        if len(self.verdict_rewards) != len(self.prompts["verdicts"]):
-            raise ValueError(f"task '{self.name}': {len(self.prompts['verdicts'])} verdicts in "
-                             f"qwen_prompts.py but {len(self.verdict_rewards)} rewards")
+        problem = self.reward.check(self.prompts["verdicts"])
+        if problem:
+            raise ValueError(f"task '{self.name}': {problem}")
 
     @property
     def system_role(self):
@@ -66,14 +211,6 @@ class Task:
     @property
     def verdicts(self):
         return self.prompts["verdicts"]
-
-    @property
-    def reward_range(self):
-        """Every turn reward lies in this closed interval (0, the reward when no critic
-        answer was usable, included)."""
-        if self.bargaining:
-            return (-1.0, 2.0)  # sale-to-list ratios of plausible prices, see critic.py
-        return (min(0.0, *self.verdict_rewards), max(0.0, *self.verdict_rewards))
 
 
 def _dialog_opening(case, task_prompts):
@@ -119,8 +256,8 @@ def _check_prices(case):
 
 TASKS = {
     "esc": Task(
-        "esc", prompts.ESC, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
-        succeeds=lambda reward: reward >= 0.5,
+        "esc", prompts.ESC, reward=OptionRewards(
+            (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 0.5),
         files={s: f"esc-{s}.txt" for s in SPLITS},
         sources={f"esc-{s}.txt": f"{PPDPP}/esc-{s}.txt" for s in SPLITS},
         schema={"emotion_type": str, "problem_type": str, "situation": str, "dialog": list},
@@ -129,8 +266,8 @@ TASKS = {
             _dialog_pairs(case["dialog"]), prompts.ESC, {"sys"}),
         initial_emotions=lambda case: [case["emotion_type"]]),
     "extes": Task(
-        "extes", prompts.EXTES, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
-        succeeds=lambda reward: reward >= 0.5,
+        "extes", prompts.EXTES, reward=OptionRewards(
+            (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 0.5),
         files={s: "ExTES/ExTES.json" for s in SPLITS},
         sources={"ExTES/ExTES.json": f"{EXTES}/ExTES.json"},
         schema={"description": str, "scene": str, "content": list},
@@ -139,8 +276,8 @@ TASKS = {
             _extes_pairs(case), prompts.EXTES, {"AI"}),
         split_seeded=True),
     "cima": Task(
-        "cima", prompts.CIMA, verdict_rewards=(-1.0, -0.5, 0.5, 1.0),
-        succeeds=lambda reward: reward >= 1.0,
+        "cima", prompts.CIMA, reward=OptionRewards(
+            (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 1.0),
         files={s: f"cima-{s}.txt" for s in SPLITS},
         sources={f"cima-{s}.txt": f"{PPDPP}/cima-{s}.txt" for s in SPLITS},
         schema={"sentence": str, "target": str, "dialog": list},
@@ -148,8 +285,7 @@ TASKS = {
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case["dialog"]),
                                                          prompts.CIMA, {"sys"})),
     "cb": Task(
-        "cb", prompts.CB, verdict_rewards=(-0.1, 1.0),  # a deal's reward is its sale-to-list
-        succeeds=lambda reward: reward >= 0.0,
+        "cb", prompts.CB, reward=DealRewards(deal_option=1, no_deal=-0.1),
         files={s: f"cb-{s}.txt" for s in SPLITS},
         sources={f"cb-{s}.txt": f"{PPDPP}/cb-{s}.txt" for s in SPLITS},
         schema={"item_name": str, "buyer_price": NUMBER, "seller_price": NUMBER,
@@ -160,10 +296,10 @@ TASKS = {
                        f"{case['seller_price']}.")],
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case.get("dialog", [])),
                                                        prompts.CB, {"sys"}),
-        check=_check_prices, bargaining=True),
+        check=_check_prices),
     "p4g": Task(
-        "p4g", prompts.P4G, verdict_rewards=(-1.0, -0.5, 0.1, 1.0),
-        succeeds=lambda reward: reward > 0.6,
+        "p4g", prompts.P4G, reward=OptionRewards(
+            (-1.0, -0.5, 0.1, 1.0), succeeds=lambda reward: reward > 0.6),
         files={"train": "P4G/train.json", "valid": "P4G/dev.json", "test": "P4G/test.json"},
         sources={f"P4G/{s}.json": f"{DIALOGXPERT}/P4G/api_annotated/{s}.json"
                  for s in ("train", "dev", "test")},

@@ -401,7 +401,7 @@ def summarize(conversations, task, max_turn, error_counts):
                # prompts cut to fit a model's context, per role, with what was cut
                "prompt_cuts": dict(sum((Counter(c.prompt_cuts) for c in conversations),
                                        Counter()))}
-    if task.bargaining:  # failures count 0, as in PPDPP
+    if task.reward.deals:  # failures count 0, as in PPDPP
         metrics["SL"] = sum(c.sale_to_list or 0.0 for c in conversations
                             if c.outcome == "success") / max(n, 1)
     return metrics
@@ -559,7 +559,7 @@ def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, wr
                     if name in metrics})
                 writer.add_scalar("eval/SR", metrics["SR"], finished)
                 writer.add_scalar("eval/AT", metrics["AT"], finished)
-                if task.bargaining:
+                if task.reward.deals:
                     writer.add_scalar("eval/SL", metrics["SL"], finished)
                 for role, usage in llm_usage(planner, env).items():
                     for name, count in usage.items():

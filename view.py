@@ -26,9 +26,8 @@ import re
 import sys
 import time
 
-from critic import (LEADING_LABEL, OTHER_LABELS, Critic, parse_price, parse_verdict,
-                    plausible_price, sale_to_list)
-from tasks import SPLITS, TASKS
+from critic import LEADING_LABEL, OTHER_LABELS, Critic, parse_verdict
+from tasks import SPLITS, TASKS, parse_price, plausible_price, sale_to_list
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
 # a turn's LLM answers that could not be used as they were (as report.py counts them)
@@ -177,7 +176,7 @@ def critic_readings(task, case, answers, logits=False, orders=None):
             continue
         index = order[shown]
         reading = {"option": index, "text": task.verdicts[index], "shown_as": shown + 1}
-        if task.bargaining and index == 1:
+        if task.reward.deals and index == task.reward.deal_option:
             try:
                 result = critic.from_answers(case, [answer], [order], [0])
             except (KeyError, TypeError):  # a case without its prices

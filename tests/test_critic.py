@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import ScriptedLLM
-from critic import (Critic, parse_price, parse_verdict, plausible_price, sale_to_list)
+from critic import Critic, parse_verdict
+from tasks import parse_price, plausible_price, sale_to_list
 from env import Conversation
 from tasks import TASKS, get_task
 
@@ -72,7 +73,7 @@ def test_random_answers_give_finite_rewards_inside_each_task_range(answer):
         task = get_task(task_name)
         case = {"buyer_price": 100, "seller_price": 200}
         result = Critic(task, None).from_answers(case, [answer, "2, 150", answer])
-        low, high = task.reward_range
+        low, high = task.reward.reward_range
         assert math.isfinite(result.reward) and low <= result.reward <= high
 
 
@@ -171,7 +172,7 @@ def test_logits_mode_reward_is_the_expectation_over_options():
 ])
 def test_success_rules_of_the_original(task_name, rewards, success):
     task = get_task(task_name)
-    answers = [str(task.verdict_rewards.index(r) + 1) for r in rewards]
+    answers = [str(task.reward.rewards.index(r) + 1) for r in rewards]
     result = Critic(task, None).from_answers({}, answers)
     assert result.reward == pytest.approx(sum(rewards) / len(rewards))
     assert result.success == success
@@ -222,8 +223,9 @@ def test_cb_logits_mode_needs_every_sample_to_say_deal_then_asks_the_price():
 
 def test_all_verdict_rewards_lie_inside_the_task_range():
     for task in TASKS.values():
-        low, high = task.reward_range
-        assert all(low <= r <= high for r in task.verdict_rewards)
+        low, high = task.reward.reward_range
+        rewards = (task.reward.no_deal,) if task.reward.deals else task.reward.rewards
+        assert all(low <= r <= high for r in rewards)
 
 
 def test_critic_rejects_an_unknown_mode():
@@ -245,5 +247,5 @@ def test_logits_rewards_are_finite_and_inside_each_task_range(weights):
         probs = [w + 1e-6 for w in weights[:len(task.verdicts)]]
         result = Critic(task, None, mode="logits").from_distribution(
             [p / sum(probs) for p in probs])
-        low, high = task.reward_range
+        low, high = task.reward.reward_range
         assert math.isfinite(result.reward) and low - 1e-9 <= result.reward <= high + 1e-9

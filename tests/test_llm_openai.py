@@ -139,7 +139,7 @@ def test_the_critic_reads_its_verdict_distribution_from_a_served_model(client_fo
                                                   ("Therapist", "I hear you.")], emotions=["sad"])])
     assert len(result.option_probs) == len(task.verdicts)
     assert sum(result.option_probs) == pytest.approx(1.0, abs=1e-5)
-    assert min(task.verdict_rewards) <= result.reward <= max(task.verdict_rewards)
+    assert min(task.reward.rewards) <= result.reward <= max(task.reward.rewards)
 
 
 def test_no_tokenizer_labels_that_extend_others_fall_back_to_sampling(client_for):

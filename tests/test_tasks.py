@@ -119,14 +119,14 @@ def test_a_new_task_is_one_prompt_block_and_one_registry_entry(monkeypatch, tmp_
     from conftest import ScriptedLLM
     from critic import Critic
     from env import Planner, SelfPlayEnv
-    from tasks import SPLITS, Task
+    from tasks import SPLITS, OptionRewards, Task
 
     block = {"system_role": "Coach", "user_role": "Runner",
              "actions": {"Encourage": "Encourage the Runner.", "Plan": "Plan a route."},
              "planner": "You plan a coaching chat.", "system": "You coach {name}.",
              "user": "You are {name}, a runner.", "critic": "You judge coaching chats.",
              "critic_question": "Is {name} ready?", "verdicts": ["No.", "Yes, ready."]}
-    task = Task("coach", block, verdict_rewards=(-1.0, 1.0), succeeds=lambda r: r > 0,
+    task = Task("coach", block, reward=OptionRewards((-1.0, 1.0), succeeds=lambda r: r > 0),
                 files={s: f"coach-{s}.txt" for s in SPLITS}, sources={},
                 schema={"name": str}, opening=lambda case: [("Runner", "Hi coach.")])
     monkeypatch.setitem(TASKS, "coach", task)
