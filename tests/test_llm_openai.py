@@ -15,12 +15,11 @@ import pytest
 import torch
 
 import train_model
-from conftest import ROOT
+from conftest import DEMO, ROOT
 from fault_proxy import FaultProxy
 from llm import EMBEDDED_LLM, ServerError, load_llm
 from llm_openai import OpenAILLM
 from serve import NATIVE_SERVER, LlamaServer
-from test_tasks import DEMO
 
 KEY_ENV = "DIALOGXPERT_TEST_API_KEY"
 QUESTIONS = [[{"role": "user", "content": "Name a colour."}],
