@@ -264,12 +264,23 @@ def plain_completion_rate(llm, args, cases, task):
     return rates[-1]
 
 
+def left_pad(sequences, pad_id, device):
+    """Token id lists as one left-padded batch: (input_ids, attention_mask) on device."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 @torch.no_grad()
 def plain_generate_rate(llm, args, cases, task):
     """Tokens per second of one plain batched `generate` call: num_envs system prompts,
     system_max_new_tokens new tokens each, the reference for self-play throughput."""
     prompts = [llm.encode_chat(p) for p in system_prompts(args, cases, task)]
-    input_ids, attention_mask = llm._left_pad(prompts)
+    input_ids, attention_mask = left_pad(prompts, llm.pad_id, llm.device)
     rates = []
     for _ in range(2):  # the first call warms up
         sync = torch.cuda.synchronize if llm.device.type == "cuda" else (lambda: None)

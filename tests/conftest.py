@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny random chat LM, a tiny random BERT encoder and a scripted LLM
-client. All build offline in well under a second."""
+client. All build offline in well under a second. Also every helper that more than one
+test file uses (test files import only from here, never from each other): the demo data
+(DEMO), the scripted learning worlds (World, sequence_world, harm_world, bargain_world,
+esc_cases, cb_cases) and the scripted runs of train_model.py (make_runs; the command line
+tests/scripted_runs.py)."""
 
 import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -13,8 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from llm import LLMClient  # noqa: E402 (after the path)
+from tasks import get_task  # noqa: E402
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+DEMO = os.path.join(ROOT, "data", "demo")
 # the device of the LLM tests: cpu here and in CI; DIALOGXPERT_TEST_DEVICE=cuda on a GPU machine
 DEVICE = os.environ.get("DIALOGXPERT_TEST_DEVICE", "cpu")
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -127,3 +134,220 @@ def write_json_lines(path, rows):
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# Scripted worlds whose best policy is known (test_learning.py; also test_policies,
+# test_recipes, test_resume and test_train)
+# ---------------------------------------------------------------------------------------
+
+SYSTEM_TEXT = "I hear you."
+
+
+class World:
+    """A scripted task world. The system always says the same words, so an action is
+    visible to the agent only through the user's reply: the next state must be read
+    after that reply. `history[key]` holds the actions played in each conversation."""
+
+    def __init__(self, task_name, prior_order, user_reply, critic_answers, num_samples=2):
+        self.task = get_task(task_name)
+        self.history = {}
+        names = self.task.action_names
+        order = prior_order if callable(prior_order) else lambda prompt: prior_order
+        self.prior = ScriptedLLM(None, prior=lambda prompt, labels: [
+            10.0 - order(prompt).index(n) if n in order(prompt) else 0.1 for n in names])
+
+        def system(prompt):
+            key = self.key(prompt)
+            instruction = prompt[prompt.rindex("("):]
+            action = next(a for a in names if self.task.actions[a] in instruction)
+            turn = prompt.count(SYSTEM_TEXT)  # system turns already played
+            self.history[key] = self.history.get(key, [])[:turn] + [action]
+            return f"Emotion: calm\nResponse: {SYSTEM_TEXT}"
+
+        self.system = ScriptedLLM(system)
+        self.user = ScriptedLLM(lambda prompt: user_reply(self.history[self.key(prompt)]))
+        self.critic = ScriptedLLM(lambda prompt: self._critic(prompt, critic_answers))
+
+    @staticmethod
+    def key(prompt):
+        return re.search(r"case (\d+)", prompt).group(1)
+
+    def _critic(self, prompt, critic_answers):
+        # the critic is asked num_samples times per turn: cycle through the answers
+        answers = critic_answers(self.history[self.key(prompt)])
+        self.asked = (getattr(self, "asked", -1) + 1)
+        return answers[self.asked % len(answers)]
+
+    def env(self, max_turn):
+        from critic import Critic
+        from env import Planner, SelfPlayEnv
+
+        critic = Critic(self.task, self.critic, num_samples=2)
+        return (Planner(self.task, self.prior),
+                SelfPlayEnv(self.task, self.system, self.user, critic, max_turn=max_turn))
+
+
+def esc_cases(first, count):
+    return [{"emotion_type": "sadness", "problem_type": "job", "situation": f"I feel low, case {i}.",
+             "dialog": []} for i in range(first, first + count)]
+
+
+def cb_cases(first, count):
+    return [{"item_name": f"bike case {i}", "buyer_price": 100, "seller_price": 200,
+             "buyer_item_description": "A bike.", "seller_item_description": "A bike."}
+            for i in range(first, first + count)]
+
+
+# (a) success needs "Question" then "Providing Suggestions"; "Others" pays more at once
+
+FIRST, SECOND, DECOY = "Question", "Providing Suggestions", "Others"
+
+
+def sequence_world():
+    def user_reply(history):
+        return "Tell me what I can do." if history[-1] == FIRST else "Okay."
+
+    def critic_answers(history):
+        if history[-2:] == [FIRST, SECOND]:
+            return ["4"]  # solved: +1, success
+        return {FIRST: ["2"], DECOY: ["3", "1"]}.get(history[-1], ["1"])  # -0.5, -0.25, -1
+
+    # the same prior in every state, so that only the user's reply tells the states apart
+    return World("esc", [DECOY, FIRST, SECOND, "Information"], user_reply, critic_answers)
+
+
+# (b) one action makes the patient feel worse; the others leave them the same
+
+HARMFUL = "Self-disclosure"
+
+
+def harm_world():
+    def critic_answers(history):
+        return ["1"] if history[-1] == HARMFUL else ["2"]  # worse: -1, same: -0.5
+
+    return World("esc", [HARMFUL, "Question", "Others", "Information"],
+                 lambda history: "Okay.", critic_answers)
+
+
+# (c) bargaining: three actions close a deal at different prices
+
+PRICES = {"counter": 120, "propose": 170, "agree": 200}  # sale-to-list 0.8, 0.3, 0.0
+
+
+def bargain_world():
+    def critic_answers(history):
+        price = PRICES.get(history[-1])
+        return [f"2, {price}"] if price else ["1"]
+
+    return World("cb", ["agree", "propose", "inquire", "counter"],
+                 lambda history: "Fine.", critic_answers)
+
+
+# ---------------------------------------------------------------------------------------
+# Real runs of train_model.py on esc with scripted LLM clients and a tiny random encoder:
+# a trained run and a random-policy baseline on the same test cases and seed (a paired
+# evaluation). view.py is tested on these (test_view.py), and benchmarked at scale:
+#
+#     python tests/scripted_runs.py /tmp/scripted --cases 10000    # then bench.py --view RUN
+#
+# The scripted world: the prior ranks "Question" fourth; a turn that plays it solves the
+# problem (the critic answers 4), other turns get a mix of usable and unusable critic
+# answers; the system breaks the "Emotion: ... Response: ..." format on every fourth case,
+# and on case ids ending in 1 the user and one critic answer carry HTML and a script.
+# ---------------------------------------------------------------------------------------
+
+RUN_TASK = get_task("esc")
+RUN_PRIOR_ORDER = ["Others", "Self-disclosure", "Affirmation and Reassurance", "Question",
+                   "Information", "Providing Suggestions", "Reflection of feelings",
+                   "Restatement or Paraphrasing"]
+# markup an LLM might write: the page must show it as text and run none of it
+INJECTED = ('</script><script>window.injected = 1</script><img src=x '
+            'onerror="window.injected = 2"></textarea><b>bold</b>')
+RUN_CRITIC_CYCLE = ["2", "Option 9", "3", "I cannot tell."]
+
+
+def case_number(prompt):
+    return int(re.search(r"case (\d+)", prompt).group(1))
+
+
+def played_action(prompt):
+    """The action whose instruction the system LLM was given (None: no strategy)."""
+    instruction = prompt[prompt.rindex("("):]
+    return next((a for a in RUN_TASK.action_names if RUN_TASK.actions[a] in instruction),
+                None)
+
+
+def scripted_llms():
+    last = {}  # case -> the action of its latest system turn
+    asked = {}  # case -> critic answers given so far
+
+    def system(prompt):
+        case = case_number(prompt)
+        last[case] = played_action(prompt)
+        if case % 4 == 3:
+            return f"I would try this: {last[case]}."  # no "Emotion: ... Response: ..."
+        return f"Emotion: worried\nResponse: Let us talk it through ({last[case]})."
+
+    def user(prompt):
+        case = case_number(prompt)
+        return INJECTED if case % 10 == 1 else "I see. That helps a little."
+
+    def critic(prompt):
+        case = case_number(prompt)
+        asked[case] = asked.get(case, 0) + 1
+        if last[case] == "Question":
+            return "4"
+        if case % 10 == 1 and asked[case] % 4 == 1:
+            return INJECTED
+        return RUN_CRITIC_CYCLE[asked[case] % len(RUN_CRITIC_CYCLE)]
+
+    prior = ScriptedLLM(None, prior=lambda prompt, labels: [
+        10.0 - RUN_PRIOR_ORDER.index(n) for n in RUN_TASK.action_names])
+    return {"planner": prior, "system": ScriptedLLM(system), "user": ScriptedLLM(user),
+            "critic": ScriptedLLM(critic)}
+
+
+def esc_case(i):
+    return {"emotion_type": "sadness", "problem_type": "job", "dialog": [],
+            "situation": f"I feel low about my job, case {i}."}
+
+
+@contextmanager
+def scripted_models():
+    """train_model.load_llms gives the scripted clients while inside."""
+    import train_model
+
+    saved = train_model.load_llms
+    train_model.load_llms = lambda args: scripted_llms()
+    try:
+        yield
+    finally:
+        train_model.load_llms = saved
+
+
+def make_runs(root, test_cases=12, train_episodes=8, max_turn=3, baseline="random"):
+    """Data, encoder, a trained run and (baseline not None) a baseline test run under root;
+    returns their run folders."""
+    import train_model
+
+    data, encoder = os.path.join(root, "data"), os.path.join(root, "encoder")
+    os.makedirs(data, exist_ok=True)
+    for split, first, count in (("train", 0, 8), ("valid", 1000, 4), ("test", 0, test_cases)):
+        with open(os.path.join(data, f"esc-{split}.txt"), "w") as f:
+            f.writelines(json.dumps(esc_case(first + i)) + "\n" for i in range(count))
+    if not os.path.isdir(encoder):
+        build_tiny_encoder(encoder)
+    common = ["--data_name", "esc", "--data_dir", data, "--encoder", encoder,
+              "--max_turn", str(max_turn), "--critic_samples", "4", "--num_envs", "64",
+              "--progress", "false", "--device", "cpu", "--seed", "1",
+              "--output_dir", os.path.join(root, "runs"), "--max_encoder_tokens", "64"]
+    with scripted_models():
+        _, trained = train_model.main(common + [
+            "--total_episodes", str(train_episodes), "--eval_every", str(train_episodes // 2),
+            "--batch_size", "4", "--learning_starts", "4", "--exp_name", "trained"])
+        runs = [trained]
+        if baseline:
+            runs.append(train_model.main(common + ["--mode", "test", "--policy", baseline,
+                                                   "--exp_name", "baseline"])[1])
+    return runs

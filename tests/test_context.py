@@ -4,13 +4,12 @@ case text is shortened, the instruction stays, and every cut is counted."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import DEVICE
+from conftest import DEMO, DEVICE
 from critic import Critic
 from env import Planner, SelfPlayEnv
 from errors import UserError
 from llm import fit_prompt, message_tokens_bound
 from tasks import get_task, load_split
-from test_tasks import DEMO
 from train_model import summarize
 
 CONTEXT = 700

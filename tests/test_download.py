@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import download_data
 import download_llm_weights
-from test_tasks import DEMO
+from conftest import DEMO
 
 COMMIT = "a" * 40
 

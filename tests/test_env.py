@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from conftest import ScriptedLLM
+from conftest import DEMO, ScriptedLLM
 from critic import Critic
 from env import Conversation, Planner, SelfPlayEnv, clean_turn, parse_emotion_response
 from tasks import get_task, load_split
-from test_tasks import DEMO
 
 
 @pytest.mark.parametrize("text,emotion,response,ok", [

@@ -8,76 +8,19 @@ worlds are built so that broken TD learning fails them: a two-turn sequence whos
 step pays less at once than a decoy (gamma 0, a target that never moves, a reward stored
 one transition late and bootstrapping from the wrong state all pick the decoy or miss the
 second step), value checks (a success that bootstraps past its end is worth more than 1),
-a harmful action that must be avoided, and graded bargaining rewards.
+a harmful action that must be avoided, and graded bargaining rewards. The worlds (World,
+sequence_world, harm_world, bargain_world) are in conftest.py, shared with other tests.
 """
-
-import re
 
 import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import train_model
-from conftest import ScriptedLLM
-from critic import Critic
-from env import Planner, SelfPlayEnv
+from conftest import (FIRST, HARMFUL, SECOND, bargain_world, cb_cases, esc_cases, harm_world,
+                      sequence_world)
 from get_args import recipe_args
 from q_adapter import FrozenEncoder
-from tasks import get_task
-
-SYSTEM_TEXT = "I hear you."
-
-
-class World:
-    """A scripted task world. The system always says the same words, so an action is
-    visible to the agent only through the user's reply: the next state must be read
-    after that reply. `history[key]` holds the actions played in each conversation."""
-
-    def __init__(self, task_name, prior_order, user_reply, critic_answers, num_samples=2):
-        self.task = get_task(task_name)
-        self.history = {}
-        names = self.task.action_names
-        order = prior_order if callable(prior_order) else lambda prompt: prior_order
-        self.prior = ScriptedLLM(None, prior=lambda prompt, labels: [
-            10.0 - order(prompt).index(n) if n in order(prompt) else 0.1 for n in names])
-
-        def system(prompt):
-            key = self.key(prompt)
-            instruction = prompt[prompt.rindex("("):]
-            action = next(a for a in names if self.task.actions[a] in instruction)
-            turn = prompt.count(SYSTEM_TEXT)  # system turns already played
-            self.history[key] = self.history.get(key, [])[:turn] + [action]
-            return f"Emotion: calm\nResponse: {SYSTEM_TEXT}"
-
-        self.system = ScriptedLLM(system)
-        self.user = ScriptedLLM(lambda prompt: user_reply(self.history[self.key(prompt)]))
-        self.critic = ScriptedLLM(lambda prompt: self._critic(prompt, critic_answers))
-
-    @staticmethod
-    def key(prompt):
-        return re.search(r"case (\d+)", prompt).group(1)
-
-    def _critic(self, prompt, critic_answers):
-        # the critic is asked num_samples times per turn: cycle through the answers
-        answers = critic_answers(self.history[self.key(prompt)])
-        self.asked = (getattr(self, "asked", -1) + 1)
-        return answers[self.asked % len(answers)]
-
-    def env(self, max_turn):
-        critic = Critic(self.task, self.critic, num_samples=2)
-        return (Planner(self.task, self.prior),
-                SelfPlayEnv(self.task, self.system, self.user, critic, max_turn=max_turn))
-
-
-def esc_cases(first, count):
-    return [{"emotion_type": "sadness", "problem_type": "job", "situation": f"I feel low, case {i}.",
-             "dialog": []} for i in range(first, first + count)]
-
-
-def cb_cases(first, count):
-    return [{"item_name": f"bike case {i}", "buyer_price": 100, "seller_price": 200,
-             "buyer_item_description": "A bike.", "seller_item_description": "A bike."}
-            for i in range(first, first + count)]
 
 
 class PriorAgent(train_model.Agent):
@@ -129,22 +72,6 @@ def q_of(record, action):
 # (a) success needs "Question" then "Providing Suggestions"; "Others" pays more at once
 # ---------------------------------------------------------------------------------------
 
-FIRST, SECOND, DECOY = "Question", "Providing Suggestions", "Others"
-
-
-def sequence_world():
-    def user_reply(history):
-        return "Tell me what I can do." if history[-1] == FIRST else "Okay."
-
-    def critic_answers(history):
-        if history[-2:] == [FIRST, SECOND]:
-            return ["4"]  # solved: +1, success
-        return {FIRST: ["2"], DECOY: ["3", "1"]}.get(history[-1], ["1"])  # -0.5, -0.25, -1
-
-    # the same prior in every state, so that only the user's reply tells the states apart
-    return World("esc", [DECOY, FIRST, SECOND, "Information"], user_reply, critic_answers)
-
-
 @pytest.mark.parametrize("recipe", ["project", "original"])
 def test_value_propagates_through_a_two_turn_sequence(tiny_encoder_dir, tmp_path, recipe):
     world = sequence_world()
@@ -173,17 +100,6 @@ def test_value_propagates_through_a_two_turn_sequence(tiny_encoder_dir, tmp_path
 # (b) one action makes the patient feel worse; the others leave them the same
 # ---------------------------------------------------------------------------------------
 
-HARMFUL = "Self-disclosure"
-
-
-def harm_world():
-    def critic_answers(history):
-        return ["1"] if history[-1] == HARMFUL else ["2"]  # worse: -1, same: -0.5
-
-    return World("esc", [HARMFUL, "Question", "Others", "Information"],
-                 lambda history: "Okay.", critic_answers)
-
-
 @pytest.mark.parametrize("recipe", ["project", "original"])
 def test_agent_avoids_the_harmful_action(tiny_encoder_dir, tmp_path, recipe):
     world = harm_world()
@@ -201,18 +117,6 @@ def test_agent_avoids_the_harmful_action(tiny_encoder_dir, tmp_path, recipe):
 # ---------------------------------------------------------------------------------------
 # (c) bargaining: three actions close a deal at different prices
 # ---------------------------------------------------------------------------------------
-
-PRICES = {"counter": 120, "propose": 170, "agree": 200}  # sale-to-list 0.8, 0.3, 0.0
-
-
-def bargain_world():
-    def critic_answers(history):
-        price = PRICES.get(history[-1])
-        return [f"2, {price}"] if price else ["1"]
-
-    return World("cb", ["agree", "propose", "inquire", "counter"],
-                 lambda history: "Fine.", critic_answers)
-
 
 @pytest.mark.parametrize("recipe", ["project", "original"])
 def test_agent_prefers_the_better_price(tiny_encoder_dir, tmp_path, recipe):

@@ -15,13 +15,12 @@ import pytest
 import torch
 
 import train_model
-from conftest import ROOT
+from conftest import DEMO, ROOT
 from fault_proxy import FaultProxy
 from errors import ServerError
 from llm import EMBEDDED_LLM, load_llm
 from llm_openai import OpenAILLM
 from serve import NATIVE_SERVER, LlamaServer
-from test_tasks import DEMO
 
 KEY_ENV = "DIALOGXPERT_TEST_API_KEY"
 QUESTIONS = [[{"role": "user", "content": "Name a colour."}],

@@ -12,14 +12,13 @@ import re
 import pytest
 
 import train_model
-from conftest import ScriptedLLM, listed_options, option_number
+from conftest import ScriptedLLM, esc_cases, listed_options, option_number
 from critic import Critic
 from env import Planner, SelfPlayEnv
 from get_args import Args
 from q_adapter import FrozenEncoder
 from stats import bootstrap_ci
 from tasks import get_task
-from test_learning import esc_cases
 
 TASK = get_task("esc")
 PRIOR_ORDER = ["Others", "Self-disclosure", "Affirmation and Reassurance", "Question",

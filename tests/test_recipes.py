@@ -11,9 +11,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import train_model
+from conftest import bargain_world, cb_cases
 from get_args import Args, parse_args, recipe_args
 from q_adapter import FrozenEncoder
-from test_learning import bargain_world, cb_cases
 
 # Written from the original release's code (declare-lab/dialogxpert), not from RECIPES.
 ORIGINAL = {

@@ -16,11 +16,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import run_state
 import train_model
-from conftest import ROOT
+from conftest import DEMO, ROOT, esc_cases, harm_world
 from get_args import Args
 from q_adapter import FrozenEncoder
-from test_learning import esc_cases, harm_world
-from test_tasks import DEMO
 
 
 def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):

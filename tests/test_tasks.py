@@ -4,10 +4,8 @@ import re
 
 import pytest
 
-from conftest import ROOT, SHARED_DATA, write_json_lines
+from conftest import DEMO, SHARED_DATA, write_json_lines
 from tasks import TASKS, DataError, get_task, load_split
-
-DEMO = os.path.join(ROOT, "data", "demo")
 
 
 def test_unknown_task_lists_choices():

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 import train_model
-from conftest import ROOT
+from conftest import DEMO, ROOT, esc_cases, harm_world, sequence_world
 from get_args import Args
 from q_adapter import FrozenEncoder
 from tasks import TASKS, load_split
-from test_learning import esc_cases, sequence_world
-from test_tasks import DEMO
 
 
 def test_td_target_success_failure_and_time_limit():
@@ -215,8 +213,6 @@ def test_the_update_bootstraps_from_the_target_head(tiny_encoder_dir):
 
 def test_training_metrics_count_only_the_training_answers(tiny_encoder_dir, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
-
-    from test_learning import harm_world
 
     world = harm_world()
     reply = world.system.reply

@@ -1,5 +1,6 @@
-"""view.py: the page of a real run of the scripted client (tests/scripted_runs.py), read as
-data here and driven in headless chromium (Playwright with the system's chromium).
+"""view.py: the page of a real run of the scripted client (conftest.make_runs, or
+tests/scripted_runs.py on the command line), read as data here and driven in headless
+chromium (Playwright with the system's chromium).
 
 The browser tests skip, with one line saying why, where chromium or Playwright is missing;
 .ci/run installs Debian's chromium, so in CI they run. VIEW_SCREENSHOT=images/viewer.png
@@ -19,9 +20,8 @@ import pytest
 
 import train_model
 import view
-from conftest import ROOT
+from conftest import INJECTED, ROOT, make_runs
 from env import Conversation
-from scripted_runs import INJECTED, make_runs
 from tasks import get_task
 
 CHROMIUM, FLAGS = view.CHROMIUM, view.CHROMIUM_FLAGS
