@@ -172,7 +172,7 @@ def run_mode(mode, bench, args):
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in
              (("planner", "prior"), ("system", "system"), ("user", "user"),
               ("critic", "critic"))}
-    planner, env = train_model.build_env(args, task, roles)
+    env = train_model.build_env(args, task, roles)
     agent = train_model.Agent(args, encoder)
     embed, update = encoder.embed, agent.update
 
@@ -194,7 +194,7 @@ def run_mode(mode, bench, args):
 
         with SummaryWriter(run_dir) as writer:
             start = time.perf_counter()
-            train_model.train(args, agent, planner, env, task, cases, [], run_dir, writer)
+            train_model.train(args, agent, env, cases, [], run_dir, writer)
             clock.sync()
             wall = time.perf_counter() - start
     turns = roles["system"].conversations
@@ -247,7 +247,7 @@ def system_prompts(args, cases, task):
     from env import SelfPlayEnv
 
     env = SelfPlayEnv(task, None, None, None)
-    return [env.system_prompt(env.reset(cases[i % len(cases)]), task.action_names[0])
+    return [env.system_prompt(env.start(cases[i % len(cases)]), task.action_names[0])
             for i in range(args.num_envs)]
 
 

@@ -1,11 +1,14 @@
 """Self-play environment: conversation state, the planner's prior, and batched steps.
 
-One `step` advances a batch of conversations by one exchange:
+`reset` starts conversations and `step` advances a batch of them by one exchange; both
+return what the agent acts on, an `Observation` per conversation: the top-k candidate
+actions of the planner's prior (`Planner.prior`, over the task's whole action set) with
+their priors. A step has four phases, each one batched LLM call:
   system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
   user phase:   the user LLM answers in role
   critic phase: the critic answers its closed question; the reward and the outcome follow
-Each phase is one batched LLM call. The planner (`Planner.prior`) gives the observation:
-a prior over the task's whole action set, from which the top-k candidates are taken.
+  planner:      the prior of every conversation that goes on (or ended at the turn limit,
+                whose next state still bootstraps)
 """
 
 import itertools
@@ -42,12 +45,11 @@ class Conversation:
     outcome: str | None = None  # 'success' or 'time limit' once finished
     total_reward: float = 0.0
     sale_to_list: float | None = None
-    # observation of the current state, filled by the trainer
+    # the current state's candidates (SelfPlayEnv.observe): top-k actions, their priors,
+    # and the first action of each order the planner was shown (Planner.prior)
     candidates: list = field(default_factory=list)
     candidate_priors: list = field(default_factory=list)
-    candidate_features: torch.Tensor | None = None
-    prior_orders: list = field(default_factory=list)  # the planner's orders (Planner.prior)
-    pending: dict = field(default_factory=dict)  # the choice being played, for the log
+    prior_orders: list = field(default_factory=list)
     prompt_cuts: dict = field(default_factory=dict)  # prompts cut to fit a context (llm.py)
     case_id: int | None = None  # the case's place in its split (pairs runs in reports)
     # the seed of this conversation's LLM samples (llm.stream_seed): the trainer derives it
@@ -68,10 +70,19 @@ class Conversation:
 
 
 @dataclass
+class Observation:
+    """What the agent acts on: a conversation's candidates, best prior first."""
+    conversation: Conversation  # the environment's: read it, never change it
+    candidates: list  # action names
+    priors: list  # their prior probabilities
+
+
+@dataclass
 class StepResult:
     reward: float
     terminated: bool  # success: no bootstrap from the next state
-    truncated: bool  # turn limit: the next state still bootstraps
+    done: bool  # success or the turn limit: the conversation has ended
+    observation: Observation | None  # the next state (None after a success)
 
 
 def transcript(turns):
@@ -228,10 +239,15 @@ class Planner:
 
 
 class SelfPlayEnv:
-    def __init__(self, task, system_llm, user_llm, critic, max_turn=8,
+    """The conversations' world. `planner` None: an environment that plays turns and builds
+    prompts but gives no observations (step's `observation` is None)."""
+
+    def __init__(self, task, system_llm, user_llm, critic, planner=None, top_k=4, max_turn=8,
                  system_temperature=0.7, user_temperature=0.7, eval_temperature=0.0,
                  system_max_new_tokens=80, user_max_new_tokens=60, use_emotion=True):
         self.task = task
+        self.planner = planner
+        self.top_k = min(top_k, len(task.actions))
         self.system_llm = system_llm
         self.user_llm = user_llm
         self.critic = critic
@@ -244,10 +260,41 @@ class SelfPlayEnv:
         self.use_emotion = use_emotion
         self.errors = Counter()  # LLM answers that could not be used as they were
 
-    def reset(self, case, case_id=None, stream=None):
+    def start(self, case, case_id=None, stream=None):
+        """A new conversation of the case, as it opens (no planner call)."""
         return Conversation(case=case, turns=self.task.opening(case),
                             emotions=list(self.task.initial_emotions(case)), case_id=case_id,
                             stream=stream)
+
+    def reset(self, cases):
+        """New conversations of [(case, case_id, stream)] and their observations, with one
+        planner call for the batch."""
+        return self.observe([self.start(*case) for case in cases])
+
+    def observe(self, conversations):
+        """Each conversation's top-k candidates and priors, from one planner call."""
+        if not conversations:
+            return []
+        _, top, top_priors = self.planner.candidates(conversations, self.top_k)
+        for conversation, indices, values in zip(conversations, top, top_priors):
+            conversation.candidates = [self.task.action_names[i] for i in indices]
+            conversation.candidate_priors = values
+        return [self.observation(c) for c in conversations]
+
+    @staticmethod
+    def observation(conversation):
+        """The observation of a conversation's current state (as last observed)."""
+        return Observation(conversation, conversation.candidates, conversation.candidate_priors)
+
+    def error_counts(self):
+        """LLM answers that could not be used as they were, so far, per kind."""
+        planner = {"planner": self.planner.invalid_answers} if self.planner else {}
+        return Counter(self.errors) + Counter(planner)
+
+    def llms(self):
+        """The LLM client of each role (roles may share one client)."""
+        return {"planner": self.planner.llm if self.planner else None,
+                "system": self.system_llm, "user": self.user_llm, "critic": self.critic.llm}
 
     # -- prompts -------------------------------------------------------------------------
 
@@ -288,10 +335,12 @@ class SelfPlayEnv:
 
     # -- one batched step ----------------------------------------------------------------
 
-    def step(self, conversations, actions, evaluation=False):
-        """Play one exchange of every conversation. An action None gives the system LLM no
-        strategy (the 'none' baseline). In evaluation the system and user turns decode at
-        eval_temperature (greedy by default); the critic is unchanged."""
+    def step(self, conversations, actions, evaluation=False, notes=None):
+        """Play one exchange of every conversation; one StepResult each. An action None
+        gives the system LLM no strategy (the 'none' baseline). In evaluation the system
+        and user turns decode at eval_temperature (greedy by default); the critic is
+        unchanged. notes: per conversation, a dict that the turn's record keeps (the
+        agent's choice, for the log)."""
         system_temperature = self.eval_temperature if evaluation else self.system_temperature
         user_temperature = self.eval_temperature if evaluation else self.user_temperature
         roles = (self.task.system_role, self.task.user_role)
@@ -335,8 +384,8 @@ class SelfPlayEnv:
             conversation.turns.append((self.task.user_role, response))
 
         verdicts = self.critic.score(conversations)
-        results = []
-        for conversation, verdict, record in zip(conversations, verdicts, records):
+        for conversation, verdict, record, note in zip(conversations, verdicts, records,
+                                                        notes or [{}] * len(conversations)):
             self.errors["critic_invalid"] += verdict.invalid
             # the only endings are success and the turn limit, as in the original release
             truncated = not verdict.success and conversation.system_turns >= self.max_turn
@@ -356,6 +405,30 @@ class SelfPlayEnv:
                               critic_reads=verdict.reads)
             if verdict.deal_price is not None:
                 record["deal_price"] = verdict.deal_price
+            record.update(note)
+            if self.planner is not None:
+                record["prior_orders"] = conversation.prior_orders
             conversation.records.append(record)
-            results.append(StepResult(verdict.reward, verdict.success, truncated))
-        return results
+            cuts = turn_prompt_cuts(conversation)
+            if cuts:
+                record["prompt_cuts"] = cuts
+        # the next state's candidates: to act on, and to bootstrap a turn-limit ending
+        going_on = [c for c, v in zip(conversations, verdicts) if not v.success]
+        observations = dict(zip((c.uid for c in going_on),
+                                self.observe(going_on) if self.planner else []))
+        clients = {id(llm): llm for llm in self.llms().values() if llm is not None}
+        for conversation in conversations:
+            if conversation.done:
+                for llm in clients.values():
+                    llm.forget(conversation.uid)  # its cached prompts will not be extended
+        return [StepResult(v.reward, v.success, c.done, observations.get(c.uid))
+                for c, v in zip(conversations, verdicts)]
+
+
+def turn_prompt_cuts(conversation):
+    """The prompt cuts (llm.fit_prompt) of the latest turn: the conversation's counts less
+    those of its earlier records, so the turn's planner, system, user and critic prompts."""
+    before = Counter()
+    for record in conversation.records[:-1]:
+        before.update(record.get("prompt_cuts", {}))
+    return dict(Counter(conversation.prompt_cuts) - before)

@@ -10,6 +10,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+# the LLM roles: each has its --<role>_llm and --<role>_base_url
+ROLES = ("planner", "system", "user", "critic")
 # --backend name -> the module that defines its client's load(name, **options) (llm.py)
 BACKENDS = {"transformers": "llm_transformers", "openai": "llm_openai"}
 
@@ -253,7 +255,7 @@ class Args:
         if self.seeds and len(set(self.seeds.split(","))) < len(self.seeds.split(",")):
             raise ValueError(f"--seeds '{self.seeds}' repeats a seed. Pass each seed once")
         if self.backend == "openai" and not self.base_url and not all(
-                getattr(self, f"{role}_base_url") for role in ("planner", "system", "user", "critic")):
+                getattr(self, f"{role}_base_url") for role in ROLES):
             raise ValueError("--backend openai needs --base_url http://HOST:PORT/v1 (or one "
                              "--<role>_base_url per role); `make serve` starts a local server")
         self._check_ranges()

@@ -22,13 +22,13 @@ import sys
 import time
 
 import plots
+from metrics import episode_values, unusable_answers
 from stats import bootstrap_ci, paired_bootstrap_ci
 
 BASELINE = "dialogxpert"  # the paired table compares every other policy with this one
 METRICS = {"SR": ".3f", "AT": ".2f", "SL": ".3f", "mean_return": ".3f", "unusable": ".2f"}
 HEADERS = {"SR": "SR", "AT": "AT", "SL": "SL", "mean_return": "mean return",
            "unusable": "unusable LLM answers / conv."}
-UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "system_empty", "user_empty")
 
 
 class ReportError(Exception):
@@ -65,13 +65,9 @@ def rejudged(folders, judge):
 
 
 def conversation_values(conversation, max_turn):
-    success = conversation["outcome"] == "success"
-    return {"SR": float(success),
-            "AT": float(conversation["system_turns"] if success else max_turn),
-            "SL": float(conversation["sale_to_list"] or 0.0) if success else 0.0,
-            "mean_return": float(conversation["total_reward"]),
-            "unusable": float(sum(record.get(key) or 0 for record in conversation["records"]
-                                  for key in UNUSABLE_KEYS))}
+    return episode_values(conversation["outcome"], conversation["system_turns"],
+                          conversation["sale_to_list"], conversation["total_reward"],
+                          max_turn) | {"unusable": unusable_answers(conversation["records"])}
 
 
 def load_run(folder):

@@ -61,9 +61,21 @@ def conversation_to_dict(conversation):
     return dataclasses.asdict(conversation)
 
 
+# fields of conversations in states saved before the trainer kept the features itself
+OLD_FIELDS = ("candidate_features", "pending")
+
+
 def conversation_from_dict(values):
     values = dict(values, turns=[tuple(t) for t in values["turns"]])
-    return Conversation(**values)
+    return Conversation(**{k: v for k, v in values.items() if k not in OLD_FIELDS})
+
+
+def restore_features(state):
+    """uid -> candidate features of the conversations in flight (older states kept them
+    in each conversation)."""
+    if "features" in state:
+        return dict(state["features"])
+    return {c["uid"]: c["candidate_features"] for c in state["active"]}
 
 
 def restore_conversations(dicts):

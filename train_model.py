@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from get_args import Args, parse_args
+from get_args import ROLES, Args, parse_args
 
 if __name__ == "__main__":
     # --help and argument errors answer here, before torch and the models' libraries load
@@ -50,6 +50,7 @@ from q_adapter import (FrozenEncoder, QHead, encoder_input, linear_schedule,
 import q_adapter
 import run_state
 from replay_buffer import ReplayBuffer
+from metrics import episode_values
 from tasks import get_task, load_split
 
 
@@ -68,7 +69,7 @@ def load_llms(args):
     shared; a served model gets one client per role, which counts that role's usage."""
     loaded = {}
     roles = {}
-    for role in ("planner", "system", "user", "critic"):
+    for role in ROLES:
         name = getattr(args, f"{role}_llm") or args.llm
         if args.backend == "transformers":
             name = key = resolve_llm_path(name)
@@ -86,19 +87,17 @@ def critic_settings(critic, model):
             "critic_samples": critic.num_samples, "critic_temperature": critic.temperature}
 
 
-def judge_of(args, planner, env):
+def judge_of(env):
     """Who judged a run: the critic's model and settings, the option orders, and whether
     the critic is the same model as the system or the user ("self-judged": a judge can
     favour text of its own model)."""
-    names = {role: llm.name for role, llm in role_llms(planner, env).items()}
+    names = {role: llm.name for role, llm in env.llms().items()}
+    planner = env.planner
     return critic_settings(env.critic, names["critic"]) | {
             "system_llm": names["system"], "user_llm": names["user"],
             "planner_llm": names["planner"], "prior": planner.mode, "prior_order": planner.order,
             "prior_rotations": planner.rotations,
             "self_judged": names["critic"] in (names["system"], names["user"])}
-
-
-ROLES = ("planner", "system", "user", "critic")
 
 
 def folder_revision(folder):
@@ -149,16 +148,9 @@ def resolve_models(args, llms=None):
     return models
 
 
-def role_llms(planner, env):
-    """The LLM client of each role (roles may share one client)."""
-    return {"planner": planner.llm, "system": env.system_llm, "user": env.user_llm,
-            "critic": env.critic.llm}
-
-
-def llm_usage(planner, env):
+def llm_usage(env):
     """Requests, retries and tokens per role so far, for clients that count them (served)."""
-    return {role: dict(llm.usage) for role, llm in role_llms(planner, env).items()
-            if llm.usage}
+    return {role: dict(llm.usage) for role, llm in env.llms().items() if llm.usage}
 
 
 def build_critic(args, task, llm):
@@ -184,13 +176,14 @@ def build_env(args, task, llms):
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
                       use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens,
                       order=args.prior_order, rotations=args.prior_rotations)
-    env = SelfPlayEnv(task, llms["system"], llms["user"], critic, max_turn=args.max_turn,
-                      system_temperature=args.system_temperature,
-                      user_temperature=args.user_temperature,
-                      eval_temperature=args.eval_temperature,
-                      system_max_new_tokens=args.system_max_new_tokens,
-                      user_max_new_tokens=args.user_max_new_tokens, use_emotion=args.use_emotion)
-    return planner, env
+    return SelfPlayEnv(task, llms["system"], llms["user"], critic, planner=planner,
+                       top_k=args.top_k, max_turn=args.max_turn,
+                       system_temperature=args.system_temperature,
+                       user_temperature=args.user_temperature,
+                       eval_temperature=args.eval_temperature,
+                       system_max_new_tokens=args.system_max_new_tokens,
+                       user_max_new_tokens=args.user_max_new_tokens,
+                       use_emotion=args.use_emotion)
 
 
 def td_target(rewards, next_q, next_mask, terminated, gamma):
@@ -214,27 +207,25 @@ class Agent:
         self.updates = 0
         self.models = None  # resolve_models(args), saved with each checkpoint
 
-    def observe(self, planner, conversations, task):
-        """Fill each conversation's top-k candidates, their priors and features, with one
-        planner call and one encoder call for the whole batch."""
-        if not conversations:
-            return
-        k = min(self.args.top_k, len(task.actions))
-        _, top, top_priors = planner.candidates(conversations, k)
+    def embed(self, observations):
+        """{conversation uid: [k, width] features of its candidates}, from one encoder call
+        for the whole batch."""
+        if not observations:
+            return {}
         firsts, kept, states = [], [], []
-        for conversation, indices, values in zip(conversations, top, top_priors):
-            conversation.candidates = [task.action_names[i] for i in indices]
-            conversation.candidate_priors = values
+        for observation in observations:
+            conversation = observation.conversation
             emotions = conversation.emotions if self.args.use_emotion else []
-            for action in conversation.candidates:
+            for action in observation.candidates:
                 first, head, text = encoder_input(action, conversation.turns, emotions,
                                                   self.args.encoder_input)
                 firsts.append(first)
                 kept.append(head)
                 states.append(text)
         features = self.encoder.embed(firsts, states, kept)
-        for i, conversation in enumerate(conversations):
-            conversation.candidate_features = features[i * k:(i + 1) * k]
+        k = len(observations[0].candidates)
+        return {o.conversation.uid: features[i * k:(i + 1) * k]
+                for i, o in enumerate(observations)}
 
     @torch.no_grad()
     def q_values(self, features):
@@ -317,16 +308,19 @@ class Agent:
 # Playing conversations
 # ---------------------------------------------------------------------------------------
 
-def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
-    """One action per conversation (None for policy 'none') and the index of the chosen
-    candidate (None when the action is not one: 'uniform', 'none'); logs the candidates
-    with prior (and Q for dialogxpert). Every policy sees the same candidates."""
+def choose(agent, observations, features, epsilon, rng, policy, task):
+    """One action per observation (None for policy 'none'), the index of the chosen
+    candidate (None when the action is not one: 'uniform', 'none') and a note for the
+    turn's record: the candidates with prior (and Q for dialogxpert). Every policy sees
+    the same candidates."""
     q_all = None
     if policy == "dialogxpert":
-        q_all = agent.q_values(torch.cat([c.candidate_features for c in conversations])).cpu()
-    actions, chosen, offset = [], [], 0
-    for conversation in conversations:
-        count = len(conversation.candidates)
+        q_all = agent.q_values(torch.cat([features[o.conversation.uid]
+                                          for o in observations])).cpu()
+    actions, chosen, notes, offset = [], [], [], 0
+    for observation in observations:
+        conversation = observation.conversation
+        count = len(observation.candidates)
         q = q_all[offset:offset + count] if q_all is not None else None
         offset += count
         explored = False
@@ -341,59 +335,42 @@ def choose(agent, conversations, epsilon, rng, policy="dialogxpert", task=None):
         if policy == "uniform":
             action = random.Random(conversation.seed("policy")).choice(task.action_names)
         else:
-            action = conversation.candidates[index] if index is not None else None
+            action = observation.candidates[index] if index is not None else None
         actions.append(action)
         chosen.append(index)
         candidates = [{"action": a, "prior": round(p, 4)}
-                      for a, p in zip(conversation.candidates, conversation.candidate_priors)]
+                      for a, p in zip(observation.candidates, observation.priors)]
         if q is not None:
             for candidate, value in zip(candidates, q):
                 candidate["q"] = round(float(value), 4)
-        conversation.pending = {"candidates": candidates, "explored": explored,
-                                "policy": policy, "prior_orders": conversation.prior_orders}
-    return actions, chosen
+        notes.append({"candidates": candidates, "explored": explored, "policy": policy})
+    return actions, chosen, notes
 
 
-def turn_prompt_cuts(conversation):
-    """The prompt cuts (llm.fit_prompt) of the latest turn: the conversation's counts less
-    those of its earlier records, so the turn's planner, system, user and critic prompts."""
-    before = Counter()
-    for record in conversation.records[:-1]:
-        before.update(record.get("prompt_cuts", {}))
-    return dict(Counter(conversation.prompt_cuts) - before)
-
-
-def play_step(agent, planner, env, task, conversations, epsilon, rng, evaluation=False,
-              policy="dialogxpert"):
-    """One batched turn. Returns (chosen features, results) with next observations filled
-    (chosen features are None for actions that are no candidate)."""
-    actions, chosen = choose(agent, conversations, epsilon, rng, policy, task)
-    chosen_features = [None if i is None else c.candidate_features[i]
+def play_turn(agent, env, observations, features, epsilon, rng, evaluation=False,
+               policy="dialogxpert"):
+    """One batched turn of the observed conversations: choose, play, embed the next
+    states. Returns (chosen features (None for an action that is no candidate), step
+    results); `features` (uid -> candidate features) gets the next states'."""
+    actions, chosen, notes = choose(agent, observations, features, epsilon, rng, policy,
+                                    env.task)
+    conversations = [o.conversation for o in observations]
+    chosen_features = [None if i is None else features[c.uid][i]
                        for c, i in zip(conversations, chosen)]
-    pending = [c.pending for c in conversations]
-    results = env.step(conversations, actions, evaluation)
-    for conversation, extra in zip(conversations, pending):
-        conversation.records[-1].update(extra)
-        cuts = turn_prompt_cuts(conversation)
-        if cuts:
-            conversation.records[-1]["prompt_cuts"] = cuts
-    # the next state's candidates: needed to act on, and to bootstrap a turn-limit ending
-    agent.observe(planner, [c for c, r in zip(conversations, results) if not r.terminated], task)
-    finished = [c.uid for c in conversations if c.done]
-    llms = {id(x): x for x in role_llms(planner, env).values()}
-    for llm in llms.values():
-        for uid in finished:
-            llm.forget(uid)  # its cached prompts will not be extended again
+    results = env.step(conversations, actions, evaluation, notes)
+    features.update(agent.embed([r.observation for r in results if r.observation]))
     return chosen_features, results
 
 
 def summarize(conversations, task, max_turn, error_counts):
     n = len(conversations)
-    successes = [c.outcome == "success" for c in conversations]
-    turns = [c.system_turns if c.outcome == "success" else max_turn for c in conversations]
-    metrics = {"episodes": n, "SR": sum(successes) / max(n, 1),
-               "AT": sum(turns) / max(n, 1),
-               "mean_return": sum(c.total_reward for c in conversations) / max(n, 1),
+    values = [episode_values(c.outcome, c.system_turns, c.sale_to_list, c.total_reward,
+                             max_turn) for c in conversations]
+
+    def mean(name):
+        return sum(v[name] for v in values) / max(n, 1)
+    metrics = {"episodes": n, "SR": mean("SR"), "AT": mean("AT"),
+               "mean_return": mean("mean_return"),
                "mean_final_reward": sum(c.records[-1]["reward"] for c in conversations
                                         if c.records) / max(n, 1),
                "outcomes": dict(Counter(c.outcome for c in conversations)),
@@ -401,37 +378,37 @@ def summarize(conversations, task, max_turn, error_counts):
                # prompts cut to fit a model's context, per role, with what was cut
                "prompt_cuts": dict(sum((Counter(c.prompt_cuts) for c in conversations),
                                        Counter()))}
-    if task.reward.deals:  # failures count 0, as in PPDPP
-        metrics["SL"] = sum(c.sale_to_list or 0.0 for c in conversations
-                            if c.outcome == "success") / max(n, 1)
+    if task.reward.deals:
+        metrics["SL"] = mean("SL")
     return metrics
 
 
-def evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
+def evaluate(args, agent, env, cases, desc="eval", epsilon=0.0):
     """Play every case with --policy (dialogxpert: argmax Q, epsilon 0) and the system and
     user LLMs at --eval_temperature; returns (metrics, conversations). Paired: a case's
     LLM samples come from a stream of its own (the run's seed, the split, the case), so
     every policy meets each case with the same user and critic draws."""
-    errors_before = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
+    errors_before = env.error_counts()
     rng = random.Random(args.seed)
     finished, queue = [], list(enumerate(cases))
     bar = tqdm(total=len(cases), desc=desc, disable=not args.progress, leave=False)
     while queue:
-        batch = [env.reset(case, i, stream_seed(args.seed, desc, i))
-                 for i, case in queue[:args.num_envs]]
+        batch = env.reset([(case, i, stream_seed(args.seed, desc, i))
+                           for i, case in queue[:args.num_envs]])
         queue = queue[args.num_envs:]
-        agent.observe(planner, batch, task)
+        features = agent.embed(batch)
         while batch:
-            play_step(agent, planner, env, task, batch, epsilon, rng, evaluation=True,
-                      policy=args.policy)
-            for conversation in [c for c in batch if c.done]:
-                finished.append(conversation)
-                bar.update(1)
-            batch = [c for c in batch if not c.done]
+            _, results = play_turn(agent, env, batch, features, epsilon, rng, evaluation=True,
+                                   policy=args.policy)
+            for observation in batch:
+                if observation.conversation.done:
+                    finished.append(observation.conversation)
+                    bar.update(1)
+            batch = [r.observation for r in results if not r.done]
     bar.close()
-    errors = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
+    errors = env.error_counts()
     errors.subtract(errors_before)
-    return summarize(finished, task, args.max_turn, +errors), finished
+    return summarize(finished, env.task, args.max_turn, +errors), finished
 
 
 def write_history(run_dir, history):
@@ -455,139 +432,199 @@ def write_results(run_dir, name, metrics, conversations):
 # Training
 # ---------------------------------------------------------------------------------------
 
-def train(args, agent, planner, env, task, train_cases, valid_cases, run_dir, writer,
-          resume=None):
+def train(args, agent, env, train_cases, valid_cases, run_dir, writer, resume=None):
     """Play and learn until --total_episodes conversations have finished; returns the path
-    of the best checkpoint. `resume`: a state saved by this function (run_state.py)."""
-    rng = random.Random(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    buffer = ReplayBuffer(args.buffer_size, agent.encoder.width, args.top_k)
-    best_path = os.path.join(run_dir, "best.pt")
-    loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
-            "best_score": None, "order": list(range(len(train_cases))),
-            "history": []}  # one dict per step, update and evaluation: train_history.jsonl
-    active, train_log = [], []
-    llms = role_llms(planner, env)
-    if resume is not None:
-        loop = resume["loop"]
-        loop.setdefault("history", [])  # states saved before the history was kept
-        agent.load_state_dict(resume["agent"])
-        buffer.load_state_dict(resume["buffer"])
-        active = run_state.restore_conversations(resume["active"])
-        train_log = run_state.restore_conversations(resume["train_log"])
-        env.errors.update(resume["errors"]["env"])
-        planner.invalid_answers = resume["errors"]["planner"]
-        run_state.restore_random_states(resume["random"], rng, generator, llms)
-
-    def save_state():
-        write_history(run_dir, loop["history"])
-        run_state.save_state(run_dir, {
-            "args": vars(args), "loop": loop, "agent": agent.state_dict(),
-            "buffer": buffer.state_dict(),
-            "active": [run_state.conversation_to_dict(c) for c in active],
-            "train_log": [run_state.conversation_to_dict(c) for c in train_log],
-            "errors": {"env": dict(env.errors), "planner": planner.invalid_answers},
-            "random": run_state.random_states(rng, generator, llms)})
-
-    def learn(batch_sizes, steps, epsilon):
-        """Gradient steps on minibatches of these sizes; logs the last one's loss."""
-        for batch_size in batch_sizes:
-            loss, q_mean = agent.update(buffer, generator, batch_size)
-        writer.add_scalar("losses/td_loss", loss, steps)
-        writer.add_scalar("losses/q_values", q_mean, steps)
-        loop["history"].append({"kind": "update", "step": agent.updates, "env_step": steps,
-                                "td_loss": loss, "q_mean": q_mean, "epsilon": epsilon})
-
-    order = loop["order"]
-    bar = tqdm(total=args.total_episodes, initial=loop["finished"], desc="train",
-               disable=not args.progress)
-    saved_at = loop["finished"]
+    of the best checkpoint. `resume`: a state saved by a Trainer (run_state.py)."""
+    trainer = Trainer(args, agent, env, train_cases, valid_cases, run_dir, writer, resume)
     with run_state.StopRequest() as stop:
-        while loop["finished"] < args.total_episodes:
-            # finished conversations have left the batch; new cases take their place
-            new = []
-            while (len(active) + len(new) < args.num_envs
-                   and loop["started"] < min(args.total_episodes, episodes_open(args, loop))):
-                if loop["started"] % len(order) == 0:
-                    rng.shuffle(order)
-                index = order[loop["started"] % len(order)]
-                new.append(env.reset(train_cases[index], index,
-                                     stream_seed(args.seed, "train", loop["started"])))
-                loop["started"] += 1
-            agent.observe(planner, new, task)
-            active += new
+        while trainer.loop["finished"] < args.total_episodes:
+            trainer.refill()
             epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
                                       args.exploration_fraction * args.total_episodes,
-                                      loop["finished"])
-            chosen_features, results = play_step(agent, planner, env, task, active, epsilon, rng)
-            loop["steps"] += 1
-            steps = loop["steps"]
-            for conversation, features, result in zip(active, chosen_features, results):
-                next_features = None if result.terminated else conversation.candidate_features
-                buffer.add(features.cpu(), result.reward,
-                           None if next_features is None else next_features.cpu(),
-                           result.terminated)
-            loop["history"].append({"kind": "step", "step": steps, "epsilon": epsilon})
-            # the project's schedule: updates_per_step minibatches per new transition
-            if not args.update_every_episodes and len(buffer) >= args.learning_starts:
-                learn([args.batch_size] * (args.updates_per_step * len(active)), steps, epsilon)
-            writer.add_scalar("charts/epsilon", epsilon, steps)
-            for conversation in [c for c in active if c.done]:
-                loop["finished"] += 1
-                bar.update(1)
-                train_log.append(conversation)
-                writer.add_scalar("charts/episodic_return", conversation.total_reward,
-                                  loop["finished"])
-                writer.add_scalar("charts/episode_success",
-                                  float(conversation.outcome == "success"), loop["finished"])
-            active = [c for c in active if not c.done]
-            # the original's schedule: after each block of update_every_episodes episodes
-            # (no new one starts before the block ends), replay_ratio * len(buffer) draws
-            block_done = not active and (loop["finished"] % max(args.update_every_episodes, 1)
-                                         == 0 or loop["finished"] == args.total_episodes)
-            if args.update_every_episodes and block_done and len(buffer) >= args.learning_starts:
-                learn(block_batches(args, len(buffer)), steps, epsilon)
-            finished = loop["finished"]
-            if finished >= loop["next_eval"] or finished >= args.total_episodes:
-                loop["next_eval"] += args.eval_every
-                metrics, _ = evaluate(args, agent, planner, env, task, valid_cases, "valid")
-                # the counters are shared: what the valid conversations added is not training's
-                loop["valid_errors"] = dict(Counter(loop.get("valid_errors", {}))
-                                            + Counter(metrics["llm_answers_unusable"]))
-                loop["history"].append({"kind": "eval", "episode": finished} | {
-                    name: metrics[name] for name in ("SR", "AT", "SL", "mean_return")
-                    if name in metrics})
-                writer.add_scalar("eval/SR", metrics["SR"], finished)
-                writer.add_scalar("eval/AT", metrics["AT"], finished)
-                if task.reward.deals:
-                    writer.add_scalar("eval/SL", metrics["SL"], finished)
-                for role, usage in llm_usage(planner, env).items():
-                    for name, count in usage.items():
-                        writer.add_scalar(f"usage/{role}_{name}", count, finished)
-                score = [metrics["SR"], -metrics["AT"]]
-                tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} "
-                           f"AT={metrics['AT']:.2f}")
-                if loop["best_score"] is None or score > loop["best_score"]:
-                    loop["best_score"] = score
-                    agent.save(best_path, finished, metrics)
-            if stop.requested or finished - saved_at >= args.checkpoint_every:
-                save_state()
-                saved_at = finished
-                if stop.requested:
-                    bar.close()
-                    raise run_state.TrainingStopped(run_dir, stop.requested)
-        bar.close()
-        save_state()  # a signal from here on stops the run after these files are whole
-        agent.save(os.path.join(run_dir, "last.pt"), loop["finished"])
-        train_errors = Counter(env.errors) + Counter({"planner": planner.invalid_answers})
-        train_errors.subtract(loop.get("valid_errors", {}))
-        train_metrics = summarize(train_log, task, args.max_turn, +train_errors)
-        train_metrics["judge"] = judge_of(args, planner, env)
-        train_metrics["llm_usage"] = llm_usage(planner, env)
-        write_results(run_dir, "train", train_metrics, train_log)
-        if stop.requested:
-            raise run_state.TrainingStopped(run_dir, stop.requested)
-    return best_path
+                                      trainer.loop["finished"])
+            results = trainer.play(epsilon)
+            trainer.end_finished(results)
+            trainer.learn_after_block(epsilon)
+            trainer.evaluate_if_due()
+            trainer.save_if_due(stop.requested)
+        trainer.finish(stop.requested)
+    return trainer.best_path
+
+
+class Trainer:
+    """The training loop's state (conversations in flight and their candidate features,
+    the replay buffer, the counters, the random generators) and its steps."""
+
+    def __init__(self, args, agent, env, train_cases, valid_cases, run_dir, writer,
+                 resume=None):
+        self.args, self.agent, self.env, self.writer = args, agent, env, writer
+        self.train_cases, self.valid_cases, self.run_dir = train_cases, valid_cases, run_dir
+        self.rng = random.Random(args.seed)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.buffer = ReplayBuffer(args.buffer_size, agent.encoder.width, args.top_k)
+        self.best_path = os.path.join(run_dir, "best.pt")
+        self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
+                     "best_score": None, "order": list(range(len(train_cases))),
+                     "history": []}  # one dict per step, update and evaluation
+        self.active, self.train_log, self.features = [], [], {}  # features: uid -> [k, width]
+        if resume is not None:
+            self.restore(resume)
+        self.bar = tqdm(total=args.total_episodes, initial=self.loop["finished"], desc="train",
+                        disable=not args.progress)
+        self.saved_at = self.loop["finished"]
+
+    def restore(self, state):
+        self.loop = state["loop"]
+        self.loop.setdefault("history", [])  # states saved before the history was kept
+        self.agent.load_state_dict(state["agent"])
+        self.buffer.load_state_dict(state["buffer"])
+        active = run_state.restore_conversations(state["active"])
+        self.active = [self.env.observation(c) for c in active]
+        self.features = run_state.restore_features(state)
+        self.train_log = run_state.restore_conversations(state["train_log"])
+        self.env.errors.update(state["errors"]["env"])
+        self.env.planner.invalid_answers = state["errors"]["planner"]
+        run_state.restore_random_states(state["random"], self.rng, self.generator,
+                                        self.env.llms())
+
+    def save_state(self):
+        write_history(self.run_dir, self.loop["history"])
+        run_state.save_state(self.run_dir, {
+            "args": vars(self.args), "loop": self.loop, "agent": self.agent.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "active": [run_state.conversation_to_dict(o.conversation) for o in self.active],
+            "features": {o.conversation.uid: self.features[o.conversation.uid]
+                         for o in self.active},
+            "train_log": [run_state.conversation_to_dict(c) for c in self.train_log],
+            "errors": {"env": dict(self.env.errors),
+                       "planner": self.env.planner.invalid_answers},
+            "random": run_state.random_states(self.rng, self.generator, self.env.llms())})
+
+    def refill(self):
+        """New training cases take the places of finished conversations (within the
+        current block with --update_every_episodes)."""
+        args, loop, order = self.args, self.loop, self.loop["order"]
+        new = []
+        while (len(self.active) + len(new) < args.num_envs
+               and loop["started"] < min(args.total_episodes, episodes_open(args, loop))):
+            if loop["started"] % len(order) == 0:
+                self.rng.shuffle(order)
+            index = order[loop["started"] % len(order)]
+            new.append((self.train_cases[index], index,
+                        stream_seed(args.seed, "train", loop["started"])))
+            loop["started"] += 1
+        observations = self.env.reset(new)
+        self.features.update(self.agent.embed(observations))
+        self.active += observations
+
+    def play(self, epsilon):
+        """One turn of every active conversation; its transitions go to the buffer, and
+        with the project's schedule updates_per_step minibatches per new transition."""
+        args = self.args
+        chosen, results = play_turn(self.agent, self.env, self.active, self.features,
+                                    epsilon, self.rng)
+        self.loop["steps"] += 1
+        steps = self.loop["steps"]
+        for features, result in zip(chosen, results):
+            following = result.observation  # a turn-limit ending still bootstraps
+            next_features = (None if result.terminated
+                             else self.features[following.conversation.uid].cpu())
+            self.buffer.add(features.cpu(), result.reward, next_features, result.terminated)
+        self.loop["history"].append({"kind": "step", "step": steps, "epsilon": epsilon})
+        if not args.update_every_episodes and len(self.buffer) >= args.learning_starts:
+            self.learn([args.batch_size] * (args.updates_per_step * len(self.active)), epsilon)
+        self.writer.add_scalar("charts/epsilon", epsilon, steps)
+        return results
+
+    def end_finished(self, results):
+        """Finished conversations go to the training log and leave the batch."""
+        going_on = []
+        for observation, result in zip(self.active, results):
+            conversation = observation.conversation
+            if not result.done:
+                going_on.append(result.observation)
+                continue
+            self.features.pop(conversation.uid)
+            self.loop["finished"] += 1
+            self.bar.update(1)
+            self.train_log.append(conversation)
+            self.writer.add_scalar("charts/episodic_return", conversation.total_reward,
+                                   self.loop["finished"])
+            self.writer.add_scalar("charts/episode_success",
+                                   float(conversation.outcome == "success"),
+                                   self.loop["finished"])
+        self.active = going_on
+
+    def learn(self, batch_sizes, epsilon):
+        """Gradient steps on minibatches of these sizes; logs the last one's loss."""
+        for batch_size in batch_sizes:
+            loss, q_mean = self.agent.update(self.buffer, self.generator, batch_size)
+        steps = self.loop["steps"]
+        self.writer.add_scalar("losses/td_loss", loss, steps)
+        self.writer.add_scalar("losses/q_values", q_mean, steps)
+        self.loop["history"].append({"kind": "update", "step": self.agent.updates,
+                                     "env_step": steps, "td_loss": loss, "q_mean": q_mean,
+                                     "epsilon": epsilon})
+
+    def learn_after_block(self, epsilon):
+        """The original's schedule: after each block of update_every_episodes episodes (no
+        new one starts before the block ends), replay_ratio * len(buffer) draws."""
+        args, finished = self.args, self.loop["finished"]
+        block_done = not self.active and (finished % max(args.update_every_episodes, 1) == 0
+                                          or finished == args.total_episodes)
+        if args.update_every_episodes and block_done and len(self.buffer) >= args.learning_starts:
+            self.learn(block_batches(args, len(self.buffer)), epsilon)
+
+    def evaluate_if_due(self):
+        """Every eval_every finished episodes (and at the end): the valid split, its
+        figures logged, and best.pt when SR (then -AT) is the best so far."""
+        args, loop, finished = self.args, self.loop, self.loop["finished"]
+        if finished < loop["next_eval"] and finished < args.total_episodes:
+            return
+        loop["next_eval"] += args.eval_every
+        metrics, _ = evaluate(args, self.agent, self.env, self.valid_cases, "valid")
+        # the counters are shared: what the valid conversations added is not training's
+        loop["valid_errors"] = dict(Counter(loop.get("valid_errors", {}))
+                                    + Counter(metrics["llm_answers_unusable"]))
+        loop["history"].append({"kind": "eval", "episode": finished} | {
+            name: metrics[name] for name in ("SR", "AT", "SL", "mean_return") if name in metrics})
+        for name in ("SR", "AT", "SL"):
+            if name in metrics:
+                self.writer.add_scalar(f"eval/{name}", metrics[name], finished)
+        for role, usage in llm_usage(self.env).items():
+            for name, count in usage.items():
+                self.writer.add_scalar(f"usage/{role}_{name}", count, finished)
+        score = [metrics["SR"], -metrics["AT"]]
+        tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} AT={metrics['AT']:.2f}")
+        if loop["best_score"] is None or score > loop["best_score"]:
+            loop["best_score"] = score
+            self.agent.save(self.best_path, finished, metrics)
+
+    def save_if_due(self, stop_requested):
+        """The whole state every checkpoint_every finished episodes, and on a signal, after
+        which the run stops."""
+        finished = self.loop["finished"]
+        if stop_requested or finished - self.saved_at >= self.args.checkpoint_every:
+            self.save_state()
+            self.saved_at = finished
+            if stop_requested:
+                self.bar.close()
+                raise run_state.TrainingStopped(self.run_dir, stop_requested)
+
+    def finish(self, stop_requested):
+        """The state, last.pt and the training conversations with their figures."""
+        self.bar.close()
+        self.save_state()  # a signal from here on stops the run after these files are whole
+        self.agent.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"])
+        train_errors = self.env.error_counts()
+        train_errors.subtract(self.loop.get("valid_errors", {}))
+        train_metrics = summarize(self.train_log, self.env.task, self.args.max_turn,
+                                  +train_errors)
+        train_metrics["judge"] = judge_of(self.env)
+        train_metrics["llm_usage"] = llm_usage(self.env)
+        write_results(self.run_dir, "train", train_metrics, self.train_log)
+        if stop_requested:
+            raise run_state.TrainingStopped(self.run_dir, stop_requested)
 
 
 def episodes_open(args, loop):
@@ -659,8 +696,8 @@ def run(args):
     print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
     llms = load_llms(args)
-    planner, env = build_env(args, task, llms)
-    for role, user, flag in (("planner", planner, "prior"), ("critic", env.critic, "critic")):
+    env = build_env(args, task, llms)
+    for role, user, flag in (("planner", env.planner, "prior"), ("critic", env.critic, "critic")):
         if sample_if_unscorable(user, llms[role], role, flag):
             setattr(args, flag, "sample")
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
@@ -671,20 +708,20 @@ def run(args):
         if args.mode == "train":
             with SummaryWriter(run_dir) as writer:
                 writer.add_text("args", json.dumps(vars(args), indent=2))
-                checkpoint = train(args, agent, planner, env, task, train_cases, valid_cases,
+                checkpoint = train(args, agent, env, train_cases, valid_cases,
                                    run_dir, writer, resume)
         else:
             checkpoint = args.checkpoint or None  # a baseline policy has none
         if checkpoint:
             agent.load(checkpoint)
-        metrics, conversations = evaluate(args, agent, planner, env, task, test_cases, "test")
+        metrics, conversations = evaluate(args, agent, env, test_cases, "test")
     except KeyboardInterrupt:  # Ctrl-C while testing after training: the state is whole
         if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
             raise run_state.TrainingStopped(run_dir, "SIGINT") from None
         raise
     except ServerError as error:  # a served model is gone: keep what was learned
         agent.save(os.path.join(run_dir, "last.pt"), None,
-                   {"stopped_by": str(error), "llm_usage": llm_usage(planner, env)})
+                   {"stopped_by": str(error), "llm_usage": llm_usage(env)})
         if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
             raise ServerError(f"{error} The training state of the last save is in {run_dir}: "
                               f"resume with `python train_model.py --resume {run_dir}`",
@@ -694,9 +731,9 @@ def run(args):
                "max_turn": args.max_turn,
                "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}
                | {"models": models}} | metrics
-    metrics["judge"] = judge_of(args, planner, env)
+    metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
-    metrics["llm_usage"] = llm_usage(planner, env)
+    metrics["llm_usage"] = llm_usage(env)
     write_results(run_dir, "test", metrics, conversations)
     print(json.dumps(metrics, indent=2))
     import plots  # matplotlib loads only now

@@ -27,11 +27,11 @@ import sys
 import time
 
 from critic import LEADING_LABEL, OTHER_LABELS, Critic, parse_verdict
+from metrics import UNUSABLE_KEYS
 from tasks import SPLITS, TASKS, parse_price, plausible_price, sale_to_list
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
 # a turn's LLM answers that could not be used as they were (as report.py counts them)
-UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "system_empty", "user_empty")
 ARGS_FILES = ("last.pt.json", "best.pt.json")  # checkpoint sidecars that hold the arguments
 # how the tests and bench.py open pages: Debian's chromium, headless, with nothing that
 # reaches the network on its own

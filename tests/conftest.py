@@ -179,13 +179,14 @@ class World:
         self.asked = (getattr(self, "asked", -1) + 1)
         return answers[self.asked % len(answers)]
 
-    def env(self, max_turn):
+    def env(self, max_turn, top_k=4):
         from critic import Critic
         from env import Planner, SelfPlayEnv
 
         critic = Critic(self.task, self.critic, num_samples=2)
-        return (Planner(self.task, self.prior),
-                SelfPlayEnv(self.task, self.system, self.user, critic, max_turn=max_turn))
+        return SelfPlayEnv(self.task, self.system, self.user, critic,
+                           planner=Planner(self.task, self.prior), top_k=top_k,
+                           max_turn=max_turn)
 
 
 def esc_cases(first, count):

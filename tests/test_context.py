@@ -46,7 +46,7 @@ def test_huge_fields_and_long_conversations_are_cut_to_the_context(short_llm):
     env = SelfPlayEnv(task, short_llm, short_llm, critic, system_max_new_tokens=8,
                       user_max_new_tokens=8)
     planner = Planner(task, short_llm)
-    conversation = env.reset(case)
+    conversation = env.start(case)
     conversation.turns += [("Therapist" if i % 2 else "Patient", f"turn {i}: " + "x" * 60)
                            for i in range(1, 12)]
     conversation.turns.append(("Patient", "the newest turn"))
@@ -69,7 +69,7 @@ def test_a_single_huge_turn_is_shortened_not_dropped(short_llm):
     task = get_task("esc")
     case = dict(load_split(DEMO, "esc", "test")[0], situation="I lost my job. " * 10_000)
     env = SelfPlayEnv(task, short_llm, short_llm, None, system_max_new_tokens=8)
-    conversation = env.reset(case)
+    conversation = env.start(case)
     messages = env.system_prompt(conversation, "Question")
     assert short_llm.count_tokens(messages) + 8 <= CONTEXT
     assert messages[1]["content"].startswith("I lost my job.")  # the start is kept
@@ -80,7 +80,7 @@ def test_a_single_huge_turn_is_shortened_not_dropped(short_llm):
 def test_prompts_that_fit_are_untouched_and_not_counted(short_llm):
     task = get_task("esc")
     env = SelfPlayEnv(task, short_llm, short_llm, None)
-    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    conversation = env.start(load_split(DEMO, "esc", "test")[0])
     uncut = SelfPlayEnv(task, None, None, None).system_prompt(conversation, "Question")
     assert env.system_prompt(conversation, "Question") == uncut
     assert conversation.prompt_cuts == {}

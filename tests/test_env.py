@@ -34,30 +34,30 @@ def _env(task_name, critic_answer, system_answer="Emotion: calm\nResponse: Try a
 
 def test_step_appends_turns_emotions_and_rewards_in_one_call_per_phase():
     task, system, user, env = _env("esc", "No, but the Patient feels somewhat better.")
-    conversations = [env.reset(c) for c in load_split(DEMO, "esc", "train")[:3]]
+    conversations = [env.start(c) for c in load_split(DEMO, "esc", "train")[:3]]
     results = env.step(conversations, ["Question", "Information", "Others"])
     assert system.calls == [("chat", 3, 1)] and user.calls == [("chat", 3, 1)]
     for conversation, result in zip(conversations, results):
         assert conversation.turns[-2] == ("Therapist", "Try a walk.")
         assert conversation.turns[-1] == ("Patient", "Thanks, I will try.")
         assert conversation.emotions == [conversation.case["emotion_type"], "calm"]
-        assert result.reward == 0.5 and result.terminated and not result.truncated
+        assert result.reward == 0.5 and result.terminated and result.done
         assert conversation.outcome == "success"
 
 
 def test_time_limit_truncates_without_terminating():
     task, _, _, env = _env("esc", "2", max_turn=2)
-    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    conversation = env.start(load_split(DEMO, "esc", "test")[0])
     first = env.step([conversation], ["Question"])[0]
-    assert not first.terminated and not first.truncated and conversation.outcome is None
+    assert not first.terminated and not first.done and conversation.outcome is None
     second = env.step([conversation], ["Question"])[0]
-    assert second.truncated and not second.terminated
+    assert second.done and not second.terminated
     assert conversation.outcome == "time limit" and conversation.total_reward == -1.0
 
 
 def test_unusable_system_answers_are_counted_not_dropped():
     task, _, _, env = _env("esc", "2", system_answer="Hello!")
-    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    conversation = env.start(load_split(DEMO, "esc", "test")[0])
     env.step([conversation], ["Question"])
     assert env.errors["system_format"] == 1
     assert conversation.turns[-2] == ("Therapist", "Hello!")
@@ -66,7 +66,7 @@ def test_unusable_system_answers_are_counted_not_dropped():
 
 def test_system_prompt_carries_instruction_and_format():
     task, _, _, env = _env("cima", "x")
-    conversation = env.reset(load_split(DEMO, "cima", "test")[0])
+    conversation = env.start(load_split(DEMO, "cima", "test")[0])
     messages = env.system_prompt(conversation, "Hint")
     assert messages[0]["role"] == "system" and conversation.case["sentence"] in messages[0]["content"]
     # the original's teacher is not handed the target translation
@@ -79,7 +79,7 @@ def test_planner_logits_prior_covers_all_actions():
     task = get_task("p4g")
     llm = ScriptedLLM(None, prior=lambda prompt, labels: [float(i) for i in range(1, len(labels) + 1)])
     planner = Planner(task, llm)
-    conversation = SelfPlayEnv(task, None, None, None).reset(load_split(DEMO, "p4g", "test")[0])
+    conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "p4g", "test")[0])
     prior = planner.prior([conversation])
     assert prior.shape == (1, 19)
     assert torch.allclose(prior.sum(-1), torch.ones(1))
@@ -92,7 +92,7 @@ def test_planner_sampling_fallback_counts_invalid_answers():
     task = get_task("esc")
     answers = iter(["3", "Strategy 3.", "I think none", "12", "3"] * 2)
     planner = Planner(task, ScriptedLLM(lambda p: next(answers)), mode="sample", num_samples=5)
-    conversation = SelfPlayEnv(task, None, None, None).reset(load_split(DEMO, "esc", "test")[0])
+    conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "esc", "test")[0])
     prior = planner.prior([conversation])[0]
     assert planner.invalid_answers == 2  # "I think none" and "12" (only 8 actions)
     assert int(prior.argmax()) == 2
@@ -107,10 +107,10 @@ def test_batched_step_equals_one_conversation_at_a_time(tiny_llm):
                       user_temperature=0.0, system_max_new_tokens=8, user_max_new_tokens=8)
     cases = load_split(DEMO, "esc", "train")[:3]
     actions = ["Question", "Others", "Information"]
-    batched = [env.reset(c) for c in cases]
+    batched = [env.start(c) for c in cases]
     env.step(batched, actions)
     for case, action, together in zip(cases, actions, batched):
-        alone = env.reset(case)
+        alone = env.start(case)
         env.step([alone], [action])
         assert alone.turns == together.turns
         assert alone.records[0]["critic_answers"] == together.records[0]["critic_answers"]
@@ -142,26 +142,26 @@ def test_evaluation_decodes_system_and_user_greedily_and_training_samples():
                       Recording(lambda p: "Ok."), critic, system_temperature=0.7,
                       user_temperature=0.6, eval_temperature=0.0)
     case = load_split(DEMO, "esc", "test")[0]
-    env.step([env.reset(case)], ["Question"])
-    env.step([env.reset(case)], ["Question"], evaluation=True)
+    env.step([env.start(case)], ["Question"])
+    env.step([env.start(case)], ["Question"], evaluation=True)
     assert temperatures == [0.7, 0.6, 1.1, 0.0, 0.0, 1.1]
 
 
 @pytest.mark.parametrize("answer", ["1", "No, the Patient's issue has not been solved.", "?"])
 def test_no_failure_ending_only_success_or_the_turn_limit(answer):
     task, _, _, env = _env("esc", answer, max_turn=3)
-    conversation = env.reset(load_split(DEMO, "esc", "test")[0])
+    conversation = env.start(load_split(DEMO, "esc", "test")[0])
     for turn in range(3):
         result = env.step([conversation], ["Question"])[0]
         assert not result.terminated
-    assert result.truncated and conversation.outcome == "time limit"
+    assert result.done and not result.terminated and conversation.outcome == "time limit"
 
 
 @pytest.mark.parametrize("task_name", ["esc", "extes", "cima", "cb", "p4g"])
 def test_openings_follow_the_original(task_name):
     task = get_task(task_name)
     case = load_split(DEMO, task_name, "test")[0]
-    conversation = SelfPlayEnv(task, None, None, None).reset(case)
+    conversation = SelfPlayEnv(task, None, None, None).start(case)
     expected = {
         "esc": [("Patient", case.get("situation"))],
         "extes": [("Patient", case.get("description"))],

@@ -47,18 +47,18 @@ def train_and_compare(world, train_cases, test_cases, encoder_dir, tmp_path, max
     budget = WORLD | dict(data_name=world.task.name, total_episodes=episodes,
                           max_turn=max_turn, top_k=top_k)
     args = recipe_args(recipe, **budget | (PROJECT if recipe == "project" else {}))
-    planner, env = world.env(max_turn)
+    env = world.env(max_turn, top_k)
     encoder = FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64, device="cpu")
     agent = train_model.Agent(args, encoder)
-    random_policy, _ = train_model.evaluate(args, agent, planner, env, world.task, test_cases,
+    random_policy, _ = train_model.evaluate(args, agent, env, test_cases,
                                             epsilon=1.0)
-    prior_policy, _ = train_model.evaluate(args, PriorAgent(args, encoder), planner, env,
-                                           world.task, test_cases)
+    prior_policy, _ = train_model.evaluate(args, PriorAgent(args, encoder), env,
+                                           test_cases)
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, planner, env, world.task, train_cases, test_cases[:2],
+        train_model.train(args, agent, env, train_cases, test_cases[:2],
                           str(tmp_path), writer)
     agent.load(str(tmp_path / "last.pt"))
-    trained, conversations = train_model.evaluate(args, agent, planner, env, world.task,
+    trained, conversations = train_model.evaluate(args, agent, env,
                                                   test_cases)
     print("random", random_policy, "\nprior", prior_policy, "\ntrained", trained)
     return random_policy, prior_policy, trained, conversations

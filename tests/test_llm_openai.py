@@ -94,7 +94,7 @@ def planner_prompts(task_name, count):
     task = get_task(task_name)
     planner, env = Planner(task, None), SelfPlayEnv(task, None, None, None)
     cases = load_split(DEMO, task_name, "train")[:count]
-    return [planner.prompt(env.reset(case)) for case in cases], planner.labels
+    return [planner.prompt(env.start(case)) for case in cases], planner.labels
 
 
 # SmolLM2's GGUF is Q4_1; the in-process model is the same weights dequantized to bf16,

@@ -64,10 +64,10 @@ def test_each_baseline_policy_has_its_closed_form_success_rate(policy, encoder):
     args = Args(data_name="esc", mode="test", policy=policy, max_turn=2, num_envs=50,
                 critic_samples=2, progress=False, seed=3)
     llms = closed_form_world()
-    planner, env = train_model.build_env(args, TASK, llms)
+    env = train_model.build_env(args, TASK, llms)
     cases = esc_cases(0, 600)
     metrics, conversations = train_model.evaluate(args, train_model.Agent(args, encoder),
-                                                  planner, env, TASK, cases, "test")
+                                                  env, cases, "test")
     successes = [float(c.outcome == "success") for c in conversations]
     mean, low, high = bootstrap_ci([successes])
     print(f"{policy}: SR {mean:.3f} [{low:.3f}, {high:.3f}], closed form "
@@ -107,7 +107,7 @@ def test_paired_evaluation_gives_the_same_draws_where_two_policies_act_alike(tin
                           system_max_new_tokens=6, user_max_new_tokens=6)
         args.policy = policy
         _, conversations = train_model.evaluate(args, train_model.Agent(args, encoder),
-                                                planner, env, TASK, cases, "test")
+                                                env, cases, "test")
         runs[policy] = {c.case_id: c for c in conversations}
     alike = differ = 0
     for case_id, first in runs["prior"].items():

@@ -70,11 +70,11 @@ def _train(tmp_path, encoder_dir, recipe, **values):
                                       progress=False, max_encoder_tokens=64, hidden_size=16,
                                       batch_size=8) | values)
     world = bargain_world()
-    planner, env = world.env(args.max_turn)
+    env = world.env(args.max_turn, args.top_k)
     agent = train_model.Agent(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
                                                                   device="cpu"))
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, planner, env, world.task, cb_cases(0, 50),
+        train_model.train(args, agent, env, cb_cases(0, 50),
                           cb_cases(100, 2), str(tmp_path), writer)
     with open(tmp_path / "train_conversations.jsonl") as f:
         finished = [json.loads(line) for line in f]
@@ -136,7 +136,7 @@ def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder
                                                                     monkeypatch):
     scores = iter([(0.5, 3.0), (1.0, 4.0), (1.0, 2.0), (0.25, 1.0), (1.0, 2.0)])
 
-    def scripted_evaluate(args, agent, planner, env, task, cases, desc="eval", epsilon=0.0):
+    def scripted_evaluate(args, agent, env, cases, desc="eval", epsilon=0.0):
         sr, at = next(scores)
         return {"SR": sr, "AT": at, "SL": 0.0, "mean_return": 0.0,
                 "llm_answers_unusable": {}}, []

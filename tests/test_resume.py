@@ -39,11 +39,11 @@ def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):
                 os.kill(os.getpid(), signal.SIGINT)
             return reply(prompt)
         world.system.reply = interrupting_reply
-    planner, env = world.env(max_turn=3)
+    env = world.env(max_turn=3, top_k=args.top_k)
     agent = train_model.Agent(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
                                                                   device="cpu"))
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, planner, env, world.task, esc_cases(0, 40),
+        train_model.train(args, agent, env, esc_cases(0, 40),
                           esc_cases(100, 4), str(tmp_path), writer, resume)
     return agent
 

@@ -84,7 +84,7 @@ def test_every_prompt_of_a_task_formats_with_its_demo_cases(task_name):
     task = get_task(task_name)
     env = SelfPlayEnv(task, None, None, None)
     for case in load_split(DEMO, task_name, "test"):
-        conversation = env.reset(case)
+        conversation = env.start(case)
         for action in task.action_names:
             assert task.actions[action] in env.system_prompt(conversation, action)[-1]["content"]
         env.user_prompt(conversation)
@@ -134,7 +134,7 @@ def test_a_new_task_is_one_prompt_block_and_one_registry_entry(monkeypatch, tmp_
                     num_samples=2)
     env = SelfPlayEnv(task, ScriptedLLM(lambda p: "Emotion: keen\nResponse: Go!"),
                       ScriptedLLM(lambda p: "Ok."), critic)
-    conversation = env.reset(case)
+    conversation = env.start(case)
     assert Planner(task, ScriptedLLM(None)).prior([conversation]).shape == (1, 2)
     result = env.step([conversation], ["Plan"])[0]
     assert result.reward == 1.0 and result.terminated and conversation.outcome == "success"

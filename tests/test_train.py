@@ -153,13 +153,13 @@ def test_finished_conversations_are_forgotten_by_each_llm(tiny_encoder_dir):
                 progress=False)
     world = sequence_world()
     task = world.task
-    planner, env = world.env(max_turn=2)
+    env = world.env(max_turn=2, top_k=args.top_k)
     forgotten = {}
-    for name, llm in (("planner", planner.llm), ("system", env.system_llm),
+    for name, llm in (("planner", env.planner.llm), ("system", env.system_llm),
                       ("critic", env.critic.llm)):
         llm.forget = lambda uid, name=name: forgotten.setdefault(name, []).append(uid)
     agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
-    _, conversations = train_model.evaluate(args, agent, planner, env, task,
+    _, conversations = train_model.evaluate(args, agent, env,
                                             esc_cases(0, 5))
     uids = sorted(c.uid for c in conversations)
     assert {name: sorted(ids) for name, ids in forgotten.items()} == {
@@ -222,11 +222,11 @@ def test_training_metrics_count_only_the_training_answers(tiny_encoder_dir, tmp_
     args = Args(data_name="esc", total_episodes=8, num_envs=4, max_turn=2, eval_every=4,
                 hidden_size=8, batch_size=4, learning_starts=4, progress=False,
                 max_encoder_tokens=64)
-    planner, env = world.env(max_turn=2)
+    env = world.env(max_turn=2, top_k=args.top_k)
     agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir,
                                                                   max_tokens=64, device="cpu"))
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, planner, env, world.task, esc_cases(0, 8),
+        train_model.train(args, agent, env, esc_cases(0, 8),
                           esc_cases(100, 2), str(tmp_path), writer)
     assert env.errors["system_format"] == 2 * 2 * 2  # 2 evaluations x 2 cases x 2 turns
     with open(tmp_path / "train_metrics.json") as f:

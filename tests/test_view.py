@@ -21,7 +21,7 @@ import pytest
 import train_model
 import view
 from conftest import INJECTED, ROOT, make_runs
-from env import Conversation
+from env import Conversation, turn_prompt_cuts
 from tasks import get_task
 
 CHROMIUM, FLAGS = view.CHROMIUM, view.CHROMIUM_FLAGS
@@ -108,9 +108,9 @@ def test_turn_prompt_cuts_are_the_cuts_since_the_last_record():
     conversation = Conversation(case={}, turns=[])
     conversation.prompt_cuts = {"user": 1, "turns_dropped": 2}
     conversation.records = [{"prompt_cuts": {"user": 1, "turns_dropped": 2}}, {}]
-    assert train_model.turn_prompt_cuts(conversation) == {}
+    assert turn_prompt_cuts(conversation) == {}
     conversation.prompt_cuts = {"user": 2, "critic": 1, "turns_dropped": 2}
-    assert train_model.turn_prompt_cuts(conversation) == {"user": 1, "critic": 1}
+    assert turn_prompt_cuts(conversation) == {"user": 1, "critic": 1}
 
 
 def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_path):
