@@ -6,7 +6,7 @@
 # make llama-server: build llama.cpp's own server (parallel slots) into .venv/llama.cpp,
 #   from the source of the pinned llama-cpp-python (serve.py --engine native)
 # make test: create .venv, install, run the test suite (the served tests included)
-# make bench: the self-play speed benchmark (see README)
+# make bench: the self-play speed benchmark (see docs/speed.md)
 # make results: train with two seeds, test the four baselines on the same seeds, report
 #   (README, "Results"; RESULTS_DATA=folder for other data, SEEDS=1,2,3 for more seeds)
 PYTHON ?= python3

@@ -60,17 +60,14 @@ def parse(argv=None):
 
 def load_critic(args):
     """The Critic of a run with these arguments, and its model's resolved name."""
-    from llm import backend_options, load_llm, resolve_llm_path
+    from llm import backend_options, load_llm
     from tasks import get_task
     from train_model import build_critic, sample_if_unscorable
 
-    name = args.critic_llm or args.llm
-    if args.backend == "transformers":
-        name = resolve_llm_path(name)
-    llm = load_llm(args.backend, name, **backend_options(args, "critic"))
+    llm = load_llm(args.backend, args.critic_llm or args.llm, **backend_options(args, "critic"))
     critic = build_critic(args, get_task(args.data_name), llm)
     sample_if_unscorable(critic, llm, "critic", "critic")
-    return critic, llm.model if args.backend == "openai" else name
+    return critic, llm.name
 
 
 def all_rotations(count):

@@ -341,17 +341,36 @@ class SelfPlayEnv:
         and user turns decode at eval_temperature (greedy by default); the critic is
         unchanged. notes: per conversation, a dict that the turn's record keeps (the
         agent's choice, for the log)."""
-        system_temperature = self.eval_temperature if evaluation else self.system_temperature
-        user_temperature = self.eval_temperature if evaluation else self.user_temperature
-        roles = (self.task.system_role, self.task.user_role)
         records = [{"turn": c.system_turns + 1, "action": a} for c, a in zip(conversations, actions)]
+        self.play_system(conversations, actions, records,
+                         self.eval_temperature if evaluation else self.system_temperature)
+        self.play_user(conversations, records,
+                       self.eval_temperature if evaluation else self.user_temperature)
+        verdicts = self.critic.score(conversations)
+        for conversation, verdict, record, note in zip(conversations, verdicts, records,
+                                                        notes or [{}] * len(conversations)):
+            self.end_turn(conversation, verdict, record, note)
+        # the next state's candidates: to act on, and to bootstrap a turn-limit ending
+        going_on = [c for c, v in zip(conversations, verdicts) if not v.success]
+        observations = dict(zip((c.uid for c in going_on),
+                                self.observe(going_on) if self.planner else []))
+        clients = {id(llm): llm for llm in self.llms().values() if llm is not None}
+        for conversation in conversations:
+            if conversation.done:
+                for llm in clients.values():
+                    llm.forget(conversation.uid)  # its cached prompts will not be extended
+        return [StepResult(v.reward, v.success, c.done, observations.get(c.uid))
+                for c, v in zip(conversations, verdicts)]
 
-        system_answers = self.system_llm.chat(
+    def play_system(self, conversations, actions, records, temperature):
+        """The system turns: each action's instruction realised, the user's emotion named."""
+        roles = (self.task.system_role, self.task.user_role)
+        answers = self.system_llm.chat(
             [self.system_prompt(c, a) for c, a in zip(conversations, actions)],
-            max_new_tokens=self.system_max_new_tokens, temperature=system_temperature,
+            max_new_tokens=self.system_max_new_tokens, temperature=temperature,
             cache_keys=[(c.uid, "system") for c in conversations],
             seeds=[c.seed("system") for c in conversations])
-        for conversation, answer, record in zip(conversations, system_answers, records):
+        for conversation, answer, record in zip(conversations, answers, records):
             if self.use_emotion:
                 emotion, response, ok = parse_emotion_response(answer[0], roles)
                 if not ok:
@@ -369,12 +388,14 @@ class SelfPlayEnv:
             conversation.turns.append((self.task.system_role, response))
             conversation.system_turns += 1
 
-        user_answers = self.user_llm.chat(
+    def play_user(self, conversations, records, temperature):
+        roles = (self.task.system_role, self.task.user_role)
+        answers = self.user_llm.chat(
             [self.user_prompt(c) for c in conversations],
-            max_new_tokens=self.user_max_new_tokens, temperature=user_temperature,
+            max_new_tokens=self.user_max_new_tokens, temperature=temperature,
             cache_keys=[(c.uid, "user") for c in conversations],
             seeds=[c.seed("user") for c in conversations])
-        for conversation, answer, record in zip(conversations, user_answers, records):
+        for conversation, answer, record in zip(conversations, answers, records):
             response = clean_turn(answer[0], roles)
             if not response:
                 self.errors["user_empty"] += 1
@@ -383,46 +404,34 @@ class SelfPlayEnv:
             record["user"] = response
             conversation.turns.append((self.task.user_role, response))
 
-        verdicts = self.critic.score(conversations)
-        for conversation, verdict, record, note in zip(conversations, verdicts, records,
-                                                        notes or [{}] * len(conversations)):
-            self.errors["critic_invalid"] += verdict.invalid
-            # the only endings are success and the turn limit, as in the original release
-            truncated = not verdict.success and conversation.system_turns >= self.max_turn
-            conversation.outcome = ("success" if verdict.success
-                                    else "time limit" if truncated else None)
-            conversation.total_reward += verdict.reward
-            if verdict.sale_to_list is not None:
-                conversation.sale_to_list = verdict.sale_to_list
-            record.update(critic_answers=verdict.answers, critic_invalid=verdict.invalid,
-                          critic_option_probs=[round(p, 4) for p in verdict.option_probs],
-                          critic_orders=verdict.orders,
-                          critic_order_probs=[[round(p, 4) for p in row]
-                                              for row in verdict.order_probs],
-                          reward=verdict.reward, outcome=conversation.outcome)
-            if verdict.reads:  # sample mode: the order each answer saw, the option it named
-                record.update(critic_answer_orders=verdict.answer_orders,
-                              critic_reads=verdict.reads)
-            if verdict.deal_price is not None:
-                record["deal_price"] = verdict.deal_price
-            record.update(note)
-            if self.planner is not None:
-                record["prior_orders"] = conversation.prior_orders
-            conversation.records.append(record)
-            cuts = turn_prompt_cuts(conversation)
-            if cuts:
-                record["prompt_cuts"] = cuts
-        # the next state's candidates: to act on, and to bootstrap a turn-limit ending
-        going_on = [c for c, v in zip(conversations, verdicts) if not v.success]
-        observations = dict(zip((c.uid for c in going_on),
-                                self.observe(going_on) if self.planner else []))
-        clients = {id(llm): llm for llm in self.llms().values() if llm is not None}
-        for conversation in conversations:
-            if conversation.done:
-                for llm in clients.values():
-                    llm.forget(conversation.uid)  # its cached prompts will not be extended
-        return [StepResult(v.reward, v.success, c.done, observations.get(c.uid))
-                for c, v in zip(conversations, verdicts)]
+    def end_turn(self, conversation, verdict, record, note):
+        """The critic's verdict: the reward, the ending, and the turn's record (with the
+        agent's note and the turn's prompt cuts)."""
+        self.errors["critic_invalid"] += verdict.invalid
+        # the only endings are success and the turn limit, as in the original release
+        truncated = not verdict.success and conversation.system_turns >= self.max_turn
+        conversation.outcome = ("success" if verdict.success
+                                else "time limit" if truncated else None)
+        conversation.total_reward += verdict.reward
+        if verdict.sale_to_list is not None:
+            conversation.sale_to_list = verdict.sale_to_list
+        record.update(critic_answers=verdict.answers, critic_invalid=verdict.invalid,
+                      critic_option_probs=[round(p, 4) for p in verdict.option_probs],
+                      critic_orders=verdict.orders,
+                      critic_order_probs=[[round(p, 4) for p in row]
+                                          for row in verdict.order_probs],
+                      reward=verdict.reward, outcome=conversation.outcome)
+        if verdict.reads:  # sample mode: the order each answer saw, the option it named
+            record.update(critic_answer_orders=verdict.answer_orders, critic_reads=verdict.reads)
+        if verdict.deal_price is not None:
+            record["deal_price"] = verdict.deal_price
+        record.update(note)
+        if self.planner is not None:
+            record["prior_orders"] = conversation.prior_orders
+        conversation.records.append(record)
+        cuts = turn_prompt_cuts(conversation)
+        if cuts:
+            record["prompt_cuts"] = cuts
 
 
 def turn_prompt_cuts(conversation):

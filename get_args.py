@@ -159,7 +159,7 @@ class Args:
     prefix_cache_gb: float = field(default=-1.0, metadata={
         "help": "memory for KV caches of each conversation's last prompt per role, so a "
                 "new turn's prompt only runs its new tokens (0: off; -1: 1 GB on CPU, off "
-                "on a GPU, where it measured slower: see README)"})
+                "on a GPU, where it measured slower: see docs/speed.md)"})
     context_length: int = field(default=0, metadata={
         "help": "tokens a prompt and its answer may use; longer prompts lose their oldest "
                 "turns first (0: the model's own context, or what the server lists)"})
@@ -319,16 +319,48 @@ def recipe_args(recipe="project", **values):
     return Args(**RECIPES[recipe] | values | {"recipe": recipe})
 
 
+# the sections of --help, each flag in one
+HELP_GROUPS = {
+    "task and data": ("data_name", "data_dir", "max_cases", "extes_seed", "extes_split", "seed"),
+    "training": ("recipe", "total_episodes", "num_envs", "top_k", "max_turn", "use_emotion",
+                 "encoder", "encoder_input", "max_encoder_tokens", "hidden_size", "gamma",
+                 "tau", "learning_rate", "optimizer", "loss_reduction", "max_grad_norm",
+                 "batch_size", "buffer_size", "learning_starts", "updates_per_step",
+                 "update_every_episodes", "replay_ratio", "epsilon_start", "epsilon_end",
+                 "exploration_fraction", "system_temperature", "user_temperature"),
+    "LLMs and servers": (
+        "backend", "llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "device",
+        "dtype", "base_url", "planner_base_url", "system_base_url", "user_base_url",
+        "critic_base_url", "api_key_env", "tokenizer", "max_concurrency", "request_timeout",
+        "max_retries", "prior", "prior_samples", "prior_max_new_tokens", "prior_order",
+        "prior_rotations", "critic", "critic_samples", "critic_temperature", "critic_order",
+        "critic_max_new_tokens", "critic_stop_at_newline", "system_max_new_tokens",
+        "user_max_new_tokens", "max_batch_rows", "prefix_cache_gb", "context_length",
+        "shared_prefix"),
+    "evaluation": ("mode", "policy", "checkpoint", "seeds", "eval_every", "eval_cases",
+                   "eval_temperature"),
+    "output": ("output_dir", "exp_name", "checkpoint_every", "resume", "progress", "debug"),
+}
+
+
 def build_parser(description=None, defaults=True):
     """defaults=False: flags not given stay out of the namespace (to find the given ones)."""
     parser = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(Args):
-        kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(
-            f.type if isinstance(f.type, str) else f.type.__name__, str)
-        extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # --debug = true
-        parser.add_argument(f"--{f.name}", type=kind, **extra,
-                            default=f.default if defaults else argparse.SUPPRESS,
-                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    grouped = [name for names in HELP_GROUPS.values() for name in names]
+    if sorted(grouped) != sorted(fields):  # a new flag needs its section
+        raise ValueError(f"HELP_GROUPS must name every Args field once: "
+                         f"{sorted(set(fields) ^ set(grouped))}")
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            kind = _parse_bool if f.type in (bool, "bool") else {"int": int, "float": float}.get(
+                f.type if isinstance(f.type, str) else f.type.__name__, str)
+            extra = {"nargs": "?", "const": True} if kind is _parse_bool else {}  # --debug
+            group.add_argument(f"--{f.name}", type=kind, **extra,
+                               default=f.default if defaults else argparse.SUPPRESS,
+                               help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return parser
 
 

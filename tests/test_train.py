@@ -87,7 +87,7 @@ def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
     path = str(tmp_path / "agent.pt")
     agent.save(path, step=7)
     restored = train_model.Agent(args, encoder)
-    info = restored.load(path)
+    info = restored.load(path, optimizer=True)
     assert info["step"] == 7 and restored.updates == 3
     for a, b in zip(agent.q_head.parameters(), restored.q_head.parameters()):
         assert torch.equal(a, b)
