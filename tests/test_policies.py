@@ -103,8 +103,9 @@ def test_paired_evaluation_gives_the_same_draws_where_two_policies_act_alike(tin
         planner = Planner(TASK, ScriptedLLM(None, prior=lambda prompt, labels: [
             10.0 - PRIOR_ORDER.index(n) for n in listed_options(prompt)]),
             order="rotate" if order == "shuffle" else "fixed")
-        env = SelfPlayEnv(TASK, tiny_llm, tiny_llm, critic, max_turn=1, eval_temperature=1.0,
-                          system_max_new_tokens=6, user_max_new_tokens=6)
+        env = SelfPlayEnv(TASK, tiny_llm, tiny_llm, critic, planner=planner, top_k=args.top_k,
+                          max_turn=1, eval_temperature=1.0, system_max_new_tokens=6,
+                          user_max_new_tokens=6)
         args.policy = policy
         _, conversations = train_model.evaluate(args, train_model.Agent(args, encoder),
                                                 env, cases, "test")
