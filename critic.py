@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import qwen_prompts as prompts
 from env import transcript
-from llm import ask_in_orders, fit_prompt, order_seed, rotations, split_samples, stream_seed
+from llm import ask_in_orders, order_seed, rotations, split_samples, stream_seed
 from tasks import case_fields, parse_price
 
 # an option number at the very start of an answer: "3", "(3)", "**3.**", "Option 3:"
@@ -149,8 +149,8 @@ class Critic:
                 options=options)
             return [{"role": "system", "content": self.task.prompts["critic"].format(**fields)},
                     {"role": "user", "content": text}]
-        return fit_prompt(self.llm, build, conversation.turns, case_fields(conversation.case),
-                          self.max_new_tokens, conversation.prompt_cuts, "critic")
+        return conversation.fit(self.llm, build, case_fields(conversation.case),
+                                self.max_new_tokens, "critic")
 
     def score(self, conversations, orders=None):
         """One CriticResult per conversation, from batched calls (one per order count; see

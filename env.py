@@ -60,6 +60,16 @@ class Conversation:
         if self.stream is None:
             self.stream = self.uid
 
+    def fit(self, llm, build, fields, max_new_tokens, role):
+        """build(turns, fields) -> a role's chat messages for this conversation, cut to
+        the client's context (llm.fit_prompt); a cut is counted in prompt_cuts."""
+        messages, cut = fit_prompt(llm, build, self.turns, fields, max_new_tokens, role)
+        if cut:
+            self.prompt_cuts[role] = self.prompt_cuts.get(role, 0) + 1
+            for key, count in cut.items():
+                self.prompt_cuts[key] = self.prompt_cuts.get(key, 0) + count
+        return messages
+
     def seed(self, role):
         """The seed of this turn's samples of one role."""
         return stream_seed(self.stream, self.system_turns, role)
@@ -165,8 +175,7 @@ class Planner:
                 transcript=transcript(turns), emotions=emotions or "unknown", options=options)
             return [{"role": "system", "content": self.task.prompts["planner"]},
                     {"role": "user", "content": text}]
-        return fit_prompt(self.llm, build, conversation.turns, {}, self.max_new_tokens,
-                          conversation.prompt_cuts, "planner")
+        return conversation.fit(self.llm, build, {}, self.max_new_tokens, "planner")
 
     def prior(self, conversations):
         """[batch, num_actions] probabilities in the task's action order, each row summing
@@ -291,6 +300,14 @@ class SelfPlayEnv:
         planner = {"planner": self.planner.invalid_answers} if self.planner else {}
         return Counter(self.errors) + Counter(planner)
 
+    def counters(self):
+        """The error counters, as a training state saves them (restore_counters)."""
+        return {"env": dict(self.errors), "planner": self.planner.invalid_answers}
+
+    def restore_counters(self, saved):
+        self.errors.update(saved["env"])
+        self.planner.invalid_answers = saved["planner"]
+
     def llms(self):
         """The LLM client of each role (roles may share one client)."""
         return {"planner": self.planner.llm if self.planner else None,
@@ -321,17 +338,15 @@ class SelfPlayEnv:
             else:
                 messages.append({"role": "user", "content": f"({instruction})"})
             return messages
-        return fit_prompt(self.system_llm, build, conversation.turns,
-                          case_fields(conversation.case), self.system_max_new_tokens,
-                          conversation.prompt_cuts, "system")
+        return conversation.fit(self.system_llm, build, case_fields(conversation.case),
+                                self.system_max_new_tokens, "system")
 
     def user_prompt(self, conversation):
         def build(turns, fields):
             return self._chat_view(turns, self.task.user_role,
                                    self.task.prompts["user"].format(**fields))
-        return fit_prompt(self.user_llm, build, conversation.turns,
-                          case_fields(conversation.case), self.user_max_new_tokens,
-                          conversation.prompt_cuts, "user")
+        return conversation.fit(self.user_llm, build, case_fields(conversation.case),
+                                self.user_max_new_tokens, "user")
 
     # -- one batched step ----------------------------------------------------------------
 

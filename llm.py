@@ -308,21 +308,21 @@ def message_tokens_bound(messages):
     return sum(len(m["content"].encode()) + 8 for m in messages) + 32
 
 
-def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):
+def fit_prompt(llm, build, turns, fields, max_new_tokens, role):
     """build(turns, fields) -> chat messages that fit the client's context_length with
     max_new_tokens to spare. Too long: the oldest turns go first (the last one stays),
     then the longest text (a case field or a kept turn) is shortened from its end, until
-    the prompt fits; the instruction is never cut. cuts (a dict) counts prompts cut per
-    role, turns dropped and texts shortened. A client without a context_length (a
-    scripted one), or no client (llm None: a prompt only looked at), gets build(turns,
-    fields) as it is."""
+    the prompt fits; the instruction is never cut. Returns (messages, cut): cut is None
+    for a whole prompt, else the turns dropped and the texts shortened. A client without
+    a context_length (a scripted one), or no client (llm None: a prompt only looked at),
+    gets build(turns, fields) as it is."""
     limit = llm.context_length if llm is not None else None
     messages = build(turns, fields)
     if not limit:
-        return messages
+        return messages, None
     budget = limit - max_new_tokens
     if message_tokens_bound(messages) <= budget:
-        return messages  # the common case: no tokenizing
+        return messages, None  # the common case: no tokenizing
 
     def size(turns, fields):
         return llm.count_tokens(build(turns, fields))
@@ -343,7 +343,7 @@ def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):
     texts = {key: text[:longest] + CUT_MARK if key in shortened else text
              for key, text in texts.items()}
     if not shortened and size(turns, fields) <= budget:
-        return messages
+        return messages, None
     # the fewest oldest turns to drop (the last turn stays), by bisection
     low, high = 0, len(roles) - 1
     while low < high:
@@ -383,7 +383,5 @@ def fit_prompt(llm, build, turns, fields, max_new_tokens, cuts, role):
         bisected.add(key)
         if low < length:
             shortened.add(key)
-    cuts[role] = cuts.get(role, 0) + 1
-    cuts["turns_dropped"] = cuts.get("turns_dropped", 0) + dropped
-    cuts["texts_shortened"] = cuts.get("texts_shortened", 0) + len(shortened)
-    return build(*assemble(texts, dropped))
+    cut = {"turns_dropped": dropped, "texts_shortened": len(shortened)}
+    return build(*assemble(texts, dropped)), cut

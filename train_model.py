@@ -475,8 +475,7 @@ class Trainer:
         self.active = [self.env.observation(c) for c in active]
         self.features = run_state.restore_features(state)
         self.ended = run_state.restore_conversations(state["train_log"])
-        self.env.errors.update(state["errors"]["env"])
-        self.env.planner.invalid_answers = state["errors"]["planner"]
+        self.env.restore_counters(state["errors"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
                                         self.env.llms())
 
@@ -489,8 +488,7 @@ class Trainer:
             "features": {o.conversation.uid: self.features[o.conversation.uid]
                          for o in self.active},
             "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
-            "errors": {"env": dict(self.env.errors),
-                       "planner": self.env.planner.invalid_answers},
+            "errors": self.env.counters(),
             "random": run_state.random_states(self.rng, self.generator, self.env.llms())})
 
     def refill(self):

@@ -92,7 +92,7 @@ def test_an_instruction_longer_than_the_context_is_a_user_error(short_llm):
                 {"role": "user", "content": "\n".join(t for _, t in turns)}]
     with pytest.raises(UserError, match="the planner prompt needs .* tokens without any "
                                         "conversation or case text"):
-        fit_prompt(short_llm, build, [("Patient", "hi")], {}, 8, {}, "planner")
+        fit_prompt(short_llm, build, [("Patient", "hi")], {}, 8, "planner")
 
 
 @settings(max_examples=50, deadline=None)
