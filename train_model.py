@@ -662,24 +662,11 @@ def run(args):
                                          "debug": args.debug})
     seed_everything(args.seed)
     task = get_task(args.data_name)
-
-    def split(name):
-        cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed,
-                           extes_split=args.extes_split)
-        if not cases:
-            raise UserError(f"the {name} split of '{task.name}' in {args.data_dir} has no "
-                            "cases. Download the data again with download_data.py")
-        return cases[:args.max_cases] if args.max_cases else cases
-
     # every model name resolved ('auto' included) before the checks that compare them
     models = resolve_models(args)
     # data, checkpoint and output folder are checked before any model is loaded
-    test_cases = split("test")
-    if args.mode == "train":
-        train_cases, valid_cases = split("train"), split("valid")
-        if args.eval_cases:
-            valid_cases = valid_cases[:args.eval_cases]
-    elif args.policy == "dialogxpert":
+    splits = load_cases(args, task)
+    if args.mode == "test" and args.policy == "dialogxpert":
         check_checkpoint(args.checkpoint, args, models)
     name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
@@ -695,29 +682,8 @@ def run(args):
                                             args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
     agent.models = models = resolve_models(args, llms)  # served names are known now
-    try:
-        if args.mode == "train":
-            with SummaryWriter(run_dir) as writer:
-                writer.add_text("args", json.dumps(vars(args), indent=2))
-                checkpoint = train(args, agent, env, train_cases, valid_cases,
-                                   run_dir, writer, resume)
-        else:
-            checkpoint = args.checkpoint or None  # a baseline policy has none
-        if checkpoint:
-            agent.load(checkpoint)
-        metrics, conversations = evaluate(args, agent, env, test_cases, "test")
-    except KeyboardInterrupt:  # Ctrl-C while testing after training: the state is whole
-        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
-            raise run_state.TrainingStopped(run_dir, "SIGINT") from None
-        raise
-    except ServerError as error:  # a served model is gone: keep what was learned
-        agent.save(os.path.join(run_dir, "last.pt"), None,
-                   {"stopped_by": str(error), "llm_usage": llm_usage(env)})
-        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
-            raise ServerError(f"{error} The training state of the last save is in {run_dir}: "
-                              f"resume with `python train_model.py --resume {run_dir}`",
-                              error.status) from None
-        raise
+    checkpoint, metrics, conversations = train_and_test(args, agent, env, splits, run_dir,
+                                                        resume)
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
                "max_turn": args.max_turn,
                "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}
@@ -732,6 +698,53 @@ def run(args):
     for path in plots.plot_run(run_dir):
         print(f"figure: {path}")
     return metrics, run_dir
+
+
+def load_cases(args, task):
+    """{split: cases} of the splits this run plays (--max_cases, --eval_cases applied)."""
+    def split(name):
+        cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed,
+                           extes_split=args.extes_split)
+        if not cases:
+            raise UserError(f"the {name} split of '{task.name}' in {args.data_dir} has no "
+                            "cases. Download the data again with download_data.py")
+        return cases[:args.max_cases] if args.max_cases else cases
+
+    splits = {"test": split("test")}
+    if args.mode == "train":
+        splits["train"], splits["valid"] = split("train"), split("valid")
+        if args.eval_cases:
+            splits["valid"] = splits["valid"][:args.eval_cases]
+    return splits
+
+
+def train_and_test(args, agent, env, splits, run_dir, resume):
+    """Train (--mode train), then test the best checkpoint, the given one, or a baseline
+    policy; returns (checkpoint, test metrics, test conversations). A stop keeps what
+    was learned: the training state on Ctrl-C, last.pt when a served model is gone."""
+    try:
+        if args.mode == "train":
+            with SummaryWriter(run_dir) as writer:
+                writer.add_text("args", json.dumps(vars(args), indent=2))
+                checkpoint = train(args, agent, env, splits["train"], splits["valid"],
+                                   run_dir, writer, resume)
+        else:
+            checkpoint = args.checkpoint or None  # a baseline policy has none
+        if checkpoint:
+            agent.load(checkpoint)
+        return (checkpoint, *evaluate(args, agent, env, splits["test"], "test"))
+    except KeyboardInterrupt:  # Ctrl-C while testing after training: the state is whole
+        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
+            raise run_state.TrainingStopped(run_dir, "SIGINT") from None
+        raise
+    except ServerError as error:  # a served model is gone: keep what was learned
+        agent.save(os.path.join(run_dir, "last.pt"), None,
+                   {"stopped_by": str(error), "llm_usage": llm_usage(env)})
+        if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
+            raise ServerError(f"{error} The training state of the last save is in {run_dir}: "
+                              f"resume with `python train_model.py --resume {run_dir}`",
+                              error.status) from None
+        raise
 
 
 def make_run_dir(output_dir, run_name):

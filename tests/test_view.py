@@ -18,7 +18,6 @@ import tempfile
 
 import pytest
 
-import train_model
 import view
 from conftest import INJECTED, ROOT, make_runs
 from env import Conversation, turn_prompt_cuts
