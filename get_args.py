@@ -10,6 +10,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from tasks import TASKS
+
 # the LLM roles: each has its --<role>_llm and --<role>_base_url
 ROLES = ("planner", "system", "user", "critic")
 # --backend name -> the module that defines its client's load(name, **options) (llm.py)
@@ -44,7 +46,7 @@ RECIPES = {
 @dataclass
 class Args:
     # --- task and data
-    data_name: str = field(default="esc", metadata={"help": "task: esc, extes, cima, cb, p4g"})
+    data_name: str = field(default="esc", metadata={"help": "task: " + ", ".join(TASKS)})
     data_dir: str = field(default="data", metadata={
         "help": "folder with the benchmark files (see download_data.py); data/demo has a few "
                 "demo cases per task"})
@@ -216,8 +218,6 @@ class Args:
         "help": "show the traceback of a user error instead of one line"})
 
     def __post_init__(self):
-        from tasks import TASKS
-
         if self.data_name not in TASKS:
             raise ValueError(f"Unknown --data_name '{self.data_name}'. Expected one of "
                              f"{sorted(TASKS)}")
