@@ -66,6 +66,26 @@ def test_a_resumed_run_reaches_the_same_q_head(tiny_encoder_dir, tmp_path):
         assert len(f.readlines()) == 24
 
 
+def test_a_state_that_keeps_features_in_its_conversations_resumes_the_same(tiny_encoder_dir,
+                                                                           tmp_path):
+    """States saved before the trainer kept the candidate features itself hold them in
+    each conversation (candidate_features, with the choice being played as pending)."""
+    straight = _train(tmp_path / "straight", tiny_encoder_dir)
+    stopped_dir = tmp_path / "stopped"
+    try:
+        _train(stopped_dir, tiny_encoder_dir, stop_at_system_call=27)
+    except run_state.TrainingStopped:
+        pass
+    state = run_state.load_state(str(stopped_dir))
+    features = state.pop("features")
+    for conversation in state["active"]:
+        conversation["candidate_features"] = features[conversation["uid"]]
+        conversation["pending"] = {}
+    resumed = _train(stopped_dir, tiny_encoder_dir, resume=state)
+    for a, b in zip(straight.q_head.parameters(), resumed.q_head.parameters()):
+        assert torch.equal(a, b)
+
+
 def _cli_args(llm_dir, encoder_dir, output_dir):
     return ["--data_name", "esc", "--data_dir", DEMO, "--llm", llm_dir, "--encoder", encoder_dir,
             "--total_episodes", "60", "--num_envs", "2", "--max_turn", "2",
