@@ -248,8 +248,9 @@ class Planner:
 
 
 class SelfPlayEnv:
-    """The conversations' world. `planner` None: an environment that plays turns and builds
-    prompts but gives no observations (step's `observation` is None)."""
+    """The conversations' world. `planner` None: an environment that only builds prompts
+    and plays turns (`start`, `step`, whose `observation` is then None); `reset`,
+    `observe` and the counters need the planner."""
 
     def __init__(self, task, system_llm, user_llm, critic, planner=None, top_k=4, max_turn=8,
                  system_temperature=0.7, user_temperature=0.7, eval_temperature=0.0,

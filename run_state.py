@@ -94,8 +94,9 @@ def random_states(rng, generator, llms):
             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
                       *numpy_state[2:]],
             "torch": torch.get_rng_state(), "generator": generator.get_state(),
-            "llms": {role: llm.rng_state() for role, llm in llms.items()
-                     if llm.rng_state() is not None}}
+            "llms": {role: state for role, state in ((role, llm.rng_state())
+                                                      for role, llm in llms.items())
+                     if state is not None}}
 
 
 def restore_random_states(states, rng, generator, llms):

@@ -3,7 +3,7 @@
 A task is one `Task` entry in TASKS: its prompt block from qwen_prompts.py, its reward
 rule (how the critic's answers become the turn's reward and success), its data files with
 their sources, how a case is read and checked, and how a conversation opens. Adding a task
-is one prompt block and one entry here (and its name in get_args.py's --data_name help).
+is one prompt block and one entry here.
 """
 
 import json

@@ -473,7 +473,9 @@ class Trainer:
         self.buffer.load_state_dict(state["buffer"])
         active = run_state.restore_conversations(state["active"])
         self.active = [self.env.observation(c) for c in active]
-        self.features = run_state.restore_features(state)
+        device = self.agent.encoder.device  # the state was loaded onto the CPU
+        self.features = {uid: features.to(device)
+                         for uid, features in run_state.restore_features(state).items()}
         self.ended = run_state.restore_conversations(state["train_log"])
         self.env.restore_counters(state["errors"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
