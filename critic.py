@@ -182,7 +182,7 @@ class Critic:
                 per_order = [in_task_order(answers[(i, k)].tolist(), order)
                              for k, order in enumerate(shown)]
                 mean = [sum(column) / len(per_order) for column in zip(*per_order)]
-                result = self.from_distribution(mean, conversation.case)
+                result = self.from_distribution(mean)
                 result.order_probs = per_order
             else:
                 texts, answer_orders = [], []
@@ -222,11 +222,11 @@ class Critic:
 
     # -- logits mode ---------------------------------------------------------------------
 
-    def from_distribution(self, probs, case=None):
+    def from_distribution(self, probs):
         """The result of the exact option distribution for one conversation (cb: the deal
         decision only; its price comes from `ask_prices`)."""
         return judged(CriticResult(0.0, option_probs=list(probs)),
-                      self.task.reward.from_distribution(case, probs))
+                      self.task.reward.from_distribution(probs))
 
     def ask_prices(self, conversations, results):
         """Ask the price of each result whose distribution the rule wants one for."""

@@ -396,10 +396,7 @@ class SelfPlayEnv:
                 record["emotion"] = emotion
             else:
                 response = clean_turn(answer[0], roles)
-            if not response:
-                self.errors["system_empty"] += 1
-                record["system_empty"] = 1
-                response = "..."
+            response = self.said(response, "system_empty", record)
             record["system_raw"], record["system"] = answer[0], response
             conversation.turns.append((self.task.system_role, response))
             conversation.system_turns += 1
@@ -412,13 +409,18 @@ class SelfPlayEnv:
             cache_keys=[(c.uid, "user") for c in conversations],
             seeds=[c.seed("user") for c in conversations])
         for conversation, answer, record in zip(conversations, answers, records):
-            response = clean_turn(answer[0], roles)
-            if not response:
-                self.errors["user_empty"] += 1
-                record["user_empty"] = 1
-                response = "..."
+            response = self.said(clean_turn(answer[0], roles), "user_empty", record)
             record["user"] = response
             conversation.turns.append((self.task.user_role, response))
+
+    def said(self, response, empty, record):
+        """The response, or "..." for an empty one, counted as `empty` in the errors and
+        the turn's record."""
+        if response:
+            return response
+        self.errors[empty] += 1
+        record[empty] = 1
+        return "..."
 
     def end_turn(self, conversation, verdict, record, note):
         """The critic's verdict: the reward, the ending, and the turn's record (with the

@@ -71,7 +71,7 @@ class OptionRewards:
         reward = sum(self.rewards[i] for i, _ in reads) / len(reads)
         return Judgement(reward, self.succeeds(reward))
 
-    def from_distribution(self, case, probs):
+    def from_distribution(self, probs):
         reward = sum(p * r for p, r in zip(probs, self.rewards))
         return Judgement(reward, self.succeeds(reward))
 
@@ -152,7 +152,7 @@ class DealRewards:
         most = max(Counter(prices).values())
         return self.from_price(case, next(p for p in prices if prices.count(p) == most))
 
-    def from_distribution(self, case, probs):
+    def from_distribution(self, probs):
         """The deal decision only: its price comes from `from_price` after asking."""
         return Judgement(self.no_deal, False)
 

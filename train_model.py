@@ -47,9 +47,9 @@ from llm import EMBEDDED_LLM, backend_options, load_llm, model_name, stream_seed
 from q_adapter import (FrozenEncoder, QHead, encoder_input, linear_schedule,
                        resolve_encoder_path, select_action)
 import q_adapter
+from metrics import episode_values
 import run_state
 from replay_buffer import ReplayBuffer
-from metrics import episode_values
 from tasks import get_task, load_split
 
 

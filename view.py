@@ -31,7 +31,6 @@ from metrics import UNUSABLE_KEYS
 from tasks import SPLITS, TASKS, parse_price, plausible_price, sale_to_list
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
-# a turn's LLM answers that could not be used as they were (as report.py counts them)
 ARGS_FILES = ("last.pt.json", "best.pt.json")  # checkpoint sidecars that hold the arguments
 # how the tests and bench.py open pages: Debian's chromium, headless, with nothing that
 # reaches the network on its own
