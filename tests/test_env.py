@@ -32,6 +32,18 @@ def _env(task_name, critic_answer, system_answer="Emotion: calm\nResponse: Try a
     return task, system, user, SelfPlayEnv(task, system, user, critic, max_turn=max_turn)
 
 
+def test_empty_system_and_user_turns_become_an_ellipsis_and_are_counted():
+    task, system, user, env = _env("esc", "3", system_answer="   ")
+    user.reply = lambda prompt: "Patient:  "
+    conversation = env.start(load_split(DEMO, "esc", "test")[0])
+    env.step([conversation], ["Question"])
+    record = conversation.records[0]
+    assert conversation.turns[-2:] == [("Therapist", "..."), ("Patient", "...")]
+    assert record["system"] == "..." and record["user"] == "..."
+    assert record["system_empty"] == 1 and record["user_empty"] == 1
+    assert env.errors["system_empty"] == 1 and env.errors["user_empty"] == 1
+
+
 def test_step_appends_turns_emotions_and_rewards_in_one_call_per_phase():
     task, system, user, env = _env("esc", "No, but the Patient feels somewhat better.")
     conversations = [env.start(c) for c in load_split(DEMO, "esc", "train")[:3]]
