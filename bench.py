@@ -137,13 +137,14 @@ def random_qwen_shaped_model(name, device, dtype, tokenizer_dir=""):
 
 def run_mode(mode, bench, args):
     """Play the episodes in this process; returns the figures as a dict."""
-    import train_model
+    import harness
+    import trainer
     from llm import backend_options, load_llm, pick_device, pick_dtype
     from llm_transformers import TransformersLLM
-    from q_adapter import FrozenEncoder, resolve_encoder_path
+    from q_adapter import FrozenEncoder, QAdapterPolicy, resolve_encoder_path
     from tasks import get_task, load_split
 
-    train_model.seed_everything(args.seed)
+    harness.seed_everything(args.seed)
     task = get_task(args.data_name)
     if mode == "baseline":  # before the LLM is built: it reads prefix_cache_gb
         args.total_episodes = bench.baseline_episodes or args.total_episodes
@@ -172,8 +173,8 @@ def run_mode(mode, bench, args):
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in
              (("planner", "prior"), ("system", "system"), ("user", "user"),
               ("critic", "critic"))}
-    env = train_model.build_env(args, task, roles)
-    agent = train_model.Agent(args, encoder)
+    env = harness.build_env(args, task, roles)
+    agent = QAdapterPolicy(args, task, encoder)
     embed, update = encoder.embed, agent.update
 
     def timed_embed(*a, **k):
@@ -194,7 +195,7 @@ def run_mode(mode, bench, args):
 
         with SummaryWriter(run_dir) as writer:
             start = time.perf_counter()
-            train_model.train(args, agent, env, cases, [], run_dir, writer)
+            trainer.train(args, agent, env, cases, [], run_dir, writer)
             clock.sync()
             wall = time.perf_counter() - start
     turns = roles["system"].conversations

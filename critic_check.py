@@ -62,7 +62,7 @@ def load_critic(args):
     """The Critic of a run with these arguments, and its model's resolved name."""
     from llm import backend_options, load_llm
     from tasks import get_task
-    from train_model import build_critic, sample_if_unscorable
+    from harness import build_critic, sample_if_unscorable
 
     llm = load_llm(args.backend, args.critic_llm or args.llm, **backend_options(args, "critic"))
     critic = build_critic(args, get_task(args.data_name), llm)
@@ -315,7 +315,7 @@ def rejudge(args, card, critic, model, run_files):
     """Every saved turn of the run (run_files: read_run's result) judged again."""
     from env import Conversation
     from llm import stream_seed
-    from train_model import critic_settings, summarize, write_results
+    from harness import critic_settings, summarize, write_results
 
     metrics, runs = run_files
     if metrics.get("task") != critic.task.name:
@@ -577,7 +577,7 @@ def main(argv=None):
     if not card["out"]:
         raise UserError("critic_check.py needs --out DIR for report_card.md/.json/.png. "
                         "Pass e.g. --out runs/critic_check")
-    from train_model import critic_settings
+    from harness import critic_settings
 
     if card["run"]:
         run_files = read_run(card["run"])  # its files are checked before any model loads

@@ -16,6 +16,9 @@ from tasks import TASKS
 ROLES = ("planner", "system", "user", "critic")
 # --backend name -> the module that defines its client's load(name, **options) (llm.py)
 BACKENDS = {"transformers": "llm_transformers", "openai": "llm_openai"}
+# --policy: those that train (a checkpoint), and those that only play (policies.py)
+TRAINED_POLICIES = ("dialogxpert", "ppdpp", "dpdp")
+UNTRAINED_POLICIES = ("gdpzero", "prior", "random", "uniform", "none")
 
 
 # --recipe original: the values of the original release (declare-lab/dialogxpert:
@@ -54,9 +57,12 @@ class Args:
         "help": "train (train, keep the best checkpoint on valid, then test it) or test "
                 "(load --checkpoint and play the test split greedily)"})
     policy: str = field(default="dialogxpert", metadata={
-        "help": "who picks the action: dialogxpert (the Q-adapter), or a baseline with "
-                "--mode test and no checkpoint: prior (the planner's top action), random "
-                "(uniform over the top-k), uniform (over all actions), none (no strategy)"})
+        "help": "who picks the action (policies.py): dialogxpert (the Q-adapter); the "
+                "planners of prior work: ppdpp (a fine-tuned classifier), gdpzero (MCTS at "
+                "every turn, no training), dpdp (a fast policy, the MCTS when unsure); or a "
+                "baseline with --mode test and no checkpoint: prior (the planner's top "
+                "action), random (uniform over the top-k), uniform (over all actions), none "
+                "(no strategy)"})
     seeds: str = field(default="", metadata={
         "help": "comma-separated seeds, e.g. 1,2,3: one run per seed (each as --seed, "
                 "which it replaces), then report.py over them"})
@@ -225,7 +231,7 @@ class Args:
             raise ValueError(f"Unknown --backend '{self.backend}'. Expected one of "
                              f"{sorted(BACKENDS)}")
         choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
-                   "policy": ("dialogxpert", "prior", "random", "uniform", "none"),
+                   "policy": TRAINED_POLICIES + UNTRAINED_POLICIES,
                    "critic": ("sample", "logits"), "prior_order": ("rotate", "fixed"),
                    "critic_order": ("shuffle", "fixed"), "recipe": tuple(RECIPES),
                    "optimizer": ("adam", "adamw"), "loss_reduction": ("mean", "sum"),
@@ -238,15 +244,16 @@ class Args:
         if self.resume and self.mode != "train":
             raise ValueError("--resume continues a training run; test a checkpoint with "
                              "--mode test --checkpoint PATH")
-        if self.policy != "dialogxpert" and self.mode != "test":
+        if self.policy in UNTRAINED_POLICIES and self.mode != "test":
             raise ValueError(f"--policy {self.policy} has nothing to train: run it with "
                              "--mode test (no checkpoint needed)")
-        if self.policy != "dialogxpert" and self.checkpoint:
+        if self.policy in UNTRAINED_POLICIES and self.checkpoint:
             raise ValueError(f"--policy {self.policy} uses no checkpoint: leave out "
-                             "--checkpoint, or use --policy dialogxpert")
-        if self.mode == "test" and not self.checkpoint and self.policy == "dialogxpert":
-            raise ValueError("--mode test needs --checkpoint PATH (a best.pt from a training "
-                             "run), or a baseline --policy (prior, random, uniform, none)")
+                             f"--checkpoint, or use a trained policy {list(TRAINED_POLICIES)}")
+        if self.mode == "test" and not self.checkpoint and self.policy in TRAINED_POLICIES:
+            raise ValueError(f"--mode test --policy {self.policy} needs --checkpoint PATH (a "
+                             "best.pt from its training run), or a policy that needs no "
+                             f"training {list(UNTRAINED_POLICIES)}")
         if self.seeds and (self.resume or self.checkpoint):
             raise ValueError("--seeds starts new runs: leave out --resume and --checkpoint")
         if self.seeds and not re.fullmatch(r"\d+(,\d+)*", self.seeds):

@@ -1,5 +1,7 @@
 """Q-adapter: a frozen text encoder embeds each "action + conversation" pair, and a small
-MLP head turns the embedding into a Q-value. Only the head is trained.
+MLP head turns the embedding into a Q-value. Only the head is trained. QAdapterPolicy, at
+the end, is DialogXpert's policy (--policy dialogxpert): it acts, stores transitions in
+the replay buffer and learns by TD against a target head.
 
 Embeddings are mean-pooled last hidden states. The encoder sees the action first and the
 emotion history and conversation second (`--encoder_input pair`), or the original
@@ -8,12 +10,19 @@ an input is too long, the oldest conversation tokens are cut: the action, the em
 and the latest turns are always kept.
 """
 
+import copy
+import json
 import os
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+import run_state
+from errors import UserError
 from llm import WEIGHTS_DIR, pick_device, pick_dtype
+from policies import Policy, check_saved_args, read_checkpoint, save_checkpoint
+from replay_buffer import ReplayBuffer
 
 DEFAULT_ENCODER_DIR = os.path.join(WEIGHTS_DIR, "bert-base-uncased")
 
@@ -140,3 +149,235 @@ def select_action(q_values, epsilon, rng):
 def linear_schedule(start, end, duration, t):
     return end + (start - end) * max(0.0, 1.0 - t / max(duration, 1e-9))
 
+
+
+# ---------------------------------------------------------------------------------------
+# The DialogXpert policy: frozen encoder + Q-head over the planner's top-k candidates
+# ---------------------------------------------------------------------------------------
+
+def td_target(rewards, next_q, next_mask, terminated, gamma):
+    """r + gamma * max_a' Q_target(s', a') over the next state's real candidates; no
+    bootstrap after a termination (a turn-limit ending is not a termination)."""
+    best_next = next_q.masked_fill(~next_mask, float("-inf")).max(dim=1).values
+    best_next = torch.where(next_mask.any(dim=1), best_next, torch.zeros_like(best_next))
+    return rewards + gamma * (~terminated).float() * best_next
+
+
+def block_batches(args, transitions):
+    """Minibatch sizes of one update of the original's schedule: replay_ratio *
+    transitions draws with replacement, batch_size at a time, the last batch the rest
+    (torch's DataLoader over a RandomSampler, as llm_priors.train_qnetwork)."""
+    draws = round(args.replay_ratio * transitions)
+    full, rest = divmod(draws, args.batch_size)
+    return [args.batch_size] * full + ([rest] if rest else [])
+
+
+class QAdapterPolicy(Policy):
+    """DialogXpert: the frozen encoder embeds each (candidate, conversation) pair, the
+    Q-head scores it; epsilon-greedy in training, argmax in test. Transitions (features of
+    the chosen pair, reward, the next state's candidate features, terminated) go to the
+    replay buffer; the head learns by TD against a soft-updated target head."""
+
+    name = "dialogxpert"
+    trainable = True
+    uses_encoder = True
+
+    def __init__(self, args, task, encoder):
+        super().__init__(args, task)
+        self.encoder = encoder
+        self.q_head = QHead(encoder.width, args.hidden_size).to(encoder.device)
+        self.target_head = copy.deepcopy(self.q_head).requires_grad_(False)
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer]
+        self.optimizer = optimizer(self.q_head.parameters(), lr=args.learning_rate)
+        self.updates = 0
+        self.buffer = ReplayBuffer(args.buffer_size, encoder.width, args.top_k)
+        self.features = {}  # conversation uid -> [k, width] features of its candidates
+        self.chosen = {}  # conversation uid -> index of the candidate acted on this turn
+
+    # -- acting ---------------------------------------------------------------------------
+
+    def embed(self, observations):
+        """{conversation uid: [k, width] features of its candidates}, from one encoder call
+        for the whole batch."""
+        if not observations:
+            return {}
+        firsts, kept, states = [], [], []
+        for observation in observations:
+            conversation = observation.conversation
+            emotions = conversation.emotions if self.args.use_emotion else []
+            for action in observation.candidates:
+                first, head, text = encoder_input(action, conversation.turns, emotions,
+                                                  self.args.encoder_input)
+                firsts.append(first)
+                kept.append(head)
+                states.append(text)
+        features = self.encoder.embed(firsts, states, kept)
+        k = len(observations[0].candidates)
+        return {o.conversation.uid: features[i * k:(i + 1) * k]
+                for i, o in enumerate(observations)}
+
+    @torch.no_grad()
+    def q_values(self, features):
+        return self.q_head(features)
+
+    def start(self, observations):
+        self.features.update(self.embed(observations))
+
+    def act(self, observations, rng, training, epsilon=0.0):
+        q_all = self.q_values(torch.cat([self.features[o.conversation.uid]
+                                         for o in observations])).cpu()
+        actions, notes, offset = [], [], 0
+        for observation in observations:
+            count = len(observation.candidates)
+            q = q_all[offset:offset + count]
+            offset += count
+            index, explored = select_action(q, epsilon, rng)
+            self.chosen[observation.conversation.uid] = index
+            actions.append(observation.candidates[index])
+            notes.append({"candidates": self.candidate_note(observation, q=q),
+                          "explored": explored, "policy": self.name})
+        return actions, notes
+
+    def observe(self, observations, results, training):
+        """Embeds the next states; in training, stores the turn's transitions (a turn-limit
+        ending still bootstraps from its next state)."""
+        chosen = [self.features[o.conversation.uid][self.chosen.pop(o.conversation.uid)]
+                  for o in observations]
+        self.features.update(self.embed([r.observation for r in results if r.observation]))
+        if not training:
+            return
+        for features, result in zip(chosen, results):
+            next_features = (None if result.terminated
+                             else self.features[result.observation.conversation.uid].cpu())
+            self.buffer.add(features.cpu(), result.reward, next_features, result.terminated)
+
+    def end(self, conversation):
+        self.features.pop(conversation.uid, None)
+
+    # -- learning -------------------------------------------------------------------------
+
+    def learn(self, step):
+        """The project's schedule: updates_per_step minibatches per new transition once
+        the buffer holds learning_starts; the original's (--update_every_episodes N):
+        after each block of N episodes, replay_ratio * len(buffer) draws."""
+        args = self.args
+        if len(self.buffer) < args.learning_starts:
+            return
+        if not args.update_every_episodes:
+            sizes = [args.batch_size] * (args.updates_per_step * step.transitions)
+        elif step.block_done:
+            sizes = block_batches(args, len(self.buffer))
+        else:
+            return
+        for batch_size in sizes:
+            loss, q_mean = self.update(step.generator, batch_size)
+        if sizes:
+            step.history.append({"step": self.updates, "td_loss": loss, "q_mean": q_mean})
+
+    def update(self, generator, batch_size=None):
+        """One gradient step on a minibatch drawn with replacement, then a soft update of
+        the target head. Returns (TD loss, mean Q)."""
+        batch = self.buffer.sample(batch_size or self.args.batch_size, generator,
+                                   self.encoder.device)
+        with torch.no_grad():
+            next_q = self.target_head(batch["next_features"])
+            target = td_target(batch["rewards"], next_q, batch["next_mask"],
+                               batch["terminated"], self.args.gamma)
+        q = self.q_head(batch["features"])
+        loss = torch.nn.functional.mse_loss(q, target, reduction=self.args.loss_reduction)
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.q_head.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, tp in zip(self.q_head.parameters(), self.target_head.parameters()):
+                tp.lerp_(p, self.args.tau)
+        self.updates += 1
+        return loss.item(), q.mean().item()
+
+    def trainable_parameters(self):
+        return sum(p.numel() for p in self.q_head.parameters())
+
+    # -- saving ---------------------------------------------------------------------------
+
+    def save(self, path, step, metrics=None):
+        """Safetensors weights + a JSON sidecar with the step, metrics and all arguments."""
+        tensors = {f"q_head.{k}": v for k, v in self.q_head.state_dict().items()}
+        tensors |= {f"target_head.{k}": v for k, v in self.target_head.state_dict().items()}
+        for i, state in self.optimizer.state_dict()["state"].items():
+            tensors |= {f"optimizer.{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
+                        for k, v in state.items()}
+        info = {"step": step, "updates": self.updates, "metrics": metrics,
+                "optimizer_param_groups": self.optimizer.state_dict()["param_groups"],
+                "args": vars(self.args), "models": self.models}
+        save_checkpoint(path, tensors, info)
+
+    def state_dict(self, active):
+        """The heads, optimizer and buffer, and the candidate features of the conversations
+        in flight (the keys of training states saved before policies had a module)."""
+        return {"agent": {"q_head": self.q_head.state_dict(),
+                          "target_head": self.target_head.state_dict(),
+                          "optimizer": self.optimizer.state_dict(), "updates": self.updates},
+                "buffer": self.buffer.state_dict(),
+                "features": {c.uid: self.features[c.uid] for c in active}}
+
+    def load_state_dict(self, state):
+        agent = state["agent"]
+        self.q_head.load_state_dict(agent["q_head"])
+        self.target_head.load_state_dict(agent["target_head"])
+        self.optimizer.load_state_dict(agent["optimizer"])
+        self.updates = agent["updates"]
+        self.buffer.load_state_dict(state["buffer"])
+        device = self.encoder.device  # the state was loaded onto the CPU
+        self.features = {uid: features.to(device)
+                         for uid, features in run_state.restore_features(state).items()}
+
+    def load(self, path, optimizer=False):
+        """The Q-head and target head of a checkpoint (checked by check_checkpoint); with
+        optimizer=True also the optimizer state saved with it (to train on from it)."""
+        tensors = load_file(path, device=str(self.encoder.device))
+        q_head = {k[7:]: v for k, v in tensors.items() if k.startswith("q_head.")}
+        self.q_head.load_state_dict(q_head)
+        self.target_head.load_state_dict({k[12:]: v for k, v in tensors.items()
+                                          if k.startswith("target_head.")} or q_head)
+        with open(path + ".json") as f:
+            info = json.load(f)
+        if not optimizer or "optimizer_param_groups" not in info:
+            return info
+        state = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
+        self.optimizer.load_state_dict({"state": state,
+                                        "param_groups": info["optimizer_param_groups"]})
+        self.updates = info.get("updates", 0)
+        return info
+
+    @staticmethod
+    def check_checkpoint(path, args, models):
+        """The checkpoint has a Q-head for this task and Q-adapter: the same encoder (its
+        resolved name, and its width against the Q-head's input)."""
+        info, names, shapes = read_checkpoint(path)
+        if not any(n.startswith("q_head.") for n in names):
+            raise UserError(f"the checkpoint {path} has no Q-head. Pass the best.pt of a "
+                            "training run")
+        check_saved_args(path, info["args"], args, CHECKED_ARGS)
+        shape = shapes.get("q_head.net.0.weight", [])
+        width = shape[1] if len(shape) == 2 else None  # the Q-head's input width
+        encoder = models["encoder"]
+        trained_on = (info.get("models") or {}).get("encoder", {}).get("name")
+        if width is not None and width != encoder["width"]:
+            raise UserError(f"the checkpoint {path} has a Q-head for {width}-wide features "
+                            f"(encoder {trained_on or info['args'].get('encoder')!r}), this "
+                            f"run's encoder {encoder['name']} gives {encoder['width']}. Pass "
+                            "the --encoder it was trained with, or a checkpoint trained with "
+                            "this encoder")
+        if trained_on is not None and trained_on != encoder["name"]:
+            raise UserError(f"the checkpoint {path} was trained with the encoder {trained_on}, "
+                            f"this run has {encoder['name']}. Pass --encoder {trained_on} or "
+                            "a checkpoint trained with this encoder")
+
+
+CHECKED_ARGS = ("data_name", "hidden_size", "top_k", "use_emotion", "encoder_input")

@@ -309,6 +309,13 @@ def scripted_llms():
             "critic": ScriptedLLM(critic)}
 
 
+def q_policy(args, encoder):
+    """The DialogXpert policy (Q-adapter) of args's task on this encoder."""
+    from q_adapter import QAdapterPolicy
+
+    return QAdapterPolicy(args, get_task(args.data_name), encoder)
+
+
 def esc_case(i):
     return {"emotion_type": "sadness", "problem_type": "job", "dialog": [],
             "situation": f"I feel low about my job, case {i}."}
@@ -316,15 +323,15 @@ def esc_case(i):
 
 @contextmanager
 def scripted_models():
-    """train_model.load_llms gives the scripted clients while inside."""
-    import train_model
+    """harness.load_llms gives the scripted clients while inside."""
+    import harness
 
-    saved = train_model.load_llms
-    train_model.load_llms = lambda args: scripted_llms()
+    saved = harness.load_llms
+    harness.load_llms = lambda args: scripted_llms()
     try:
         yield
     finally:
-        train_model.load_llms = saved
+        harness.load_llms = saved
 
 
 def make_runs(root, test_cases=12, train_episodes=8, max_turn=3, baseline="random"):

@@ -13,6 +13,7 @@ import torch
 
 import critic_check
 import report
+import harness
 import train_model
 from conftest import ScriptedLLM, listed_options, option_number, write_json_lines
 from critic import Critic
@@ -207,7 +208,7 @@ def played_run(tmp_path, tiny_encoder_dir, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     write_json_lines(data / "esc-test.txt", human_cases(24))
-    monkeypatch.setattr(train_model, "load_llms", lambda args: world_llms())
+    monkeypatch.setattr(harness, "load_llms", lambda args: world_llms())
     _, folder = train_model.run(train_model.parse_args([
         "--mode", "test", "--policy", "random", "--data_dir", str(data), "--encoder",
         tiny_encoder_dir, "--max_turn", "3", "--critic_samples", "2", "--num_envs", "8",

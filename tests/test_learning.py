@@ -1,5 +1,5 @@
 """Learning tests: scripted worlds whose best policy is known, played by the real trainer
-(train_model.train) with scripted LLM clients and a tiny random encoder.
+(trainer.train) with scripted LLM clients and a tiny random encoder.
 
 Each world asserts the trained agent against the uniform random policy over the top-k
 candidates and against the prior's own choice (its top-1) on the same test cases, under
@@ -16,18 +16,13 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-import train_model
 from conftest import (FIRST, HARMFUL, SECOND, bargain_world, cb_cases, esc_cases, harm_world,
-                      sequence_world)
+                      q_policy, sequence_world)
+from harness import evaluate
+from policies import PriorPolicy, RandomPolicy
+from trainer import train
 from get_args import recipe_args
 from q_adapter import FrozenEncoder
-
-
-class PriorAgent(train_model.Agent):
-    """Acts on the prior's top-1: the candidates come sorted by prior."""
-
-    def q_values(self, features):
-        return -(torch.arange(len(features)) % self.args.top_k).float()
 
 
 # the test's budget, the same under both recipes: episodes, turns, candidates, gamma
@@ -49,17 +44,13 @@ def train_and_compare(world, train_cases, test_cases, encoder_dir, tmp_path, max
     args = recipe_args(recipe, **budget | (PROJECT if recipe == "project" else {}))
     env = world.env(max_turn, top_k)
     encoder = FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64, device="cpu")
-    agent = train_model.Agent(args, encoder)
-    random_policy, _ = train_model.evaluate(args, agent, env, test_cases,
-                                            epsilon=1.0)
-    prior_policy, _ = train_model.evaluate(args, PriorAgent(args, encoder), env,
-                                           test_cases)
+    agent = q_policy(args, encoder)
+    random_policy, _ = evaluate(args, RandomPolicy(args, world.task), env, test_cases)
+    prior_policy, _ = evaluate(args, PriorPolicy(args, world.task), env, test_cases)
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, env, train_cases, test_cases[:2],
-                          str(tmp_path), writer)
+        train(args, agent, env, train_cases, test_cases[:2], str(tmp_path), writer)
     agent.load(str(tmp_path / "last.pt"))
-    trained, conversations = train_model.evaluate(args, agent, env,
-                                                  test_cases)
+    trained, conversations = evaluate(args, agent, env, test_cases)
     print("random", random_policy, "\nprior", prior_policy, "\ntrained", trained)
     return random_policy, prior_policy, trained, conversations
 

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+import harness
 import train_model
 from conftest import DEMO, ROOT
 from fault_proxy import FaultProxy
@@ -299,7 +300,7 @@ def test_a_planner_and_critic_that_cannot_score_options_sample_with_a_warning(
             return "the server at http://example.invalid gives no log-probabilities"
 
     llm = NoLogprobsLLM(lambda prompt: "2")
-    monkeypatch.setattr(train_model, "load_llms", lambda args: dict.fromkeys(
+    monkeypatch.setattr(harness, "load_llms", lambda args: dict.fromkeys(
         ("planner", "system", "user", "critic"), llm))
     metrics, run_dir = train_model.main(run_args("http://example.invalid/v1", tmp_path,
                                                  tiny_encoder_dir, "--critic", "logits"))

@@ -11,7 +11,9 @@ import re
 
 import pytest
 
+import harness
 import train_model
+from policies import make_policy
 from conftest import ScriptedLLM, esc_cases, listed_options, option_number
 from critic import Critic
 from env import Planner, SelfPlayEnv
@@ -64,9 +66,9 @@ def test_each_baseline_policy_has_its_closed_form_success_rate(policy, encoder):
     args = Args(data_name="esc", mode="test", policy=policy, max_turn=2, num_envs=50,
                 critic_samples=2, progress=False, seed=3)
     llms = closed_form_world()
-    env = train_model.build_env(args, TASK, llms)
+    env = harness.build_env(args, TASK, llms)
     cases = esc_cases(0, 600)
-    metrics, conversations = train_model.evaluate(args, train_model.Agent(args, encoder),
+    metrics, conversations = harness.evaluate(args, make_policy(args, TASK, encoder),
                                                   env, cases, "test")
     successes = [float(c.outcome == "success") for c in conversations]
     mean, low, high = bootstrap_ci([successes])
@@ -107,7 +109,7 @@ def test_paired_evaluation_gives_the_same_draws_where_two_policies_act_alike(tin
                           max_turn=1, eval_temperature=1.0, system_max_new_tokens=6,
                           user_max_new_tokens=6)
         args.policy = policy
-        _, conversations = train_model.evaluate(args, train_model.Agent(args, encoder),
+        _, conversations = harness.evaluate(args, make_policy(args, TASK, encoder),
                                                 env, cases, "test")
         runs[policy] = {c.case_id: c for c in conversations}
     alike = differ = 0
@@ -138,7 +140,7 @@ def test_seeded_samples_do_not_depend_on_the_rest_of_the_batch(tiny_llm):
 def test_seeds_run_each_seed_and_report_them(tiny_encoder_dir, tmp_path, monkeypatch, capsys):
     """Two tiny training runs (--seeds 1,2) with the scripted world, a baseline on the same
     seeds, and report.py over all: the table and the figures exist."""
-    monkeypatch.setattr(train_model, "load_llms", lambda args: closed_form_world())
+    monkeypatch.setattr(harness, "load_llms", lambda args: closed_form_world())
     common = ["--data_name", "esc", "--data_dir", str(tmp_path / "data"), "--encoder",
               tiny_encoder_dir, "--max_turn", "2", "--critic_samples", "2",
               "--num_envs", "4", "--progress", "false", "--device", "cpu",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-import train_model
-from conftest import bargain_world, cb_cases
+import trainer
+from conftest import bargain_world, cb_cases, q_policy
 from get_args import Args, parse_args, recipe_args
 from q_adapter import FrozenEncoder
 
@@ -71,10 +71,10 @@ def _train(tmp_path, encoder_dir, recipe, **values):
                                       batch_size=8) | values)
     world = bargain_world()
     env = world.env(args.max_turn, args.top_k)
-    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
-                                                                  device="cpu"))
+    agent = q_policy(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
+                                                         device="cpu"))
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, env, cb_cases(0, 50),
+        trainer.train(args, agent, env, cb_cases(0, 50),
                           cb_cases(100, 2), str(tmp_path), writer)
     with open(tmp_path / "train_conversations.jsonl") as f:
         finished = [json.loads(line) for line in f]
@@ -136,12 +136,12 @@ def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder
                                                                     monkeypatch):
     scores = iter([(0.5, 3.0), (1.0, 4.0), (1.0, 2.0), (0.25, 1.0), (1.0, 2.0)])
 
-    def scripted_evaluate(args, agent, env, cases, desc="eval", epsilon=0.0):
+    def scripted_evaluate(args, policy, env, cases, desc="eval"):
         sr, at = next(scores)
         return {"SR": sr, "AT": at, "SL": 0.0, "mean_return": 0.0,
                 "llm_answers_unusable": {}}, []
 
-    monkeypatch.setattr(train_model, "evaluate", scripted_evaluate)
+    monkeypatch.setattr(trainer, "evaluate", scripted_evaluate)
     _train(tmp_path, tiny_encoder_dir, "project", num_envs=1, total_episodes=10, eval_every=2)
     with open(tmp_path / "best.pt.json") as f:
         best = json.load(f)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
 
 import run_state
-import train_model
-from conftest import DEMO, ROOT, esc_cases, harm_world
+import trainer
+from conftest import DEMO, ROOT, esc_cases, harm_world, q_policy
 from get_args import Args
 from q_adapter import FrozenEncoder
 
@@ -40,10 +40,10 @@ def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):
             return reply(prompt)
         world.system.reply = interrupting_reply
     env = world.env(max_turn=3, top_k=args.top_k)
-    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
-                                                                  device="cpu"))
+    agent = q_policy(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
+                                                         device="cpu"))
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, env, esc_cases(0, 40),
+        trainer.train(args, agent, env, esc_cases(0, 40),
                           esc_cases(100, 4), str(tmp_path), writer, resume)
     return agent
 

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import train_model
-from conftest import DEMO, ROOT, esc_cases, harm_world, sequence_world
+import harness
+from conftest import DEMO, ROOT, esc_cases, harm_world, q_policy, sequence_world
+from q_adapter import td_target
+from trainer import train
 from get_args import Args
 from q_adapter import FrozenEncoder
 from tasks import TASKS, load_split
@@ -18,14 +21,14 @@ def test_td_target_success_failure_and_time_limit():
     next_q = torch.tensor([[5.0, 9.0], [5.0, 9.0], [3.0, 4.0]])
     mask = torch.tensor([[False, False], [False, False], [True, False]])
     terminated = torch.tensor([True, True, False])  # success, failure, turn limit
-    target = train_model.td_target(rewards, next_q, mask, terminated, gamma=0.9)
+    target = td_target(rewards, next_q, mask, terminated, gamma=0.9)
     # no bootstrap after success or failure; the turn limit bootstraps once, from the
     # real candidate only (the masked 4.0 is padding)
     assert target.tolist() == pytest.approx([1.0, -1.0, 0.2 + 0.9 * 3.0])
 
 
 def test_td_target_ignores_padding_even_when_larger():
-    target = train_model.td_target(torch.zeros(1), torch.tensor([[1.0, 100.0, -5.0]]),
+    target = td_target(torch.zeros(1), torch.tensor([[1.0, 100.0, -5.0]]),
                                    torch.tensor([[True, False, True]]), torch.tensor([False]), 0.5)
     assert target.item() == pytest.approx(0.5)
 
@@ -75,18 +78,18 @@ def test_train_then_test_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, t
 def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
     args = Args(hidden_size=8, learning_rate=0.01)
     encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu")
-    agent = train_model.Agent(args, encoder)
+    agent = q_policy(args, encoder)
     before = [p.clone() for p in agent.q_head.parameters()]
     from replay_buffer import ReplayBuffer
-    buffer = ReplayBuffer(16, encoder.width, 2)
+    buffer = agent.buffer = ReplayBuffer(16, encoder.width, 2)
     for i in range(16):
         buffer.add(torch.randn(encoder.width), 1.0, torch.randn(2, encoder.width), i % 2 == 0)
     for _ in range(3):
-        agent.update(buffer, torch.Generator().manual_seed(0))
+        agent.update(torch.Generator().manual_seed(0))
     assert any(not torch.equal(a, b) for a, b in zip(before, agent.q_head.parameters()))
     path = str(tmp_path / "agent.pt")
     agent.save(path, step=7)
-    restored = train_model.Agent(args, encoder)
+    restored = q_policy(args, encoder)
     info = restored.load(path, optimizer=True)
     assert info["step"] == 7 and restored.updates == 3
     for a, b in zip(agent.q_head.parameters(), restored.q_head.parameters()):
@@ -158,8 +161,8 @@ def test_finished_conversations_are_forgotten_by_each_llm(tiny_encoder_dir):
     for name, llm in (("planner", env.planner.llm), ("system", env.system_llm),
                       ("critic", env.critic.llm)):
         llm.forget = lambda uid, name=name: forgotten.setdefault(name, []).append(uid)
-    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
-    _, conversations = train_model.evaluate(args, agent, env,
+    agent = q_policy(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu"))
+    _, conversations = harness.evaluate(args, agent, env,
                                             esc_cases(0, 5))
     uids = sorted(c.uid for c in conversations)
     assert {name: sorted(ids) for name, ids in forgotten.items()} == {
@@ -195,19 +198,19 @@ def test_the_update_bootstraps_from_the_target_head(tiny_encoder_dir):
 
     args = Args(hidden_size=8, batch_size=4, gamma=0.5)
     encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu")
-    agent = train_model.Agent(args, encoder)
+    agent = q_policy(args, encoder)
     with torch.no_grad():  # a target head far from the online one
         for p in agent.target_head.parameters():
             p.add_(torch.randn_like(p))
     features, next_features = torch.randn(encoder.width), torch.randn(2, encoder.width)
-    buffer = ReplayBuffer(4, encoder.width, 2)
+    buffer = agent.buffer = ReplayBuffer(4, encoder.width, 2)
     for _ in range(4):  # every minibatch is this one transition
         buffer.add(features, 0.25, next_features, terminated=False)
     stored = buffer.sample(1)
     with torch.no_grad():
         target = 0.25 + 0.5 * agent.target_head(stored["next_features"][0]).max()
         expected = (agent.q_head(stored["features"][0]) - target) ** 2
-    loss, _ = agent.update(buffer, torch.Generator().manual_seed(0))
+    loss, _ = agent.update(torch.Generator().manual_seed(0))
     assert loss == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -223,10 +226,10 @@ def test_training_metrics_count_only_the_training_answers(tiny_encoder_dir, tmp_
                 hidden_size=8, batch_size=4, learning_starts=4, progress=False,
                 max_encoder_tokens=64)
     env = world.env(max_turn=2, top_k=args.top_k)
-    agent = train_model.Agent(args, FrozenEncoder.from_pretrained(tiny_encoder_dir,
+    agent = q_policy(args, FrozenEncoder.from_pretrained(tiny_encoder_dir,
                                                                   max_tokens=64, device="cpu"))
     with SummaryWriter(str(tmp_path)) as writer:
-        train_model.train(args, agent, env, esc_cases(0, 8),
+        train(args, agent, env, esc_cases(0, 8),
                           esc_cases(100, 2), str(tmp_path), writer)
     assert env.errors["system_format"] == 2 * 2 * 2  # 2 evaluations x 2 cases x 2 turns
     with open(tmp_path / "train_metrics.json") as f:
@@ -264,7 +267,7 @@ def test_auto_is_resolved_before_the_checkpoint_is_checked(tiny_encoder_dir, tmp
     with pytest.raises(train_model.UserError, match="384-wide.*gives 32"):
         train_model.main(["--data_dir", DEMO, "--mode", "test", "--checkpoint", path,
                           "--hidden_size", "8", "--encoder", "auto", "--llm", "/nonexistent"])
-    models = train_model.resolve_models(Args(encoder="auto"))
+    models = harness.resolve_models(Args(encoder="auto"))
     assert models["encoder"] == {"name": os.path.normpath(tiny_encoder_dir), "width": 32,
                                  "revision": models["encoder"]["revision"]}
     assert models["encoder"]["revision"].startswith("config sha256:")

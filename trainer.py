@@ -1,0 +1,208 @@
+"""The training loop, the same for every policy that learns (policies.py): conversations
+are played in batches of --num_envs, a finished one's place is taken by a new training case,
+and the policy learns on its own schedule after each step (LearnStep). Every --eval_every
+finished episodes the valid split is played greedily and the best policy so far is saved
+(best.pt); the whole state is saved every --checkpoint_every episodes and on SIGINT or
+SIGTERM, so that `train_model.py --resume RUN` continues it exactly."""
+
+import os
+import random
+from collections import Counter
+
+import torch
+from tqdm import tqdm
+
+import run_state
+from harness import (evaluate, judge_of, llm_usage, play_turn, summarize, write_history,
+                     write_results)
+from llm import stream_seed
+from policies import LearnStep
+from q_adapter import linear_schedule
+
+
+def train(args, policy, env, train_cases, valid_cases, run_dir, writer, resume=None):
+    """Play and learn until --total_episodes conversations have finished; returns the path
+    of the best checkpoint. `resume`: a state saved by a Trainer (run_state.py)."""
+    trainer = Trainer(args, policy, env, train_cases, valid_cases, run_dir, writer, resume)
+    with run_state.StopRequest() as stop:
+        while trainer.loop["finished"] < args.total_episodes:
+            trainer.refill()
+            epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
+                                      args.exploration_fraction * args.total_episodes,
+                                      trainer.loop["finished"])
+            results = trainer.play(epsilon)
+            ended = trainer.end_finished(results)
+            trainer.learn(len(results), ended, epsilon)
+            trainer.evaluate_if_due()
+            trainer.save_if_due(stop.requested)
+        trainer.finish(stop.requested)
+    return trainer.best_path
+
+
+class Trainer:
+    """The training loop's state (conversations in flight, the policy with what it keeps,
+    the counters, the random generators) and its steps."""
+
+    def __init__(self, args, policy, env, train_cases, valid_cases, run_dir, writer,
+                 resume=None):
+        self.args, self.policy, self.env, self.writer = args, policy, env, writer
+        self.train_cases, self.valid_cases, self.run_dir = train_cases, valid_cases, run_dir
+        self.rng = random.Random(args.seed)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.best_path = os.path.join(run_dir, "best.pt")
+        self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
+                     "best_score": None, "order": list(range(len(train_cases))),
+                     "history": []}  # one dict per step, update and evaluation
+        self.active, self.ended = [], []  # in flight (observations), ended (conversations)
+        if resume is not None:
+            self.restore(resume)
+        self.bar = tqdm(total=args.total_episodes, initial=self.loop["finished"], desc="train",
+                        disable=not args.progress)
+        self.saved_at = self.loop["finished"]
+
+    def restore(self, state):
+        self.loop = state["loop"]
+        self.loop.setdefault("history", [])  # states saved before the history was kept
+        self.policy.load_state_dict(state)
+        active = run_state.restore_conversations(state["active"])
+        self.active = [self.env.observation(c) for c in active]
+        self.ended = run_state.restore_conversations(state["train_log"])
+        self.env.restore_counters(state["errors"])
+        run_state.restore_random_states(state["random"], self.rng, self.generator,
+                                        self.env.llms())
+
+    def save_state(self):
+        write_history(self.run_dir, self.loop["history"])
+        active = [o.conversation for o in self.active]
+        run_state.save_state(self.run_dir, {
+            "args": vars(self.args), "loop": self.loop,
+            "active": [run_state.conversation_to_dict(c) for c in active],
+            "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
+            "errors": self.env.counters(),
+            "random": run_state.random_states(self.rng, self.generator, self.env.llms())}
+            | self.policy.state_dict(active))
+
+    def refill(self):
+        """New training cases take the places of finished conversations (within the
+        current block with --update_every_episodes)."""
+        args, loop, order = self.args, self.loop, self.loop["order"]
+        new = []
+        while (len(self.active) + len(new) < args.num_envs
+               and loop["started"] < min(args.total_episodes, episodes_open(args, loop))):
+            if loop["started"] % len(order) == 0:
+                self.rng.shuffle(order)
+            index = order[loop["started"] % len(order)]
+            new.append((self.train_cases[index], index,
+                        stream_seed(args.seed, "train", loop["started"])))
+            loop["started"] += 1
+        observations = self.env.reset(new)
+        self.policy.start(observations)
+        self.active += observations
+
+    def play(self, epsilon):
+        """One turn of every active conversation (the policy keeps what it learns from)."""
+        results = play_turn(self.policy, self.env, self.active, self.rng, training=True,
+                            epsilon=epsilon)
+        self.loop["steps"] += 1
+        self.loop["history"].append({"kind": "step", "step": self.loop["steps"],
+                                     "epsilon": epsilon})
+        self.writer.add_scalar("charts/epsilon", epsilon, self.loop["steps"])
+        return results
+
+    def end_finished(self, results):
+        """Finished conversations go to the training log and leave the batch; returns
+        them."""
+        going_on, ended = [], []
+        for observation, result in zip(self.active, results):
+            conversation = observation.conversation
+            if not result.done:
+                going_on.append(result.observation)
+                continue
+            self.policy.end(conversation)
+            ended.append(conversation)
+            self.loop["finished"] += 1
+            self.bar.update(1)
+            self.ended.append(conversation)
+            self.writer.add_scalar("charts/episodic_return", conversation.total_reward,
+                                   self.loop["finished"])
+            self.writer.add_scalar("charts/episode_success",
+                                   float(conversation.outcome == "success"),
+                                   self.loop["finished"])
+        self.active = going_on
+        return ended
+
+    def learn(self, transitions, ended, epsilon):
+        """The policy learns on its own schedule; the figures of its updates are logged
+        (TensorBoard's losses/<name>, the history)."""
+        args, finished = self.args, self.loop["finished"]
+        # a block of --update_every_episodes is over: no conversation in flight, none
+        # started beyond it (the next block starts after its update)
+        block_done = not self.active and (finished % max(args.update_every_episodes, 1) == 0
+                                          or finished == args.total_episodes)
+        step = LearnStep(transitions, ended, block_done, self.generator)
+        self.policy.learn(step)
+        steps = self.loop["steps"]
+        for entry in step.history:
+            for name, value in entry.items():
+                if name != "step":
+                    self.writer.add_scalar(f"losses/{name}", value, steps)
+            self.loop["history"].append({"kind": "update", "step": entry["step"],
+                                         "env_step": steps} | entry | {"epsilon": epsilon})
+
+    def evaluate_if_due(self):
+        """Every eval_every finished episodes (and at the end): the valid split, its
+        figures logged, and best.pt when SR (then -AT) is the best so far."""
+        args, loop, finished = self.args, self.loop, self.loop["finished"]
+        if finished < loop["next_eval"] and finished < args.total_episodes:
+            return
+        loop["next_eval"] += args.eval_every
+        metrics, _ = evaluate(args, self.policy, self.env, self.valid_cases, "valid")
+        # the counters are shared: what the valid conversations added is not training's
+        loop["valid_errors"] = dict(Counter(loop.get("valid_errors", {}))
+                                    + Counter(metrics["llm_answers_unusable"]))
+        loop["history"].append({"kind": "eval", "episode": finished} | {
+            name: metrics[name] for name in ("SR", "AT", "SL", "mean_return") if name in metrics})
+        for name in ("SR", "AT", "SL"):
+            if name in metrics:
+                self.writer.add_scalar(f"eval/{name}", metrics[name], finished)
+        for role, usage in llm_usage(self.env).items():
+            for name, count in usage.items():
+                self.writer.add_scalar(f"usage/{role}_{name}", count, finished)
+        score = [metrics["SR"], -metrics["AT"]]
+        tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} AT={metrics['AT']:.2f}")
+        if loop["best_score"] is None or score > loop["best_score"]:
+            loop["best_score"] = score
+            self.policy.save(self.best_path, finished, metrics)
+
+    def save_if_due(self, stop_requested):
+        """The whole state every checkpoint_every finished episodes, and on a signal, after
+        which the run stops."""
+        finished = self.loop["finished"]
+        if stop_requested or finished - self.saved_at >= self.args.checkpoint_every:
+            self.save_state()
+            self.saved_at = finished
+            if stop_requested:
+                self.bar.close()
+                raise run_state.TrainingStopped(self.run_dir, stop_requested)
+
+    def finish(self, stop_requested):
+        """The state, last.pt and the training conversations with their figures."""
+        self.bar.close()
+        self.save_state()  # a signal from here on stops the run after these files are whole
+        self.policy.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"])
+        train_errors = self.env.error_counts()
+        train_errors.subtract(self.loop.get("valid_errors", {}))
+        train_metrics = summarize(self.ended, self.env.task, self.args.max_turn,
+                                  +train_errors)
+        train_metrics["judge"] = judge_of(self.env)
+        train_metrics["llm_usage"] = llm_usage(self.env)
+        write_results(self.run_dir, "train", train_metrics, self.ended)
+        if stop_requested:
+            raise run_state.TrainingStopped(self.run_dir, stop_requested)
+
+
+def episodes_open(args, loop):
+    """How many episodes may have started: all of them, or with --update_every_episodes N
+    those of the current block of N (the next block starts after its update)."""
+    every = args.update_every_episodes
+    return loop["finished"] // every * every + every if every else args.total_episodes
