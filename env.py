@@ -11,6 +11,7 @@ their priors. A step has four phases, each one batched LLM call:
                 whose next state still bootstraps)
 """
 
+import dataclasses
 import itertools
 import random
 import re
@@ -55,6 +56,9 @@ class Conversation:
     # the seed of this conversation's LLM samples (llm.stream_seed): the trainer derives it
     # from the run's seed and the case (evaluation) or the episode (training)
     stream: int | None = None
+    # a simulated copy (SelfPlayEnv.branch): the uid of the real conversation it plans for;
+    # its LLM calls are that conversation's planner cost, and it never enters a record
+    owner: int | None = None
 
     def __post_init__(self):
         if self.stream is None:
@@ -269,6 +273,7 @@ class SelfPlayEnv:
         self.user_max_new_tokens = user_max_new_tokens
         self.use_emotion = use_emotion
         self.errors = Counter()  # LLM answers that could not be used as they were
+        self.owners = {}  # uid of a simulated copy (branch) -> uid of its real conversation
 
     def start(self, case, case_id=None, stream=None):
         """A new conversation of the case, as it opens (no planner call)."""
@@ -290,6 +295,20 @@ class SelfPlayEnv:
             conversation.candidates = [self.task.action_names[i] for i in indices]
             conversation.candidate_priors = values
         return [self.observation(c) for c in conversations]
+
+    def branch(self, conversation):
+        """A simulated copy of the conversation for a planner's lookahead (MCTS): its own
+        uid, owned by the real conversation (`owner`), whose planner cost its LLM calls
+        count as (`owners`). The real conversation is never changed by it."""
+        copy = dataclasses.replace(
+            conversation, uid=next(_conversation_ids), turns=list(conversation.turns),
+            emotions=list(conversation.emotions), records=[],
+            candidates=list(conversation.candidates),
+            candidate_priors=list(conversation.candidate_priors),
+            prior_orders=list(conversation.prior_orders), prompt_cuts={},
+            owner=conversation.owner if conversation.owner is not None else conversation.uid)
+        self.owners[copy.uid] = copy.owner
+        return copy
 
     @staticmethod
     def observation(conversation):
