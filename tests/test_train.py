@@ -272,3 +272,30 @@ def test_auto_is_resolved_before_the_checkpoint_is_checked(tiny_encoder_dir, tmp
                                  "revision": models["encoder"]["revision"]}
     assert models["encoder"]["revision"].startswith("config sha256:")
     assert all(models[role]["name"] != "auto" for role in ("planner", "system", "user", "critic"))
+
+
+def test_the_trainer_stores_a_turn_limit_ending_as_not_terminated_with_its_next_state(
+        tiny_encoder_dir, tmp_path):
+    """A success stops the bootstrap; an ending at the turn limit does not: it is stored
+    with terminated False and the candidates of the state the limit cut off."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    args = Args(data_name="esc", total_episodes=32, num_envs=8, max_turn=2, eval_every=10**6,
+                hidden_size=8, learning_starts=10**6, buffer_size=0, epsilon_start=1.0,
+                epsilon_end=1.0, progress=False, max_encoder_tokens=64)
+    world = sequence_world()  # two steps succeed, anything else runs to the turn limit
+    env = world.env(max_turn=2, top_k=args.top_k)
+    agent = q_policy(args, FrozenEncoder.from_pretrained(tiny_encoder_dir, max_tokens=64,
+                                                         device="cpu"))
+    with SummaryWriter(str(tmp_path)) as writer:
+        train(args, agent, env, esc_cases(0, 32), esc_cases(100, 1), str(tmp_path), writer)
+    with open(tmp_path / "train_conversations.jsonl") as f:
+        conversations = [json.loads(line) for line in f]
+    outcomes = [c["outcome"] for c in conversations]
+    assert outcomes.count("time limit") > 0 and outcomes.count("success") > 0
+    stored = agent.buffer
+    assert len(stored) == sum(c["system_turns"] for c in conversations)
+    terminated = stored.terminated[:len(stored)]
+    has_next = stored.next_mask[:len(stored)].any(dim=1)
+    assert int(terminated.sum()) == outcomes.count("success")
+    assert bool((has_next == ~terminated).all())  # every other transition bootstraps
