@@ -7,8 +7,10 @@
 #   from the source of the pinned llama-cpp-python (serve.py --engine native)
 # make test: create .venv, install, run the test suite (the served tests included)
 # make bench: the self-play speed benchmark (see docs/speed.md)
-# make results: train with two seeds, test the four baselines on the same seeds, report
-#   (README, "Results"; RESULTS_DATA=folder for other data, SEEDS=1,2,3 for more seeds)
+# make results: every planner on the same cases and seeds (train DialogXpert, PPDPP and
+#   DPDP with two seeds; test GDP-Zero and the four baselines), then one report with paired
+#   intervals against DialogXpert (docs/results.md; RESULTS_DATA=folder for other data,
+#   SEEDS=1,2,3 for more seeds, RESULTS_TRAINED / RESULTS_TESTED for fewer planners)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,6 +26,10 @@ SEEDS ?= 1,2
 RESULTS_DATA ?= data/demo
 RESULTS_DIR ?= runs/results_$(TASK)
 RESULTS_ARGS ?= --data_name $(TASK) --data_dir $(RESULTS_DATA) --seeds $(SEEDS) --output_dir $(RESULTS_DIR) --max_turn 4 --critic_samples 5 --num_envs 8 --progress false
+RESULTS_TRAIN_ARGS ?= --total_episodes 16 --eval_every 8
+# every planner on the same cases and seeds: those that train, then those that only play
+RESULTS_TRAINED ?= dialogxpert ppdpp dpdp
+RESULTS_TESTED ?= gdpzero prior random uniform none
 
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMA_SERVER := $(VENV)/llama.cpp/build/bin/llama-server
@@ -60,8 +66,10 @@ bench: $(VENV)/.served
 	$(PY) bench.py
 
 results: $(VENV)/.installed
-	$(PY) train_model.py $(RESULTS_ARGS) --total_episodes 16 --eval_every 8
-	for policy in prior random uniform none; do \
+	for policy in $(RESULTS_TRAINED); do \
+	    $(PY) train_model.py $(RESULTS_ARGS) --policy $$policy $(RESULTS_TRAIN_ARGS) || exit 1; \
+	done
+	for policy in $(RESULTS_TESTED); do \
 	    $(PY) train_model.py $(RESULTS_ARGS) --mode test --policy $$policy || exit 1; \
 	done
 	$(PY) report.py $(RESULTS_DIR) --out $(RESULTS_DIR)/report

@@ -39,6 +39,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from get_args import ROLES, TRAINED_POLICIES as TRAINED, Args
 from llm import EMBEDDED_LLM, LLMClient
 from serve import LlamaServer
 
@@ -504,6 +505,61 @@ def page_times(context, path, repeats):
     return times
 
 
+PLANNERS = ("dialogxpert", "ppdpp", "gdpzero", "dpdp")
+
+
+def planner_figures(args, planners=PLANNERS):
+    """Seconds and LLM tokens per turn of each planner at the same batch (--num_envs
+    conversations of the train split's cases, played as a test: untrained policies, whose
+    cost does not depend on their weights), and GDP-Zero's search with the simulations of
+    the whole batch in each LLM call against one conversation at a time (--num_envs 1, the
+    same conversations). One model in process serves every role."""
+    import harness
+    from llm import backend_options, load_llm
+    from policies import make_policy, policy_class
+    from q_adapter import FrozenEncoder, resolve_encoder_path
+    from tasks import get_task, load_split
+
+    harness.seed_everything(args.seed)
+    task = get_task(args.data_name)
+    llm = load_llm(args.backend, args.llm, **backend_options(args, "self-play"))
+    encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                            args.max_encoder_tokens, args.device)
+    cases = load_split(args.data_dir, task.name, "train", extes_seed=args.extes_seed)
+    cases = (cases * args.num_envs)[:args.num_envs]
+    runs = [(name, name, args.num_envs) for name in planners]
+    if "gdpzero" in planners:
+        runs.append(("gdpzero, one at a time", "gdpzero", 1))
+    figures = {}
+    for label, name, num_envs in runs:
+        # an untrained policy plays as in a test (mode only passes the flags' checks)
+        run_args = Args(**vars(args) | {"policy": name, "num_envs": num_envs,
+                                        "mode": "train" if name in TRAINED else "test"})
+        env = harness.build_env(run_args, task, dict.fromkeys(ROLES, llm))
+        policy = make_policy(run_args, task, encoder if policy_class(name).uses_encoder
+                             else None)
+        policy.attach(env)
+        before = {key: llm.stats[key] for key in TOKEN_COUNTERS}
+        start = time.perf_counter()
+        _, conversations = harness.evaluate(run_args, policy, env, cases, "bench")
+        seconds = time.perf_counter() - start
+        turns = sum(c.system_turns for c in conversations)
+        figures[label] = {"num_envs": num_envs, "conversations": len(conversations),
+                          "turns": turns, "seconds": seconds, "seconds_per_turn": seconds / turns}
+        figures[label] |= {f"{key}_per_turn": (llm.stats[key] - before[key]) / turns
+                           for key in TOKEN_COUNTERS}
+        print(f"{label:>24}: {seconds / turns:7.2f} s/turn, "
+              + ", ".join(f"{key} {(llm.stats[key] - before[key]) / turns:,.0f}/turn"
+                          for key in TOKEN_COUNTERS), flush=True)
+    base = figures.get("dialogxpert", {}).get("seconds_per_turn")
+    for label, row in figures.items():
+        row["vs_dialogxpert"] = row["seconds_per_turn"] / base if base else None
+    return figures
+
+
+TOKEN_COUNTERS = ("prompt_tokens", "prompt_tokens_reused", "generated_tokens")
+
+
 def main(argv=None):
     from get_args import build_parser
 
@@ -536,6 +592,10 @@ def main(argv=None):
     parser.add_argument("--prior_probe", type=int, default=0,
                         help="only probe the planner's position preference on this many "
                              "valid conversations (--data_dir must hold the valid split)")
+    parser.add_argument("--planners", default="",
+                        help="only time these planners (e.g. dialogxpert,ppdpp,gdpzero,dpdp): "
+                             "seconds and LLM tokens per turn at the same batch, and "
+                             "GDP-Zero batched against one conversation at a time")
     parser.add_argument("--json_out", default="bench_results/bench.json")
     parser.add_argument("--view", nargs="+", metavar="RUN", default=None,
                         help="only measure view.py's page of these runs in headless "
@@ -555,9 +615,7 @@ def main(argv=None):
                                   ("random_model", "random_model_tokenizer",
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
                                    "only", "serve", "serve_threads", "serve_engine",
-                                   "state_write", "orders", "prior_probe", "view")})
-    from get_args import Args
-
+                                   "state_write", "orders", "prior_probe", "view", "planners")})
     args = Args(**vars(namespace))
     if bench.view:
         view_figures(bench.view)
@@ -567,6 +625,14 @@ def main(argv=None):
         return 0
     if bench.prior_probe:
         prior_probe(args, bench.prior_probe)
+        return 0
+    if bench.planners:
+        results = {"planners": planner_figures(args, bench.planners.split(",")),
+                   "args": vars(args)}
+        os.makedirs(os.path.dirname(bench.json_out) or ".", exist_ok=True)
+        with open(bench.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"figures written to {bench.json_out}")
         return 0
     if bench.only:
         print(json.dumps(run_mode(bench.only, bench, args)))
