@@ -211,14 +211,15 @@ class Trainer:
         """The state, last.pt and the training conversations with their figures."""
         self.bar.close()
         self.save_state()  # a signal from here on stops the run after these files are whole
+        cost = self.policy_cost()  # training ends here; the test that follows is not in it
         self.policy.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"],
-                         {"policy_cost": self.policy_cost()})
+                         {"policy_cost": cost})
         train_errors = self.env.error_counts()
         train_errors.subtract(self.loop.get("valid_errors", {}))
         train_metrics = summarize(self.ended, self.env.task, self.args.max_turn,
                                   +train_errors)
         train_metrics["judge"] = judge_of(self.env)
-        train_metrics["policy_cost"] = self.policy_cost()
+        train_metrics["policy_cost"] = cost
         train_metrics["llm_usage"] = llm_usage(self.env)
         write_results(self.run_dir, "train", train_metrics, self.ended)
         if stop_requested:
