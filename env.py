@@ -330,6 +330,18 @@ class SelfPlayEnv:
             del self.owners[copy]
         return cost
 
+    def ledgers(self):
+        """What settle_cost has yet to settle (the conversations in flight), as a training
+        state saves it (restore_ledgers): each role's ledger and the copies' owners."""
+        return {"owners": dict(self.owners),
+                "roles": {role: dict(llm.ledger) for role, llm in self.llms().items()
+                          if llm is not None}}
+
+    def restore_ledgers(self, saved):
+        self.owners.update(saved["owners"])
+        for role, ledger in saved["roles"].items():
+            self.llms()[role].ledger.update(ledger)  # roles that share a client: the same
+
     @staticmethod
     def observation(conversation):
         """The observation of a conversation's current state (as last observed)."""

@@ -75,6 +75,8 @@ class Trainer:
         self.active = [self.env.observation(c) for c in active]
         self.ended = run_state.restore_conversations(state["train_log"])
         self.env.restore_counters(state["errors"])
+        if "ledgers" in state:  # states saved before the LLM cost was counted have none
+            self.env.restore_ledgers(state["ledgers"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
                                         self.env.llms())
 
@@ -96,7 +98,7 @@ class Trainer:
             "args": vars(self.args), "loop": self.loop,
             "active": [run_state.conversation_to_dict(c) for c in active],
             "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
-            "errors": self.env.counters(),
+            "errors": self.env.counters(), "ledgers": self.env.ledgers(),
             "random": run_state.random_states(self.rng, self.generator, self.env.llms())}
             | self.policy.state_dict(active))
 

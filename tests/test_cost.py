@@ -4,18 +4,26 @@ test_metrics.json (harness.summarize, policy_cost) and report.py's cost table.""
 
 import json
 import os
+import random
+import signal
 from collections import Counter, defaultdict
 
 import httpx
 import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
 
 import harness
 import report
+import run_state
 import train_model
-from conftest import ScriptedLLM, esc_case, harm_world, scripted_llms
+import trainer
+from conftest import ScriptedLLM, esc_case, esc_cases, harm_world, q_policy, scripted_llms
+from get_args import Args
 from llm import COST_COUNTS
 from llm_openai import OpenAILLM, answer_counts
 from llm_transformers import TransformersLLM
+from q_adapter import FrozenEncoder
 
 TOKEN_COUNTS = ("calls", "prompt_tokens", "prompt_tokens_reused", "generated_tokens")
 
@@ -310,3 +318,41 @@ def test_a_count_no_client_gave_stays_unknown_in_the_summary():
     assert means["total"]["calls"] == pytest.approx(
         sum(c.cost[p]["calls"] for c in conversations for p in ("conversation", "planner")) / 2)
     assert summary["conversations"] == 2
+
+
+def train_in_world(folder, encoder_dir, stop_at_system_call=None, resume=None):
+    """Train in the harm world; with stop_at_system_call, SIGINT arrives from inside the
+    system LLM's n-th answer (mid-step) and the run stops with its state saved."""
+    random.seed(0)
+    torch.manual_seed(0)
+    args = Args(data_name="esc", total_episodes=12, num_envs=4, max_turn=3, top_k=4,
+                learning_starts=4, batch_size=4, eval_every=12, checkpoint_every=100,
+                hidden_size=16, progress=False, max_encoder_tokens=64)
+    world = harm_world()
+    if stop_at_system_call is not None:
+        reply, calls = world.system.reply, []
+
+        def interrupting_reply(prompt):
+            calls.append(prompt)
+            if len(calls) == stop_at_system_call:
+                os.kill(os.getpid(), signal.SIGINT)
+            return reply(prompt)
+        world.system.reply = interrupting_reply
+    agent = q_policy(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
+                                                         device="cpu"))
+    with SummaryWriter(folder) as writer:
+        trainer.train(args, agent, world.env(max_turn=3, top_k=4), esc_cases(0, 20),
+                      esc_cases(100, 2), folder, writer, resume)
+    _, conversations = read_run(folder, "train")
+    return [token_counts(c["cost"]) for c in conversations]
+
+
+def test_a_resumed_run_settles_the_same_costs(tmp_path, tiny_encoder_dir):
+    """The ledgers of the conversations in flight are saved with the training state."""
+    straight = train_in_world(str(tmp_path / "straight"), tiny_encoder_dir)
+    stopped = str(tmp_path / "stopped")
+    with pytest.raises(run_state.TrainingStopped):
+        train_in_world(stopped, tiny_encoder_dir, stop_at_system_call=6)
+    state = run_state.load_state(stopped)
+    assert state["active"] and any(state["ledgers"]["roles"].values())
+    assert train_in_world(stopped, tiny_encoder_dir, resume=state) == straight
