@@ -190,6 +190,8 @@ def cost_summary(conversations):
     (run or reused) and generated token, "planner_share" is the planner's part of them.
     A count some client could not give is None."""
     costed = [c.cost for c in conversations if c.cost is not None]
+    if not costed:  # conversations read back from a log that has no cost
+        return {"conversations": 0, "per_conversation": None, "planner_share": None}
     sums = {part: empty_cost() for part in ("conversation", "planner", "total")}
     for cost in costed:
         for part in ("conversation", "planner"):
@@ -197,7 +199,7 @@ def cost_summary(conversations):
             add_cost(sums["total"], cost[part])
     per_conversation = {}
     for part, counts in sums.items():
-        means = {name: None if counts[name] is None else counts[name] / max(len(costed), 1)
+        means = {name: None if counts[name] is None else counts[name] / len(costed)
                  for name in COST_COUNTS}
         # a server that reports no cached count has the whole prompt in prompt_tokens
         means["tokens"] = (None if None in (means["prompt_tokens"], means["generated_tokens"])
