@@ -72,7 +72,7 @@ class TimedLLM(LLMClient):
         super().__init__(inner.name)
         self.inner, self.phase, self.clock = inner, phase, clock
         self.context_length = inner.context_length
-        self.usage, self.stats = inner.usage, inner.stats
+        self.usage, self.stats, self.ledger = inner.usage, inner.stats, inner.ledger
         self.conversations = 0
 
     def chat(self, conversations, **kwargs):  # keyword arguments as in TransformersLLM.chat

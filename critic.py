@@ -238,7 +238,8 @@ class Critic:
         answers = self.llm.chat([self.prompt(conversations[i], question, results[i].orders[0])
                                  for i in deals],
                                 max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                stop_at_newline=self.stop_at_newline)
+                                stop_at_newline=self.stop_at_newline,
+                                cache_keys=[(conversations[i].uid, "critic") for i in deals])
         for i, samples in zip(deals, answers):
             case, result = conversations[i].case, results[i]
             result.answers = list(samples)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 import qwen_prompts as prompts
-from llm import (ask_in_orders, fit_prompt, order_seed, rotations, split_samples,
-                 stream_seed)
+from llm import (add_cost, ask_in_orders, empty_cost, fit_prompt, order_seed, rotations,
+                 split_samples, stream_seed)
 from tasks import case_fields
 
 
@@ -59,6 +59,9 @@ class Conversation:
     # a simulated copy (SelfPlayEnv.branch): the uid of the real conversation it plans for;
     # its LLM calls are that conversation's planner cost, and it never enters a record
     owner: int | None = None
+    # what its LLM calls cost, settled when it ends (SelfPlayEnv.settle_cost):
+    # {"conversation": counts, "planner": counts}, counts as llm.COST_COUNTS
+    cost: dict | None = None
 
     def __post_init__(self):
         if self.stream is None:
@@ -200,11 +203,12 @@ class Planner:
 
         def ask(part):
             chats = [job[2] for job in part]
+            keys = [(conversations[job[0]].uid, "planner") for job in part]
             if self.mode == "logits":
-                keys = [(conversations[job[0]].uid, "planner") for job in part]
                 return list(self.llm.option_probs(chats, self.labels, cache_keys=keys))
             return self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
-                                 num_samples=part[0][3], seeds=[job[4] for job in part])
+                                 num_samples=part[0][3], cache_keys=keys,
+                                 seeds=[job[4] for job in part])
         results = ask_in_orders(ask, jobs)
         n = len(self.task.actions)
         rows = []
@@ -310,6 +314,34 @@ class SelfPlayEnv:
         self.owners[copy.uid] = copy.owner
         return copy
 
+    def settle_cost(self, uid):
+        """What the conversation `uid` cost, taken from its clients' ledgers: its own
+        system, user and critic calls are its "conversation" cost; its planner calls (the
+        prior), and every call of its simulated copies (branch), are its "planner" cost.
+        Roles that share a client are counted once."""
+        copies = {copy for copy, owner in self.owners.items() if owner == uid}
+        cost = {"conversation": empty_cost(), "planner": empty_cost()}
+        clients = {id(llm): llm for llm in self.llms().values() if llm is not None}
+        for llm in clients.values():
+            for (key_uid, *_, role), counts in llm.take_charges(copies | {uid}).items():
+                part = "conversation" if key_uid == uid and role != "planner" else "planner"
+                add_cost(cost[part], counts)
+        for copy in copies:
+            del self.owners[copy]
+        return cost
+
+    def ledgers(self):
+        """What settle_cost has yet to settle (the conversations in flight), as a training
+        state saves it (restore_ledgers): each role's ledger and the copies' owners."""
+        return {"owners": dict(self.owners),
+                "roles": {role: dict(llm.ledger) for role, llm in self.llms().items()
+                          if llm is not None}}
+
+    def restore_ledgers(self, saved):
+        self.owners.update(saved["owners"])
+        for role, ledger in saved["roles"].items():
+            self.llms()[role].ledger.update(ledger)  # roles that share a client: the same
+
     @staticmethod
     def observation(conversation):
         """The observation of a conversation's current state (as last observed)."""
@@ -394,6 +426,8 @@ class SelfPlayEnv:
             if conversation.done:
                 for llm in clients.values():
                     llm.forget(conversation.uid)  # its cached prompts will not be extended
+                if conversation.owner is None:
+                    conversation.cost = self.settle_cost(conversation.uid)
         return [StepResult(v.reward, v.success, c.done, observations.get(c.uid))
                 for c, v in zip(conversations, verdicts)]
 

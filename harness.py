@@ -20,7 +20,8 @@ import run_state
 from critic import Critic
 from env import Planner, SelfPlayEnv
 from get_args import ROLES
-from llm import EMBEDDED_LLM, backend_options, load_llm, model_name, stream_seed
+from llm import (COST_COUNTS, EMBEDDED_LLM, add_cost, backend_options, empty_cost, load_llm,
+                 model_name, stream_seed)
 from metrics import episode_values
 from q_adapter import resolve_encoder_path
 
@@ -178,7 +179,52 @@ def summarize(conversations, task, max_turn, error_counts):
                                        Counter()))}
     if task.reward.deals:
         metrics["SL"] = mean("SL")
+    metrics["cost"] = cost_summary(conversations)
     return metrics
+
+
+def cost_summary(conversations):
+    """The LLM cost of the conversations (Conversation.cost), as means per conversation of
+    each count (llm.COST_COUNTS) for its own turns ("conversation"), its planner's work
+    ("planner": priors, simulations) and both ("total"); "tokens" adds every prompt token
+    (run or reused) and generated token, "planner_share" is the planner's part of them.
+    A count some client could not give is None."""
+    costed = [c.cost for c in conversations if c.cost is not None]
+    if not costed:  # conversations read back from a log that has no cost
+        return {"conversations": 0, "per_conversation": None, "planner_share": None}
+    sums = {part: empty_cost() for part in ("conversation", "planner", "total")}
+    for cost in costed:
+        for part in ("conversation", "planner"):
+            add_cost(sums[part], cost[part])
+            add_cost(sums["total"], cost[part])
+    per_conversation = {}
+    for part, counts in sums.items():
+        means = {name: None if counts[name] is None else counts[name] / len(costed)
+                 for name in COST_COUNTS}
+        # a server that reports no cached count has the whole prompt in prompt_tokens
+        means["tokens"] = (None if None in (means["prompt_tokens"], means["generated_tokens"])
+                           else means["prompt_tokens"] + (means["prompt_tokens_reused"] or 0)
+                           + means["generated_tokens"])
+        per_conversation[part] = means
+    tokens = per_conversation["total"]["tokens"]
+    return {"conversations": len(costed), "per_conversation": per_conversation,
+            "planner_share": per_conversation["planner"]["tokens"] / tokens if tokens else None}
+
+
+def policy_cost(policy, training_seconds=None, update_seconds=None, checkpoint=None):
+    """The policy's trainable parameters and its training's seconds (the whole loop,
+    validation included, and the policy's updates in it): 0 for a policy that does not
+    learn; from this run's training, else (a test of a checkpoint) as the checkpoint's
+    sidecar recorded them when it was saved, else None."""
+    if not policy.trainable:
+        training_seconds = update_seconds = 0.0
+    elif training_seconds is None and checkpoint:
+        with open(checkpoint + ".json", encoding="utf-8") as f:
+            saved = (json.load(f).get("metrics") or {}).get("policy_cost") or {}
+        training_seconds, update_seconds = (saved.get("training_seconds"),
+                                            saved.get("update_seconds"))
+    return {"trainable_parameters": policy.trainable_parameters(),
+            "training_seconds": training_seconds, "update_seconds": update_seconds}
 
 
 def evaluate(args, policy, env, cases, desc="eval"):
@@ -223,6 +269,7 @@ def write_results(run_dir, name, metrics, conversations):
                                 "emotions": c.emotions, "outcome": c.outcome,
                                 "system_turns": c.system_turns,
                                 "total_reward": c.total_reward, "sale_to_list": c.sale_to_list,
-                                "prompt_cuts": c.prompt_cuts, "records": c.records}) + "\n")
+                                "prompt_cuts": c.prompt_cuts, "records": c.records,
+                                "cost": c.cost}) + "\n")
 
 

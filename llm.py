@@ -30,11 +30,36 @@ DEFAULT_LLM_DIR = os.path.join(WEIGHTS_DIR, "Qwen2.5-1.5B-Instruct")
 EMBEDDED_LLM = "embedded-smollm2"
 EMBEDDED_LLM_CACHE = os.path.join(WEIGHTS_DIR, "SmolLM2-135M-Instruct")
 
+# what the ledger counts per cache key (conversation uid, role), summed over the rows of
+# the calls made for it: rows asked (one per conversation, or per option order, a call),
+# HTTP requests sent (retries included; None in process), prompt tokens run through the
+# model, prompt tokens reused from a prefix cache, generated tokens, and seconds (a
+# call's wall time shared among its rows in proportion to their tokens run and
+# generated). A count a client cannot know is None, and a sum with a None is None.
+COST_COUNTS = ("calls", "requests", "prompt_tokens", "prompt_tokens_reused",
+               "generated_tokens", "seconds")
+
+
+def empty_cost():
+    """The counts of no call: zeros."""
+    return dict.fromkeys(COST_COUNTS, 0)
+
+
+def add_cost(total, counts):
+    """Add one set of counts into `total` (in place); an unknown count stays unknown."""
+    for name in COST_COUNTS:
+        if total[name] is None or counts[name] is None:
+            total[name] = None
+        else:
+            total[name] += counts[name]
+    return total
 
 
 class LLMClient:
     """One role's LLM. Subclasses implement `chat` and `option_probs`; the defaults below
-    fit a client that caches nothing, counts nothing and has no context limit."""
+    fit a client that caches nothing, counts nothing and has no context limit. Each call
+    charges its rows to the ledger (`charge`), which the environment settles per
+    conversation (`take_charges`)."""
 
     context_length = None  # tokens a prompt and its answer may use (None: no limit known)
     tokenizer = None  # the model's tokenizer, where the client has one
@@ -43,6 +68,7 @@ class LLMClient:
         self.name = name or type(self).__name__  # the model, as results name it
         self.usage = Counter()  # requests, retries and tokens, where a client counts them
         self.stats = defaultdict(float)  # the in-process engine's tokens and seconds
+        self.ledger = {}  # cache key (conversation uid, role) or None -> COST_COUNTS
         self._label_ids = {}
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
@@ -70,6 +96,26 @@ class LLMClient:
 
     def forget(self, conversation_id):
         """Drop what is cached for a finished conversation."""
+
+    def charge(self, cache_keys, rows, seconds):
+        """Charge one call to the ledger: rows[i] holds the counts (COST_COUNTS but
+        seconds) of the call's i-th conversation, charged to cache_keys[i] (None: the call
+        had no keys). The call's wall time is shared in proportion to each row's prompt
+        tokens run plus generated tokens (evenly when it ran none): what a row made the
+        model compute, since reused tokens cost no forward pass."""
+        keys = cache_keys or [None] * len(rows)
+        weights = [(row["prompt_tokens"] or 0) + (row["generated_tokens"] or 0) for row in rows]
+        if not sum(weights):
+            weights = [1] * len(rows)
+        for key, row, weight in zip(keys, rows, weights):
+            counts = self.ledger.setdefault(key, empty_cost())
+            add_cost(counts, row | {"seconds": seconds * weight / sum(weights)})
+
+    def take_charges(self, uids):
+        """{cache key: counts} of the keys whose conversation is in uids, removed from the
+        ledger (a finished conversation's cost is settled once)."""
+        taken = [key for key in self.ledger if key is not None and key[0] in uids]
+        return {key: self.ledger.pop(key) for key in taken}
 
     def rng_state(self):
         """The sampler's state, saved with a training state (None: the client has none)."""

@@ -24,19 +24,27 @@ the server, the role and the last status. Other answers (400, 401, 404) stop it 
                 server gives no log-probs, option_scoring_problem says why and the
                 planner samples instead.
   usage:        requests, retries, prompt and completion tokens of this role's client.
+  ledger:       per conversation (llm.LLMClient.charge): its requests, retries included,
+                and the tokens the server's answers report: usage's completion_tokens,
+                and its prompt_tokens less those it served from its prefix cache
+                (prompt_tokens_details.cached_tokens, as OpenAI and vLLM report them, or
+                llama-server's timings.cache_n). A server that reports no cached count
+                (llama-cpp-python) leaves prompt_tokens_reused None and prompt_tokens
+                whole: an upper bound on what it ran.
 """
 
 import asyncio
 import os
 import random
 import threading
+import time
 
 import httpx
 import torch
 
 from errors import ServerError
-from llm import (EMBEDDED_LLM, LLMClient, chat_prompt, floor_log_prob, label_prefixes,
-                 label_probs, message_tokens_bound, resolve_llm_path,
+from llm import (EMBEDDED_LLM, LLMClient, add_cost, chat_prompt, floor_log_prob,
+                 label_prefixes, label_probs, message_tokens_bound, resolve_llm_path,
                  stream_seed)
 
 TOP_LOGPROBS = 20  # the most that the OpenAI API returns
@@ -63,6 +71,27 @@ def _retry_after(value):
         return max(0.0, float(value))
     except (TypeError, ValueError):
         return None
+
+
+def answer_counts(data):
+    """The ledger's token counts of one answer (see the module docstring)."""
+    usage = data.get("usage") or {}
+    prompt, cached = usage.get("prompt_tokens"), None
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict):
+        cached = details.get("cached_tokens")
+    if cached is None:
+        cached = (data.get("timings") or {}).get("cache_n")
+    if prompt is not None and cached is not None:
+        prompt -= cached
+    return {"prompt_tokens": prompt, "prompt_tokens_reused": cached,
+            "generated_tokens": usage.get("completion_tokens")}
+
+
+def new_tally():
+    """One conversation's counts in one call, before its requests are sent."""
+    return {"calls": 1, "requests": 0, "prompt_tokens": 0, "prompt_tokens_reused": 0,
+            "generated_tokens": 0, "seconds": 0}
 
 
 class NoLogprobs(ServerError):
@@ -148,9 +177,10 @@ class OpenAILLM(LLMClient):
 
     # -- requests ---------------------------------------------------------------------------
 
-    async def _request(self, method, path, body, tries=None):
+    async def _request(self, method, path, body, tries=None, tally=None):
         """JSON answer of one request, retried on connection errors, timeouts,
-        RETRY_STATUSES and 5xx."""
+        RETRY_STATUSES and 5xx. tally: a conversation's counts, which every attempt adds
+        a request to."""
         url = self.base_url + path
         tries = tries or self.max_retries + 1
         last, status = "no answer", None
@@ -159,6 +189,8 @@ class OpenAILLM(LLMClient):
             try:
                 async with self.slots:
                     self.usage["requests"] += 1
+                    if tally is not None:
+                        tally["requests"] += 1
                     async with asyncio.timeout(self.request_timeout):
                         response = await self.http.request(method, url, json=body)
             except TimeoutError:
@@ -191,15 +223,17 @@ class OpenAILLM(LLMClient):
                           f"(last: {last}). Check that it is up (make serve), or raise "
                           "--max_retries / --request_timeout", status)
 
-    async def _post(self, path, body, tries=None, seed=None):
+    async def _post(self, path, body, tries=None, seed=None, tally=None):
         self.requests_sent += 1
         # a seed per request: reproducible, and concurrent samples of one prompt differ
         if seed is None:
             seed = self.seed * 100003 + self.requests_sent
-        data = await self._request("POST", path, body | {"seed": seed % 2**31}, tries)
+        data = await self._request("POST", path, body | {"seed": seed % 2**31}, tries, tally)
         usage = data.get("usage") or {}
         self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
         self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
+        if tally is not None:
+            add_cost(tally, answer_counts(data) | {"calls": 0, "requests": 0, "seconds": 0})
         return data
 
     # -- chat -------------------------------------------------------------------------------
@@ -222,8 +256,11 @@ class OpenAILLM(LLMClient):
         if stop_at_newline:
             body["stop"] = ["\n"]
         seeds = seeds or [None] * len(conversations)
-        return _run(self._gather([self._samples(c, body, num_samples, seed)
-                                  for c, seed in zip(conversations, seeds)]))
+        start, tallies = time.perf_counter(), [new_tally() for _ in conversations]
+        texts = _run(self._gather([self._samples(c, body, num_samples, seed, tally)
+                                   for c, seed, tally in zip(conversations, seeds, tallies)]))
+        self.charge(cache_keys, tallies, time.perf_counter() - start)
+        return texts
 
     @staticmethod
     async def _gather(coroutines):
@@ -237,23 +274,23 @@ class OpenAILLM(LLMClient):
                 task.cancel()
             raise
 
-    async def _samples(self, messages, body, num_samples, seed=None):
+    async def _samples(self, messages, body, num_samples, seed=None, tally=None):
         texts = []
         if num_samples > 1 and self.n_supported is not False:
             texts = await self._choices(messages, body, num_samples,
-                                        None if seed is None else stream_seed(seed, "n"))
+                                        None if seed is None else stream_seed(seed, "n"), tally)
             if self.n_supported is None:
                 self.n_supported = len(texts) >= num_samples
                 print(f"{self.endpoint}: " + ("one request returns n samples" if self.n_supported
                       else "the server ignores n; one request per sample"), flush=True)
         more = await asyncio.gather(*[
-            self._choices(messages, body, 1, None if seed is None else stream_seed(seed, k))
+            self._choices(messages, body, 1, None if seed is None else stream_seed(seed, k), tally)
             for k in range(len(texts), num_samples)])
         return (texts + [text for answer in more for text in answer])[:num_samples]
 
-    async def _choices(self, messages, body, n, seed=None):
+    async def _choices(self, messages, body, n, seed=None, tally=None):
         data = await self._post("/chat/completions", body | {"messages": messages} |
-                                ({"n": n} if n > 1 else {}), seed=seed)
+                                ({"n": n} if n > 1 else {}), seed=seed, tally=tally)
         return [(choice["message"].get("content") or "").strip() for choice in data["choices"]]
 
     # -- the prior --------------------------------------------------------------------------
@@ -285,19 +322,22 @@ class OpenAILLM(LLMClient):
 
     def option_probs(self, conversations, labels, cache_keys=None):
         """P(answer = label) for each label, normalised over the labels ([batch, labels])."""
-        return torch.stack(_run(self._gather([self._option_log_probs(c, labels)
-                                              for c in conversations])))
+        start, tallies = time.perf_counter(), [new_tally() for _ in conversations]
+        probs = _run(self._gather([self._option_log_probs(c, labels, tally=tally)
+                                   for c, tally in zip(conversations, tallies)]))
+        self.charge(cache_keys, tallies, time.perf_counter() - start)
+        return torch.stack(probs)
 
-    async def _option_log_probs(self, messages, labels, tries=None):
+    async def _option_log_probs(self, messages, labels, tries=None, tally=None):
         if self.tokenizer is None:
-            top = await self._chat_top_logprobs(messages, tries)
+            top = await self._chat_top_logprobs(messages, tries, tally)
             tokens = [(label,) for label in labels]
             return label_probs(tokens, lambda prefix, token: top.get(token, floor_log_prob(top)))
         prompt, prompt_ids = chat_prompt(self.tokenizer, messages)
         label_ids = self.label_token_ids(prompt_ids, labels)
         prefixes = label_prefixes(label_ids)
         tops = await asyncio.gather(*[
-            self._completion_top_logprobs(prompt + self.tokenizer.decode(list(p)), tries)
+            self._completion_top_logprobs(prompt + self.tokenizer.decode(list(p)), tries, tally)
             for p in prefixes])
         after = dict(zip(prefixes, tops))
         pieces = {t: self.tokenizer.decode([t]) for seq in label_ids for t in seq}
@@ -309,10 +349,10 @@ class OpenAILLM(LLMClient):
                 "without top_logprobs. Sample instead (--prior sample, --critic sample), or "
                 "start a server that returns them (llama.cpp: --logits_all true)")
 
-    async def _completion_top_logprobs(self, prompt, tries):
+    async def _completion_top_logprobs(self, prompt, tries, tally=None):
         data = await self._post("/completions", {
             "model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0.0,
-            "logprobs": TOP_LOGPROBS}, tries)
+            "logprobs": TOP_LOGPROBS}, tries, tally=tally)
         logprobs = data["choices"][0].get("logprobs") or {}
         if logprobs.get("top_logprobs"):  # the OpenAI completions format: {token: logprob}
             return logprobs["top_logprobs"][0]
@@ -321,10 +361,10 @@ class OpenAILLM(LLMClient):
             return {e["token"]: e["logprob"] for e in content[0]["top_logprobs"]}
         raise NoLogprobs(self._no_logprobs("completions"))
 
-    async def _chat_top_logprobs(self, messages, tries):
+    async def _chat_top_logprobs(self, messages, tries, tally=None):
         data = await self._post("/chat/completions", {
             "model": self.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
-            "logprobs": True, "top_logprobs": TOP_LOGPROBS}, tries)
+            "logprobs": True, "top_logprobs": TOP_LOGPROBS}, tries, tally=tally)
         content = (data["choices"][0].get("logprobs") or {}).get("content")
         if not content or not content[0].get("top_logprobs"):
             raise NoLogprobs(self._no_logprobs("chat completions"))

@@ -360,14 +360,15 @@ class TransformersLLM(LLMClient):
 
     def _prefill(self, rows, keys=None, store_lengths=None, keep=1, reserve=0):
         """Forward prompt rows into a fresh KV cache; returns (logits of the last `keep`
-        positions, cache, attention mask, position of each row's last token).
+        positions, cache, attention mask, position of each row's last token, reused).
 
         Rows with a key reuse the prefix cache (see _prefill_group); afterwards each key's
         entry holds the first store_lengths[i] tokens of its row (default: all of it).
         Padding costs as much compute as a real token, so rows whose numbers of new tokens
         differ a lot are run in separate forward passes (split_by_length). The result is
         one cache with each row's tokens right-aligned, [pad][row], and room for `reserve`
-        more tokens per row; it equals a plain left-padded forward of the rows."""
+        more tokens per row; it equals a plain left-padded forward of the rows. Also
+        returned: the tokens of each row reused from the prefix cache (for the ledger)."""
         keys = keys or [None] * len(rows)
         cached = [self.prefix_cache.get(k) if self.prefix_cache and k is not None else None
                   for k in keys]
@@ -380,7 +381,7 @@ class TransformersLLM(LLMClient):
         if len(groups) == 1 and not any(reuse):  # one plain left-padded batch: [pad][row]
             logits, cache, mask = self._prefill_group(rows, cached, reuse, keep, reserve)
             self._store(rows, keys, store_lengths, cache, mask, stored)
-            return logits, cache, mask, mask.sum(-1, keepdim=True) - 1
+            return logits, cache, mask, mask.sum(-1, keepdim=True) - 1, reuse
         lengths = torch.tensor([len(row) for row in rows], device=self.device)
         width = int(lengths.max())
         mask = (torch.arange(width, device=self.device) >= width - lengths[:, None]).long()
@@ -408,7 +409,7 @@ class TransformersLLM(LLMClient):
                 cache.layers[layer_index].write_rows(index, layer.keys.gather(2, gather),
                                                      layer.values.gather(2, gather))
                 group_cache.layers[layer_index] = None  # free it now: peak memory
-        return logits, cache, mask, lengths[:, None] - 1
+        return logits, cache, mask, lengths[:, None] - 1, reuse
 
     def _prefill_group(self, rows, cached, reuse, keep, reserve):
         """One forward pass over the rows' new tokens; returns (logits of the last `keep`
@@ -484,14 +485,18 @@ class TransformersLLM(LLMClient):
         prompts = [self.encode_chat(c) for c in conversations]
         keys = cache_keys or [None] * len(prompts)
         per_group = max(1, self.max_batch_rows // num_samples)
-        texts = []
+        texts, costs = [], []
         for first in range(0, len(prompts), per_group):
-            texts += self._generate(prompts[first:first + per_group], max_new_tokens,
-                                    temperature, num_samples, shared_prefix,
-                                    stop_at_newline, keys[first:first + per_group],
-                                    seeds and seeds[first:first + per_group])
+            group_texts, group_costs = self._generate(
+                prompts[first:first + per_group], max_new_tokens, temperature, num_samples,
+                shared_prefix, stop_at_newline, keys[first:first + per_group],
+                seeds and seeds[first:first + per_group])
+            texts += group_texts
+            costs += group_costs
         self._trim_heap()
-        self.stats["generate_seconds"] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.stats["generate_seconds"] += seconds
+        self.charge(cache_keys, costs, seconds)
         return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(conversations))]
 
     def _trim_heap(self):
@@ -501,7 +506,8 @@ class TransformersLLM(LLMClient):
 
     def _generate(self, prompts, max_new_tokens, temperature, num_samples,
                   shared_prefix, stop_at_newline, keys, seeds):
-        """Decode num_samples answers per prompt; returns the texts, prompt by prompt.
+        """Decode num_samples answers per prompt; returns the texts, prompt by prompt, and
+        each prompt's counts for the ledger (llm.COST_COUNTS but seconds).
 
         With shared_prefix the samples of one prompt are decoded as `num_samples` query
         streams of one row: each step feeds one token per stream, at the same position,
@@ -520,8 +526,8 @@ class TransformersLLM(LLMClient):
             own = torch.stack([torch.rand(max_new_tokens, streams,
                                           generator=torch.Generator().manual_seed(s))
                                for s in seeds]).to(self.device)
-        logits, cache, prompt_mask, last_position = self._prefill(prompts, keys,
-                                                                   reserve=max_new_tokens * streams)
+        logits, cache, prompt_mask, last_position, reused = self._prefill(
+            prompts, keys, reserve=max_new_tokens * streams)
         logits = logits[:, -1:].expand(-1, streams, -1)  # every stream starts from the prompt
         next_position = last_position + 1  # [rows, 1]: all streams of a row are at one position
 
@@ -606,13 +612,23 @@ class TransformersLLM(LLMClient):
             self.stats["decode_steps"] += 1  # forward passes of one token per sequence
             self.stats["decoded_sequences"] += step_tokens.numel()  # summed over steps
             next_position = next_position + 1
-        tokens, lengths = tokens.view(rows * streams, -1), lengths.view(-1)
+        tokens, lengths = tokens.view(rows * streams, -1), lengths.view(-1).tolist()
         texts = []
-        for row, length in zip(tokens.tolist(), lengths.tolist()):
+        for row, length in zip(tokens.tolist(), lengths):
             self.stats["generated_tokens"] += length
             kept = [t for t in row[:length] if t not in self.stop_ids]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
-        return texts
+        # a prompt's rows (num_samples of them without a shared prefix) and its samples
+        # come in prompt order; a sample's tokens include the stop token it drew
+        asked = len(texts) // num_samples
+        each = len(prompts) // asked  # forward rows per prompt
+        costs = [{"calls": 1, "requests": None,
+                  "prompt_tokens": sum(len(prompts[r]) - reused[r]
+                                       for r in range(i * each, (i + 1) * each)),
+                  "prompt_tokens_reused": sum(reused[i * each:(i + 1) * each]),
+                  "generated_tokens": sum(lengths[i * num_samples:(i + 1) * num_samples])}
+                 for i in range(asked)]
+        return texts, costs
 
     def newline_token_ids(self):
         if self._newline_ids is None:
@@ -655,7 +671,7 @@ class TransformersLLM(LLMClient):
         # rows end aligned, so the positions needed are among the last `keep`; computing
         # logits only there avoids a [rows, length, vocab] tensor
         keep = max(len(path) for path in row_prefixes) + 1
-        logits, _, _, _ = self._prefill(rows, row_keys, prompt_lengths, keep)
+        logits, _, _, _, reused = self._prefill(rows, row_keys, prompt_lengths, keep)
         log_probs = torch.log_softmax(logits, dim=-1)
 
         # next-token distributions after every prefix that a forward row covers
@@ -666,7 +682,15 @@ class TransformersLLM(LLMClient):
         result = torch.stack([label_probs(ids, lambda prefix, token, i=i: dist[i][prefix][token])
                               for i, ids in enumerate(label_ids)])
         self._trim_heap()
-        self.stats["prior_seconds"] += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.stats["prior_seconds"] += seconds
+        # a conversation's rows: its prompt followed by each label prefix that is read
+        costs = [{"calls": 1, "requests": None, "prompt_tokens": 0, "prompt_tokens_reused": 0,
+                  "generated_tokens": 0} for _ in prompts]
+        for row, owner in enumerate(row_owner):
+            costs[owner]["prompt_tokens"] += len(rows[row]) - reused[row]
+            costs[owner]["prompt_tokens_reused"] += reused[row]
+        self.charge(cache_keys, costs, seconds)
         return result
 
 

@@ -210,6 +210,34 @@ def plot_summary(groups, metrics, path):
     return _save(figure, path)
 
 
+def plot_cost(groups, path, tokens="LLM tokens / conv."):
+    """SR (with its interval) against the LLM tokens a conversation cost, one point per
+    policy, one panel per task: what a planner buys with its extra LLM calls. `groups`:
+    report.py's summaries (metrics["SR"], costs[tokens]); a policy without a token
+    count is left out."""
+    tasks = sorted({g["task"] for g in groups})
+    policies = sorted({g["policy"] for g in groups})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(1 + 4.5 * len(tasks), 3.8),
+                                squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        for g in groups:
+            if g["task"] != task or g["costs"].get(tokens) is None:
+                continue
+            sr = g["metrics"]["SR"]
+            colour = f"C{policies.index(g['policy']) % 10}"
+            axis.errorbar([g["costs"][tokens]], [sr["mean"]], capsize=3, marker="o",
+                          yerr=[[sr["mean"] - sr["low"]], [sr["high"] - sr["mean"]]],
+                          color=colour, label=g["policy"])
+            axis.annotate(g["policy"], (g["costs"][tokens], sr["mean"]), fontsize=8,
+                          xytext=(4, 4), textcoords="offset points")
+        axis.set_xscale("log")  # planners' costs differ by orders of magnitude (MCTS)
+        axis.set_xlabel("LLM tokens per conversation (prompt + generated)")
+        axis.set_ylabel("SR")
+        axis.set_title(task)
+        axis.grid(alpha=0.3)
+    return _save(figure, path)
+
+
 if __name__ == "__main__":
     for folder in sys.argv[1:]:
         for written_path in plot_run(folder):

@@ -13,6 +13,12 @@ unusable the sum over its records of critic_invalid, system_format_error, system
 and user_empty (those present). The planner's unusable sampled answers (--prior sample
 only) are counted for the whole run in test_metrics.json, not per conversation, and so
 are not counted here.
+
+The cost table: test_metrics.json's LLM cost per conversation (its "cost", see
+docs/outputs.md) and the policy's trainable parameters and training seconds
+("policy_cost"), each the mean over seeds; "-" where a run does not have it (a client
+that cannot count it, or a run older than the ledger). cost.png plots SR against LLM
+tokens per conversation, one point per policy.
 """
 
 import argparse
@@ -29,6 +35,17 @@ BASELINE = "dialogxpert"  # the paired table compares every other policy with th
 METRICS = {"SR": ".3f", "AT": ".2f", "SL": ".3f", "mean_return": ".3f", "unusable": ".2f"}
 HEADERS = {"SR": "SR", "AT": "AT", "SL": "SL", "mean_return": "mean return",
            "unusable": "unusable LLM answers / conv."}
+# the cost table's columns: header -> (where in test_metrics.json, format)
+COSTS = {"LLM tokens / conv.": (("cost", "per_conversation", "total", "tokens"), ",.0f"),
+         "prompt tokens run": (("cost", "per_conversation", "total", "prompt_tokens"), ",.0f"),
+         "prompt tokens reused": (("cost", "per_conversation", "total", "prompt_tokens_reused"),
+                                  ",.0f"),
+         "generated tokens": (("cost", "per_conversation", "total", "generated_tokens"), ",.0f"),
+         "LLM calls": (("cost", "per_conversation", "total", "calls"), ",.1f"),
+         "LLM seconds": (("cost", "per_conversation", "total", "seconds"), ".3g"),
+         "planner share of tokens": (("cost", "planner_share"), ".1%"),
+         "trainable parameters": (("policy_cost", "trainable_parameters"), ",.0f"),
+         "training seconds": (("policy_cost", "training_seconds"), ",.1f")}
 
 
 class ReportError(Exception):
@@ -80,7 +97,8 @@ def load_run(folder):
         run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
                "case_ids": [c["case_id"] for c in conversations],
-               "config": metrics.get("config", {}), "judge": metrics.get("judge", {})}
+               "config": metrics.get("config", {}), "judge": metrics.get("judge", {}),
+               "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()}}
     except plots.RunFileError as error:
         raise ReportError(f"{error}. Rerun the test of this run or leave it out") from None
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
@@ -93,6 +111,15 @@ def load_run(folder):
     run["override_rate"] = plots.override_rate(conversations)
     run["mtime"] = os.path.getmtime(metrics_path)
     return run
+
+
+def looked_up(metrics, keys):
+    """metrics[keys[0]][keys[1]]..., or None where a key is missing (an older run)."""
+    for key in keys:
+        if not isinstance(metrics, dict):
+            return None
+        metrics = metrics.get(key)
+    return metrics
 
 
 def check_comparable(runs):
@@ -142,10 +169,14 @@ def summarize(task, policy, seeds, n_boot):
         applies = name != "SL" or any(run["bargaining"] for run in runs)
         figures[name] = (interval([by_case(run, name) for run in runs], n_boot,
                                   crossed=crossed) if applies else None)
+    costs = {}
+    for header in COSTS:
+        values = [run["costs"][header] for run in runs]
+        costs[header] = None if None in values else sum(values) / len(values)
     return {"task": task, "policy": policy, "judge": judge_text(runs[0]["judge"]),
             "conversations": sum(len(r["case_ids"]) for r in runs),
             "runs": [{"folder": r["folder"], "seed": r["seed"], "override_rate": r["override_rate"]}
-                     for r in runs], "metrics": figures}
+                     for r in runs], "metrics": figures, "costs": costs}
 
 
 def judge_text(judge):
@@ -203,6 +234,18 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              "LLM that gave every reward and success (see critic_check.py for its report "
              "card); self-judged: the same model as the system or the user, which a judge "
              "can favour.", ""]
+    rows += ["## Cost", "", "| task | policy | " + " | ".join(COSTS) + " |",
+             "|---" * (2 + len(COSTS)) + "|"]
+    for s in summaries:
+        rows.append(f"| {s['task']} | {s['policy']} | " + " | ".join(
+            "-" if s["costs"][h] is None else f"{s['costs'][h]:{f}}"
+            for h, (_, f) in COSTS.items()) + " |")
+    rows += ["", "Per conversation of the test, mean over seeds: every LLM call of the "
+             "conversation's own turns (system, user, critic) and of its planner (priors, "
+             "simulated turns). LLM tokens: prompt tokens run through the model or reused "
+             "from a prefix cache, and generated tokens. LLM seconds: the calls' wall time "
+             "shared among the conversations of each batched call. Training seconds: the "
+             "training loop's wall time, validation included. -: not counted.", ""]
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
              f"mean return ({BASELINE} - policy) |", "|---" * 6 + "|"]
@@ -293,6 +336,8 @@ def main(argv=None):
         raise SystemExit(2) from None
     shown = [name for name in ("SR", "AT", "SL") if any(s["metrics"][name] for s in summaries)]
     images.insert(0, plots.plot_summary(summaries, shown, os.path.join(out, "report.png")))
+    if any(s["costs"]["LLM tokens / conv."] is not None for s in summaries):
+        images.insert(1, plots.plot_cost(summaries, os.path.join(out, "cost.png")))
     text = markdown(summaries, differences, skipped, images, out, args.n_boot)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

@@ -34,7 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 import harness
 import run_state
 from errors import ServerError, UserError
-from harness import (build_env, evaluate, judge_of, llm_usage, resolve_models,
+from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, resolve_models,
                      sample_if_unscorable, seed_everything, write_results)
 from policies import make_policy, policy_class
 from q_adapter import FrozenEncoder, resolve_encoder_path
@@ -102,6 +102,9 @@ def run(args):
     metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
     metrics["llm_usage"] = llm_usage(env)
+    # the whole training's seconds are last.pt's (best.pt's: those up to its save)
+    metrics["policy_cost"] = policy_cost(policy, checkpoint=os.path.join(run_dir, "last.pt")
+                                         if args.mode == "train" else checkpoint)
     write_results(run_dir, "test", metrics, conversations)
     print(json.dumps(metrics, indent=2))
     import plots  # matplotlib loads only now

@@ -7,14 +7,15 @@ SIGTERM, so that `train_model.py --resume RUN` continues it exactly."""
 
 import os
 import random
+import time
 from collections import Counter
 
 import torch
 from tqdm import tqdm
 
 import run_state
-from harness import (evaluate, judge_of, llm_usage, play_turn, summarize, write_history,
-                     write_results)
+from harness import (evaluate, judge_of, llm_usage, play_turn, policy_cost, summarize,
+                     write_history, write_results)
 from llm import stream_seed
 from policies import LearnStep
 from q_adapter import linear_schedule
@@ -52,10 +53,14 @@ class Trainer:
         self.best_path = os.path.join(run_dir, "best.pt")
         self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
                      "best_score": None, "order": list(range(len(train_cases))),
-                     "history": []}  # one dict per step, update and evaluation
+                     "history": [],  # one dict per step, update and evaluation
+                     # wall time of the loop (validation included) and of the policy's
+                     # learning in it, over every session of a resumed run
+                     "training_seconds": 0.0, "update_seconds": 0.0}
         self.active, self.ended = [], []  # in flight (observations), ended (conversations)
         if resume is not None:
             self.restore(resume)
+        self.clock = time.perf_counter()  # when training_seconds was last brought up to date
         self.bar = tqdm(total=args.total_episodes, initial=self.loop["finished"], desc="train",
                         disable=not args.progress)
         self.saved_at = self.loop["finished"]
@@ -63,22 +68,37 @@ class Trainer:
     def restore(self, state):
         self.loop = state["loop"]
         self.loop.setdefault("history", [])  # states saved before the history was kept
+        self.loop.setdefault("training_seconds", None)  # and before its seconds were
+        self.loop.setdefault("update_seconds", None)
         self.policy.load_state_dict(state)
         active = run_state.restore_conversations(state["active"])
         self.active = [self.env.observation(c) for c in active]
         self.ended = run_state.restore_conversations(state["train_log"])
         self.env.restore_counters(state["errors"])
+        if "ledgers" in state:  # states saved before the LLM cost was counted have none
+            self.env.restore_ledgers(state["ledgers"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
                                         self.env.llms())
 
+    def policy_cost(self):
+        """The policy's trainable parameters and the loop's seconds so far (None: a state
+        saved before they were kept was resumed)."""
+        now = time.perf_counter()
+        if self.loop["training_seconds"] is not None:
+            self.loop["training_seconds"] += now - self.clock
+        self.clock = now
+        return policy_cost(self.policy, self.loop["training_seconds"],
+                           self.loop["update_seconds"])
+
     def save_state(self):
+        self.policy_cost()  # the seconds so far go into the saved loop
         write_history(self.run_dir, self.loop["history"])
         active = [o.conversation for o in self.active]
         run_state.save_state(self.run_dir, {
             "args": vars(self.args), "loop": self.loop,
             "active": [run_state.conversation_to_dict(c) for c in active],
             "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
-            "errors": self.env.counters(),
+            "errors": self.env.counters(), "ledgers": self.env.ledgers(),
             "random": run_state.random_states(self.rng, self.generator, self.env.llms())}
             | self.policy.state_dict(active))
 
@@ -140,7 +160,10 @@ class Trainer:
         block_done = not self.active and (finished % max(args.update_every_episodes, 1) == 0
                                           or finished == args.total_episodes)
         step = LearnStep(transitions, ended, block_done, self.generator)
+        start = time.perf_counter()
         self.policy.learn(step)
+        if self.loop["update_seconds"] is not None:
+            self.loop["update_seconds"] += time.perf_counter() - start
         steps = self.loop["steps"]
         for entry in step.history:
             for name, value in entry.items():
@@ -172,7 +195,8 @@ class Trainer:
         tqdm.write(f"[episode {finished}] valid SR={metrics['SR']:.3f} AT={metrics['AT']:.2f}")
         if loop["best_score"] is None or score > loop["best_score"]:
             loop["best_score"] = score
-            self.policy.save(self.best_path, finished, metrics)
+            self.policy.save(self.best_path, finished,
+                             metrics | {"policy_cost": self.policy_cost()})
 
     def save_if_due(self, stop_requested):
         """The whole state every checkpoint_every finished episodes, and on a signal, after
@@ -189,12 +213,15 @@ class Trainer:
         """The state, last.pt and the training conversations with their figures."""
         self.bar.close()
         self.save_state()  # a signal from here on stops the run after these files are whole
-        self.policy.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"])
+        cost = self.policy_cost()  # training ends here; the test that follows is not in it
+        self.policy.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"],
+                         {"policy_cost": cost})
         train_errors = self.env.error_counts()
         train_errors.subtract(self.loop.get("valid_errors", {}))
         train_metrics = summarize(self.ended, self.env.task, self.args.max_turn,
                                   +train_errors)
         train_metrics["judge"] = judge_of(self.env)
+        train_metrics["policy_cost"] = cost
         train_metrics["llm_usage"] = llm_usage(self.env)
         write_results(self.run_dir, "train", train_metrics, self.ended)
         if stop_requested:

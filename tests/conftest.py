@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -97,27 +98,49 @@ class ScriptedLLM(LLMClient):
     """An LLM client whose answers come from Python functions of the prompt text.
 
     reply(prompt_text) -> str is called once per requested sample;
-    prior(prompt_text, labels) -> list of weights, for option_probs."""
+    prior(prompt_text, labels) -> list of weights, for option_probs.
+
+    Each call is charged to the ledger as a real client's is (LLMClient.charge), with the
+    client's own token counts: count_tokens of the prompt, and an answer's UTF-8 bytes;
+    `log` keeps every call's [(cache key, prompt tokens, generated tokens)]."""
 
     def __init__(self, reply, prior=None):
         super().__init__()
         self.reply = reply
         self.prior = prior
         self.calls = []
+        self.log = []
 
     def chat(self, conversations, max_new_tokens=64, temperature=0.0, num_samples=1,
              shared_prefix=True, stop_at_newline=False, cache_keys=None, seeds=None):
+        start = time.perf_counter()
         self.calls.append(("chat", len(conversations), num_samples))
         texts = ["\n".join(m["content"] for m in c) for c in conversations]
-        return [[self.reply(t) for _ in range(num_samples)] for t in texts]
+        answers = [[self.reply(t) for _ in range(num_samples)] for t in texts]
+        self._charge(conversations, answers, cache_keys, start)
+        return answers
 
     def option_probs(self, conversations, labels, cache_keys=None):
+        start = time.perf_counter()
         self.calls.append(("option_probs", len(conversations)))
         if self.prior is None:
-            return torch.full((len(conversations), len(labels)), 1.0 / len(labels))
-        weights = torch.tensor([self.prior(c[-1]["content"], labels) for c in conversations],
-                               dtype=torch.float)
-        return weights / weights.sum(-1, keepdim=True)
+            probs = torch.full((len(conversations), len(labels)), 1.0 / len(labels))
+        else:
+            weights = torch.tensor([self.prior(c[-1]["content"], labels)
+                                    for c in conversations], dtype=torch.float)
+            probs = weights / weights.sum(-1, keepdim=True)
+        self._charge(conversations, [[] for _ in conversations], cache_keys, start)
+        return probs
+
+    def _charge(self, conversations, answers, cache_keys, start):
+        keys = cache_keys or [None] * len(conversations)
+        rows = [(key, self.count_tokens(c), sum(len(a.encode()) for a in texts))
+                for key, c, texts in zip(keys, conversations, answers)]
+        self.log.append(rows)
+        self.charge(cache_keys, [{"calls": 1, "requests": None, "prompt_tokens": prompt,
+                                  "prompt_tokens_reused": 0, "generated_tokens": generated}
+                                 for _, prompt, generated in rows],
+                    time.perf_counter() - start)
 
 
 def listed_options(prompt):
