@@ -8,9 +8,9 @@ from conftest import DEMO, DEVICE
 from critic import Critic
 from env import Planner, SelfPlayEnv
 from errors import UserError
+from harness import summarize
 from llm import fit_prompt, message_tokens_bound
 from tasks import get_task, load_split
-from train_model import summarize
 
 CONTEXT = 700
 
