@@ -19,7 +19,7 @@ import tasks
 import train_model
 import trainer
 from conftest import DEMO, SHARED_DATA, World, esc_case, esc_cases, scripted_models
-from env import Conversation
+from env import Conversation, Observation
 from get_args import Args, parse_args
 from harness import evaluate
 from policies import UniformPolicy
@@ -175,6 +175,21 @@ def test_the_update_is_reinforce_on_discounted_normalised_returns(tiny_encoder_d
     after = agent.probabilities(states)[range(3), index]
     assert after[2] > before[2] and after[0] < before[0]  # the best return up, the worst down
     assert agent.updates == 1
+
+
+def test_training_samples_from_the_policy_and_testing_takes_its_argmax(policy):
+    turns = [("Patient", "I feel low.")]
+    observations = [Observation(Conversation(case=esc_case(0), turns=turns, stream=i),
+                                ESC.action_names[:4], [0.25] * 4) for i in range(800)]
+    probs = policy.probabilities(policy.inputs([turns]))[0]
+    best = ESC.action_names[int(probs.argmax())]
+    tested, notes = policy.act(observations, random.Random(0), training=False)
+    assert set(tested) == {best} and not any(n["explored"] for n in notes)
+    sampled, notes = policy.act(observations, random.Random(0), training=True)
+    for name, p in zip(ESC.action_names, probs.tolist()):
+        assert sampled.count(name) / len(sampled) == pytest.approx(p, abs=0.05)
+    assert notes[0]["action_prob"] == pytest.approx(
+        float(probs[ESC.action_names.index(sampled[0])]), abs=1e-4)
 
 
 def one_action_world():
