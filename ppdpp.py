@@ -20,6 +20,7 @@ case's emotion and problem type go to the user and critic prompts, as in PPDPP.
 
 import json
 import math
+import os
 import random
 from collections import Counter
 
@@ -374,7 +375,7 @@ class PPDPPPolicy(Policy):
                             "of a --policy ppdpp training run")
         check_saved_args(path, info["args"], args, ("data_name", "policy_encoder",
                                                     "ppdpp_max_length"))
-        with open(f"{resolve_encoder_path(args.policy_encoder)}/config.json") as f:
+        with open(os.path.join(resolve_encoder_path(args.policy_encoder), "config.json")) as f:
             width = json.load(f)["hidden_size"]
         if list(shapes["net.classifier.weight"])[1] != width:
             raise UserError(f"the checkpoint {path} has a classifier for a "

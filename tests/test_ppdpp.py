@@ -133,7 +133,12 @@ def test_the_supervised_stage_fits_a_labelled_set(tiny_encoder_dir):
     torch.manual_seed(0)
     args = ppdpp_args(tiny_encoder_dir, ppdpp_sft_epochs=30, ppdpp_sft_batch_size=8)
     agent = PPDPPPolicy(args, ESC)
+    # the whole encoder is trained, not the classifier alone
+    assert agent.trainable_parameters() == sum(p.numel() for p in agent.net.parameters())
+    query = agent.net.encoder.encoder.layer[0].attention.self.query.weight
+    before = query.detach().clone()
     history = agent.before_training(labelled_cases(0, 48), labelled_cases(1000, 12))
+    assert not torch.equal(before, query)
     *epochs, summary = history
     print(*epochs, summary, sep="\n")
     assert len(epochs) == 30 and summary["train"] == {
