@@ -196,6 +196,8 @@ class PPDPPPolicy(Policy):
         """Training: a draw from the policy (from the conversation's own stream, so paired
         and resumable); testing: its argmax. epsilon is not used: PPDPP explores by
         sampling."""
+        if not observations:
+            return [], []
         probs = self.probabilities(self.inputs([o.conversation.turns for o in observations]))
         names = self.task.action_names
         actions, notes = [], []

@@ -20,9 +20,10 @@ import train_model
 import trainer
 from conftest import DEMO, SHARED_DATA, World, esc_case, esc_cases, scripted_models
 from env import Conversation, Observation
+from errors import UserError
 from get_args import Args, parse_args
 from harness import evaluate
-from policies import UniformPolicy
+from policies import UniformPolicy, policy_class
 from ppdpp import (PPDPPPolicy, discounted_returns, labelled_examples, normalised_returns,
                    policy_input)
 from tasks import get_task, read_file
@@ -313,6 +314,13 @@ def test_a_ppdpp_run_trains_tests_and_its_checkpoint_is_tested_again(tiny_encode
     assert kinds[:2] == ["pretrain", "pretrain"] and kinds.count("update") == 4
     with open(os.path.join(run_dir, "test_conversations.jsonl")) as f:
         assert all(r["policy"] == "ppdpp" for line in f for r in json.loads(line)["records"])
+    best = os.path.join(run_dir, "best.pt")
+    for other, says in ((dict(data_name="cima"), "--data_name"),
+                        (dict(policy="dialogxpert"), "no Q-head")):
+        args = parse_args(common + ["--mode", "test", "--checkpoint", best])
+        args = Args(**vars(args) | other)
+        with pytest.raises(UserError, match=says):
+            policy_class(args.policy).check_checkpoint(best, args, {"encoder": {}})
 
 
 def _cli_error(argv, capsys, monkeypatch):
