@@ -331,7 +331,8 @@ class Args:
         require(self.context_length == 0 or self.context_length > longest_answer,
                 "context_length", f"above the longest answer ({longest_answer} tokens), "
                 "or 0 (the model's own)")
-        for name in ("gamma", "ppdpp_gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
+        for name in ("gamma", "ppdpp_gamma", "epsilon_start", "epsilon_end",
+                     "exploration_fraction"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
         require(self.learning_rate > 0, "learning_rate", "> 0")
