@@ -40,6 +40,16 @@ def ppdpp_args(encoder_dir, **values):
                        eval_every=10**6) | FAST | values)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny encoder's small matrices run several times faster on one thread than on
+    two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def policy(tiny_encoder_dir):
     torch.manual_seed(0)
