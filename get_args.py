@@ -214,6 +214,23 @@ class Args:
     max_encoder_tokens: int = field(default=512, metadata={
         "help": "encoder input length; longer texts keep their most recent tokens"})
 
+    # --- planners of prior work: GDP-Zero and DPDP's MCTS (mcts.py, docs/planners.md);
+    # the defaults are GDP-Zero's (jasonyux/GDPZero runners/gdpzero.py, lines 92, 230-232)
+    mcts_simulations: int = field(default=20, metadata={
+        "help": "MCTS simulations per turn (GDP-Zero's num_mcts_sims; DPDP's scripts: 10)"})
+    mcts_realizations: int = field(default=3, metadata={
+        "help": "simulated turns kept per tree node, open loop (GDP-Zero's max_realizations; "
+                "DPDP's scripts: 1)"})
+    mcts_q0: float = field(default=0.0, metadata={
+        "help": "the value of an action not yet tried (GDP-Zero's Q_0; higher explores more)"})
+    mcts_cpuct: float = field(default=1.0, metadata={
+        "help": "weight of the prior's exploration term in PUCT (GDP-Zero's cpuct)"})
+    dpdp_threshold: float = field(default=0.5, metadata={
+        "help": "dpdp: the fast policy acts when its two most probable actions are at least "
+                "this far apart, the MCTS otherwise; in [0, 1]: 0 always the fast policy, 1 "
+                "the MCTS unless the fast policy is certain (DPDP's sub_value, "
+                "ppdpp/run.py)"})
+
     # --- evaluation and logging
     eval_every: int = field(default=50, metadata={"help": "episodes between valid evaluations"})
     eval_cases: int = field(default=0, metadata={"help": "valid cases per evaluation (0: all)"})
@@ -291,7 +308,12 @@ class Args:
         require(self.context_length == 0 or self.context_length > longest_answer,
                 "context_length", f"above the longest answer ({longest_answer} tokens), "
                 "or 0 (the model's own)")
-        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
+        require(self.mcts_simulations >= 1, "mcts_simulations", ">= 1",
+                ": the MCTS needs a simulation to choose an action")
+        require(self.mcts_realizations >= 1, "mcts_realizations", ">= 1")
+        require(self.mcts_cpuct >= 0, "mcts_cpuct", ">= 0")
+        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction",
+                     "dpdp_threshold"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
         require(self.learning_rate > 0, "learning_rate", "> 0")
@@ -346,6 +368,8 @@ HELP_GROUPS = {
         "shared_prefix"),
     "evaluation": ("mode", "policy", "checkpoint", "seeds", "eval_every", "eval_cases",
                    "eval_temperature"),
+    "planners of prior work": ("mcts_simulations", "mcts_realizations", "mcts_q0",
+                               "mcts_cpuct", "dpdp_threshold"),
     "output": ("output_dir", "exp_name", "checkpoint_every", "resume", "progress", "debug"),
 }
 

@@ -71,6 +71,10 @@ class LLMClient:
     def forget(self, conversation_id):
         """Drop what is cached for a finished conversation."""
 
+    def branch(self, conversation_id, parent_id):
+        """A conversation copied from another (a search's simulated copy): its first
+        prompt of a role may extend the parent's cached one."""
+
     def rng_state(self):
         """The sampler's state, saved with a training state (None: the client has none)."""
         return None

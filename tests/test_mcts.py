@@ -1,0 +1,268 @@
+"""The MCTS planners of prior work (mcts.py) in scripted worlds whose answers are known.
+
+sequence_env: success needs "Question" then "Providing Suggestions"; the prior ranks
+"Others" first, so the prior's top-1 never succeeds, and a search two turns deep does.
+"""
+
+import re
+
+import pytest
+
+import harness
+import train_model
+from conftest import (DEVICE, DECOY, FIRST, SECOND, ScriptedLLM, World, esc_cases, listed_options,
+                      option_number)
+from critic import Critic
+from env import Planner, SelfPlayEnv
+from get_args import Args
+from llm_transformers import PrefixCache
+from policies import Policy, make_policy
+from tasks import get_task
+
+TASK = get_task("esc")
+NOTE_KEYS = ("candidates", "explored", "policy", "search")
+
+
+def mcts_args(**values):
+    return Args(**{"data_name": "esc", "mode": "test", "policy": "gdpzero", "num_envs": 10,
+                   "critic_samples": 2, "progress": False, "seed": 3} | values)
+
+
+def run(policy_name, world_env, cases, **values):
+    args = mcts_args(policy=policy_name, max_turn=world_env.max_turn, **values)
+    policy = make_policy(args, TASK)
+    policy.attach(world_env)
+    return harness.evaluate(args, policy, world_env, cases, "test")
+
+
+def played(prompt):
+    """The actions of the system turns in a prompt, in order (the system says its action)."""
+    return re.findall(r"I hear you \((.+?)\)\.", prompt)
+
+
+def sequence_env(max_turn):
+    """conftest's sequence_world, read from the prompts alone: the state of a simulated copy
+    is its own turns, whatever other copies of the case were played before it. "Question"
+    then "Providing Suggestions" solves the problem (4); "Question" and "Others" leave the
+    patient the same (2), the other actions make them feel worse (1)."""
+    def system(prompt):
+        instruction = prompt[prompt.rindex("("):]
+        action = next(a for a in TASK.action_names if TASK.actions[a] in instruction)
+        return f"Emotion: calm\nResponse: I hear you ({action})."
+
+    def critic(prompt):
+        history = played(prompt)
+        if history[-2:] == [FIRST, SECOND]:
+            return option_number(prompt, TASK.verdicts[3])
+        return option_number(prompt, TASK.verdicts[1 if history[-1] in (FIRST, DECOY) else 0])
+
+    prior = ScriptedLLM(None, prior=lambda prompt, labels: [
+        10.0 - [DECOY, FIRST, SECOND, "Information"].index(n)
+        if n in (DECOY, FIRST, SECOND, "Information") else 0.1 for n in listed_options(prompt)])
+    return SelfPlayEnv(TASK, ScriptedLLM(system), ScriptedLLM(lambda prompt: "Okay."),
+                       Critic(TASK, ScriptedLLM(critic), num_samples=2),
+                       planner=Planner(TASK, prior), max_turn=max_turn)
+
+
+def test_the_search_finds_a_two_step_success_that_the_prior_misses():
+    cases = esc_cases(0, 10)
+    prior_metrics, _ = run("prior", sequence_env(max_turn=2), cases)
+    metrics, conversations = run("gdpzero", sequence_env(max_turn=2), cases,
+                                 mcts_simulations=40)
+    print(f"SR: prior {prior_metrics['SR']}, gdpzero {metrics['SR']}")
+    assert prior_metrics["SR"] == 0.0
+    assert metrics["SR"] >= 0.9
+    first = conversations[0].records[0]
+    assert first["action"] == FIRST  # not a top-1 of the prior, found by the search
+    assert first["search"]["tree"][0]["action"] == FIRST  # the most visited
+    assert sum(child["visits"] for child in first["search"]["tree"]) == 40
+
+
+def test_one_simulation_acts_as_the_prior():
+    cases = esc_cases(0, 6)
+    _, prior = run("prior", sequence_env(max_turn=3), cases)
+    _, searched = run("gdpzero", sequence_env(max_turn=3), cases, mcts_simulations=1)
+    assert [[r["action"] for r in c.records] for c in searched] == \
+        [[r["action"] for r in c.records] for c in prior]
+    assert {r["action"] for c in searched for r in c.records} == {DECOY}
+
+
+def test_the_visits_follow_the_prior_where_every_action_is_worth_the_same():
+    """Every turn is judged 'the same' (-0.5, as Q_0 here): PUCT then visits the actions
+    in proportion to the prior, which puts 93% on one action."""
+    world = World("esc", ["Information"], lambda history: "Okay.", lambda history: ["2"])
+    _, conversations = run("gdpzero", world.env(max_turn=2), esc_cases(0, 2),
+                           mcts_simulations=20, mcts_q0=-0.5)
+    tree = conversations[0].records[0]["search"]["tree"]
+    assert tree[0]["action"] == "Information" and tree[0]["visits"] >= 15
+
+
+# -- nothing simulated reaches the run --------------------------------------------------
+
+def leaky_world():
+    """Every kind of unusable answer, in states that the search visits: the system breaks
+    the format after "Others", the user says nothing after "Information", the critic names
+    no option after "Self-disclosure", and the planner (sampling) answers nonsense on every
+    other turn. "Question" solves the problem."""
+    last = {}
+
+    def case(prompt):
+        return re.search(r"case (\d+)", prompt).group(1)
+
+    def system(prompt):
+        instruction = prompt[prompt.rindex("("):]
+        last[case(prompt)] = next(a for a in TASK.action_names
+                                  if TASK.actions[a] in instruction)
+        if last[case(prompt)] == "Others":
+            return "I would say something."
+        return "Emotion: calm\nResponse: I hear you."
+
+    def user(prompt):
+        return "" if last[case(prompt)] == "Information" else "I see."
+
+    def critic(prompt):
+        action = last[case(prompt)]
+        if action == "Self-disclosure":
+            return "Option 9"
+        return option_number(prompt, TASK.verdicts[3 if action == "Question" else 1])
+
+    def planner(prompt):
+        if prompt.count("I hear you.") % 2:
+            return "no idea"
+        return option_number(prompt, "Others")
+
+    planner_llm = ScriptedLLM(planner)
+    env = SelfPlayEnv(TASK, ScriptedLLM(system), ScriptedLLM(user),
+                      Critic(TASK, ScriptedLLM(critic), num_samples=2),
+                      planner=Planner(TASK, planner_llm, mode="sample", num_samples=2),
+                      max_turn=3)
+    return env
+
+
+class Replay(Policy):
+    """Plays the actions that another run recorded, case by case."""
+    name = "replay"
+
+    def __init__(self, args, task, conversations):
+        super().__init__(args, task)
+        self.actions = {c.case_id: [r["action"] for r in c.records] for c in conversations}
+
+    def act(self, observations, rng, training, epsilon=0.0):
+        return ([self.actions[o.conversation.case_id][o.conversation.system_turns]
+                 for o in observations], [{} for _ in observations])
+
+
+def plain(conversation):
+    return {"turns": conversation.turns, "emotions": conversation.emotions,
+            "outcome": conversation.outcome, "reward": conversation.total_reward,
+            "prompt_cuts": conversation.prompt_cuts, "owner": conversation.owner,
+            "records": [{k: v for k, v in r.items() if k not in NOTE_KEYS}
+                        for r in conversation.records]}
+
+
+def test_simulated_turns_leave_the_conversations_records_and_counters_untouched():
+    cases = esc_cases(0, 8)
+    env = leaky_world()
+    metrics, searched = run("gdpzero", env, cases, mcts_simulations=12)
+    notes = [r["search"] for c in searched for r in c.records]
+    simulated = sum(sum(n["errors"].values()) + n["batch_planner_errors"] for n in notes)
+    assert simulated > 0  # the search met every kind of error
+    assert {k for n in notes for k in n["errors"]} == {"system_format_error", "user_empty",
+                                                       "critic_invalid"}
+    replay_env = leaky_world()
+    args = mcts_args(max_turn=3)
+    replay_metrics, replayed = harness.evaluate(args, Replay(args, TASK, searched), replay_env,
+                                                cases, "test")
+    assert ([plain(c) for c in sorted(searched, key=lambda c: c.case_id)]
+            == [plain(c) for c in sorted(replayed, key=lambda c: c.case_id)])
+    assert env.error_counts() == replay_env.error_counts()
+    assert metrics["llm_answers_unusable"] == replay_metrics["llm_answers_unusable"]
+    assert sum(n["batch_planner_errors"] for n in notes) > 0  # the planner's, simulated
+
+
+# -- batched calls ------------------------------------------------------------------------
+
+def call_log(env):
+    return {role: list(llm.calls) for role, llm in env.llms().items()}
+
+
+def test_each_simulation_step_makes_one_call_per_phase_for_the_whole_batch():
+    env = sequence_env(max_turn=1)  # every simulated turn ends: one step a simulation
+    args = mcts_args(max_turn=1, mcts_simulations=5, mcts_realizations=5)
+    policy = make_policy(args, TASK)
+    policy.attach(env)
+    observations = env.reset([(case, i, i) for i, case in enumerate(esc_cases(0, 6))])
+    before = call_log(env)
+    policy.act(observations, None, training=False)
+    after = call_log(env)
+    new = {role: after[role][len(before[role]):] for role in after}
+    assert new["system"] == [("chat", 6, 1)] * 5
+    assert new["user"] == [("chat", 6, 1)] * 5
+    assert [call[1] for call in new["critic"]] == [6] * 5
+    assert new["planner"] == [("option_probs", 6)]  # the roots' prior; no node expands
+
+
+def test_deeper_searches_share_their_calls_across_the_batch():
+    env = sequence_env(max_turn=3)
+    args = mcts_args(max_turn=3, mcts_simulations=8)
+    policy = make_policy(args, TASK)
+    policy.attach(env)
+    observations = env.reset([(case, i, i) for i, case in enumerate(esc_cases(0, 6))])
+    before = len(env.system_llm.calls)
+    trees = policy.search(observations, evaluation=True)
+    calls = env.system_llm.calls[before:]
+    assert sum(call[1] for call in calls) == sum(tree.rounds for tree in trees)
+    assert len(calls) <= 8 * 3 < sum(tree.rounds for tree in trees)
+
+
+# -- the prefix cache of a copy ------------------------------------------------------------
+
+def test_a_copy_starts_from_its_nearest_ancestors_cached_prompt():
+    cache = PrefixCache(2**30)
+    cache.put((1, "system"), [1, 2, 3], [])
+    cache.put((9, "system"), [7, 7], [])  # the role's latest entry
+    cache.branch(2, 1)
+    cache.branch(3, 2)
+    assert cache.get((3, "system"))[0] == [1, 2, 3]
+    cache.put((2, "system"), [1, 2, 3, 4], [])
+    assert cache.get((3, "system"))[0] == [1, 2, 3, 4]
+    cache.forget(2)
+    assert cache.get((3, "system"))[0] == [1, 2, 3, 4]  # the latest entry of the role
+    cache.forget(3)
+    assert cache.get((3, "user")) is None and not cache.parents
+
+
+def test_a_copys_first_prompt_costs_only_its_new_tokens(tiny_llm_dir):
+    from llm_transformers import TransformersLLM
+
+    llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
+                                          prefix_cache_gb=1.0)
+    env = SelfPlayEnv(TASK, llm, llm, Critic(TASK, llm, num_samples=1, max_new_tokens=2),
+                      planner=Planner(TASK, ScriptedLLM(None)), max_turn=3,
+                      system_max_new_tokens=4, user_max_new_tokens=4)
+    real = env.reset([(esc_cases(0, 1)[0], 0, 0)])[0].conversation
+    env.step([real], ["Question"])
+    llm.stats.clear()
+    copy = env.branch(real)
+    env.simulate([copy], ["Question"])
+    assert llm.stats["prompt_tokens_reused"] > llm.stats["prompt_tokens"]
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [
+    ["--mode", "test", "--policy", "gdpzero", "--mcts_simulations", "0"],
+    ["--mode", "train", "--policy", "dpdp", "--dpdp_threshold", "1.5"]])
+def test_bad_search_settings_stop_with_one_error_line_before_any_model_loads(flags, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr(harness, "load_llms", lambda args: pytest.fail("a model loaded"))
+    with pytest.raises(SystemExit, match="2"):
+        train_model.main(["--data_name", "esc", *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --")
+
+
+def test_a_search_without_the_environment_says_so():
+    policy = make_policy(mcts_args(), TASK)
+    with pytest.raises(RuntimeError, match="attach"):
+        policy.act([], None, training=False)
