@@ -266,3 +266,35 @@ def test_a_search_without_the_environment_says_so():
     policy = make_policy(mcts_args(), TASK)
     with pytest.raises(RuntimeError, match="attach"):
         policy.act([], None, training=False)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+def test_a_gdpzero_test_run_keeps_each_turns_tree_for_the_page(tmp_path, tiny_encoder_dir):
+    """train_model.py --policy gdpzero on the scripted models: every turn's record holds
+    its tree, and view.py puts it on the page."""
+    import json
+    import os
+
+    import view
+    from conftest import esc_case, scripted_models
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"esc-{split}.txt").write_text(
+            "".join(json.dumps(esc_case(i)) + "\n" for i in range(3)))
+    with scripted_models():
+        _, run_dir = train_model.main([
+            "--data_name", "esc", "--data_dir", str(data), "--encoder", tiny_encoder_dir,
+            "--mode", "test", "--policy", "gdpzero", "--mcts_simulations", "4",
+            "--max_turn", "2", "--critic_samples", "2", "--progress", "false",
+            "--device", "cpu", "--output_dir", str(tmp_path / "runs")])
+    with open(os.path.join(run_dir, "test_conversations.jsonl")) as f:
+        records = [r for line in f for r in json.loads(line)["records"]]
+    assert records and all(r["policy"] == "gdpzero" for r in records)
+    for record in records:
+        assert sum(child["visits"] for child in record["search"]["tree"]) == 4
+        assert record["search"]["tree"][0]["action"] == record["action"]
+    html, _ = view.build_page([run_dir])
+    assert '\\"search\\":{\\"simulations\\":4' in html or '"search":{"simulations":4' in html
