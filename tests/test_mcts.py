@@ -232,7 +232,10 @@ def test_a_copy_starts_from_its_nearest_ancestors_cached_prompt():
     assert cache.get((3, "user")) is None and not cache.parents
 
 
-def test_a_copys_first_prompt_costs_only_its_new_tokens(tiny_llm_dir):
+def test_a_copys_first_prompt_extends_its_parents_cached_prompt(tiny_llm_dir):
+    """Another conversation's prompt is the role's latest entry; the copy still starts
+    from its parent's, which shares the whole conversation so far."""
+    from llm import chat_prompt
     from llm_transformers import TransformersLLM
 
     llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
@@ -240,12 +243,22 @@ def test_a_copys_first_prompt_costs_only_its_new_tokens(tiny_llm_dir):
     env = SelfPlayEnv(TASK, llm, llm, Critic(TASK, llm, num_samples=1, max_new_tokens=2),
                       planner=Planner(TASK, ScriptedLLM(None)), max_turn=3,
                       system_max_new_tokens=4, user_max_new_tokens=4)
-    real = env.reset([(esc_cases(0, 1)[0], 0, 0)])[0].conversation
-    env.step([real], ["Question"])
+    parent, other = [o.conversation for o in env.reset([(case, i, i) for i, case in
+                                                        enumerate(esc_cases(0, 2))])]
+    env.step([parent], ["Question"])
+    env.step([parent], ["Question"])
+    env.step([other], ["Question"])  # the latest system prompt is the other's
+    copy = env.branch(parent)
+    ids = chat_prompt(llm.tokenizer, env.system_prompt(copy, "Question"))[1]
+
+    def shared(key):
+        cached = llm.prefix_cache.entries[(key, "system")][0]
+        return next((i for i, (a, b) in enumerate(zip(ids, cached)) if a != b),
+                    min(len(ids), len(cached)))
     llm.stats.clear()
-    copy = env.branch(real)
-    env.simulate([copy], ["Question"])
-    assert llm.stats["prompt_tokens_reused"] > llm.stats["prompt_tokens"]
+    env.play_system([copy], ["Question"], [{}], 0.0)
+    assert llm.stats["prompt_tokens_reused"] > shared(other.uid) + 10
+    assert llm.stats["prompt_tokens_reused"] >= shared(parent.uid) - 1
 
 
 # -- bad input ----------------------------------------------------------------------------
