@@ -178,6 +178,9 @@ def summarize(conversations, task, max_turn, error_counts):
                                        Counter()))}
     if task.reward.deals:
         metrics["SL"] = mean("SL")
+    acted = Counter(r["dpdp"] for c in conversations for r in c.records if "dpdp" in r)
+    if acted:  # --policy dpdp: the turns where the fast policy acted, and the MCTS
+        metrics["dpdp"] = {"fast": acted["fast"], "mcts": acted["mcts"]}
     return metrics
 
 

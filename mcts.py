@@ -21,9 +21,13 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+from safetensors.torch import load_file
+
+from errors import UserError
 from llm import stream_seed
 from metrics import UNUSABLE_KEYS
-from policies import Policy
+from policies import Policy, read_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -147,17 +151,20 @@ class GDPZeroPolicy(Policy):
 
     # -- the search ----------------------------------------------------------------------
 
-    def search(self, observations, evaluation):
-        """One tree per observed conversation, searched together; returns the trees."""
+    def search(self, observations, evaluation, prior=None):
+        """One tree per observed conversation, searched together; returns the trees.
+        prior(copies) -> ([batch, actions] tensor, unusable answers): PUCT's prior of the
+        nodes (default: the planner's, env.simulated_prior)."""
         if self.env is None:
             raise RuntimeError("the MCTS plays in the environment: call attach(env) first")
         env = self.env
+        self.prior = prior or env.simulated_prior
         conversations = [o.conversation for o in observations]
         # the root's prior over all actions: the planner asked again on a copy with the
         # conversation's own stream, so it is the observation's prior (and its prompt is
         # cached); PUCT breaks ties in the observation's candidate order
         copies = [env.branch(c) for c in conversations]
-        priors, self.planner_errors = env.simulated_prior(copies)
+        priors, self.planner_errors = self.prior(copies)
         trees = []
         for observation, conversation, prior in zip(observations, conversations,
                                                     priors.tolist()):
@@ -248,7 +255,193 @@ class GDPZeroPolicy(Policy):
                 expanding.append((descent, copy))
             # else: an expanded node with a new state: the descent goes on from it
         if expanding:
-            priors, invalid = env.simulated_prior([copy for _, copy in expanding])
+            priors, invalid = self.prior([copy for _, copy in expanding])
             self.planner_errors += invalid  # one call for all trees: counted per batch
             for (descent, _), prior in zip(expanding, priors.tolist()):
                 descent.tree.expand(descent.path, prior, self.action_order(prior))
+
+
+# -- DPDP ------------------------------------------------------------------------------------
+
+# DPDP's self-play update (ppdpp/agent.py optimize_model; flags of ppdpp/run.py): actor loss
+# plus this weight times the critic's (--critic_loss_w 1.0), gradients clipped to this norm
+# (--max_grad_norm 1.0)
+CRITIC_LOSS_WEIGHT = 1.0
+MAX_GRAD_NORM = 1.0
+
+
+class QHead(torch.nn.Module):
+    """DPDP's critic (ppdpp/qnet.py Qnet): dropout, linear, ReLU, dropout, linear: one
+    value per action, from the fast policy's pooled encoding."""
+
+    def __init__(self, dropout, width, num_actions):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(dropout)
+        self.fc1 = torch.nn.Linear(width, width)
+        self.fc2 = torch.nn.Linear(width, num_actions)
+
+    def forward(self, features):
+        return self.fc2(self.dropout(torch.relu(self.fc1(self.dropout(features)))))
+
+
+class DPDPPolicy(Policy):
+    """DPDP: System 1 is PPDPP's classifier (ppdpp.PPDPPPolicy, with its input and its
+    supervised stage); in testing it acts when its two most probable actions are at least
+    --dpdp_threshold apart, and System 2, the MCTS, acts otherwise. In training every turn
+    is the MCTS's (its prior: the fast policy), and after each episode the fast policy
+    learns the MCTS's actions by actor-critic with a Q-head (DPDP's optimize_model)."""
+
+    name = "dpdp"
+    trainable = True
+
+    def __init__(self, args, task):
+        super().__init__(args, task)
+        from ppdpp import RL_ADAM_EPS, PPDPPPolicy
+
+        self.fast = PPDPPPolicy(args, task)
+        self.mcts = GDPZeroPolicy(args, task)
+        self.threshold = args.dpdp_threshold
+        net = self.fast.net
+        self.q_head = QHead(args.ppdpp_dropout, net.classifier.in_features,
+                            len(task.action_names)).to(self.fast.device)
+        # the classifier's input is DPDP's state encoding (the pooled output after
+        # dropout), which its Q-head reads too: kept from the same forward pass
+        self.features = None
+        net.classifier.register_forward_hook(self._keep_features)
+        # one optimizer over both heads and the encoder, as DPDP's (transformers' AdamW
+        # at its defaults)
+        self.optimizer = torch.optim.AdamW(
+            list(net.parameters()) + list(self.q_head.parameters()),
+            lr=args.ppdpp_learning_rate, eps=RL_ADAM_EPS, weight_decay=0.0)
+        self.updates = 0
+
+    def _keep_features(self, module, inputs, output):
+        self.features = inputs[0]
+
+    def attach(self, env):
+        self.mcts.attach(env)
+
+    def fast_prior(self, copies):
+        """The fast policy's distribution as PUCT's prior (DPDP's --use_policy_prior)."""
+        return self.fast.probabilities(self.fast.inputs([c.turns for c in copies])), 0
+
+    def act(self, observations, rng, training, epsilon=0.0):
+        probs = self.fast.probabilities(self.fast.inputs([o.conversation.turns
+                                                          for o in observations]))
+        top = probs.topk(2, dim=-1).values
+        gaps = (top[:, 0] - top[:, 1]).tolist()
+        # testing: System 1 when sure; training: always the MCTS (DPDP's select_action)
+        fast = [not training and gap >= self.threshold for gap in gaps]
+        searched = [o for o, f in zip(observations, fast) if not f]
+        trees = iter(self.mcts.search(searched, evaluation=not training,
+                                      prior=self.fast_prior if training else None)
+                     if searched else [])
+        names = self.task.action_names
+        actions, notes = [], []
+        for observation, row, gap, by_fast in zip(observations, probs, gaps, fast):
+            note = {"candidates": self.candidate_note(
+                        observation, policy_prob=[row[names.index(a)]
+                                                  for a in observation.candidates]),
+                    "explored": False, "policy": self.name,
+                    "dpdp": "fast" if by_fast else "mcts", "fast_gap": round(gap, 4)}
+            if by_fast:
+                actions.append(names[int(row.argmax())])
+            else:
+                tree = next(trees)
+                actions.append(names[tree.best_action()])
+                note["search"] = self.mcts.search_note(tree)
+            notes.append(note)
+        return actions, notes
+
+    # -- self-play: the fast policy learns the MCTS's actions -----------------------------
+
+    def learn(self, step):
+        for conversation in step.ended:
+            actor, critic = self.update(conversation)
+            step.history.append({"step": self.updates, "actor_loss": actor,
+                                 "critic_loss": critic,
+                                 "episode_return": conversation.total_reward})
+
+    def update(self, conversation):
+        """DPDP's optimize_model on one episode: G_t the discounted returns (not
+        normalised), the critic fits Q(s_t, a_t) to G_t, the actor's loss is
+        -log pi(a_t | s_t) (G_t - Q(s_t, a_t)), a_t the action played (the MCTS's)."""
+        from ppdpp import discounted_returns
+
+        records = conversation.records
+        ends = [len(conversation.turns) - 2 * (len(records) - t) for t in range(len(records))]
+        states = self.fast.inputs([conversation.turns[:end] for end in ends])
+        actions = torch.tensor([self.task.action_names.index(r["action"]) for r in records],
+                               device=self.fast.device)
+        returns = torch.tensor(discounted_returns([r["reward"] for r in records],
+                                                  self.args.ppdpp_gamma),
+                               dtype=torch.float32, device=self.fast.device)
+        # without dropout, as ppdpp.PPDPPPolicy.reinforce: the log-probabilities are the
+        # acting policy's, and a resumed run repeats the update exactly
+        self.fast.net.eval()
+        self.q_head.eval()
+        log_probs = self.fast.logits(states).float().log_softmax(-1)
+        values = self.q_head(self.features).float().gather(1, actions[:, None]).squeeze(1)
+        critic_loss = torch.nn.functional.mse_loss(values, returns)
+        chosen = log_probs.gather(1, actions[:, None]).squeeze(1)
+        actor_loss = (-chosen * (returns - values).detach()).mean()
+        self.optimizer.zero_grad()
+        (actor_loss + CRITIC_LOSS_WEIGHT * critic_loss).backward()
+        torch.nn.utils.clip_grad_norm_(list(self.fast.net.parameters())
+                                       + list(self.q_head.parameters()), MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.updates += 1
+        return actor_loss.item(), critic_loss.item()
+
+    # -- the fast policy's own stage, checks and saving -----------------------------------
+
+    def before_training(self, train_cases, valid_cases):
+        """PPDPP's supervised stage on the labelled human turns (DPDP's offline stage
+        also fits its Q-head to annotated returns, which this data has not)."""
+        return self.fast.before_training(train_cases, valid_cases)
+
+    @staticmethod
+    def check_run(args, task, splits):
+        from ppdpp import PPDPPPolicy
+
+        PPDPPPolicy.check_run(args, task, splits)
+
+    def trainable_parameters(self):
+        return self.fast.trainable_parameters() + sum(p.numel()
+                                                      for p in self.q_head.parameters())
+
+    def state_dict(self, active):
+        return {"dpdp": {"net": self.fast.net.state_dict(), "q_head": self.q_head.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "updates": self.updates}}
+
+    def load_state_dict(self, state):
+        saved = state["dpdp"]
+        self.fast.net.load_state_dict(saved["net"])
+        self.q_head.load_state_dict(saved["q_head"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.updates = saved["updates"]
+
+    def save(self, path, step, metrics=None):
+        tensors = {f"net.{k}": v for k, v in self.fast.net.state_dict().items()}
+        tensors |= {f"q_head.{k}": v for k, v in self.q_head.state_dict().items()}
+        save_checkpoint(path, tensors, {"step": step, "updates": self.updates,
+                                        "metrics": metrics, "policy": self.name,
+                                        "actions": self.task.action_names,
+                                        "args": vars(self.args), "models": self.models})
+
+    def load(self, path, optimizer=False):
+        info = self.fast.load(path)
+        tensors = load_file(path, device=str(self.fast.device))
+        self.q_head.load_state_dict({k[len("q_head."):]: v for k, v in tensors.items()
+                                     if k.startswith("q_head.")})
+        return info
+
+    @staticmethod
+    def check_checkpoint(path, args, models):
+        """A PPDPP classifier (ppdpp.PPDPPPolicy.check_checkpoint) with DPDP's Q-head."""
+        from ppdpp import PPDPPPolicy
+
+        PPDPPPolicy.check_checkpoint(path, args, models)
+        if "q_head.fc1.weight" not in read_checkpoint(path)[1]:
+            raise UserError(f"the checkpoint {path} has no DPDP Q-head. Pass the best.pt of "
+                            "a --policy dpdp training run")

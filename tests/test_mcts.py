@@ -311,3 +311,142 @@ def test_a_gdpzero_test_run_keeps_each_turns_tree_for_the_page(tmp_path, tiny_en
         assert record["search"]["tree"][0]["action"] == record["action"]
     html, _ = view.build_page([run_dir])
     assert '\\"search\\":{\\"simulations\\":4' in html or '"search":{"simulations":4' in html
+
+
+# -- DPDP: a fast policy (PPDPP's classifier), the MCTS when it is unsure -------------------
+
+def dpdp_args(encoder_dir, **values):
+    # DPDP's fast policy is ppdpp.py's classifier (branch ppdpp): until it is merged, the
+    # DPDP tests skip
+    pytest.importorskip("ppdpp")
+    return mcts_args(**{"policy": "dpdp", "mode": "train", "policy_encoder": encoder_dir,
+                        "ppdpp_sft": False, "ppdpp_max_length": 64} | values)
+
+
+def dpdp_run(encoder_dir, threshold, env, cases, **values):
+    """A DPDP policy (its weights drawn from seed 0) tested at the threshold."""
+    import torch
+
+    args = dpdp_args(encoder_dir, dpdp_threshold=threshold, max_turn=env.max_turn, **values)
+    torch.manual_seed(0)
+    policy = make_policy(args, TASK)
+    policy.attach(env)
+    metrics, conversations = harness.evaluate(args, policy, env, cases, "test")
+    return policy, metrics, conversations
+
+
+def actions_by_case(conversations):
+    return {c.case_id: [r["action"] for r in c.records] for c in conversations}
+
+
+def test_dpdp_at_threshold_0_acts_as_its_fast_policy(tiny_encoder_dir):
+    from ppdpp import PPDPPPolicy
+
+    cases = esc_cases(0, 6)
+    dpdp, metrics, conversations = dpdp_run(tiny_encoder_dir, 0.0, sequence_env(3), cases)
+    args = dpdp_args(tiny_encoder_dir, policy="ppdpp", max_turn=3)
+    ppdpp = PPDPPPolicy(args, TASK)
+    ppdpp.net.load_state_dict(dpdp.fast.net.state_dict())
+    _, alone = harness.evaluate(args, ppdpp, sequence_env(3), cases, "test")
+    assert actions_by_case(conversations) == actions_by_case(alone)
+    turns = sum(len(c.records) for c in conversations)
+    assert metrics["dpdp"] == {"fast": turns, "mcts": 0}
+    assert all("search" not in r for c in conversations for r in c.records)
+
+
+def test_dpdp_at_threshold_1_acts_as_the_mcts_unless_the_fast_policy_is_certain(
+        tiny_encoder_dir):
+    cases = esc_cases(0, 6)
+    _, metrics, conversations = dpdp_run(tiny_encoder_dir, 1.0, sequence_env(2), cases,
+                                         mcts_simulations=40)
+    _, searched = run("gdpzero", sequence_env(2), cases, mcts_simulations=40)
+    assert actions_by_case(conversations) == actions_by_case(searched)
+    assert metrics["SR"] == 1.0
+    turns = sum(len(c.records) for c in conversations)
+    assert metrics["dpdp"] == {"fast": 0, "mcts": turns}
+    assert all(r["fast_gap"] < 1.0 for c in conversations for r in c.records)
+
+
+def test_the_dpdp_update_is_actor_critic_on_discounted_returns(tiny_encoder_dir):
+    """DPDP's optimize_model: G the discounted returns (not normalised), the critic's loss
+    mean((Q(s, a) - G)^2), the actor's mean(-log pi(a | s) (G - Q(s, a)))."""
+    import torch
+
+    from env import Conversation
+
+    torch.manual_seed(0)
+    policy = make_policy(dpdp_args(tiny_encoder_dir, ppdpp_gamma=0.5, ppdpp_dropout=0.0),
+                         TASK)
+    rewards, actions = [-0.5, -0.25, 1.0], ["Question", "Others", "Information"]
+    turns = [("Patient", "I feel low.")]
+    for n in range(3):
+        turns += [("Therapist", f"Reply {n}."), ("Patient", f"Answer {n}.")]
+    conversation = Conversation(case=esc_cases(0, 1)[0], turns=turns, records=[
+        {"action": a, "reward": r} for a, r in zip(actions, rewards)])
+    states = policy.fast.inputs([turns[:1], turns[:3], turns[:5]])
+    index = [TASK.action_names.index(a) for a in actions]
+    policy.fast.net.eval()
+    policy.q_head.eval()
+    with torch.no_grad():
+        log_probs = policy.fast.logits(states).log_softmax(-1)[range(3), index]
+        values = policy.q_head(policy.features)[range(3), index]
+    returns = torch.tensor([-0.5 + 0.5 * (-0.25 + 0.5 * 1.0), -0.25 + 0.5 * 1.0, 1.0])
+    actor, critic = policy.update(conversation)
+    assert critic == pytest.approx(((values - returns) ** 2).mean().item(), rel=1e-4)
+    assert actor == pytest.approx((-log_probs * (returns - values)).mean().item(), rel=1e-4)
+    with torch.no_grad():
+        after = policy.fast.logits(states).log_softmax(-1)[range(3), index]
+    advantage = returns - values
+    assert ((after - log_probs)[advantage.abs() > 0.1].sign()
+            == advantage[advantage.abs() > 0.1].sign()).all()
+
+
+def one_action_env():
+    """One turn: success only when the Therapist plays "Information", which the prior ranks
+    last; every other action leaves the patient the same."""
+    winner = "Information"
+
+    def system(prompt):
+        instruction = prompt[prompt.rindex("("):]
+        action = next(a for a in TASK.action_names if TASK.actions[a] in instruction)
+        return f"Emotion: calm\nResponse: I hear you ({action})."
+
+    def critic(prompt):
+        return option_number(prompt, TASK.verdicts[3 if played(prompt)[-1] == winner else 1])
+
+    prior = ScriptedLLM(None, prior=lambda prompt, labels: [
+        0.1 if n == winner else 1.0 for n in listed_options(prompt)])
+    return SelfPlayEnv(TASK, ScriptedLLM(system), ScriptedLLM(lambda prompt: "Okay."),
+                       Critic(TASK, ScriptedLLM(critic), num_samples=2),
+                       planner=Planner(TASK, prior), max_turn=1)
+
+
+def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_dir, tmp_path):
+    """Training: every turn is the MCTS's, which finds the one action that succeeds; the
+    fast policy learns it, so that afterwards it acts alone (threshold 0) and succeeds."""
+    import torch
+
+    from trainer import train
+
+    class Writer:
+        def add_scalar(self, *args):
+            pass
+
+    env = one_action_env()
+    args = dpdp_args(tiny_encoder_dir, max_turn=1, mcts_simulations=20, total_episodes=48,
+                     eval_every=48, num_envs=8, ppdpp_learning_rate=1e-3)
+    torch.manual_seed(0)
+    policy = make_policy(args, TASK)
+    policy.attach(env)
+    train(args, policy, env, esc_cases(0, 48), esc_cases(50, 2), str(tmp_path), Writer())
+    trained = [r for line in open(tmp_path / "train_conversations.jsonl")
+               for r in __import__("json").loads(line)["records"]]
+    assert all(r["dpdp"] == "mcts" for r in trained)
+    _, before, _ = dpdp_run(tiny_encoder_dir, 0.0, one_action_env(), esc_cases(100, 8))
+    fast = make_policy(dpdp_args(tiny_encoder_dir, max_turn=1, dpdp_threshold=0.0), TASK)
+    fast.load(str(tmp_path / "last.pt"))
+    fast.attach(env)
+    after, _ = harness.evaluate(args, fast, env, esc_cases(100, 8), "test")
+    print(f"the fast policy alone: SR {before['SR']} before self-play, {after['SR']} after")
+    assert before["SR"] <= 0.25
+    assert after["SR"] == 1.0 and after["dpdp"] == {"fast": 8, "mcts": 0}
