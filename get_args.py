@@ -214,8 +214,35 @@ class Args:
     max_encoder_tokens: int = field(default=512, metadata={
         "help": "encoder input length; longer texts keep their most recent tokens"})
 
-    # --- planners of prior work: GDP-Zero and DPDP's MCTS (mcts.py, docs/planners.md);
-    # the defaults are GDP-Zero's (jasonyux/GDPZero runners/gdpzero.py, lines 92, 230-232)
+    # --- planners of prior work (defaults: each release's own values, docs/planners.md)
+    policy_encoder: str = field(default="auto", metadata={
+        "help": "ppdpp: the text encoder it fine-tunes (RoBERTa-large in the paper); 'auto' "
+                "as --encoder"})
+    ppdpp_sft: bool = field(default=True, metadata={
+        "help": "ppdpp: fit the train split's strategy-labelled human turns before "
+                "REINFORCE; false starts from the encoder alone, as PPDPP without its SFT "
+                "checkpoint"})
+    ppdpp_sft_epochs: int = field(default=10, metadata={"help": "ppdpp: supervised epochs"})
+    ppdpp_sft_batch_size: int = field(default=2, metadata={
+        "help": "ppdpp: supervised batch size (per GPU in PPDPP)"})
+    ppdpp_sft_learning_rate: float = field(default=6e-6, metadata={
+        "help": "ppdpp: supervised peak learning rate (AdamW, linear warmup then decay)"})
+    ppdpp_sft_warmup_steps: int = field(default=400, metadata={
+        "help": "ppdpp: supervised warmup steps"})
+    ppdpp_sft_weight_decay: float = field(default=0.01, metadata={
+        "help": "ppdpp: supervised weight decay (not on biases and LayerNorm weights)"})
+    ppdpp_sft_max_grad_norm: float = field(default=1.0, metadata={
+        "help": "ppdpp: supervised gradient clipping norm"})
+    ppdpp_learning_rate: float = field(default=1e-6, metadata={
+        "help": "ppdpp: REINFORCE learning rate (AdamW, no weight decay)"})
+    ppdpp_gamma: float = field(default=0.999, metadata={
+        "help": "ppdpp: discount of the REINFORCE returns"})
+    ppdpp_max_length: int = field(default=512, metadata={
+        "help": "ppdpp: input tokens; the newest turns are kept whole, older ones dropped"})
+    ppdpp_dropout: float = field(default=0.5, metadata={
+        "help": "ppdpp: dropout before the classifier (supervised stage)"})
+    # GDP-Zero's and DPDP's MCTS (mcts.py); the defaults are GDP-Zero's (jasonyux/GDPZero
+    # runners/gdpzero.py, lines 92, 230-232)
     mcts_simulations: int = field(default=20, metadata={
         "help": "MCTS simulations per turn (GDP-Zero's num_mcts_sims; DPDP's scripts: 10)"})
     mcts_realizations: int = field(default=3, metadata={
@@ -230,6 +257,7 @@ class Args:
                 "this far apart, the MCTS otherwise; in [0, 1]: 0 always the fast policy, 1 "
                 "the MCTS unless the fast policy is certain (DPDP's sub_value, "
                 "ppdpp/run.py)"})
+
 
     # --- evaluation and logging
     eval_every: int = field(default=50, metadata={"help": "episodes between valid evaluations"})
@@ -271,6 +299,11 @@ class Args:
             raise ValueError(f"--mode test --policy {self.policy} needs --checkpoint PATH (a "
                              "best.pt from its training run), or a policy that needs no "
                              f"training {list(UNTRAINED_POLICIES)}")
+        if (self.policy in ("ppdpp", "dpdp") and self.mode == "train" and self.ppdpp_sft
+                and TASKS[self.data_name].labelled_turns is None):
+            raise ValueError(f"--ppdpp_sft true needs strategy-labelled human turns, and the "
+                             f"data of '{self.data_name}' has none. Pass --ppdpp_sft false "
+                             "(REINFORCE from scratch, as PPDPP without its SFT checkpoint)")
         if self.seeds and (self.resume or self.checkpoint):
             raise ValueError("--seeds starts new runs: leave out --resume and --checkpoint")
         if self.seeds and not re.fullmatch(r"\d+(,\d+)*", self.seeds):
@@ -295,8 +328,15 @@ class Args:
                      "batch_size", "learning_starts", "updates_per_step",
                      "hidden_size", "max_encoder_tokens", "eval_every", "prior_samples",
                      "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
-                     "prior_max_new_tokens"):
+                     "prior_max_new_tokens", "ppdpp_sft_epochs", "ppdpp_sft_batch_size"):
             require(getattr(self, name) >= 1, name, ">= 1")
+        require(self.ppdpp_max_length >= 8, "ppdpp_max_length", ">= 8 (tokens)")
+        for name in ("ppdpp_sft_learning_rate", "ppdpp_learning_rate"):
+            require(getattr(self, name) > 0, name, "> 0")
+        for name in ("ppdpp_sft_warmup_steps", "ppdpp_sft_weight_decay",
+                     "ppdpp_sft_max_grad_norm"):
+            require(getattr(self, name) >= 0, name, ">= 0")
+        require(0.0 <= self.ppdpp_dropout < 1.0, "ppdpp_dropout", "in [0, 1)")
         require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
         require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
         require(self.max_retries >= 0, "max_retries", ">= 0")
@@ -312,8 +352,8 @@ class Args:
                 ": the MCTS needs a simulation to choose an action")
         require(self.mcts_realizations >= 1, "mcts_realizations", ">= 1")
         require(self.mcts_cpuct >= 0, "mcts_cpuct", ">= 0")
-        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction",
-                     "dpdp_threshold"):
+        for name in ("gamma", "ppdpp_gamma", "epsilon_start", "epsilon_end",
+                     "exploration_fraction", "dpdp_threshold"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
         require(self.learning_rate > 0, "learning_rate", "> 0")
@@ -368,8 +408,12 @@ HELP_GROUPS = {
         "shared_prefix"),
     "evaluation": ("mode", "policy", "checkpoint", "seeds", "eval_every", "eval_cases",
                    "eval_temperature"),
-    "planners of prior work": ("mcts_simulations", "mcts_realizations", "mcts_q0",
-                               "mcts_cpuct", "dpdp_threshold"),
+    "planners of prior work": (
+        "policy_encoder", "ppdpp_sft", "ppdpp_sft_epochs", "ppdpp_sft_batch_size",
+        "ppdpp_sft_learning_rate", "ppdpp_sft_warmup_steps", "ppdpp_sft_weight_decay",
+        "ppdpp_sft_max_grad_norm", "ppdpp_learning_rate", "ppdpp_gamma", "ppdpp_max_length",
+        "ppdpp_dropout", "mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct",
+        "dpdp_threshold"),
     "output": ("output_dir", "exp_name", "checkpoint_every", "resume", "progress", "debug"),
 }
 

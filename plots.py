@@ -151,10 +151,11 @@ def plot_run(run_dir):
     written = []
     if os.path.exists(path("train_history.jsonl")):
         history = read_jsonl(path("train_history.jsonl"))
-        for kind, plot, name in (("eval", plot_valid_curve, "valid_curve.png"),
-                                 ("update", plot_td_loss, "td_loss.png"),
-                                 ("step", plot_epsilon, "epsilon.png")):
-            lines = [h for h in history if h.get("kind") == kind]
+        # a policy's updates without a TD loss (PPDPP's REINFORCE) have no TD figure
+        for kind, key, plot, name in (("eval", "SR", plot_valid_curve, "valid_curve.png"),
+                                      ("update", "td_loss", plot_td_loss, "td_loss.png"),
+                                      ("step", "epsilon", plot_epsilon, "epsilon.png")):
+            lines = [h for h in history if h.get("kind") == kind and key in h]
             if lines:
                 written.append(plot(lines, path(name)))
     if not os.path.exists(path("test_conversations.jsonl")):

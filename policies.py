@@ -13,6 +13,8 @@ batch of conversations:
     policy.end(conversation)                            # a conversation has ended
     policy.learn(LearnStep(...))                        # training: after every step
 
+and, once before a new training run's first episode, before_training (a stage of its
+own, such as PPDPP's supervised one),
 and saves, restores and checkpoints it through state_dict/load_state_dict and save/load.
 Policies that learn set `trainable`; those that plan with the LLMs (MCTS) are given the
 environment by `attach`.
@@ -83,6 +85,12 @@ class Policy:
     def learn(self, step):
         """Training: learn from what observe stored (see LearnStep)."""
 
+    def before_training(self, train_cases, valid_cases):
+        """A new training run (not a resumed one) is about to play its first episode: a
+        policy that learns from data first (PPDPP's supervised stage) does it here.
+        Returns the history entries of what it did."""
+        return []
+
     def trainable_parameters(self):
         return 0
 
@@ -102,6 +110,11 @@ class Policy:
     @staticmethod
     def check_checkpoint(path, args, models):
         """Raise UserError when the checkpoint at path cannot be tested by this run."""
+
+    @staticmethod
+    def check_run(args, task, splits):
+        """Raise UserError when this run's flags and data ({split: cases}) cannot serve
+        the policy; called before any model loads."""
 
     def candidate_note(self, observation, **extra):
         """The candidates with their priors (and any per-candidate values in extra), for

@@ -12,7 +12,7 @@ import os
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import qwen_prompts as prompts
@@ -186,6 +186,12 @@ class Task:
     # for checking a critic on it (critic_check.py)
     human_dialog: Callable = lambda case: []
     split_seeded: bool = False  # one file split 80/10/10 by --extes_seed (ExTES)
+    # case -> [(the turns before a system turn of the human dialog, [that turn's strategy
+    # labels as the data names them])]: PPDPP's supervised examples (ppdpp.py); None: the
+    # task's data has no strategy labels
+    labelled_turns: Callable | None = None
+    # a data label -> the action it names, where the names differ beyond case and hyphens
+    label_aliases: dict = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         problem = self.reward.check(self.prompts["verdicts"])
@@ -239,6 +245,43 @@ def _extes_pairs(case):
             for turn in case["content"] if isinstance(turn, dict)]
 
 
+def _labelled_dialog(items, task_prompts, read):
+    """[(turns before, labels)] of each system turn that has a turn before it, as PPDPP's
+    data_reader builds its examples (a dialog's opening system turn has no state to act
+    on). read(item) -> (is the system speaking, text, label or labels or None)."""
+    roles = (task_prompts["system_role"], task_prompts["user_role"])
+    examples, turns = [], []
+    for item in items:
+        is_system, text, labels = read(item) if isinstance(item, dict) else (False, None, None)
+        if not isinstance(text, str):
+            continue
+        if is_system and turns:
+            labels = [labels] if isinstance(labels, str) else list(labels or [])
+            examples.append((list(turns), [label for label in labels if isinstance(label, str)]))
+        turns.append((roles[0] if is_system else roles[1], text.strip()))
+    return examples
+
+
+def _sys_labelled(case, task_prompts):
+    """PPDPP's esc and cb files: "sys" turns carry their "strategy"."""
+    return _labelled_dialog(case.get("dialog", []), task_prompts, lambda t: (
+        t.get("speaker") == "sys", t.get("text"), t.get("strategy")))
+
+
+def _cima_labelled(case):
+    """PPDPP's cima files: the case's "strategy" is that of the Teacher's next turn."""
+    label = case.get("strategy")
+    return [(_speaker_turns(_dialog_pairs(case["dialog"]), prompts.CIMA, {"sys"}),
+             [label] if isinstance(label, str) else [])]
+
+
+# P4G's annotation names for the Persuader's proposition acts, which DialogXpert's action
+# set words differently; the others match once case and hyphens are ignored
+P4G_LABELS = {"ask-donation-amount": "Proposition of amount to be donated",
+              "confirm-donation": "Proposition of confirmation of donation",
+              "ask-donate-more": "Proposition of more donation"}
+
+
 def _check_dialog(case):
     if len(case["dialog"]) < 2 or not all(isinstance(t, dict) and isinstance(t.get("text"), str)
                                           for t in case["dialog"][:2]):
@@ -264,7 +307,8 @@ TASKS = {
         opening=lambda case: [("Patient", case["situation"])],
         human_dialog=lambda case: [("Patient", case["situation"])] + _speaker_turns(
             _dialog_pairs(case["dialog"]), prompts.ESC, {"sys"}),
-        initial_emotions=lambda case: [case["emotion_type"]]),
+        initial_emotions=lambda case: [case["emotion_type"]],
+        labelled_turns=lambda case: _sys_labelled(case, prompts.ESC)),
     "extes": Task(
         "extes", prompts.EXTES, reward=OptionRewards(
             (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 0.5),
@@ -274,6 +318,8 @@ TASKS = {
         opening=lambda case: [("Patient", case["description"])],
         human_dialog=lambda case: [("Patient", case["description"])] + _speaker_turns(
             _extes_pairs(case), prompts.EXTES, {"AI"}),
+        labelled_turns=lambda case: _labelled_dialog(case["content"], prompts.EXTES, lambda t: (
+            "AI" in t, t.get("AI", t.get("User")), t.get("AI Strategy"))),
         split_seeded=True),
     "cima": Task(
         "cima", prompts.CIMA, reward=OptionRewards(
@@ -283,7 +329,8 @@ TASKS = {
         schema={"sentence": str, "target": str, "dialog": list},
         opening=lambda case: _dialog_opening(case, prompts.CIMA), check=_check_dialog,
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case["dialog"]),
-                                                         prompts.CIMA, {"sys"})),
+                                                         prompts.CIMA, {"sys"}),
+        labelled_turns=_cima_labelled),
     "cb": Task(
         "cb", prompts.CB, reward=DealRewards(deal_option=1, no_deal=-0.1),
         files={s: f"cb-{s}.txt" for s in SPLITS},
@@ -296,7 +343,7 @@ TASKS = {
                        f"{case['seller_price']}.")],
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case.get("dialog", [])),
                                                        prompts.CB, {"sys"}),
-        check=_check_prices),
+        labelled_turns=lambda case: _sys_labelled(case, prompts.CB), check=_check_prices),
     "p4g": Task(
         "p4g", prompts.P4G, reward=OptionRewards(
             (-1.0, -0.5, 0.1, 1.0), succeeds=lambda reward: reward > 0.6),
@@ -306,7 +353,10 @@ TASKS = {
         schema={"dialog": list},
         opening=lambda case: _dialog_opening(case, prompts.P4G), check=_check_dialog,
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case["dialog"]),
-                                                         prompts.P4G, {"Persuader"})),
+                                                         prompts.P4G, {"Persuader"}),
+        labelled_turns=lambda case: _labelled_dialog(case["dialog"], prompts.P4G, lambda t: (
+            t.get("speaker") == "Persuader", t.get("text"), t.get("strategy"))),
+        label_aliases=P4G_LABELS),
 }
 
 

@@ -25,6 +25,8 @@ def train(args, policy, env, train_cases, valid_cases, run_dir, writer, resume=N
     of the best checkpoint. `resume`: a state saved by a Trainer (run_state.py)."""
     trainer = Trainer(args, policy, env, train_cases, valid_cases, run_dir, writer, resume)
     with run_state.StopRequest() as stop:
+        if resume is None:  # a resumed run has done it
+            trainer.before_training()
         while trainer.loop["finished"] < args.total_episodes:
             trainer.refill()
             epsilon = linear_schedule(args.epsilon_start, args.epsilon_end,
@@ -81,6 +83,15 @@ class Trainer:
             "errors": self.env.counters(),
             "random": run_state.random_states(self.rng, self.generator, self.env.llms())}
             | self.policy.state_dict(active))
+
+    def before_training(self):
+        """The policy's own stage before the first episode (PPDPP's supervised one), in
+        the history as kind "pretrain" and in TensorBoard's pretrain/<name>."""
+        for entry in self.policy.before_training(self.train_cases, self.valid_cases):
+            self.loop["history"].append({"kind": "pretrain"} | entry)
+            for name, value in entry.items():
+                if isinstance(value, (int, float)) and name != "epoch":
+                    self.writer.add_scalar(f"pretrain/{name}", value, entry.get("epoch", 0))
 
     def refill(self):
         """New training cases take the places of finished conversations (within the

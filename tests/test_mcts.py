@@ -316,9 +316,6 @@ def test_a_gdpzero_test_run_keeps_each_turns_tree_for_the_page(tmp_path, tiny_en
 # -- DPDP: a fast policy (PPDPP's classifier), the MCTS when it is unsure -------------------
 
 def dpdp_args(encoder_dir, **values):
-    # DPDP's fast policy is ppdpp.py's classifier (branch ppdpp): until it is merged, the
-    # DPDP tests skip
-    pytest.importorskip("ppdpp")
     return mcts_args(**{"policy": "dpdp", "mode": "train", "policy_encoder": encoder_dir,
                         "ppdpp_sft": False, "ppdpp_max_length": 64} | values)
 
