@@ -447,3 +447,36 @@ def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_di
     print(f"the fast policy alone: SR {before['SR']} before self-play, {after['SR']} after")
     assert before["SR"] <= 0.25
     assert after["SR"] == 1.0 and after["dpdp"] == {"fast": 8, "mcts": 0}
+
+
+def test_a_dpdp_run_trains_tests_its_checkpoint_and_counts_each_system(tmp_path,
+                                                                     tiny_encoder_dir):
+    import json
+    import os
+
+    from conftest import esc_case, scripted_models
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"esc-{split}.txt").write_text(
+            "".join(json.dumps(esc_case(i)) + "\n" for i in range(3)))
+    common = ["--data_name", "esc", "--data_dir", str(data), "--encoder", tiny_encoder_dir,
+              "--policy", "dpdp", "--policy_encoder", tiny_encoder_dir, "--max_turn", "2",
+              "--critic_samples", "2", "--progress", "false", "--device", "cpu",
+              "--mcts_simulations", "3", "--ppdpp_max_length", "64",
+              "--output_dir", str(tmp_path / "runs")]
+    with scripted_models():
+        _, trained = train_model.main(common + ["--ppdpp_sft", "false", "--total_episodes",
+                                                "4", "--eval_every", "2"])
+        _, tested = train_model.main(common + ["--mode", "test", "--dpdp_threshold", "1.0",
+                                               "--checkpoint",
+                                               os.path.join(trained, "best.pt")])
+    with open(os.path.join(tested, "test_metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(trained, "train_history.jsonl")) as f:
+        updates = [json.loads(line) for line in f if '"update"' in line]
+    with open(os.path.join(tested, "test_conversations.jsonl")) as f:
+        turns = sum(len(json.loads(line)["records"]) for line in f)
+    assert len(updates) == 4 and all("critic_loss" in u for u in updates)
+    assert metrics["dpdp"] == {"fast": 0, "mcts": turns}
