@@ -364,6 +364,30 @@ def test_dpdp_at_threshold_1_acts_as_the_mcts_unless_the_fast_policy_is_certain(
     assert all(r["fast_gap"] < 1.0 for c in conversations for r in c.records)
 
 
+@pytest.mark.parametrize("threshold, acting", [(0.04, "fast"), (0.3, "mcts")])
+def test_dpdp_compares_the_gap_between_the_fast_policys_top_two_actions(tiny_encoder_dir,
+                                                                       threshold, acting):
+    """DPDP's rule (agent.select_action): the fast policy acts when its most probable
+    action leads the second by at least the threshold; its top probability (0.45 here)
+    does not decide."""
+    import torch
+
+    args = dpdp_args(tiny_encoder_dir, dpdp_threshold=threshold, mcts_simulations=2)
+    policy = make_policy(args, TASK)
+    probs = torch.tensor([0.45, 0.4] + [0.15 / 6] * 6)
+    with torch.no_grad():  # the same distribution in every state
+        policy.fast.net.classifier.weight.zero_()
+        policy.fast.net.classifier.bias.copy_(probs.log())
+    env = sequence_env(2)
+    policy.attach(env)
+    observations = env.reset([(case, i, i) for i, case in enumerate(esc_cases(0, 2))])
+    actions, notes = policy.act(observations, None, training=False)
+    assert [n["dpdp"] for n in notes] == [acting] * 2
+    assert notes[0]["fast_gap"] == pytest.approx(0.05, abs=1e-4)
+    if acting == "fast":
+        assert actions == [TASK.action_names[0]] * 2
+
+
 def test_the_dpdp_update_is_actor_critic_on_discounted_returns(tiny_encoder_dir):
     """DPDP's optimize_model: G the discounted returns (not normalised), the critic's loss
     mean((Q(s, a) - G)^2), the actor's mean(-log pi(a | s) (G - Q(s, a)))."""
