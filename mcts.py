@@ -65,7 +65,6 @@ class Tree:
 
     def __init__(self, policy, conversation, prior, order, simulation_seed):
         self.policy = policy
-        self.conversation = conversation
         self.seed = simulation_seed  # the real conversation's stream at this turn
         self.nodes = {(): Node(realizations=[Realization(conversation)])}
         self.expand((), prior, order)
@@ -83,9 +82,9 @@ class Tree:
         """PUCT (GDP-Zero's variant: sqrt(N(s)), N(s) = 0 counted as 1e-8, ties to the more
         probable action)."""
         node = self.nodes[path]
-        root_total = math.sqrt(node.total or 1e-8)
+        sqrt_total = math.sqrt(node.total or 1e-8)
         return max(node.order, key=lambda a: node.values[a] + self.policy.cpuct * node.prior[a]
-                   * root_total / (1 + node.visits[a]))
+                   * sqrt_total / (1 + node.visits[a]))
 
     def draw(self, simulation, path, what):
         return random.Random(stream_seed(self.seed, "mcts", simulation, path, what))
@@ -105,7 +104,7 @@ class Tree:
         root = self.nodes[()]
         return max(root.order, key=lambda a: root.visits[a])
 
-    def note(self, names, path=(), depth=0):
+    def note(self, names, path=()):
         """The visited part of the tree: per action its prior, visits and mean value."""
         node = self.nodes.get(path)
         if node is None or node.visits is None:
@@ -115,7 +114,7 @@ class Tree:
             if node.visits[a]:
                 children.append({"action": names[a], "prior": round(node.prior[a], 4),
                                  "visits": node.visits[a], "value": round(node.values[a], 4),
-                                 "children": self.note(names, path + (a,), depth + 1)})
+                                 "children": self.note(names, path + (a,))})
         return children
 
 
