@@ -4,20 +4,27 @@ sequence_env: success needs "Question" then "Providing Suggestions"; the prior r
 "Others" first, so the prior's top-1 never succeeds, and a search two turns deep does.
 """
 
+import json
+import os
 import re
 
 import pytest
+import torch
 
 import harness
 import train_model
-from conftest import (DEVICE, DECOY, FIRST, SECOND, ScriptedLLM, World, esc_cases, listed_options,
-                      option_number)
+import view
+from conftest import (DECOY, DEVICE, FIRST, SECOND, ScriptedLLM, World, esc_case, esc_cases,
+                      listed_options, option_number, scripted_models)
 from critic import Critic
-from env import Planner, SelfPlayEnv
+from env import Conversation, Planner, SelfPlayEnv
 from get_args import Args
-from llm_transformers import PrefixCache
+from llm import chat_prompt
+from llm_transformers import PrefixCache, TransformersLLM
 from policies import Policy, make_policy
+from ppdpp import PPDPPPolicy
 from tasks import get_task
+from trainer import train
 
 TASK = get_task("esc")
 NOTE_KEYS = ("candidates", "explored", "policy", "search")
@@ -235,9 +242,6 @@ def test_a_copy_starts_from_its_nearest_ancestors_cached_prompt():
 def test_a_copys_first_prompt_extends_its_parents_cached_prompt(tiny_llm_dir):
     """Another conversation's prompt is the role's latest entry; the copy still starts
     from its parent's, which shares the whole conversation so far."""
-    from llm import chat_prompt
-    from llm_transformers import TransformersLLM
-
     llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
                                           prefix_cache_gb=1.0)
     env = SelfPlayEnv(TASK, llm, llm, Critic(TASK, llm, num_samples=1, max_new_tokens=2),
@@ -286,11 +290,6 @@ def test_a_search_without_the_environment_says_so():
 def test_a_gdpzero_test_run_keeps_each_turns_tree_for_the_page(tmp_path, tiny_encoder_dir):
     """train_model.py --policy gdpzero on the scripted models: every turn's record holds
     its tree, and view.py puts it on the page."""
-    import json
-    import os
-
-    import view
-    from conftest import esc_case, scripted_models
 
     data = tmp_path / "data"
     data.mkdir()
@@ -322,8 +321,6 @@ def dpdp_args(encoder_dir, **values):
 
 def dpdp_run(encoder_dir, threshold, env, cases, **values):
     """A DPDP policy (its weights drawn from seed 0) tested at the threshold."""
-    import torch
-
     args = dpdp_args(encoder_dir, dpdp_threshold=threshold, max_turn=env.max_turn, **values)
     torch.manual_seed(0)
     policy = make_policy(args, TASK)
@@ -337,7 +334,6 @@ def actions_by_case(conversations):
 
 
 def test_dpdp_at_threshold_0_acts_as_its_fast_policy(tiny_encoder_dir):
-    from ppdpp import PPDPPPolicy
 
     cases = esc_cases(0, 6)
     dpdp, metrics, conversations = dpdp_run(tiny_encoder_dir, 0.0, sequence_env(3), cases)
@@ -370,8 +366,6 @@ def test_dpdp_compares_the_gap_between_the_fast_policys_top_two_actions(tiny_enc
     """DPDP's rule (agent.select_action): the fast policy acts when its most probable
     action leads the second by at least the threshold; its top probability (0.45 here)
     does not decide."""
-    import torch
-
     args = dpdp_args(tiny_encoder_dir, dpdp_threshold=threshold, mcts_simulations=2)
     policy = make_policy(args, TASK)
     probs = torch.tensor([0.45, 0.4] + [0.15 / 6] * 6)
@@ -391,9 +385,6 @@ def test_dpdp_compares_the_gap_between_the_fast_policys_top_two_actions(tiny_enc
 def test_the_dpdp_update_is_actor_critic_on_discounted_returns(tiny_encoder_dir):
     """DPDP's optimize_model: G the discounted returns (not normalised), the critic's loss
     mean((Q(s, a) - G)^2), the actor's mean(-log pi(a | s) (G - Q(s, a)))."""
-    import torch
-
-    from env import Conversation
 
     torch.manual_seed(0)
     policy = make_policy(dpdp_args(tiny_encoder_dir, ppdpp_gamma=0.5, ppdpp_dropout=0.0),
@@ -445,9 +436,6 @@ def one_action_env():
 def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_dir, tmp_path):
     """Training: every turn is the MCTS's, which finds the one action that succeeds; the
     fast policy learns it, so that afterwards it acts alone (threshold 0) and succeeds."""
-    import torch
-
-    from trainer import train
 
     class Writer:
         def add_scalar(self, *args):
@@ -461,7 +449,7 @@ def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_di
     policy.attach(env)
     train(args, policy, env, esc_cases(0, 48), esc_cases(50, 2), str(tmp_path), Writer())
     trained = [r for line in open(tmp_path / "train_conversations.jsonl")
-               for r in __import__("json").loads(line)["records"]]
+               for r in json.loads(line)["records"]]
     assert all(r["dpdp"] == "mcts" for r in trained)
     _, before, _ = dpdp_run(tiny_encoder_dir, 0.0, one_action_env(), esc_cases(100, 8))
     fast = make_policy(dpdp_args(tiny_encoder_dir, max_turn=1, dpdp_threshold=0.0), TASK)
@@ -475,10 +463,6 @@ def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_di
 
 def test_a_dpdp_run_trains_tests_its_checkpoint_and_counts_each_system(tmp_path,
                                                                      tiny_encoder_dir):
-    import json
-    import os
-
-    from conftest import esc_case, scripted_models
 
     data = tmp_path / "data"
     data.mkdir()
