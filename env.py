@@ -300,18 +300,24 @@ class SelfPlayEnv:
             conversation.candidate_priors = values
         return [self.observation(c) for c in conversations]
 
-    def branch(self, conversation):
+    def branch(self, conversation, stream=None):
         """A simulated copy of the conversation for a planner's lookahead (MCTS): its own
         uid, owned by the real conversation (`owner`), whose planner cost its LLM calls
-        count as (`owners`). The real conversation is never changed by it."""
+        count as (`owners`). The real conversation is never changed by it. stream: the
+        seed of the copy's samples (default: the conversation's, so that the copy draws
+        what the conversation would). Each client's cache lets the copy's first prompt of
+        a role extend the conversation's last one (LLMClient.branch)."""
         copy = dataclasses.replace(
             conversation, uid=next(_conversation_ids), turns=list(conversation.turns),
             emotions=list(conversation.emotions), records=[],
             candidates=list(conversation.candidates),
             candidate_priors=list(conversation.candidate_priors),
             prior_orders=list(conversation.prior_orders), prompt_cuts={},
+            stream=conversation.stream if stream is None else stream,
             owner=conversation.owner if conversation.owner is not None else conversation.uid)
         self.owners[copy.uid] = copy.owner
+        for llm in self._clients():
+            llm.branch(copy.uid, conversation.uid)
         return copy
 
     def settle_cost(self, uid):
@@ -341,6 +347,49 @@ class SelfPlayEnv:
         self.owners.update(saved["owners"])
         for role, ledger in saved["roles"].items():
             self.llms()[role].ledger.update(ledger)  # roles that share a client: the same
+
+    def simulate(self, branches, actions, evaluation=False):
+        """One exchange of simulated copies (`branch`), as `step` plays it: one batched
+        system, user and critic call, at the temperatures of `step`. Nothing of it reaches
+        the run's counters (the LLMs' errors in it are returned instead); the copies keep
+        their turns, outcome, reward and records. Returns (verdicts, errors)."""
+        if any(b.owner is None for b in branches):
+            raise ValueError("simulate plays copies made by SelfPlayEnv.branch only")
+        run_errors, self.errors = self.errors, Counter()
+        try:
+            records = [{"turn": b.system_turns + 1, "action": a}
+                       for b, a in zip(branches, actions)]
+            self.play_system(branches, actions, records,
+                             self.eval_temperature if evaluation else self.system_temperature)
+            self.play_user(branches, records,
+                           self.eval_temperature if evaluation else self.user_temperature)
+            verdicts = self.critic.score(branches)
+            for branch, verdict, record in zip(branches, verdicts, records):
+                self.end_turn(branch, verdict, record, {})
+        finally:
+            errors, self.errors = self.errors, run_errors
+        return verdicts, errors
+
+    def simulated_prior(self, branches):
+        """The planner's prior [batch, n] of simulated copies, with one planner call; its
+        unusable answers are returned, not added to the planner's count."""
+        before = self.planner.invalid_answers
+        try:
+            prior = self.planner.prior(branches)
+        finally:
+            invalid = self.planner.invalid_answers - before
+            self.planner.invalid_answers = before
+        return prior, invalid
+
+    def forget(self, conversations):
+        """Drop the cached prompts of conversations that will not be extended (finished
+        ones, a search's copies)."""
+        for llm in self._clients():
+            for conversation in conversations:
+                llm.forget(conversation.uid)
+
+    def _clients(self):
+        return list({id(llm): llm for llm in self.llms().values() if llm is not None}.values())
 
     @staticmethod
     def observation(conversation):

@@ -241,6 +241,23 @@ class Args:
         "help": "ppdpp: input tokens; the newest turns are kept whole, older ones dropped"})
     ppdpp_dropout: float = field(default=0.5, metadata={
         "help": "ppdpp: dropout before the classifier (supervised stage)"})
+    # GDP-Zero's and DPDP's MCTS (mcts.py); the defaults are GDP-Zero's (jasonyux/GDPZero
+    # runners/gdpzero.py, lines 92, 230-232)
+    mcts_simulations: int = field(default=20, metadata={
+        "help": "MCTS simulations per turn (GDP-Zero's num_mcts_sims; DPDP's scripts: 10)"})
+    mcts_realizations: int = field(default=3, metadata={
+        "help": "simulated turns kept per tree node, open loop (GDP-Zero's max_realizations; "
+                "DPDP's scripts: 1)"})
+    mcts_q0: float = field(default=0.0, metadata={
+        "help": "the value of an action not yet tried (GDP-Zero's Q_0; higher explores more)"})
+    mcts_cpuct: float = field(default=1.0, metadata={
+        "help": "weight of the prior's exploration term in PUCT (GDP-Zero's cpuct)"})
+    dpdp_threshold: float = field(default=0.5, metadata={
+        "help": "dpdp: the fast policy acts when its two most probable actions are at least "
+                "this far apart, the MCTS otherwise; in [0, 1]: 0 always the fast policy, 1 "
+                "the MCTS unless the fast policy is certain (DPDP's sub_value, "
+                "ppdpp/run.py)"})
+
 
     # --- evaluation and logging
     eval_every: int = field(default=50, metadata={"help": "episodes between valid evaluations"})
@@ -282,7 +299,7 @@ class Args:
             raise ValueError(f"--mode test --policy {self.policy} needs --checkpoint PATH (a "
                              "best.pt from its training run), or a policy that needs no "
                              f"training {list(UNTRAINED_POLICIES)}")
-        if (self.policy == "ppdpp" and self.mode == "train" and self.ppdpp_sft
+        if (self.policy in ("ppdpp", "dpdp") and self.mode == "train" and self.ppdpp_sft
                 and TASKS[self.data_name].labelled_turns is None):
             raise ValueError(f"--ppdpp_sft true needs strategy-labelled human turns, and the "
                              f"data of '{self.data_name}' has none. Pass --ppdpp_sft false "
@@ -331,8 +348,12 @@ class Args:
         require(self.context_length == 0 or self.context_length > longest_answer,
                 "context_length", f"above the longest answer ({longest_answer} tokens), "
                 "or 0 (the model's own)")
+        require(self.mcts_simulations >= 1, "mcts_simulations", ">= 1",
+                ": the MCTS needs a simulation to choose an action")
+        require(self.mcts_realizations >= 1, "mcts_realizations", ">= 1")
+        require(self.mcts_cpuct >= 0, "mcts_cpuct", ">= 0")
         for name in ("gamma", "ppdpp_gamma", "epsilon_start", "epsilon_end",
-                     "exploration_fraction"):
+                     "exploration_fraction", "dpdp_threshold"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
         require(self.learning_rate > 0, "learning_rate", "> 0")
@@ -391,7 +412,8 @@ HELP_GROUPS = {
         "policy_encoder", "ppdpp_sft", "ppdpp_sft_epochs", "ppdpp_sft_batch_size",
         "ppdpp_sft_learning_rate", "ppdpp_sft_warmup_steps", "ppdpp_sft_weight_decay",
         "ppdpp_sft_max_grad_norm", "ppdpp_learning_rate", "ppdpp_gamma", "ppdpp_max_length",
-        "ppdpp_dropout"),
+        "ppdpp_dropout", "mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct",
+        "dpdp_threshold"),
     "output": ("output_dir", "exp_name", "checkpoint_every", "resume", "progress", "debug"),
 }
 

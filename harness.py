@@ -180,6 +180,9 @@ def summarize(conversations, task, max_turn, error_counts):
     if task.reward.deals:
         metrics["SL"] = mean("SL")
     metrics["cost"] = cost_summary(conversations)
+    acted = Counter(r["dpdp"] for c in conversations for r in c.records if "dpdp" in r)
+    if acted:  # --policy dpdp: the turns where the fast policy acted, and the MCTS
+        metrics["dpdp"] = {"fast": acted["fast"], "mcts": acted["mcts"]}
     return metrics
 
 

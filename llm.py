@@ -117,6 +117,10 @@ class LLMClient:
         taken = [key for key in self.ledger if key is not None and key[0] in uids]
         return {key: self.ledger.pop(key) for key in taken}
 
+    def branch(self, conversation_id, parent_id):
+        """A conversation copied from another (a search's simulated copy): its first
+        prompt of a role may extend the parent's cached one."""
+
     def rng_state(self):
         """The sampler's state, saved with a training state (None: the client has none)."""
         return None

@@ -45,13 +45,15 @@ class PrefixCache:
     A conversation's next prompt for the same role mostly repeats the last one (the same
     instructions and earlier turns), so only the tokens after their common prefix need a
     forward pass. A conversation's first prompt for a role starts from the latest prompt of
-    that role, which opens with the same instructions. Least recently used entries are
-    dropped beyond `max_bytes`."""
+    that role, which opens with the same instructions; a copy of a conversation (`branch`)
+    starts from its nearest ancestor's prompt of the role, which holds all but its new
+    turns. Least recently used entries are dropped beyond `max_bytes`."""
 
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
         self.entries = OrderedDict()  # key -> (token ids, [(keys, values) per layer])
         self.latest = {}  # role -> key of its latest entry
+        self.parents = {}  # conversation -> the conversation it was copied from
         self.bytes = 0
 
     @staticmethod
@@ -62,11 +64,22 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
-        return self.entries.get(self.latest.get(key[-1])) if isinstance(key, tuple) else None
+        if not isinstance(key, tuple):
+            return None
+        owner = self.parents.get(key[0])
+        while owner is not None:  # the nearest ancestor's entry of the role
+            if (owner, *key[1:]) in self.entries:
+                return self.get((owner, *key[1:]))
+            owner = self.parents.get(owner)
+        return self.entries.get(self.latest.get(key[-1]))
+
+    def branch(self, child, parent):
+        self.parents[child] = parent
 
     def forget(self, owner):
         """Drop the entries of (owner, role) keys, except the latest entry of each role,
         which later conversations start from."""
+        self.parents.pop(owner, None)
         for key in [k for k in self.entries if isinstance(k, tuple) and k[0] == owner
                     and self.latest.get(k[-1]) != k]:
             self.bytes -= self._size(self.entries.pop(key)[1])
@@ -326,6 +339,10 @@ class TransformersLLM(LLMClient):
         """Drop the prefix-cache entries of a finished conversation."""
         if self.prefix_cache is not None:
             self.prefix_cache.forget(conversation_id)
+
+    def branch(self, conversation_id, parent_id):
+        if self.prefix_cache is not None:
+            self.prefix_cache.branch(conversation_id, parent_id)
 
     def _stop_token_ids(self):
         ids = set()

@@ -6,8 +6,9 @@
 The page opens from disk with no server and no network. At the top: each run's arguments,
 metrics and figures. Then the list of conversations (every *_conversations.jsonl of the
 runs: train, valid, test), with filters and sorting, and one conversation as a chat: per
-turn the candidates with prior and Q-value, the chosen action, the system's emotion and
-answer, the user's reply, each critic answer with the option it was read as, the reward.
+turn the candidates with prior and Q-value (an MCTS turn: its tree, the visits and values
+of each action tried), the chosen action, the system's emotion and answer, the user's
+reply, each critic answer with the option it was read as, the reward.
 With several runs, a case that more of them played (same split and case_id: a paired
 evaluation) opens side by side, the first turn where their actions differ marked.
 
