@@ -129,6 +129,11 @@ class FrozenEncoder:
             out[torch.tensor(rows, device=self.device)] = (hidden * mask).sum(1) / mask.sum(1)
         return out
 
+    def embed_texts(self, texts):
+        """[len(texts), width] embeddings of plain texts (the planner's projection of free
+        plans onto actions, --prior project)."""
+        return self.embed([None] * len(texts), texts)
+
 
 def select_action(q_values, epsilon, rng):
     """Index of the chosen candidate: random with probability epsilon, else argmax Q."""

@@ -165,11 +165,13 @@ def sample_if_unscorable(asker, llm, role, flag):
     return bool(problem)
 
 
-def build_env(args, task, llms):
+def build_env(args, task, llms, embed=None):
+    """embed: the encoder's texts -> embeddings, for --prior project's nearest action."""
     critic = build_critic(args, task, llms["critic"])
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
                       use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens,
-                      order=args.prior_order, rotations=args.prior_rotations)
+                      order=args.prior_order, rotations=args.prior_rotations, embed=embed,
+                      match_threshold=args.prior_match_threshold)
     return SelfPlayEnv(task, llms["system"], llms["user"], critic, planner=planner,
                        top_k=args.top_k, max_turn=args.max_turn,
                        system_temperature=args.system_temperature,
@@ -217,9 +219,10 @@ class Agent:
                 kept.append(head)
                 states.append(text)
         features = self.encoder.embed(firsts, states, kept)
-        k = len(observations[0].candidates)
-        return {o.conversation.uid: features[i * k:(i + 1) * k]
-                for i, o in enumerate(observations)}
+        # the candidates' number may differ between states (--prior list)
+        ends = itertools.accumulate(len(o.candidates) for o in observations)
+        return {o.conversation.uid: features[end - len(o.candidates):end]
+                for o, end in zip(observations, ends)}
 
     @torch.no_grad()
     def q_values(self, features):
@@ -453,7 +456,8 @@ class Trainer:
         self.train_cases, self.valid_cases, self.run_dir = train_cases, valid_cases, run_dir
         self.rng = random.Random(args.seed)
         self.generator = torch.Generator().manual_seed(args.seed)
-        self.buffer = ReplayBuffer(args.buffer_size, agent.encoder.width, args.top_k)
+        self.buffer = ReplayBuffer(args.buffer_size, agent.encoder.width,
+                                   env.planner.most_candidates(args.top_k))
         self.best_path = os.path.join(run_dir, "best.pt")
         self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
                      "best_score": None, "order": list(range(len(train_cases))),
@@ -676,12 +680,12 @@ def run(args):
     print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
     llms = load_llms(args)
-    env = build_env(args, task, llms)
+    encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                            args.max_encoder_tokens, args.device)
+    env = build_env(args, task, llms, embed=encoder.embed_texts)
     for role, asker, flag in (("planner", env.planner, "prior"), ("critic", env.critic, "critic")):
         if sample_if_unscorable(asker, llms[role], role, flag):
             setattr(args, flag, "sample")
-    encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
-                                            args.max_encoder_tokens, args.device)
     agent = Agent(args, encoder)
     agent.models = models = resolve_models(args, llms)  # served names are known now
     checkpoint, metrics, conversations = train_and_test(args, agent, env, splits, run_dir,
