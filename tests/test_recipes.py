@@ -5,13 +5,16 @@ best-checkpoint rule."""
 
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import train_model
-from conftest import bargain_world, cb_cases
+from conftest import (ScriptedLLM, bargain_world, cb_cases, esc_case, listed_options,
+                      option_number, scripted_llms)
 from get_args import Args, parse_args, recipe_args
 from q_adapter import FrozenEncoder
 
@@ -44,6 +47,10 @@ ORIGINAL = {
     "max_turn": 8, "top_k": 4,  # --max_turn 8, --top_k 4
     "seed": 1,  # --seed 1
     "extes_split": "10717,200,200",  # misc.load_extes: data[:10717], [10717:10917], [10917:11117]
+    # env.get_prior_actions_llm and prepare_critic_output: the options always in the task's
+    # order; the candidates: every number of one sampled answer (max_new_tokens=25)
+    "prior_order": "fixed", "critic_order": "fixed",
+    "prior": "list", "prior_max_new_tokens": 25,
 }
 
 
@@ -147,3 +154,65 @@ def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder
         best = json.load(f)
     # the third evaluation (episode 6): SR 1.0 at AT 2.0; a tie later does not replace it
     assert (best["step"], best["metrics"]["SR"], best["metrics"]["AT"]) == (6, 1.0, 2.0)
+
+
+def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_candidates(
+        tiny_encoder_dir, tmp_path, monkeypatch):
+    """A scripted esc run with --recipe original: every planner and critic question lists
+    the options in the task's order, and each turn's candidates are the action numbers of
+    the planner's answer in its order (repeats once, 0 and numbers beyond the list dropped;
+    an answer without numbers is asked again), a number that varies from state to state."""
+    names = train_model.get_task("esc").action_names
+    verdicts = train_model.get_task("esc").verdicts
+    planner_lists, critic_lists, asked = [], [], {}
+
+    def planner(prompt):
+        planner_lists.append(listed_options(prompt))
+        asked[prompt] = asked.get(prompt, 0) + 1
+        case = int(re.search(r"case (\d+)", prompt).group(1))
+        if case % 2 and asked[prompt] == 1:
+            return "I am not sure."  # asked again: the next answer has numbers
+        if case % 2:
+            return option_number(prompt, "Information")
+        number = {name: option_number(prompt, name) for name in ("Question", "Others")}
+        return f"{number['Others']},{number['Question']}, {number['Others']}, 0, 12"
+
+    llms = scripted_llms()
+    critic = llms["critic"].reply
+    llms["planner"] = ScriptedLLM(planner)
+    llms["critic"] = ScriptedLLM(lambda prompt: critic_lists.append(listed_options(prompt))
+                                 or critic(prompt))
+    monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, first, count in (("train", 0, 6), ("valid", 1000, 2), ("test", 2000, 3)):
+        (data / f"esc-{split}.txt").write_text(
+            "".join(json.dumps(esc_case(first + i)) + "\n" for i in range(count)))
+    _, run_dir = train_model.main([
+        "--recipe", "original", "--data_name", "esc", "--data_dir", str(data),
+        "--encoder", tiny_encoder_dir, "--device", "cpu", "--progress", "false",
+        "--output_dir", str(tmp_path / "runs"), "--max_encoder_tokens", "64",
+        "--max_turn", "2", "--critic_samples", "2", "--num_envs", "2",
+        "--total_episodes", "4", "--eval_every", "4", "--hidden_size", "16"])
+    with open(os.path.join(run_dir, "best.pt.json")) as f:
+        saved = json.load(f)["args"]
+    assert {name: saved[name] for name in ("prior_order", "critic_order", "prior")} == {
+        "prior_order": "fixed", "critic_order": "fixed", "prior": "list"}
+    assert planner_lists and all(shown == names for shown in planner_lists)
+    assert critic_lists and all(shown == verdicts for shown in critic_lists)
+    records = []
+    for name in ("train_conversations.jsonl", "test_conversations.jsonl"):
+        with open(os.path.join(run_dir, name)) as f:
+            records += [r for line in f for r in json.loads(line)["records"]]
+    assert records
+    sizes = set()
+    for record in records:
+        answer = record["planner_answers"][-1]["answer"]
+        named = [names[int(n) - 1] for n in re.findall(r"\d+", answer) if 1 <= int(n) <= 8]
+        expected = list(dict.fromkeys(named))  # in the answer's order, each once
+        assert [c["action"] for c in record["candidates"]] == expected
+        assert record["prior_orders"] == [0] and record["critic_orders"] == [[0, 1, 2, 3]]
+        sizes.add(len(expected))
+        if record["planner_answers"][0]["answer"] == "I am not sure.":
+            assert record["planner_answers"][0]["actions"] == [] and len(expected) == 1
+    assert sizes == {1, 2}
