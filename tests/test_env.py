@@ -306,7 +306,7 @@ class WordEncoder:
     ("Suggest what they could do about it.", "Providing Suggestions"),
     ("Affirm them and reassure them.", "Affirmation and Reassurance"),
     ("Restate their situation in your own words.", "Restatement or Paraphrasing"),
-    ("Tell them a few factual things.", "Information"),
+    ("Some factual help for their situation.", "Information"),
     ("Zzz.", None),  # nothing in common with any action: unusable
     ("", None),
 ])
