@@ -34,7 +34,10 @@ RECIPES = {
         "total_episodes": 2000,  # 1,000 steps of 2 episodes
         "hidden_size": 64,
         "encoder_input": "original",
-        "llm": "weights/Qwen2.5-14B-Instruct", "encoder": "weights/bert-base-uncased",
+        # misc.get_args_train: --model_path Qwen2.5-14B, loaded by misc.backup_loading in
+        # float16 (the release names no Instruct model; its prompts use the chat template)
+        "llm": "weights/Qwen2.5-14B", "dtype": "float16",
+        "encoder": "weights/bert-base-uncased",
         "system_max_new_tokens": 200, "user_max_new_tokens": 200, "critic_max_new_tokens": 25,
         "system_temperature": 0.0, "user_temperature": 0.0,  # generate(do_sample=False)
         "seed": 1,

@@ -13,7 +13,7 @@ cb also has price_question: asked once, greedily, in `--critic logits` mode afte
 
 Placeholders in braces are filled from the case (see tasks.py, `case_fields`). The wording
 is this project's own; the meaning of each role's instructions follows the original
-DialogXpert release (README, "Tasks": every difference is listed there).
+DialogXpert release (README, "Tasks": the differences found are listed there).
 """
 
 ESC = {

@@ -38,7 +38,8 @@ ORIGINAL = {
     "max_encoder_tokens": 512,  # QAdapter.transform_features: max_length=512
     # env.get_prior_actions_llm: f"Action: {action} for Observation: {full_conv}"
     "encoder_input": "original",
-    "llm": "weights/Qwen2.5-14B-Instruct",  # --model_path Qwen2.5-14B, one model for every role
+    "llm": "weights/Qwen2.5-14B",  # --model_path Qwen2.5-14B, one model for every role
+    "dtype": "float16",  # misc.backup_loading: torch_dtype=torch.float16
     "system_max_new_tokens": 200, "user_max_new_tokens": 200,  # --max_new_tokens 200
     "critic_max_new_tokens": 25,  # env.prepare_critic_output: max_new_tokens=25
     "critic_samples": 10, "critic_temperature": 1.1,  # num_return_sequences=10, temperature 1.1
