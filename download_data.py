@@ -93,7 +93,7 @@ def main(argv=None):
                         help="mirror of the data folder: every file from <base_url>/<path>")
     parser.add_argument("--github", default=None,
                         help=f"mirror of {GITHUB}: the GitHub sources' host is replaced by it")
-    parser.add_argument("--extes_source", default="release", choices=sorted(EXTES_SOURCES),
+    parser.add_argument("--extes_source", default="release",
                         help="ExTES from the DialogXpert release's data/ExTES/ExTES.json "
                              "(release, what the original trained on) or its authors' "
                              "repository (authors; where that holds only a zip, unzip "
@@ -103,6 +103,10 @@ def main(argv=None):
     if args.data_name != "all" and args.data_name not in TASKS:
         parser.error(f"Unknown --data_name '{args.data_name}'. Expected one of "
                      f"{sorted(TASKS) + ['all']}")
+    if args.extes_source not in EXTES_SOURCES:
+        print(f"error: unknown --extes_source '{args.extes_source}'. Pass one of "
+              f"{sorted(EXTES_SOURCES)}", file=sys.stderr)
+        return 2
     names = sorted(TASKS) if args.data_name == "all" else [args.data_name]
     _, failed = download(names, args.data_dir, args.base_url, args.timeout, args.github,
                          args.extes_source)

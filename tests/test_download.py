@@ -108,6 +108,10 @@ def test_extes_comes_from_the_release_by_default_and_from_its_authors_on_request
         assert download_data.main(["--data_name", "extes", "--data_dir", str(target),
                                    "--base_url", url]) == 0
         assert json.loads(downloaded.read_text()) == cases
+    capsys.readouterr()
+    assert download_data.main(["--data_name", "extes", "--extes_source", "pandazzh"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown --extes_source 'pandazzh'. Pass one of ['authors', 'release']"
 
 
 def hub_handler(files):

@@ -70,6 +70,19 @@ def test_each_value_of_a_recipe_can_be_set_by_its_own_flag():
     assert parse_args(["--tau", "0.005"]).learning_rate == 1e-4  # project values otherwise
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    (["--prior", "projection"], "Expected one of ['logits', 'sample', 'list', 'project']"),
+    (["--prior_match_threshold", "1.5"], "--prior_match_threshold=1.5 is out of range"),
+    (["--prior_max_new_tokens", "-1"], "--prior_max_new_tokens=-1 is out of range"),
+])
+def test_bad_planner_flags_are_one_error_line(flags, fragment, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--recipe", "original"] + flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert fragment in lines[0]
+
+
 def _train(tmp_path, encoder_dir, recipe, **values):
     """Train in the bargain world (an episode lasts 1 or 2 turns, by the actions chosen);
     returns (agent, training conversations in the order they finished, run folder)."""
