@@ -3,6 +3,7 @@ flag still overrides them, and the trainer follows each recipe's update schedule
 number of gradient updates after N episodes is its formula), exploration schedule and
 best-checkpoint rule."""
 
+import itertools
 import json
 import math
 import os
@@ -170,6 +171,29 @@ def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder
     assert (best["step"], best["metrics"]["SR"], best["metrics"]["AT"]) == (6, 1.0, 2.0)
 
 
+def _scripted_esc_run(tmp_path, encoder_dir, *flags):
+    """A short esc run (train, then test) with the LLM clients that train_model.load_llms
+    gives; returns the run folder and every record of its training and test
+    conversations."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, first, count in (("train", 0, 6), ("valid", 1000, 2), ("test", 2000, 3)):
+        (data / f"esc-{split}.txt").write_text(
+            "".join(json.dumps(esc_case(first + i)) + "\n" for i in range(count)))
+    _, run_dir = train_model.main([
+        "--data_name", "esc", "--data_dir", str(data), "--encoder", encoder_dir,
+        "--device", "cpu", "--progress", "false", "--output_dir", str(tmp_path / "runs"),
+        "--max_encoder_tokens", "64", "--max_turn", "2", "--critic_samples", "2",
+        "--num_envs", "2", "--total_episodes", "4", "--eval_every", "4",
+        "--hidden_size", "16", *flags])
+    records = []
+    for name in ("train_conversations.jsonl", "test_conversations.jsonl"):
+        with open(os.path.join(run_dir, name)) as f:
+            records += [r for line in f for r in json.loads(line)["records"]]
+    assert records
+    return run_dir, records
+
+
 def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_candidates(
         tiny_encoder_dir, tmp_path, monkeypatch):
     """A scripted esc run with --recipe original: every planner and critic question lists
@@ -197,28 +221,13 @@ def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_cand
     llms["critic"] = ScriptedLLM(lambda prompt: critic_lists.append(listed_options(prompt))
                                  or critic(prompt))
     monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, first, count in (("train", 0, 6), ("valid", 1000, 2), ("test", 2000, 3)):
-        (data / f"esc-{split}.txt").write_text(
-            "".join(json.dumps(esc_case(first + i)) + "\n" for i in range(count)))
-    _, run_dir = train_model.main([
-        "--recipe", "original", "--data_name", "esc", "--data_dir", str(data),
-        "--encoder", tiny_encoder_dir, "--device", "cpu", "--progress", "false",
-        "--output_dir", str(tmp_path / "runs"), "--max_encoder_tokens", "64",
-        "--max_turn", "2", "--critic_samples", "2", "--num_envs", "2",
-        "--total_episodes", "4", "--eval_every", "4", "--hidden_size", "16"])
+    run_dir, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--recipe", "original")
     with open(os.path.join(run_dir, "best.pt.json")) as f:
         saved = json.load(f)["args"]
     assert {name: saved[name] for name in ("prior_order", "critic_order", "prior")} == {
         "prior_order": "fixed", "critic_order": "fixed", "prior": "list"}
     assert planner_lists and all(shown == names for shown in planner_lists)
     assert critic_lists and all(shown == verdicts for shown in critic_lists)
-    records = []
-    for name in ("train_conversations.jsonl", "test_conversations.jsonl"):
-        with open(os.path.join(run_dir, name)) as f:
-            records += [r for line in f for r in json.loads(line)["records"]]
-    assert records
     sizes = set()
     for record in records:
         answer = record["planner_answers"][-1]["answer"]
@@ -230,3 +239,24 @@ def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_cand
         if record["planner_answers"][0]["answer"] == "I am not sure.":
             assert record["planner_answers"][0]["actions"] == [] and len(expected) == 1
     assert sizes == {1, 2}
+
+
+def test_a_projected_prior_run_maps_paraphrases_through_the_runs_encoder(tiny_encoder_dir,
+                                                                         tmp_path, monkeypatch):
+    """--prior project in a run: the planner gets the Q-adapter's encoder, so plans that
+    name no action (paraphrases) still become actions; plans that name one are that
+    action; the records keep both."""
+    plans = ["Ask them a Question about it.", "Maybe share something of my own.",
+             "Tell them what they could try."]
+    llms = scripted_llms()
+    turn_plans = itertools.cycle(plans)  # a turn's three samples: the three plans
+    llms["planner"] = ScriptedLLM(lambda prompt: next(turn_plans))
+    monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
+    _, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--prior", "project",
+                                   "--prior_samples", "3", "--prior_match_threshold", "-1",
+                                   "--prior_order", "fixed")  # one call of 3 samples a turn
+    for record in records:
+        answers = record["planner_answers"]
+        assert sorted(a["answer"] for a in answers) == sorted(plans)
+        assert all(len(a["actions"]) == 1 for a in answers)  # the paraphrases too
+        assert [a["actions"] for a in answers if "Question" in a["answer"]] == [["Question"]]
