@@ -213,16 +213,18 @@ def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_cand
             return "I am not sure."  # asked again: the next answer has numbers
         if case % 2:
             return option_number(prompt, "Information")
-        if case % 4 == 2:
-            return "8, 7, 6, 5, 4, 3, 2, 1"  # more candidates than --top_k
-        number = {name: option_number(prompt, name) for name in ("Question", "Others")}
-        return f"{number['Others']},{number['Question']}, {number['Others']}, 0, 12"
+        if "Therapist:" in prompt:  # after the first turn: more candidates than --top_k
+            return "8, 7, 6, 5, 4, 3, 2, 1, 1"
+        number = {name: option_number(prompt, name) for name in ("Self-disclosure", "Others")}
+        return f"{number['Others']},{number['Self-disclosure']}, {number['Others']}, 0, 12"
+
+    def critic(prompt):  # only "Question" solves, so every first turn of an even case
+        critic_lists.append(listed_options(prompt))  # has a next state of 8 candidates
+        last = prompt[prompt.rindex("Therapist:"):]
+        return option_number(prompt, verdicts[3 if "Question" in last else 1])
 
     llms = scripted_llms()
-    critic = llms["critic"].reply
-    llms["planner"] = ScriptedLLM(planner)
-    llms["critic"] = ScriptedLLM(lambda prompt: critic_lists.append(listed_options(prompt))
-                                 or critic(prompt))
+    llms["planner"], llms["critic"] = ScriptedLLM(planner), ScriptedLLM(critic)
     monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
     run_dir, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--recipe", "original")
     with open(os.path.join(run_dir, "best.pt.json")) as f:
