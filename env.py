@@ -342,14 +342,17 @@ class Planner:
             shown.append(self.orders(conversation)[0])
             conversation.prior_orders = [shown[-1][0]]
             conversation.planner_answers = []
+        chats = [self.prompt(c, order, k) for c, order in zip(conversations, shown)]
         pending = list(range(len(conversations)))
         for attempt in range(self.num_samples):
             if not pending:
                 break
-            chats = [self.prompt(conversations[i], shown[i], k) for i in pending]
-            seeds = [order_seed(conversations[i].seed("planner"), attempt) for i in pending]
-            answers = self.llm.chat(chats, max_new_tokens=self.max_new_tokens,
-                                    temperature=1.0, seeds=seeds)
+            seeds = [conversations[i].seed("planner") if attempt == 0 else
+                     stream_seed(conversations[i].seed("planner"), "ask again", attempt)
+                     for i in pending]
+            answers = self.llm.chat([chats[i] for i in pending],
+                                    max_new_tokens=self.max_new_tokens, temperature=1.0,
+                                    seeds=seeds)
             still = []
             for i, answer in zip(pending, answers):
                 actions = self.read_list(answer[0], shown[i])
