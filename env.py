@@ -156,7 +156,7 @@ class Planner:
 
     def __init__(self, task, llm, mode="logits", num_samples=10, use_emotion=True,
                  max_new_tokens=0, order="fixed", rotations=0, embed=None,
-                 match_threshold=0.5):
+                 match_threshold=0.2):
         self.task = task
         self.llm = llm
         self.mode = mode

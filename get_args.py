@@ -161,10 +161,11 @@ class Args:
     prior_max_new_tokens: int = field(default=0, metadata={
         "help": "length of a sampled planner answer (0: by --prior: 4 for sample, 25 for "
                 "list, the original's, 32 for project)"})
-    prior_match_threshold: float = field(default=0.5, metadata={
+    prior_match_threshold: float = field(default=0.2, metadata={
         "help": "--prior project: the least cosine similarity between a plan that names no "
                 "action and its nearest action (by the encoder); below it the plan is "
-                "unusable. Depends on the encoder: mean-pooled BERT puts most texts above 0.5"})
+                "unusable. Depends on the encoder; 0.2 separated paraphrases from unrelated "
+                "text with the embedded MiniLM (docs/internals.md)"})
     prior_order: str = field(default="rotate", metadata={
         "help": "order of the actions in the planner's question: rotate (the prior is the "
                 "mean over --prior_rotations rotations of the list, so a preference for a "
