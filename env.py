@@ -3,7 +3,8 @@
 `reset` starts conversations and `step` advances a batch of them by one exchange; both
 return what the agent acts on, an `Observation` per conversation: the candidate actions
 with their priors (`Planner.candidates`: the top-k of the planner's prior over the task's
-whole action set, or with --prior list every action that one sampled answer named). A step has four phases, each one batched LLM call:
+whole action set, or with --prior list every action that one sampled answer named). A
+step has four phases, each one batched LLM call:
   system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
   user phase:   the user LLM answers in role
   critic phase: the critic answers its closed question; the reward and the outcome follow
