@@ -69,6 +69,11 @@ def test_each_value_of_a_recipe_can_be_set_by_its_own_flag():
     assert (args.tau, args.buffer_size, args.llm) == (0.01, 500, "auto")
     assert args.learning_rate == 1e-3 and args.update_every_episodes == 2  # the rest: original
     assert parse_args(["--tau", "0.005"]).learning_rate == 1e-4  # project values otherwise
+    args = parse_args(["--recipe", "original", "--prior", "logits", "--prior_order", "rotate",
+                       "--critic_order", "shuffle", "--dtype", "auto"])
+    assert (args.prior, args.prior_order, args.critic_order, args.dtype) == (
+        "logits", "rotate", "shuffle", "auto")
+    assert args.prior_max_new_tokens == 25
 
 
 @pytest.mark.parametrize("flags,fragment", [
