@@ -3,10 +3,15 @@
     python download_data.py                  # every task
     python download_data.py --data_name esc  # one task
 
-Files come from the public releases that the PPDPP and DialogXpert code use (each task's
-`sources` in tasks.py). --base_url replaces the host part for a mirror: a file is then
-fetched from <base_url>/<relative path>. Each downloaded file is checked with the project's own reader
-before it replaces anything, so a broken download never overwrites good data.
+Where each file comes from is its task's `sources` in tasks.py: esc, cima and cb from
+PPDPP's repository (dengyang17/PPDPP, data/), p4g and ExTES from the DialogXpert release
+(declare-lab/dialogxpert, data/P4G/api_annotated/ and data/ExTES/ExTES.json, the files its
+misc.load_p4g and load_extes read). `--extes_source authors` takes ExTES from its authors'
+repository instead (pandazzh2020/ExTES). `--base_url` fetches every file from a mirror of
+the data folder, <base_url>/<relative path>; `--github` replaces the host of the GitHub
+sources (https://raw.githubusercontent.com) with a mirror of that host. Each downloaded
+file is checked with the project's own reader before it replaces anything, so a broken
+download never overwrites good data.
 """
 
 import argparse
@@ -16,8 +21,10 @@ import tempfile
 import urllib.error
 import urllib.request
 
-from tasks import TASKS, DataError, read_file
+from tasks import EXTES_AUTHORS, GITHUB, TASKS, DataError, read_file
 
+# --extes_source: where ExTES/ExTES.json comes from
+EXTES_SOURCES = {"release": TASKS["extes"].sources["ExTES/ExTES.json"], "authors": EXTES_AUTHORS}
 
 
 def files_for(task_name):
@@ -30,15 +37,27 @@ def fetch(url, timeout):
         return response.read()
 
 
-def download(task_names, data_dir, base_url=None, timeout=60):
+def source_url(task_name, relative, base_url=None, github=None, extes_source="release"):
+    """The URL of one data file: its task's source (ExTES: by extes_source), its GitHub
+    host replaced by `github`, or <base_url>/<relative> from a mirror of the data folder."""
+    if base_url:
+        return f"{base_url.rstrip('/')}/{relative}"
+    url = (EXTES_SOURCES[extes_source] if relative == "ExTES/ExTES.json"
+           else TASKS[task_name].sources[relative])
+    if github and url.startswith(GITHUB + "/"):
+        url = github.rstrip("/") + url[len(GITHUB):]
+    return url
+
+
+def download(task_names, data_dir, base_url=None, timeout=60, github=None,
+             extes_source="release"):
     """Fetch every file of the tasks; returns (downloaded paths, {path: error}). A file
     replaces the one in data_dir only when the task's reader accepts it and it has at
     least one case; otherwise the old file stays and the next file is fetched."""
     done, failed = [], {}
     for task_name in task_names:
         for relative in files_for(task_name):
-            url = (f"{base_url.rstrip('/')}/{relative}" if base_url
-                   else TASKS[task_name].sources[relative])
+            url = source_url(task_name, relative, base_url, github, extes_source)
             target = os.path.join(data_dir, relative)
             try:
                 content = fetch(url, timeout)
@@ -70,14 +89,27 @@ def main(argv=None):
     parser.add_argument("--data_name", default="all",
                         help=f"one of {sorted(TASKS)} or all (default: all)")
     parser.add_argument("--data_dir", default="data", help="target folder (default: data)")
-    parser.add_argument("--base_url", default=None, help="mirror that serves the same paths")
+    parser.add_argument("--base_url", default=None,
+                        help="mirror of the data folder: every file from <base_url>/<path>")
+    parser.add_argument("--github", default=None,
+                        help=f"mirror of {GITHUB}: the GitHub sources' host is replaced by it")
+    parser.add_argument("--extes_source", default="release",
+                        help="ExTES from the DialogXpert release's data/ExTES/ExTES.json "
+                             "(release, what the original trained on) or its authors' "
+                             "repository (authors; where that holds only a zip, unzip "
+                             "ExTES.json into <data_dir>/ExTES/ by hand)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per file")
     args = parser.parse_args(argv)
     if args.data_name != "all" and args.data_name not in TASKS:
         parser.error(f"Unknown --data_name '{args.data_name}'. Expected one of "
                      f"{sorted(TASKS) + ['all']}")
+    if args.extes_source not in EXTES_SOURCES:
+        print(f"error: unknown --extes_source '{args.extes_source}'. Pass one of "
+              f"{sorted(EXTES_SOURCES)}", file=sys.stderr)
+        return 2
     names = sorted(TASKS) if args.data_name == "all" else [args.data_name]
-    _, failed = download(names, args.data_dir, args.base_url, args.timeout)
+    _, failed = download(names, args.data_dir, args.base_url, args.timeout, args.github,
+                         args.extes_source)
     for relative, reason in failed.items():
         kept = "the existing file is kept" if os.path.exists(
             os.path.join(args.data_dir, relative)) else "no file written"

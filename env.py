@@ -1,9 +1,10 @@
 """Self-play environment: conversation state, the planner's prior, and batched steps.
 
 `reset` starts conversations and `step` advances a batch of them by one exchange; both
-return what the agent acts on, an `Observation` per conversation: the top-k candidate
-actions of the planner's prior (`Planner.prior`, over the task's whole action set) with
-their priors. A step has four phases, each one batched LLM call:
+return what the agent acts on, an `Observation` per conversation: the candidate actions
+with their priors (`Planner.candidates`: the top-k of the planner's prior over the task's
+whole action set, or with --prior list every action that one sampled answer named). A
+step has four phases, each one batched LLM call:
   system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
   user phase:   the user LLM answers in role
   critic phase: the critic answers its closed question; the reward and the outcome follow
@@ -51,6 +52,8 @@ class Conversation:
     candidates: list = field(default_factory=list)
     candidate_priors: list = field(default_factory=list)
     prior_orders: list = field(default_factory=list)
+    # modes list and project: the planner's sampled answers and the actions each named
+    planner_answers: list = field(default_factory=list)
     prompt_cuts: dict = field(default_factory=dict)  # prompts cut to fit a context (llm.py)
     case_id: int | None = None  # the case's place in its split (pairs runs in reports)
     # the seed of this conversation's LLM samples (llm.stream_seed): the trainer derives it
@@ -140,27 +143,55 @@ def clean_turn(text, roles=()):
     return text.strip().strip('"').strip()
 
 
+def most_candidates(task, prior, k):
+    """The most candidates a state can have under --prior `prior`: the top k, or with
+    'list' (the release's rule) every action."""
+    n = len(task.actions)
+    return n if prior == "list" else min(k, n)
+
+
 class Planner:
-    """The frozen LLM's prior over the task's actions.
+    """The frozen LLM's prior over the task's actions, and each state's candidates.
 
     The actions are asked as a numbered list. With order 'rotate' the list is shown in
     several rotations (`rotations`, 0: all of them) drawn from the conversation's stream,
     and the prior is the mean of the priors read in each, mapped back to the task's
     action order: a preference for the first listed number is spread over every action
-    instead of choosing it. 'fixed' shows the task's order only."""
+    instead of choosing it. 'fixed' shows the task's order only.
+
+    Modes (--prior): 'logits' reads the option numbers' probabilities; 'sample' counts the
+    numbers of sampled answers; both give the top-k as candidates. 'list' is the original
+    release's rule: one sampled answer to "which k options are the most suitable?", and
+    every action number in it, in its order, is a candidate (`read_list`). 'project'
+    samples plans in free text and projects each onto an action (`project`); the prior
+    is the frequencies of the projected actions."""
+
+    # answer length by mode when max_new_tokens is 0 (list: the original release's 25)
+    ANSWER_TOKENS = {"logits": 4, "sample": 4, "list": 25, "project": 32}
 
     def __init__(self, task, llm, mode="logits", num_samples=10, use_emotion=True,
-                 max_new_tokens=4, order="fixed", rotations=0):
+                 max_new_tokens=0, order="fixed", rotations=0, embed=None,
+                 match_threshold=0.2):
         self.task = task
-        self.max_new_tokens = max_new_tokens  # answer length when mode is 'sample'
         self.llm = llm
         self.mode = mode
-        self.num_samples = num_samples
+        self.max_new_tokens = max_new_tokens or self.ANSWER_TOKENS[mode]  # sampled answers
+        self.num_samples = num_samples  # sample, project: answers per turn; list: tries
         self.use_emotion = use_emotion
         self.order = order
         self.rotations = rotations
         self.labels = [str(i + 1) for i in range(len(task.actions))]
-        self.invalid_answers = 0  # sampled answers that named no action (mode 'sample')
+        # project: texts -> [len(texts), width] embeddings (the Q-adapter's encoder), for
+        # the nearest action of a plan that names none; None: such plans are unusable
+        self.embed = embed
+        self.match_threshold = match_threshold  # least cosine similarity of a nearest action
+        self._action_embeddings = None
+        # sampled answers that named no action (modes sample, list and project)
+        self.invalid_answers = 0
+
+    def most_candidates(self, k):
+        """The most candidates a state can have: k, or (list) every action."""
+        return most_candidates(self.task, self.mode, k)
 
     def orders(self, conversation):
         """The action orders shown this turn: [[action index at each position]]."""
@@ -170,31 +201,41 @@ class Planner:
         return rotations(n, self.rotations, stream_seed(conversation.stream,
                                                         conversation.system_turns, "planner_order"))
 
-    def prompt(self, conversation, order=None):
+    def prompt(self, conversation, order=None, count=None):
+        """The planner's chat for one order of the actions. The question follows the mode:
+        one option's number, the numbers of `count` options (list), or a plan (project,
+        whose options are shown without numbers)."""
         names = self.task.action_names
-        options = "\n".join(f"{label}. {names[a]}"
-                            for label, a in zip(self.labels, order or range(len(names))))
+        shown = [names[a] for a in (order or range(len(names)))]
+        if self.mode == "project":
+            options, question = "\n".join(f"- {name}" for name in shown), "plan"
+        else:
+            options = "\n".join(f"{label}. {name}" for label, name in zip(self.labels, shown))
+            question = "list" if self.mode == "list" else "one"
+        question = prompts.PLANNER_QUESTIONS[question].format(
+            count=count, system_role=self.task.system_role)
         emotions = ", ".join(conversation.emotions) if self.use_emotion else "not tracked"
 
         def build(turns, _):
             text = prompts.PLANNER_TEMPLATE.format(
                 system_role=self.task.system_role, user_role=self.task.user_role,
-                transcript=transcript(turns), emotions=emotions or "unknown", options=options)
+                transcript=transcript(turns), emotions=emotions or "unknown", options=options,
+                question=question)
             return [{"role": "system", "content": self.task.prompts["planner"]},
                     {"role": "user", "content": text}]
         return conversation.fit(self.llm, build, {}, self.max_new_tokens, "planner")
 
     def prior(self, conversations):
         """[batch, num_actions] probabilities in the task's action order, each row summing
-        to 1. Each conversation's `prior_orders` gets the orders shown (the first action
-        of each, which fixes a rotation)."""
+        to 1 (modes logits, sample and project). Each conversation's `prior_orders` gets
+        the orders shown (the first action of each, which fixes a rotation)."""
         jobs, orders = [], []
         for i, conversation in enumerate(conversations):
             shown = self.orders(conversation)
-            if self.mode == "sample":
-                shown = split_samples(self.num_samples, shown)
-            else:
+            if self.mode == "logits":
                 shown = [(order, 1) for order in shown]
+            else:
+                shown = split_samples(self.num_samples, shown)
             orders.append([order for order, _ in shown])
             conversation.prior_orders = [order[0] for order, _ in shown]
             for k, (order, count) in enumerate(shown):
@@ -218,9 +259,12 @@ class Planner:
                 for k, order in enumerate(conversation_orders):
                     row[order] += results[(i, k)].float()  # position -> its action
                 rows.append(row / len(conversation_orders))
+                continue
+            answers = [(answer, order) for k, order in enumerate(conversation_orders)
+                       for answer in results[(i, k)]]
+            if self.mode == "project":
+                rows.append(self._prior_from_plans(conversations[i], [a for a, _ in answers]))
             else:
-                answers = [(answer, order) for k, order in enumerate(conversation_orders)
-                           for answer in results[(i, k)]]
                 rows.append(self._prior_from_samples(*zip(*answers)))
         return torch.stack(rows)
 
@@ -239,10 +283,117 @@ class Planner:
         prior = torch.tensor([counts[a] + 1.0 for a in range(len(self.labels))])
         return prior / prior.sum()
 
+    # -- project: free-text plans projected onto the actions ------------------------------
+
+    def project(self, plans):
+        """The action index of each plan, or None when it matches no action. First
+        RL-LLM-Prior's text match: the action whose name the plan contains most often
+        (case-insensitive; a tie goes to the name met first, then the longer name, so
+        "counter-noprice" is not "counter"). A plan that names no action goes to the
+        action nearest to it by the encoder (cosine similarity of the plan and the
+        action's name and instruction), if that is at least match_threshold."""
+        names = self.task.action_names
+        projected, unnamed = [], []
+        for i, plan in enumerate(plans):
+            text = plan.lower()
+            found = [(-text.count(name.lower()), text.find(name.lower()), -len(name), a)
+                     for a, name in enumerate(names) if name.lower() in text]
+            projected.append(min(found)[3] if found else None)
+            if not found and plan.strip() and self.embed is not None:
+                unnamed.append(i)
+        if unnamed:
+            if self._action_embeddings is None:
+                self._action_embeddings = torch.nn.functional.normalize(self.embed(
+                    [f"{name}: {self.task.actions[name]}" for name in names]).float(), dim=-1)
+            plan_embeddings = torch.nn.functional.normalize(
+                self.embed([plans[i] for i in unnamed]).float(), dim=-1)
+            similarity = plan_embeddings @ self._action_embeddings.to(plan_embeddings.device).T
+            best, nearest = similarity.max(dim=-1)
+            for i, value, action in zip(unnamed, best.tolist(), nearest.tolist()):
+                if value >= self.match_threshold:
+                    projected[i] = action
+        return projected
+
+    def _prior_from_plans(self, conversation, plans):
+        """The frequencies of the plans' projected actions (uniform when none matched);
+        the plans that matched no action are counted as unusable answers."""
+        projected = self.project(plans)
+        conversation.planner_answers = [
+            {"answer": plan, "actions": [] if a is None else [self.task.action_names[a]]}
+            for plan, a in zip(plans, projected)]
+        counts = Counter(a for a in projected if a is not None)
+        self.invalid_answers += len(plans) - sum(counts.values())
+        if not counts:
+            return torch.full((len(self.labels),), 1.0 / len(self.labels))
+        prior = torch.tensor([float(counts[a]) for a in range(len(self.labels))])
+        return prior / prior.sum()
+
+    # -- list: the original release's candidates ------------------------------------------
+
+    @staticmethod
+    def read_list(answer, order):
+        """The actions that one answer names, by their numbers as shown in `order`, in the
+        answer's order. The original's rule is every integer of the answer in its order,
+        with these changes: a repeated action is kept once (the original listed it twice,
+        so its epsilon draw picked it twice as often); 0 and numbers above the list are
+        dropped (the original read 0 as the last action, by Python's index -1, and
+        crashed on a larger number)."""
+        actions = []
+        for number in re.findall(r"\d+", answer):
+            position = int(number) - 1
+            if 0 <= position < len(order) and order[position] not in actions:
+                actions.append(order[position])
+        return actions
+
+    def listed(self, conversations, k):
+        """The candidates of each conversation by the original's rule: [[action index]].
+        An answer that names no action is asked again, with a new sample, up to
+        num_samples answers in all (the original dropped the training episode and crashed
+        in test); each such answer is counted as unusable. If none names one, every action
+        in the task's order is a candidate."""
+        chosen = [None] * len(conversations)
+        shown = []
+        for conversation in conversations:
+            shown.append(self.orders(conversation)[0])
+            conversation.prior_orders = [shown[-1][0]]
+            conversation.planner_answers = []
+        chats = [self.prompt(c, order, k) for c, order in zip(conversations, shown)]
+        pending = list(range(len(conversations)))
+        for attempt in range(self.num_samples):
+            if not pending:
+                break
+            seeds = [conversations[i].seed("planner") if attempt == 0 else
+                     stream_seed(conversations[i].seed("planner"), "ask again", attempt)
+                     for i in pending]
+            answers = self.llm.chat([chats[i] for i in pending],
+                                    max_new_tokens=self.max_new_tokens, temperature=1.0,
+                                    seeds=seeds)
+            still = []
+            for i, answer in zip(pending, answers):
+                actions = self.read_list(answer[0], shown[i])
+                conversations[i].planner_answers.append(
+                    {"answer": answer[0], "actions": [self.task.action_names[a] for a in actions]})
+                if actions:
+                    chosen[i] = actions
+                else:
+                    self.invalid_answers += 1
+                    still.append(i)
+            pending = still
+        everything = list(range(len(self.task.actions)))
+        return [actions or everything for actions in chosen]
+
     def candidates(self, conversations, k):
-        """The top-k actions of each conversation's prior: (prior [batch, n], [[action
-        index]], [[prior]]). Equal priors (unsampled actions in sample mode) are ordered
-        by a draw from the conversation's stream, not by their place in the list."""
+        """Each conversation's candidates: (prior [batch, n], [[action index]], [[prior]]).
+        Modes logits, sample and project: the top-k actions of the prior. Equal priors
+        (unsampled actions) are ordered by a draw from the conversation's stream, not by
+        their place in the list. Mode list: the actions the answer named, in its order, a
+        number that varies by state; each gets the same prior, 1 / their number."""
+        if self.mode == "list":
+            indices = self.listed(conversations, k)
+            prior = torch.zeros(len(conversations), len(self.task.actions))
+            for row, actions in zip(prior, indices):
+                row[actions] = 1.0 / len(actions)
+            return prior, indices, [[1.0 / len(actions)] * len(actions) for actions in indices]
         prior = self.prior(conversations)
         indices, values = [], []
         for conversation, row in zip(conversations, prior.tolist()):
@@ -548,6 +699,8 @@ class SelfPlayEnv:
         record.update(note)
         if self.planner is not None:
             record["prior_orders"] = conversation.prior_orders
+            if conversation.planner_answers:
+                record["planner_answers"] = conversation.planner_answers
         conversation.records.append(record)
         cuts = turn_prompt_cuts(conversation)
         if cuts:

@@ -37,11 +37,19 @@ RECIPES = {
         "total_episodes": 2000,  # 1,000 steps of 2 episodes
         "hidden_size": 64,
         "encoder_input": "original",
-        "llm": "weights/Qwen2.5-14B-Instruct", "encoder": "weights/bert-base-uncased",
+        # misc.get_args_train: --model_path Qwen2.5-14B, loaded by misc.backup_loading in
+        # float16 (the release names no Instruct model; its prompts use the chat template)
+        "llm": "weights/Qwen2.5-14B", "dtype": "float16",
+        "encoder": "weights/bert-base-uncased",
         "system_max_new_tokens": 200, "user_max_new_tokens": 200, "critic_max_new_tokens": 25,
         "system_temperature": 0.0, "user_temperature": 0.0,  # generate(do_sample=False)
         "seed": 1,
         "extes_split": "10717,200,200",
+        # env.get_prior_actions_llm: options always in the task's order ("(1) ... (n)"), the
+        # critic's too; the candidates are every number of one sampled "TOP 4" answer
+        # (generate(max_new_tokens=25, temperature=1.0)), top_k unused
+        "prior_order": "fixed", "critic_order": "fixed",
+        "prior": "list", "prior_max_new_tokens": 25,
     },
 }
 
@@ -124,7 +132,9 @@ class Args:
     # --- self-play
     num_envs: int = field(default=8, metadata={
         "help": "conversations played together; each LLM phase is one batched call"})
-    top_k: int = field(default=4, metadata={"help": "candidate actions taken from the prior"})
+    top_k: int = field(default=4, metadata={
+        "help": "candidate actions taken from the prior (--prior list: the number of options "
+                "asked for)"})
     max_turn: int = field(default=8, metadata={"help": "system turns before a time-limit end"})
     critic: str = field(default="sample", metadata={
         "help": "sample (sample --critic_samples answers, the mean reward of the usable ones) "
@@ -143,11 +153,25 @@ class Args:
     user_max_new_tokens: int = field(default=60, metadata={"help": "user turn length cap"})
     critic_max_new_tokens: int = field(default=24, metadata={"help": "verdict length cap"})
     prior: str = field(default="logits", metadata={
-        "help": "logits (one forward pass over option labels) or sample (sample "
-                "--prior_samples answers and count the numbers; for backends without logits)"})
-    prior_samples: int = field(default=10, metadata={"help": "answers sampled when --prior sample"})
-    prior_max_new_tokens: int = field(default=4, metadata={
-        "help": "answer length when --prior sample"})
+        "help": "the planner's prior and candidates: logits (one forward pass over option "
+                "labels), sample (sample --prior_samples answers and count the numbers; for "
+                "backends without logits), list (the original release's: one sampled answer "
+                "to 'the --top_k most suitable options', and every action number in it, in "
+                "its order, is a candidate) or project (--prior_samples plans in free text, "
+                "each projected onto an action by name or by the encoder's nearest action; "
+                "the prior is their frequencies). Except with list, the --top_k most "
+                "probable actions are the candidates"})
+    prior_samples: int = field(default=10, metadata={
+        "help": "answers sampled per turn with --prior sample or project; with list, the "
+                "most answers asked when an answer names no action"})
+    prior_max_new_tokens: int = field(default=0, metadata={
+        "help": "length of a sampled planner answer (0: by --prior: 4 for sample, 25 for "
+                "list, the original's, 32 for project)"})
+    prior_match_threshold: float = field(default=0.2, metadata={
+        "help": "--prior project: the least cosine similarity between a plan that names no "
+                "action and its nearest action (by the encoder); below it the plan is "
+                "unusable. Depends on the encoder; 0.2 separated paraphrases from unrelated "
+                "text with the embedded MiniLM (docs/internals.md)"})
     prior_order: str = field(default="rotate", metadata={
         "help": "order of the actions in the planner's question: rotate (the prior is the "
                 "mean over --prior_rotations rotations of the list, so a preference for a "
@@ -275,7 +299,7 @@ class Args:
         if self.backend not in BACKENDS:
             raise ValueError(f"Unknown --backend '{self.backend}'. Expected one of "
                              f"{sorted(BACKENDS)}")
-        choices = {"mode": ("train", "test"), "prior": ("logits", "sample"),
+        choices = {"mode": ("train", "test"), "prior": ("logits", "sample", "list", "project"),
                    "policy": TRAINED_POLICIES + UNTRAINED_POLICIES,
                    "critic": ("sample", "logits"), "prior_order": ("rotate", "fixed"),
                    "critic_order": ("shuffle", "fixed"), "recipe": tuple(RECIPES),
@@ -328,7 +352,7 @@ class Args:
                      "batch_size", "learning_starts", "updates_per_step",
                      "hidden_size", "max_encoder_tokens", "eval_every", "prior_samples",
                      "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
-                     "prior_max_new_tokens", "ppdpp_sft_epochs", "ppdpp_sft_batch_size"):
+                     "ppdpp_sft_epochs", "ppdpp_sft_batch_size"):
             require(getattr(self, name) >= 1, name, ">= 1")
         require(self.ppdpp_max_length >= 8, "ppdpp_max_length", ">= 8 (tokens)")
         for name in ("ppdpp_sft_learning_rate", "ppdpp_learning_rate"):
@@ -337,6 +361,9 @@ class Args:
                      "ppdpp_sft_max_grad_norm"):
             require(getattr(self, name) >= 0, name, ">= 0")
         require(0.0 <= self.ppdpp_dropout < 1.0, "ppdpp_dropout", "in [0, 1)")
+        require(self.prior_max_new_tokens >= 0, "prior_max_new_tokens", ">= 0 (0: by --prior)")
+        require(-1.0 <= self.prior_match_threshold <= 1.0, "prior_match_threshold",
+                "in [-1, 1] (a cosine similarity)")
         require(self.max_concurrency >= 1, "max_concurrency", ">= 1")
         require(self.request_timeout > 0, "request_timeout", "> 0 (seconds)")
         require(self.max_retries >= 0, "max_retries", ">= 0")
@@ -401,7 +428,8 @@ HELP_GROUPS = {
         "backend", "llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "device",
         "dtype", "base_url", "planner_base_url", "system_base_url", "user_base_url",
         "critic_base_url", "api_key_env", "tokenizer", "max_concurrency", "request_timeout",
-        "max_retries", "prior", "prior_samples", "prior_max_new_tokens", "prior_order",
+        "max_retries", "prior", "prior_samples", "prior_max_new_tokens",
+        "prior_match_threshold", "prior_order",
         "prior_rotations", "critic", "critic_samples", "critic_temperature", "critic_order",
         "critic_max_new_tokens", "critic_stop_at_newline", "system_max_new_tokens",
         "user_max_new_tokens", "max_batch_rows", "prefix_cache_gb", "context_length",

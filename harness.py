@@ -134,11 +134,13 @@ def sample_if_unscorable(asker, llm, role, flag):
     return bool(problem)
 
 
-def build_env(args, task, llms):
+def build_env(args, task, llms, embed=None):
+    """embed: the encoder's texts -> embeddings, for --prior project's nearest action."""
     critic = build_critic(args, task, llms["critic"])
     planner = Planner(task, llms["planner"], mode=args.prior, num_samples=args.prior_samples,
                       use_emotion=args.use_emotion, max_new_tokens=args.prior_max_new_tokens,
-                      order=args.prior_order, rotations=args.prior_rotations)
+                      order=args.prior_order, rotations=args.prior_rotations, embed=embed,
+                      match_threshold=args.prior_match_threshold)
     return SelfPlayEnv(task, llms["system"], llms["user"], critic, planner=planner,
                        top_k=args.top_k, max_turn=args.max_turn,
                        system_temperature=args.system_temperature,

@@ -11,6 +11,7 @@ and the latest turns are always kept.
 """
 
 import copy
+import itertools
 import json
 import os
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import run_state
+from env import most_candidates
 from errors import UserError
 from llm import WEIGHTS_DIR, pick_device, pick_dtype
 from policies import Policy, check_saved_args, read_checkpoint, save_checkpoint
@@ -138,6 +140,11 @@ class FrozenEncoder:
             out[torch.tensor(rows, device=self.device)] = (hidden * mask).sum(1) / mask.sum(1)
         return out
 
+    def embed_texts(self, texts):
+        """[len(texts), width] embeddings of plain texts (the planner's projection of free
+        plans onto actions, --prior project)."""
+        return self.embed([None] * len(texts), texts)
+
 
 def select_action(q_values, epsilon, rng):
     """Index of the chosen candidate: random with probability epsilon, else argmax Q."""
@@ -190,7 +197,8 @@ class QAdapterPolicy(Policy):
         optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer]
         self.optimizer = optimizer(self.q_head.parameters(), lr=args.learning_rate)
         self.updates = 0
-        self.buffer = ReplayBuffer(args.buffer_size, encoder.width, args.top_k)
+        self.buffer = ReplayBuffer(args.buffer_size, encoder.width,
+                                   most_candidates(task, args.prior, args.top_k))
         self.features = {}  # conversation uid -> [k, width] features of its candidates
         self.chosen = {}  # conversation uid -> index of the candidate acted on this turn
 
@@ -212,9 +220,10 @@ class QAdapterPolicy(Policy):
                 kept.append(head)
                 states.append(text)
         features = self.encoder.embed(firsts, states, kept)
-        k = len(observations[0].candidates)
-        return {o.conversation.uid: features[i * k:(i + 1) * k]
-                for i, o in enumerate(observations)}
+        # the candidates' number may differ between states (--prior list)
+        ends = itertools.accumulate(len(o.candidates) for o in observations)
+        return {o.conversation.uid: features[end - len(o.candidates):end]
+                for o, end in zip(observations, ends)}
 
     @torch.no_grad()
     def q_values(self, features):

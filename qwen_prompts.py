@@ -13,7 +13,7 @@ cb also has price_question: asked once, greedily, in `--critic logits` mode afte
 
 Placeholders in braces are filled from the case (see tasks.py, `case_fields`). The wording
 is this project's own; the meaning of each role's instructions follows the original
-DialogXpert release (README, "Tasks": every difference is listed there).
+DialogXpert release (README, "Tasks": the differences found are listed there).
 """
 
 ESC = {
@@ -225,13 +225,23 @@ P4G = {
 
 # --- templates shared by every task -------------------------------------------------------
 
-# The planner's question; the prior is read from the probabilities of the option numbers.
+# The planner's question, ending in one of the PLANNER_QUESTIONS (by --prior): logits and
+# sample read the number of one option; list (the original release's question for its
+# "TOP 4") reads every number of one answer; project asks for a plan in the planner's own
+# words, which env.Planner maps onto an action.
 PLANNER_TEMPLATE = (
     "Conversation so far:\n{transcript}\n\n"
     "Emotions of the {user_role} so far: {emotions}\n\n"
     "Options for the {system_role}'s next step:\n{options}\n"
-    "Which option is the most suitable next step? Answer with its number only."
+    "{question}"
 )
+PLANNER_QUESTIONS = {
+    "one": "Which option is the most suitable next step? Answer with its number only.",
+    "list": "Which {count} options are the most suitable next steps? Answer with their "
+            "numbers only, the most suitable first, separated by commas.",
+    "plan": "In a few words, what should the {system_role} do next? Describe the step in "
+            "your own words or name one of the options.",
+}
 
 # Appended to the system LLM's last message: the chosen action's instruction (none for
 # the 'none' baseline policy), and with --use_emotion the request to name the user's

@@ -21,9 +21,12 @@ from errors import DataError
 
 SPLITS = ("train", "valid", "test")
 NUMBER = (int, float)
-PPDPP = "https://raw.githubusercontent.com/dengyang17/PPDPP/main/data"
-DIALOGXPERT = "https://raw.githubusercontent.com/declare-lab/dialogxpert/main/data"
-EXTES = "https://raw.githubusercontent.com/pandazzh2020/ExTES/main"
+GITHUB = "https://raw.githubusercontent.com"
+PPDPP = f"{GITHUB}/dengyang17/PPDPP/main/data"
+DIALOGXPERT = f"{GITHUB}/declare-lab/dialogxpert/main/data"
+# ExTES as its authors' repository names it (the DialogXpert release ships its own copy,
+# which is the default source; download_data.py --extes_source authors takes this one)
+EXTES_AUTHORS = f"{GITHUB}/pandazzh2020/ExTES/main/ExTES.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ TASKS = {
         "extes", prompts.EXTES, reward=OptionRewards(
             (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 0.5),
         files={s: "ExTES/ExTES.json" for s in SPLITS},
-        sources={"ExTES/ExTES.json": f"{EXTES}/ExTES.json"},
+        sources={"ExTES/ExTES.json": f"{DIALOGXPERT}/ExTES/ExTES.json"},  # misc.load_extes
         schema={"description": str, "scene": str, "content": list},
         opening=lambda case: [("Patient", case["description"])],
         human_dialog=lambda case: [("Patient", case["description"])] + _speaker_turns(

@@ -83,14 +83,14 @@ def run(args):
     print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
     llms = harness.load_llms(args)
-    env = build_env(args, task, llms)
+    encoder = None  # the frozen encoder: DialogXpert's features, --prior project's matches
+    if policy_class(args.policy).uses_encoder or args.prior == "project":
+        encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                                args.max_encoder_tokens, args.device)
+    env = build_env(args, task, llms, embed=encoder.embed_texts if encoder else None)
     for role, asker, flag in (("planner", env.planner, "prior"), ("critic", env.critic, "critic")):
         if sample_if_unscorable(asker, llms[role], role, flag):
             setattr(args, flag, "sample")
-    encoder = None
-    if policy_class(args.policy).uses_encoder:
-        encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
-                                                args.max_encoder_tokens, args.device)
     policy = make_policy(args, task, encoder)
     policy.attach(env)
     policy.models = models = resolve_models(args, llms)  # served names are known now

@@ -75,6 +75,45 @@ def test_download_data_never_replaces_good_data_with_a_broken_file(tmp_path, cap
     assert "no cases" in err and "not valid JSON" in err and "existing file is kept" in err
 
 
+def test_extes_comes_from_the_release_by_default_and_from_its_authors_on_request(tmp_path,
+                                                                                  capsys):
+    """A server laid out as raw.githubusercontent.com (--github): ExTES is the DialogXpert
+    release's data/ExTES/ExTES.json, which its misc.load_extes reads, unless
+    --extes_source authors asks for pandazzh2020/ExTES's; --base_url still serves the
+    data folder's layout."""
+    with open(os.path.join(DEMO, "ExTES", "ExTES.json")) as f:
+        cases = json.load(f)
+    github = tmp_path / "github"
+    copies = {"declare-lab/dialogxpert/main/data/ExTES/ExTES.json": cases[:3],
+              "pandazzh2020/ExTES/main/ExTES.json": cases[3:5]}
+    for path, content in copies.items():
+        (github / path).parent.mkdir(parents=True, exist_ok=True)
+        (github / path).write_text(json.dumps(content))
+    target = tmp_path / "data"
+    downloaded = target / "ExTES" / "ExTES.json"
+    with serve(static_handler(str(github))) as url:
+        common = ["--data_name", "extes", "--data_dir", str(target), "--github", url]
+        assert download_data.main(common) == 0
+        assert json.loads(downloaded.read_text()) == cases[:3]
+        assert download_data.main(common + ["--extes_source", "authors"]) == 0
+        assert json.loads(downloaded.read_text()) == cases[3:5]
+        (github / "pandazzh2020" / "ExTES" / "main" / "ExTES.json").unlink()  # only a zip
+        capsys.readouterr()
+        assert download_data.main(common + ["--extes_source", "authors"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ExTES/ExTES.json failed")
+        assert "/pandazzh2020/ExTES/main/ExTES.json" in err and "existing file is kept" in err
+        assert json.loads(downloaded.read_text()) == cases[3:5]
+    with serve(static_handler(DEMO)) as url:
+        assert download_data.main(["--data_name", "extes", "--data_dir", str(target),
+                                   "--base_url", url]) == 0
+        assert json.loads(downloaded.read_text()) == cases
+    capsys.readouterr()
+    assert download_data.main(["--data_name", "extes", "--extes_source", "pandazzh"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown --extes_source 'pandazzh'. Pass one of ['authors', 'release']"
+
+
 def hub_handler(files):
     """Answers the hub routes that snapshot_download uses: revision info, file tree and
     file downloads."""

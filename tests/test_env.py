@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -220,3 +222,122 @@ def test_emotion_response_split_time_is_linear(unit):
         return time.perf_counter() - start
     seconds(1000)
     assert seconds(100_000) < 30 * seconds(10_000) + 0.05
+
+
+# -- the original release's candidates (--prior list) --------------------------------------
+
+@pytest.mark.parametrize("answer,actions", [
+    ("3, 1, 4, 2", [2, 0, 3, 1]),  # every number, in the answer's order
+    ("1,2,4,5", [0, 1, 3, 4]),
+    ("5, 5, 2, 5", [4, 1]),  # a repeat is kept once
+    ("0, 2", [1]),  # 0 is no option (the original read it as the last action)
+    ("9, 12, 3", [2]),  # beyond the 8 options (the original crashed)
+    ("Options (1) and (6).", [0, 5]),
+    ("I would rather not say.", []),  # no numbers: no candidates from this answer
+    ("", []),
+])
+def test_the_release_candidates_are_the_answers_numbers_in_order(answer, actions):
+    assert Planner.read_list(answer, list(range(8))) == actions
+
+
+def test_listed_numbers_are_read_in_the_order_shown():
+    order = [3, 4, 5, 6, 7, 0, 1, 2]  # a rotation: position 1 shows action 3
+    assert Planner.read_list("1, 8", order) == [3, 2]
+
+
+def test_an_answer_without_numbers_is_asked_again_then_every_action_is_a_candidate():
+    task = get_task("esc")
+    replies = {"first": iter(["no idea", "none", "4, 2"]), "second": iter(["?"] * 5)}
+
+    def reply(prompt):
+        return next(replies["first" if "case 0" in prompt else "second"])
+
+    planner = Planner(task, ScriptedLLM(reply), mode="list", num_samples=5)
+    env = SelfPlayEnv(task, None, None, None)
+    conversations = [env.start({**load_split(DEMO, "esc", "test")[0], "situation": f"case {i}"})
+                     for i in range(2)]
+    prior, indices, priors = planner.candidates(conversations, 4)
+    assert indices == [[3, 1], list(range(8))]
+    assert priors == [[0.5, 0.5], [1 / 8] * 8] and torch.allclose(prior.sum(-1), torch.ones(2))
+    assert planner.invalid_answers == 2 + 5  # each answer that named no action
+    assert [a["answer"] for a in conversations[0].planner_answers] == ["no idea", "none", "4, 2"]
+    assert conversations[0].planner_answers[-1]["actions"] == [task.action_names[3],
+                                                              task.action_names[1]]
+    assert "Which 4 options" in planner.prompt(conversations[0], count=4)[-1]["content"]
+
+
+def test_a_list_planners_candidates_reach_the_observation_and_the_record():
+    task = get_task("esc")
+    planner = Planner(task, ScriptedLLM(lambda prompt: "2, 2, 7"), mode="list")
+    critic = Critic(task, ScriptedLLM(lambda p: "2"), num_samples=2)
+    env = SelfPlayEnv(task, ScriptedLLM(lambda p: "Emotion: sad\nResponse: I see."),
+                      ScriptedLLM(lambda p: "Okay."), critic, planner=planner, max_turn=3)
+    observation = env.reset([(load_split(DEMO, "esc", "test")[0], 0, 1)])[0]
+    names = task.action_names
+    assert observation.candidates == [names[1], names[6]] and observation.priors == [0.5, 0.5]
+    assert planner.most_candidates(4) == 8  # the replay buffer's width for a state
+    env.step([observation.conversation], [names[1]])
+    record = observation.conversation.records[0]
+    assert record["planner_answers"] == [{"answer": "2, 2, 7", "actions": [names[1], names[6]]}]
+
+
+# -- free-text plans projected onto the actions (--prior project) --------------------------
+
+class WordEncoder:
+    """bag_of_words with one vocabulary across calls, so the plans and the actions share it."""
+
+    def __init__(self):
+        self.vocabulary = {}
+
+    def __call__(self, texts):
+        embeddings = torch.zeros(len(texts), 512)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"[a-z]+", text.lower()):
+                if len(word) > 4:
+                    embeddings[i, self.vocabulary.setdefault(word, len(self.vocabulary))] += 1.0
+        return embeddings
+
+
+@pytest.mark.parametrize("plan,action", [
+    ("Ask a Question about what happened.", "Question"),  # RL-LLM-Prior's text match
+    ("question, then maybe information", "Question"),  # a tie: the name met first
+    ("Information. More information!", "Information"),  # the name named most often
+    # paraphrases: no name, the encoder's nearest action
+    ("Suggest what they could do about it.", "Providing Suggestions"),
+    ("Affirm them and reassure them.", "Affirmation and Reassurance"),
+    ("Restate their situation in your own words.", "Restatement or Paraphrasing"),
+    ("Some factual help for their situation.", "Information"),
+    ("Zzz.", None),  # nothing in common with any action: unusable
+    ("", None),
+])
+def test_a_plan_is_projected_onto_an_action_by_name_or_as_a_paraphrase(plan, action):
+    task = get_task("esc")
+    planner = Planner(task, None, mode="project", embed=WordEncoder(), match_threshold=0.3)
+    projected = planner.project([plan])[0]
+    assert (None if projected is None else task.action_names[projected]) == action
+
+
+def test_cb_counter_noprice_is_not_read_as_counter():
+    planner = Planner(get_task("cb"), None, mode="project")
+    names = get_task("cb").action_names
+    assert [names[a] for a in planner.project(["counter-noprice", "counter at 150"])] == [
+        "counter-noprice", "counter"]
+
+
+def test_the_projected_prior_is_the_plans_frequencies_and_unusable_plans_are_counted():
+    task = get_task("esc")
+    plans = iter(["Ask a question.", "Suggest what they could do.", "Ask another question.",
+                  "Zzz.", "Hmm."])
+    planner = Planner(task, ScriptedLLM(lambda prompt: next(plans)), mode="project",
+                      num_samples=5, embed=WordEncoder(), match_threshold=0.3)
+    conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "esc", "test")[0])
+    prompt = planner.prompt(conversation)[-1]["content"]
+    assert "- Question" in prompt and "1. Question" not in prompt  # no numbers to answer with
+    prior, indices, _ = planner.candidates([conversation], 4)
+    names = task.action_names
+    assert prior[0, names.index("Question")] == pytest.approx(2 / 3)
+    assert prior[0, names.index("Providing Suggestions")] == pytest.approx(1 / 3)
+    assert [names[a] for a in indices[0][:2]] == ["Question", "Providing Suggestions"]
+    assert planner.invalid_answers == 2  # "Zzz." and "Hmm." matched no action
+    assert [a["actions"] for a in conversation.planner_answers] == [
+        ["Question"], ["Providing Suggestions"], ["Question"], [], []]

@@ -3,15 +3,20 @@ flag still overrides them, and the trainer follows each recipe's update schedule
 number of gradient updates after N episodes is its formula), exploration schedule and
 best-checkpoint rule."""
 
+import itertools
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+import train_model
 import trainer
-from conftest import bargain_world, cb_cases, q_policy
+from conftest import (ScriptedLLM, bargain_world, cb_cases, esc_case, listed_options,
+                      option_number, q_policy, scripted_llms)
 from get_args import Args, parse_args, recipe_args
 from q_adapter import FrozenEncoder
 
@@ -35,7 +40,8 @@ ORIGINAL = {
     "max_encoder_tokens": 512,  # QAdapter.transform_features: max_length=512
     # env.get_prior_actions_llm: f"Action: {action} for Observation: {full_conv}"
     "encoder_input": "original",
-    "llm": "weights/Qwen2.5-14B-Instruct",  # --model_path Qwen2.5-14B, one model for every role
+    "llm": "weights/Qwen2.5-14B",  # --model_path Qwen2.5-14B, one model for every role
+    "dtype": "float16",  # misc.backup_loading: torch_dtype=torch.float16
     "system_max_new_tokens": 200, "user_max_new_tokens": 200,  # --max_new_tokens 200
     "critic_max_new_tokens": 25,  # env.prepare_critic_output: max_new_tokens=25
     "critic_samples": 10, "critic_temperature": 1.1,  # num_return_sequences=10, temperature 1.1
@@ -44,6 +50,10 @@ ORIGINAL = {
     "max_turn": 8, "top_k": 4,  # --max_turn 8, --top_k 4
     "seed": 1,  # --seed 1
     "extes_split": "10717,200,200",  # misc.load_extes: data[:10717], [10717:10917], [10917:11117]
+    # env.get_prior_actions_llm and prepare_critic_output: the options always in the task's
+    # order; the candidates: every number of one sampled answer (max_new_tokens=25)
+    "prior_order": "fixed", "critic_order": "fixed",
+    "prior": "list", "prior_max_new_tokens": 25,
 }
 
 
@@ -60,6 +70,24 @@ def test_each_value_of_a_recipe_can_be_set_by_its_own_flag():
     assert (args.tau, args.buffer_size, args.llm) == (0.01, 500, "auto")
     assert args.learning_rate == 1e-3 and args.update_every_episodes == 2  # the rest: original
     assert parse_args(["--tau", "0.005"]).learning_rate == 1e-4  # project values otherwise
+    args = parse_args(["--recipe", "original", "--prior", "logits", "--prior_order", "rotate",
+                       "--critic_order", "shuffle", "--dtype", "auto"])
+    assert (args.prior, args.prior_order, args.critic_order, args.dtype) == (
+        "logits", "rotate", "shuffle", "auto")
+    assert args.prior_max_new_tokens == 25
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--prior", "projection"], "Expected one of ['logits', 'sample', 'list', 'project']"),
+    (["--prior_match_threshold", "1.5"], "--prior_match_threshold=1.5 is out of range"),
+    (["--prior_max_new_tokens", "-1"], "--prior_max_new_tokens=-1 is out of range"),
+])
+def test_bad_planner_flags_are_one_error_line(flags, fragment, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--recipe", "original"] + flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert fragment in lines[0]
 
 
 def _train(tmp_path, encoder_dir, recipe, **values):
@@ -147,3 +175,99 @@ def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder
         best = json.load(f)
     # the third evaluation (episode 6): SR 1.0 at AT 2.0; a tie later does not replace it
     assert (best["step"], best["metrics"]["SR"], best["metrics"]["AT"]) == (6, 1.0, 2.0)
+
+
+def _scripted_esc_run(tmp_path, encoder_dir, *flags):
+    """A short esc run (train, then test) with the LLM clients that train_model.load_llms
+    gives; returns the run folder and every record of its training and test
+    conversations."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, first, count in (("train", 0, 6), ("valid", 1000, 2), ("test", 2000, 3)):
+        (data / f"esc-{split}.txt").write_text(
+            "".join(json.dumps(esc_case(first + i)) + "\n" for i in range(count)))
+    _, run_dir = train_model.main([
+        "--data_name", "esc", "--data_dir", str(data), "--encoder", encoder_dir,
+        "--device", "cpu", "--progress", "false", "--output_dir", str(tmp_path / "runs"),
+        "--max_encoder_tokens", "64", "--max_turn", "2", "--critic_samples", "2",
+        "--num_envs", "2", "--total_episodes", "4", "--eval_every", "4",
+        "--hidden_size", "16", *flags])
+    records = []
+    for name in ("train_conversations.jsonl", "test_conversations.jsonl"):
+        with open(os.path.join(run_dir, name)) as f:
+            records += [r for line in f for r in json.loads(line)["records"]]
+    assert records
+    return run_dir, records
+
+
+def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_candidates(
+        tiny_encoder_dir, tmp_path, monkeypatch):
+    """A scripted esc run with --recipe original: every planner and critic question lists
+    the options in the task's order, and each turn's candidates are the action numbers of
+    the planner's answer in its order (repeats once, 0 and numbers beyond the list dropped;
+    an answer without numbers is asked again), a number that varies from state to state
+    and may exceed --top_k."""
+    names = train_model.get_task("esc").action_names
+    verdicts = train_model.get_task("esc").verdicts
+    planner_lists, critic_lists, asked = [], [], {}
+
+    def planner(prompt):
+        planner_lists.append(listed_options(prompt))
+        asked[prompt] = asked.get(prompt, 0) + 1
+        case = int(re.search(r"case (\d+)", prompt).group(1))
+        if case % 2 and asked[prompt] == 1:
+            return "I am not sure."  # asked again: the next answer has numbers
+        if case % 2:
+            return option_number(prompt, "Information")
+        if "Therapist:" in prompt:  # after the first turn: more candidates than --top_k
+            return "8, 7, 6, 5, 4, 3, 2, 1, 1"
+        number = {name: option_number(prompt, name) for name in ("Self-disclosure", "Others")}
+        return f"{number['Others']},{number['Self-disclosure']}, {number['Others']}, 0, 12"
+
+    def critic(prompt):  # only "Question" solves, so every first turn of an even case
+        critic_lists.append(listed_options(prompt))  # has a next state of 8 candidates
+        last = prompt[prompt.rindex("Therapist:"):]
+        return option_number(prompt, verdicts[3 if "Question" in last else 1])
+
+    llms = scripted_llms()
+    llms["planner"], llms["critic"] = ScriptedLLM(planner), ScriptedLLM(critic)
+    monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
+    run_dir, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--recipe", "original")
+    with open(os.path.join(run_dir, "best.pt.json")) as f:
+        saved = json.load(f)["args"]
+    assert {name: saved[name] for name in ("prior_order", "critic_order", "prior")} == {
+        "prior_order": "fixed", "critic_order": "fixed", "prior": "list"}
+    assert planner_lists and all(shown == names for shown in planner_lists)
+    assert critic_lists and all(shown == verdicts for shown in critic_lists)
+    sizes = set()
+    for record in records:
+        answer = record["planner_answers"][-1]["answer"]
+        named = [names[int(n) - 1] for n in re.findall(r"\d+", answer) if 1 <= int(n) <= 8]
+        expected = list(dict.fromkeys(named))  # in the answer's order, each once
+        assert [c["action"] for c in record["candidates"]] == expected
+        assert record["prior_orders"] == [0] and record["critic_orders"] == [[0, 1, 2, 3]]
+        sizes.add(len(expected))
+        if record["planner_answers"][0]["answer"] == "I am not sure.":
+            assert record["planner_answers"][0]["actions"] == [] and len(expected) == 1
+    assert sizes == {1, 2, 8}
+
+
+def test_a_projected_prior_run_maps_paraphrases_through_the_runs_encoder(tiny_encoder_dir,
+                                                                         tmp_path, monkeypatch):
+    """--prior project in a run: the planner gets the Q-adapter's encoder, so plans that
+    name no action (paraphrases) still become actions; plans that name one are that
+    action; the records keep both."""
+    plans = ["Ask them a Question about it.", "Maybe share something of my own.",
+             "Tell them what they could try."]
+    llms = scripted_llms()
+    turn_plans = itertools.cycle(plans)  # a turn's three samples: the three plans
+    llms["planner"] = ScriptedLLM(lambda prompt: next(turn_plans))
+    monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
+    _, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--prior", "project",
+                                   "--prior_samples", "3", "--prior_match_threshold", "-1",
+                                   "--prior_order", "fixed")  # one call of 3 samples a turn
+    for record in records:
+        answers = record["planner_answers"]
+        assert sorted(a["answer"] for a in answers) == sorted(plans)
+        assert all(len(a["actions"]) == 1 for a in answers)  # the paraphrases too
+        assert [a["actions"] for a in answers if "Question" in a["answer"]] == [["Question"]]

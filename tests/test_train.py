@@ -75,6 +75,38 @@ def test_train_then_test_end_to_end(task_name, tiny_llm_dir, tiny_encoder_dir, t
     assert [c["q"] for c in replayed[0]["records"][0]["candidates"]] == first_q
 
 
+@pytest.mark.parametrize("flags", [["--recipe", "original"], ["--prior", "project"]])
+def test_the_list_and_project_planners_run_end_to_end_on_a_real_model(flags, tiny_llm_dir,
+                                                                      tiny_encoder_dir,
+                                                                      tmp_path):
+    """The original recipe's planner (one sampled answer's numbers) and the projected
+    prior on the tiny random model: every turn records the planner's answers, the
+    candidates are what they named (or, when none named an action, every action), and
+    each answer that named none is counted once."""
+    argv = _cli_args("esc", tiny_llm_dir, tiny_encoder_dir, tmp_path) + flags + [
+        "--llm", tiny_llm_dir, "--dtype", "float32", "--encoder", tiny_encoder_dir,
+        "--total_episodes", "2", "--prior_samples", "2", "--prior_match_threshold", "0.99",
+        "--prior_max_new_tokens", "8", "--update_every_episodes", "0"]
+    metrics, run_dir = train_model.main(argv)
+    names = train_model.get_task("esc").action_names
+    unusable = {}
+    for split in ("train", "test"):
+        with open(os.path.join(run_dir, f"{split}_conversations.jsonl")) as f:
+            records = [r for line in f for r in json.loads(line)["records"]]
+        unusable[split] = sum(not a["actions"] for r in records for a in r["planner_answers"])
+        for record in records:
+            answers = record["planner_answers"]
+            candidates = [c["action"] for c in record["candidates"]]
+            if flags[1] == "original":
+                named = answers[-1]["actions"]
+                assert candidates == (named or names) and 1 <= len(answers) <= 2
+            else:
+                assert len(answers) == 2 and len(candidates) == 4
+    assert unusable["train"] + unusable["test"] > 0  # a random model names few actions
+    # the test's count also holds the answers about the states after the last turn
+    assert metrics["llm_answers_unusable"].get("planner", 0) >= unusable["test"]
+
+
 def test_checkpoint_round_trip_restores_optimizer(tiny_encoder_dir, tmp_path):
     args = Args(hidden_size=8, learning_rate=0.01)
     encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, device="cpu")
