@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+import harness
 import train_model
 import trainer
 from conftest import (ScriptedLLM, bargain_world, cb_cases, esc_case, listed_options,
@@ -178,7 +179,7 @@ def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder
 
 
 def _scripted_esc_run(tmp_path, encoder_dir, *flags):
-    """A short esc run (train, then test) with the LLM clients that train_model.load_llms
+    """A short esc run (train, then test) with the LLM clients that harness.load_llms
     gives; returns the run folder and every record of its training and test
     conversations."""
     data = tmp_path / "data"
@@ -231,7 +232,7 @@ def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_cand
 
     llms = scripted_llms()
     llms["planner"], llms["critic"] = ScriptedLLM(planner), ScriptedLLM(critic)
-    monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
+    monkeypatch.setattr(harness, "load_llms", lambda args: llms)
     run_dir, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--recipe", "original")
     with open(os.path.join(run_dir, "best.pt.json")) as f:
         saved = json.load(f)["args"]
@@ -262,7 +263,7 @@ def test_a_projected_prior_run_maps_paraphrases_through_the_runs_encoder(tiny_en
     llms = scripted_llms()
     turn_plans = itertools.cycle(plans)  # a turn's three samples: the three plans
     llms["planner"] = ScriptedLLM(lambda prompt: next(turn_plans))
-    monkeypatch.setattr(train_model, "load_llms", lambda args: llms)
+    monkeypatch.setattr(harness, "load_llms", lambda args: llms)
     _, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--prior", "project",
                                    "--prior_samples", "3", "--prior_match_threshold", "-1",
                                    "--prior_order", "fixed")  # one call of 3 samples a turn
