@@ -356,3 +356,35 @@ def test_a_resumed_run_settles_the_same_costs(tmp_path, tiny_encoder_dir):
     state = run_state.load_state(stopped)
     assert state["active"] and any(state["ledgers"]["roles"].values())
     assert train_in_world(stopped, tiny_encoder_dir, resume=state) == straight
+
+
+def test_a_gdpzero_run_charges_its_simulations_to_each_conversations_planner(
+        tmp_path, tiny_encoder_dir, monkeypatch):
+    """GDP-Zero's simulated turns (copies made by SelfPlayEnv.branch) are their real
+    conversation's planner cost, exactly as the scripted clients logged them; its own
+    turns stay the conversation's."""
+    from env import SelfPlayEnv
+
+    llms = scripted_llms()
+    monkeypatch.setattr(harness, "load_llms", lambda args: llms)
+    owners, branch = {}, SelfPlayEnv.branch
+
+    def recorded_branch(self, conversation, *args, **kwargs):
+        copy = branch(self, conversation, *args, **kwargs)
+        owners[copy.uid] = copy.owner
+        return copy
+    monkeypatch.setattr(SelfPlayEnv, "branch", recorded_branch)
+    data = write_data(str(tmp_path), 4)
+    _, folder = train_model.main(run_args(str(tmp_path), data, tiny_encoder_dir, "--mode",
+                                          "test", "--policy", "gdpzero",
+                                          "--mcts_simulations", "3"))
+    metrics, conversations = read_run(folder)
+    logged = logged_costs(llms.values(), owners)
+    assert owners and len(logged) == len(conversations) == 4
+    assert sorted(json.dumps(token_counts(c["cost"]), sort_keys=True) for c in conversations) \
+        == sorted(json.dumps(expected_counts(c), sort_keys=True) for c in logged.values())
+    # the simulations' system and user turns are the planner's: it generates text now
+    assert all(c["cost"]["planner"]["generated_tokens"] > 0 for c in conversations)
+    assert metrics["cost"]["planner_share"] > 0.5
+    for llm in llms.values():
+        assert not [key for key in llm.ledger if key is not None]  # all settled
