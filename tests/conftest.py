@@ -8,6 +8,7 @@ tests/scripted_runs.py)."""
 import json
 import os
 import re
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -330,6 +331,19 @@ def scripted_llms():
         10.0 - RUN_PRIOR_ORDER.index(n) for n in RUN_TASK.action_names])
     return {"planner": prior, "system": ScriptedLLM(system), "user": ScriptedLLM(user),
             "critic": ScriptedLLM(critic)}
+
+
+def interrupt_at_system_call(world, count):
+    """SIGINT to this process from inside the world's count-th system answer (mid-step),
+    as a Ctrl-C would arrive."""
+    reply, calls = world.system.reply, []
+
+    def interrupting_reply(prompt):
+        calls.append(prompt)
+        if len(calls) == count:
+            os.kill(os.getpid(), signal.SIGINT)
+        return reply(prompt)
+    world.system.reply = interrupting_reply
 
 
 def q_policy(args, encoder):

@@ -5,7 +5,6 @@ test_metrics.json (harness.summarize, policy_cost) and report.py's cost table.""
 import json
 import os
 import random
-import signal
 from collections import Counter, defaultdict
 
 import httpx
@@ -18,7 +17,8 @@ import report
 import run_state
 import train_model
 import trainer
-from conftest import ScriptedLLM, esc_case, esc_cases, harm_world, q_policy, scripted_llms
+from conftest import (ScriptedLLM, esc_case, esc_cases, harm_world, interrupt_at_system_call,
+                      q_policy, scripted_llms)
 from get_args import Args
 from llm import COST_COUNTS
 from llm_openai import OpenAILLM, answer_counts
@@ -330,14 +330,7 @@ def train_in_world(folder, encoder_dir, stop_at_system_call=None, resume=None):
                 hidden_size=16, progress=False, max_encoder_tokens=64)
     world = harm_world()
     if stop_at_system_call is not None:
-        reply, calls = world.system.reply, []
-
-        def interrupting_reply(prompt):
-            calls.append(prompt)
-            if len(calls) == stop_at_system_call:
-                os.kill(os.getpid(), signal.SIGINT)
-            return reply(prompt)
-        world.system.reply = interrupting_reply
+        interrupt_at_system_call(world, stop_at_system_call)
     agent = q_policy(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
                                                          device="cpu"))
     with SummaryWriter(folder) as writer:

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import random
-import signal
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ import run_state
 import tasks
 import train_model
 import trainer
-from conftest import DEMO, SHARED_DATA, World, esc_case, esc_cases, scripted_models
+from conftest import (DEMO, SHARED_DATA, World, esc_case, esc_cases, interrupt_at_system_call,
+                      scripted_models)
 from env import Conversation, Observation
 from errors import UserError
 from get_args import Args, parse_args
@@ -256,14 +256,7 @@ def _train(run_dir, encoder_dir, stop_at_system_call=None, resume=None):
                       ppdpp_sft_batch_size=8)
     world = one_action_world()
     if stop_at_system_call is not None:
-        reply, calls = world.system.reply, []
-
-        def interrupting_reply(prompt):
-            calls.append(prompt)
-            if len(calls) == stop_at_system_call:
-                os.kill(os.getpid(), signal.SIGINT)
-            return reply(prompt)
-        world.system.reply = interrupting_reply
+        interrupt_at_system_call(world, stop_at_system_call)
     agent = PPDPPPolicy(args, ESC)
     with SummaryWriter(str(run_dir)) as writer:
         trainer.train(args, agent, world.env(max_turn=3), labelled_cases(0, 30),

@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import run_state
 import trainer
-from conftest import DEMO, ROOT, esc_cases, harm_world, q_policy
+from conftest import DEMO, ROOT, esc_cases, harm_world, interrupt_at_system_call, q_policy
 from get_args import Args
 from q_adapter import FrozenEncoder
 
@@ -31,14 +31,7 @@ def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):
                 hidden_size=16, progress=False, max_encoder_tokens=64)
     world = harm_world()
     if stop_at_system_call is not None:
-        reply, calls = world.system.reply, []
-
-        def interrupting_reply(prompt):
-            calls.append(prompt)
-            if len(calls) == stop_at_system_call:
-                os.kill(os.getpid(), signal.SIGINT)
-            return reply(prompt)
-        world.system.reply = interrupting_reply
+        interrupt_at_system_call(world, stop_at_system_call)
     env = world.env(max_turn=3, top_k=args.top_k)
     agent = q_policy(args, FrozenEncoder.from_pretrained(encoder_dir, max_tokens=64,
                                                          device="cpu"))
