@@ -189,10 +189,6 @@ class Planner:
         # sampled answers that named no action (modes sample, list and project)
         self.invalid_answers = 0
 
-    def most_candidates(self, k):
-        """The most candidates a state can have: k, or (list) every action."""
-        return most_candidates(self.task, self.mode, k)
-
     def orders(self, conversation):
         """The action orders shown this turn: [[action index at each position]]."""
         n = len(self.task.actions)

@@ -5,7 +5,8 @@ import torch
 
 from conftest import DEMO, ScriptedLLM
 from critic import Critic
-from env import Conversation, Planner, SelfPlayEnv, clean_turn, parse_emotion_response
+from env import (Conversation, Planner, SelfPlayEnv, clean_turn, most_candidates,
+                 parse_emotion_response)
 from tasks import get_task, load_split
 
 
@@ -275,7 +276,7 @@ def test_a_list_planners_candidates_reach_the_observation_and_the_record():
     observation = env.reset([(load_split(DEMO, "esc", "test")[0], 0, 1)])[0]
     names = task.action_names
     assert observation.candidates == [names[1], names[6]] and observation.priors == [0.5, 0.5]
-    assert planner.most_candidates(4) == 8  # the replay buffer's width for a state
+    assert most_candidates(task, planner.mode, 4) == 8  # the replay buffer's width
     env.step([observation.conversation], [names[1]])
     record = observation.conversation.records[0]
     assert record["planner_answers"] == [{"answer": "2, 2, 7", "actions": [names[1], names[6]]}]
