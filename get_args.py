@@ -467,6 +467,16 @@ def build_parser(description=None, defaults=True):
     return parser
 
 
+def given_flags(argv=None, args=None):
+    """The names of the flags given on the command line (argv; None: sys.argv), or, for
+    Args built in code (args), those whose value differs from their recipe's."""
+    if args is not None:
+        defaults = recipe_args(args.recipe)
+        return frozenset(name for name, value in vars(args).items()
+                         if value != getattr(defaults, name))
+    return frozenset(vars(build_parser(defaults=False).parse_args(argv)))
+
+
 def parse_args(argv=None):
     """The arguments, or one line `error: ...` on stderr and exit code 2 (as argparse).
     --recipe sets its values first; a flag given on the command line overrides them."""

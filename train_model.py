@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from get_args import ROLES, Args, parse_args
+from get_args import ROLES, Args, given_flags, parse_args
 
 if __name__ == "__main__":
     # --help and argument errors answer here, before torch and the models' libraries load
@@ -43,15 +43,16 @@ from trainer import train
 
 
 def main(argv=None):
-    return run_seeds(parse_args(argv))
+    return run_seeds(parse_args(argv), given_flags(argv))
 
 
-def run_seeds(args):
+def run_seeds(args, given=None):
     """One run, or with --seeds one run per seed and a report over them; returns the
-    (last) run's (test metrics, run folder)."""
+    (last) run's (test metrics, run folder). given: the flags given on the command line
+    (None: those that differ from their defaults)."""
     if not args.seeds:
-        return run(args)
-    results = [run(Args(**vars(args) | {"seed": int(seed), "seeds": ""}))
+        return run(args, given)
+    results = [run(Args(**vars(args) | {"seed": int(seed), "seeds": ""}), given)
                for seed in args.seeds.split(",")]
     import report  # matplotlib loads only when a report is made
 
@@ -61,8 +62,10 @@ def run_seeds(args):
     return results[-1]
 
 
-def run(args):
-    """Train then test, or test a checkpoint; returns (test metrics, run folder)."""
+def run(args, given=None):
+    """Train then test, or test a checkpoint; returns (test metrics, run folder). given:
+    the flags given on the command line (None: those that differ from their defaults)."""
+    given = given_flags(args=args) if given is None else given
     resume = None
     if args.resume:  # the saved run's own arguments; only how it reports may change
         resume = run_state.load_state(args.resume)
@@ -185,11 +188,11 @@ EVALUATION_CONFIG = ("data_dir", "max_cases", "extes_seed", "extes_split", "max_
                      "prior_rotations", "critic_order")
 
 
-def cli(args):
+def cli(args, given=None):
     """python train_model.py: a user error is one line on stderr and exit code 2."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run_seeds(args)
+        run_seeds(args, given)
     except run_state.TrainingStopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(130)
@@ -204,4 +207,4 @@ def cli(args):
 
 
 if __name__ == "__main__":
-    cli(CLI_ARGS)
+    cli(CLI_ARGS, given_flags())
