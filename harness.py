@@ -22,8 +22,9 @@ from env import Planner, SelfPlayEnv
 from get_args import ROLES
 from llm import (COST_COUNTS, EMBEDDED_LLM, add_cost, backend_options, empty_cost, load_llm,
                  model_name, stream_seed)
-from metrics import episode_values
+from metrics import episode_values, strategy_bias
 from q_adapter import resolve_encoder_path
+from tasks import labelled_examples
 
 
 def seed_everything(seed):
@@ -182,10 +183,22 @@ def summarize(conversations, task, max_turn, error_counts):
     if task.reward.deals:
         metrics["SL"] = mean("SL")
     metrics["cost"] = cost_summary(conversations)
+    metrics["strategies"] = strategies_of(conversations, task)
     acted = Counter(r["dpdp"] for c in conversations for r in c.records if "dpdp" in r)
     if acted:  # --policy dpdp: the turns where the fast policy acted, and the MCTS
         metrics["dpdp"] = {"fast": acted["fast"], "mcts": acted["mcts"]}
     return metrics
+
+
+def strategies_of(conversations, task):
+    """metrics.strategy_bias of the conversations' chosen actions, against the labelled
+    human system turns of the same cases where the task's data labels strategies."""
+    human = None
+    if task.labelled_turns is not None:
+        examples, _ = labelled_examples(task, [c.case for c in conversations])
+        human = [task.action_names[index] for _, index in examples]
+    return strategy_bias([(r["turn"], r["action"]) for c in conversations for r in c.records],
+                         task.action_names, human)
 
 
 def cost_summary(conversations):

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import random
-from collections import Counter
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from errors import UserError
 from llm import pick_device
 from policies import Policy, check_saved_args, read_checkpoint, save_checkpoint
 from q_adapter import resolve_encoder_path
+from tasks import labelled_examples
 
 # PPDPP's REINFORCE optimizer is transformers' AdamW at its defaults (agent.py:27): no
 # weight decay and eps 1e-6; its normalisation adds float32's eps (agent.py:30)
@@ -71,39 +71,6 @@ def normalised_returns(rewards, gamma):
     if len(returns) > 1:
         returns = (returns - returns.mean()) / (returns.std() + NORMALISE_EPS)
     return returns
-
-
-def normalise_label(label):
-    return " ".join(label.lower().replace("-", " ").replace("_", " ").split())
-
-
-def labelled_examples(task, cases):
-    """([(turns, action index)], counts) of the cases' labelled system turns. A label
-    names an action when it equals its name up to case and hyphens, or by the task's
-    label_aliases; a turn with several labels gives one example per action it names.
-    counts: system turns, examples, unlabelled turns, turns whose labels name no action,
-    and each label that names none with its count (nothing is dropped silently)."""
-    actions = {normalise_label(a): i for i, a in enumerate(task.action_names)}
-    actions |= {normalise_label(k): task.action_names.index(v)
-                for k, v in task.label_aliases.items()}
-    examples, unmapped = [], Counter()
-    counts = {"system_turns": 0, "unlabelled_turns": 0, "unmapped_turns": 0}
-    for case in cases:
-        for turns, labels in task.labelled_turns(case):
-            counts["system_turns"] += 1
-            named = []
-            for label in labels:
-                index = actions.get(normalise_label(label))
-                if index is None:
-                    unmapped[label] += 1
-                elif index not in named:
-                    named.append(index)
-            counts["unlabelled_turns"] += not labels
-            counts["unmapped_turns"] += bool(labels) and not named
-            examples += [(turns, index) for index in named]
-    counts["examples"] = len(examples)
-    counts["unmapped_labels"] = dict(unmapped.most_common())
-    return examples, counts
 
 
 def macro_scores(targets, predictions):

@@ -480,3 +480,38 @@ def load_split(data_dir, task_name, split, extes_seed=0, extes_split="0.8,0.1,0.
     bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid),
               "test": (n_train + n_valid, n_train + n_valid + n_test)}[split]
     return [cases[i] for i in order[bounds[0]:bounds[1]]]
+
+
+# -- the human conversations' strategies (PPDPP's supervised stage, a run's strategy bias)
+
+def normalise_label(label):
+    return " ".join(label.lower().replace("-", " ").replace("_", " ").split())
+
+
+def labelled_examples(task, cases):
+    """([(turns, action index)], counts) of the cases' labelled system turns. A label
+    names an action when it equals its name up to case and hyphens, or by the task's
+    label_aliases; a turn with several labels gives one example per action it names.
+    counts: system turns, examples, unlabelled turns, turns whose labels name no action,
+    and each label that names none with its count (nothing is dropped silently)."""
+    actions = {normalise_label(a): i for i, a in enumerate(task.action_names)}
+    actions |= {normalise_label(k): task.action_names.index(v)
+                for k, v in task.label_aliases.items()}
+    examples, unmapped = [], Counter()
+    counts = {"system_turns": 0, "unlabelled_turns": 0, "unmapped_turns": 0}
+    for case in cases:
+        for turns, labels in task.labelled_turns(case):
+            counts["system_turns"] += 1
+            named = []
+            for label in labels:
+                index = actions.get(normalise_label(label))
+                if index is None:
+                    unmapped[label] += 1
+                elif index not in named:
+                    named.append(index)
+            counts["unlabelled_turns"] += not labels
+            counts["unmapped_turns"] += bool(labels) and not named
+            examples += [(turns, index) for index in named]
+    counts["examples"] = len(examples)
+    counts["unmapped_labels"] = dict(unmapped.most_common())
+    return examples, counts
