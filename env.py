@@ -62,6 +62,8 @@ class Conversation:
     # a simulated copy (SelfPlayEnv.branch): the uid of the real conversation it plans for;
     # its LLM calls are that conversation's planner cost, and it never enters a record
     owner: int | None = None
+    # --user_personas: the user's persona ({"name", "text"}, personas.py), or None
+    persona: dict | None = None
     # what its LLM calls cost, settled when it ends (SelfPlayEnv.settle_cost):
     # {"conversation": counts, "planner": counts}, counts as llm.COST_COUNTS
     cost: dict | None = None
@@ -426,15 +428,16 @@ class SelfPlayEnv:
         self.errors = Counter()  # LLM answers that could not be used as they were
         self.owners = {}  # uid of a simulated copy (branch) -> uid of its real conversation
 
-    def start(self, case, case_id=None, stream=None):
-        """A new conversation of the case, as it opens (no planner call)."""
+    def start(self, case, case_id=None, stream=None, persona=None):
+        """A new conversation of the case, as it opens (no planner call); persona: the
+        user's (personas.draw_persona) or None."""
         return Conversation(case=case, turns=self.task.opening(case),
                             emotions=list(self.task.initial_emotions(case)), case_id=case_id,
-                            stream=stream)
+                            stream=stream, persona=persona)
 
     def reset(self, cases):
-        """New conversations of [(case, case_id, stream)] and their observations, with one
-        planner call for the batch."""
+        """New conversations of [(case, case_id, stream[, persona])] and their observations,
+        with one planner call for the batch."""
         return self.observe([self.start(*case) for case in cases])
 
     def observe(self, conversations):
@@ -590,9 +593,14 @@ class SelfPlayEnv:
                                 self.system_max_new_tokens, "system")
 
     def user_prompt(self, conversation):
+        persona = conversation.persona
+
         def build(turns, fields):
-            return self._chat_view(turns, self.task.user_role,
-                                   self.task.prompts["user"].format(**fields))
+            text = self.task.prompts["user"].format(**fields)
+            if persona:
+                text += " " + prompts.USER_PERSONA.format(user_role=self.task.user_role,
+                                                          persona=persona["text"])
+            return self._chat_view(turns, self.task.user_role, text)
         return conversation.fit(self.user_llm, build, case_fields(conversation.case),
                                 self.user_max_new_tokens, "user")
 

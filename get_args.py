@@ -88,6 +88,11 @@ class Args:
                 "(10717,200,200)"})
     max_cases: int = field(default=0, metadata={
         "help": "use at most this many cases of each split (0: all)"})
+    user_personas: str = field(default="none", metadata={
+        "help": "one persona per conversation for the user simulator: none, builtin (Big-Five "
+                "traits x decision-making styles) or a JSON file of {name, text} (personas.py)"})
+    test_user_personas: str = field(default="", metadata={
+        "help": "the test's personas (none, builtin or a file; default: --user_personas)"})
 
     # --- models
     backend: str = field(default="transformers", metadata={
@@ -417,7 +422,8 @@ def recipe_args(recipe="project", **values):
 
 # the sections of --help, each flag in one
 HELP_GROUPS = {
-    "task and data": ("data_name", "data_dir", "max_cases", "extes_seed", "extes_split", "seed"),
+    "task and data": ("data_name", "data_dir", "max_cases", "extes_seed", "extes_split", "seed",
+                      "user_personas", "test_user_personas"),
     "training": ("recipe", "total_episodes", "num_envs", "top_k", "max_turn", "use_emotion",
                  "encoder", "encoder_input", "max_encoder_tokens", "hidden_size", "gamma",
                  "tau", "learning_rate", "optimizer", "loss_reduction", "max_grad_norm",

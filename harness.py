@@ -23,6 +23,7 @@ from get_args import ROLES
 from llm import (COST_COUNTS, EMBEDDED_LLM, add_cost, backend_options, empty_cost, load_llm,
                  model_name, stream_seed)
 from metrics import episode_values, strategy_bias
+from personas import draw_persona, load_personas
 from q_adapter import resolve_encoder_path
 from tasks import labelled_examples
 
@@ -170,7 +171,7 @@ def summarize(conversations, task, max_turn, error_counts):
                              max_turn) for c in conversations]
 
     def mean(name):
-        return sum(v[name] for v in values) / max(n, 1)
+        return mean_of(values, name)
     metrics = {"episodes": n, "SR": mean("SR"), "AT": mean("AT"),
                "mean_return": mean("mean_return"),
                "mean_final_reward": sum(c.records[-1]["reward"] for c in conversations
@@ -184,10 +185,22 @@ def summarize(conversations, task, max_turn, error_counts):
         metrics["SL"] = mean("SL")
     metrics["cost"] = cost_summary(conversations)
     metrics["strategies"] = strategies_of(conversations, task)
+    by_persona = {}  # --user_personas: SR and AT per persona
+    for conversation, value in zip(conversations, values):
+        if conversation.persona:
+            by_persona.setdefault(conversation.persona["name"], []).append(value)
+    if by_persona:
+        metrics["personas"] = {name: {"episodes": len(rows), "SR": mean_of(rows, "SR"),
+                                      "AT": mean_of(rows, "AT")}
+                               for name, rows in sorted(by_persona.items())}
     acted = Counter(r["dpdp"] for c in conversations for r in c.records if "dpdp" in r)
     if acted:  # --policy dpdp: the turns where the fast policy acted, and the MCTS
         metrics["dpdp"] = {"fast": acted["fast"], "mcts": acted["mcts"]}
     return metrics
+
+
+def mean_of(values, name):
+    return sum(v[name] for v in values) / max(len(values), 1)
 
 
 def strategies_of(conversations, task):
@@ -245,18 +258,29 @@ def policy_cost(policy, training_seconds=None, update_seconds=None, checkpoint=N
             "training_seconds": training_seconds, "update_seconds": update_seconds}
 
 
+def split_personas(args, split):
+    """The user personas of a split's conversations (personas.py): the test's
+    (--test_user_personas, else --user_personas) or the training's, which validation
+    plays too (a checkpoint is chosen without seeing the test's population)."""
+    if split == "test" and args.test_user_personas:
+        return load_personas(args.test_user_personas, "--test_user_personas")
+    return load_personas(args.user_personas)
+
+
 def evaluate(args, policy, env, cases, desc="eval"):
     """Play every case with the policy (acting greedily) and the system and user LLMs at
     --eval_temperature; returns (metrics, conversations). Paired: a case's LLM samples
     come from a stream of its own (the run's seed, the split, the case), so every policy
     meets each case with the same user and critic draws."""
+    personas = split_personas(args, desc)
     errors_before = env.error_counts()
     rng = random.Random(args.seed)
     finished, queue = [], list(enumerate(cases))
     bar = tqdm(total=len(cases), desc=desc, disable=not args.progress, leave=False)
     while queue:
-        batch = env.reset([(case, i, stream_seed(args.seed, desc, i))
-                           for i, case in queue[:args.num_envs]])
+        batch = env.reset([(case, i, stream, draw_persona(personas, stream))
+                           for i, case in queue[:args.num_envs]
+                           for stream in [stream_seed(args.seed, desc, i)]])
         queue = queue[args.num_envs:]
         policy.start(batch)
         while batch:
@@ -288,6 +312,6 @@ def write_results(run_dir, name, metrics, conversations):
                                 "system_turns": c.system_turns,
                                 "total_reward": c.total_reward, "sale_to_list": c.sale_to_list,
                                 "prompt_cuts": c.prompt_cuts, "records": c.records,
-                                "cost": c.cost}) + "\n")
+                                "cost": c.cost, "persona": c.persona}) + "\n")
 
 

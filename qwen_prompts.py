@@ -253,6 +253,10 @@ SYSTEM_TURN_WITH_EMOTION = (
 )
 SYSTEM_TURN = "Reply as the {system_role} in one short sentence. {instruction}"
 
+# --user_personas: added to the user's task prompt (personas.py); {persona} is written to
+# the user as "you"
+USER_PERSONA = "The {user_role} you play has this personality: {persona}"
+
 CRITIC_TEMPLATE = (
     "Conversation so far:\n{transcript}\n\n"
     "{question}\nOptions:\n{options}\n"

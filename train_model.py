@@ -80,6 +80,8 @@ def run(args, given=None):
     if args.mode == "test" and args.checkpoint:
         policy_class(args.policy).check_checkpoint(args.checkpoint, args, models)
     policy_class(args.policy).check_run(args, task, splits)
+    for split in splits:  # the user personas' files (personas.py) read before any model loads
+        harness.split_personas(args, split)
     name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
         args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")

@@ -14,9 +14,10 @@ import torch
 from tqdm import tqdm
 
 import run_state
-from harness import (evaluate, judge_of, llm_usage, play_turn, policy_cost, summarize,
-                     write_history, write_results)
+from harness import (evaluate, judge_of, llm_usage, play_turn, policy_cost, split_personas,
+                     summarize, write_history, write_results)
 from llm import stream_seed
+from personas import draw_persona
 from policies import LearnStep
 from q_adapter import linear_schedule
 
@@ -51,6 +52,7 @@ class Trainer:
         self.args, self.policy, self.env, self.writer = args, policy, env, writer
         self.train_cases, self.valid_cases, self.run_dir = train_cases, valid_cases, run_dir
         self.rng = random.Random(args.seed)
+        self.personas = split_personas(args, "train")
         self.generator = torch.Generator().manual_seed(args.seed)
         self.best_path = os.path.join(run_dir, "best.pt")
         self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
@@ -123,8 +125,9 @@ class Trainer:
             if loop["started"] % len(order) == 0:
                 self.rng.shuffle(order)
             index = order[loop["started"] % len(order)]
-            new.append((self.train_cases[index], index,
-                        stream_seed(args.seed, "train", loop["started"])))
+            stream = stream_seed(args.seed, "train", loop["started"])
+            new.append((self.train_cases[index], index, stream,
+                        draw_persona(self.personas, stream)))
             loop["started"] += 1
         observations = self.env.reset(new)
         self.policy.start(observations)
