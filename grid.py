@@ -1,0 +1,275 @@
+"""Test planners under a grid of simulated users and critics: one table of SR, AT and SL per
+(user, critic), paired intervals between the planners of each cell, and how much the
+ranking of the planners changes from cell to cell.
+
+    python grid.py --out grids/esc \\
+        --planner prior --planner random --planner dialogxpert=runs/<run>/best.pt \\
+        --user "smol=--user_llm weights/SmolLM2-135M-Instruct" \\
+        --user "served=--backend openai --base_url http://127.0.0.1:8080/v1" \\
+        --critic "smol=--critic_llm weights/SmolLM2-135M-Instruct" \\
+        --critic "other=--critic_llm weights/Qwen2.5-1.5B-Instruct" \\
+        -- --data_name esc --data_dir data/demo --max_turn 4 --critic_samples 5
+
+A user needs new conversations: each planner is tested (train_model.py --mode test) once
+per user, with the flags after `--`, the user's flags and the first critic's flags. A
+critic does not: each other critic re-judges those conversations (critic_check.py --run,
+the folder rejudged/<critic>). Every cell plays the same cases with the same seed, so
+the planners of a cell pair case by case. A user's or critic's flags are train_model.py
+flags, as for one run (a served model's flags apply to every role, as --backend does).
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from errors import ServerError, UserError
+
+USAGE_HINT = "Pass e.g. --user \"smol=--user_llm weights/SmolLM2-135M-Instruct\""
+
+
+def named_flags(values, flag):
+    """[(name, [flags])] of --user / --critic values "NAME=FLAGS"."""
+    cells = []
+    for value in values:
+        name, sep, flags = value.partition("=")
+        if not sep or not name.strip() or "/" in name:
+            raise UserError(f"{flag} '{value}' has no NAME= before its flags (a name without "
+                            f"'/'). {USAGE_HINT}")
+        if name in [n for n, _ in cells]:
+            raise UserError(f"{flag} names '{name}' twice. Give each {flag[2:]} its own name")
+        cells.append((name.strip(), shlex.split(flags)))
+    return cells
+
+
+def planners_of(values):
+    """[(policy, checkpoint or '')] of --planner values "POLICY" or "POLICY=CHECKPOINT"."""
+    from get_args import TRAINED_POLICIES, UNTRAINED_POLICIES
+
+    planners = []
+    for value in values:
+        policy, _, checkpoint = value.partition("=")
+        if policy not in TRAINED_POLICIES + UNTRAINED_POLICIES:
+            raise UserError(f"--planner '{value}': unknown policy '{policy}'. Pass one of "
+                            f"{list(TRAINED_POLICIES + UNTRAINED_POLICIES)}")
+        if policy in TRAINED_POLICIES and not checkpoint:
+            raise UserError(f"--planner '{value}' is trained: pass its checkpoint as "
+                            f"{policy}=runs/<run>/best.pt")
+        if checkpoint and not os.path.isfile(checkpoint):
+            raise UserError(f"--planner '{value}': {checkpoint} is not a file. Pass a run's "
+                            "best.pt")
+        planners.append((policy, checkpoint))
+    if len({p for p in planners}) != len(planners):
+        raise UserError("--planner: a planner is given twice. Give each once")
+    return planners
+
+
+def planner_name(policy, checkpoint):
+    return policy if not checkpoint else f"{policy}={checkpoint}"
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     usage="grid.py --out DIR --planner P [--planner P ...] "
+                                           "--user NAME=FLAGS [...] --critic NAME=FLAGS [...] "
+                                           "-- [train_model.py flags]")
+    parser.add_argument("--out", required=True, help="folder of the runs and grid.md/.json")
+    parser.add_argument("--planner", action="append", required=True,
+                        help="POLICY (untrained) or POLICY=CHECKPOINT; the first is each "
+                             "cell's reference for paired differences")
+    parser.add_argument("--user", action="append", required=True,
+                        help="NAME=FLAGS: the user simulator of a row (train_model.py flags)")
+    parser.add_argument("--critic", action="append", required=True,
+                        help="NAME=FLAGS: the critic of a column (train_model.py flags)")
+    parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    common = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.n_boot < 1:
+        parser.error(f"--n_boot must be positive, got {args.n_boot}")
+    return args, common
+
+
+def plan(args, common):
+    """Every run and re-judging of the grid, its arguments parsed and checked before any
+    model loads: ({(user, planner): run Args}, {critic: critic_check argv}, critics)."""
+    from get_args import parse_args
+
+    planners = planners_of(args.planner)
+    users, critics = named_flags(args.user, "--user"), named_flags(args.critic, "--critic")
+    first_critic = critics[0][1]
+    runs = {}
+    for user, user_flags in users:
+        for policy, checkpoint in planners:
+            argv = (common + user_flags + first_critic +
+                    ["--mode", "test", "--policy", policy, "--exp_name", f"grid-{user}",
+                     "--output_dir", os.path.join(args.out, "runs", user)] +
+                    (["--checkpoint", checkpoint] if checkpoint else []))
+            runs[(user, planner_name(policy, checkpoint))] = checked_args(parse_args, argv, user)
+    judges = {}
+    for critic, critic_flags in critics[1:]:
+        checked_args(parse_args, common + critic_flags, critic)
+        judges[critic] = common + critic_flags
+    return runs, judges, [name for name, _ in critics], [name for name, _ in users]
+
+
+def checked_args(parse_args, argv, cell):
+    try:
+        return parse_args(argv)
+    except SystemExit:  # argparse wrote its error; name the cell it came from
+        raise UserError(f"the flags of the grid cell '{cell}' were refused (above): "
+                        f"{shlex.join(argv)}. Fix that --user or --critic") from None
+
+
+def run_grid(args, common):
+    import critic_check
+    import train_model
+    from get_args import ROLES
+    from harness import check_weights
+
+    runs, judges, critics, users = plan(args, common)
+    for run_args in runs.values():  # every model of every cell, before any loads
+        check_weights(run_args)
+        if run_args.backend == "openai":
+            for role in ROLES:
+                probe_server(getattr(run_args, f"{role}_base_url") or run_args.base_url)
+    folders = {}
+    for (user, planner), run_args in runs.items():
+        print(f"grid: user {user}, planner {planner}", flush=True)
+        _, folders[(user, planner)] = train_model.run(run_args)
+    for critic, argv in judges.items():
+        for (user, planner), folder in folders.items():
+            print(f"grid: critic {critic} re-judges user {user}, planner {planner}", flush=True)
+            critic_check.main(argv + ["--run", folder, "--judge_name", critic, "--out",
+                                      os.path.join(args.out, "cards", critic, user,
+                                                   planner.split("=")[0])])
+    return table(args, folders, users, critics)
+
+
+def probe_server(base_url, timeout=10):
+    """One line if the server at base_url does not answer its model list."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(base_url.rstrip("/") + "/models", timeout=timeout):
+            return
+    except (urllib.error.URLError, OSError) as error:
+        raise UserError(f"the server {base_url} of a grid cell does not answer ({error}). "
+                        "Start it (e.g. `make serve`) or fix that cell's flags") from None
+
+
+def cell_folder(folder, critic, critics):
+    return folder if critic == critics[0] else os.path.join(folder, "rejudged", critic)
+
+
+def table(args, folders, users, critics):
+    """grid.json and grid.md of the finished runs and re-judgings."""
+    import report
+
+    planners = list(dict.fromkeys(planner for _, planner in folders))
+    cells = []
+    for user in users:
+        for critic in critics:
+            runs = {planner: report.load_run(cell_folder(folders[(user, planner)], critic,
+                                                         critics))
+                    for planner in planners}
+            summaries = {p: report.summarize(run["task"], p, {run["seed"]: run}, args.n_boot)
+                         for p, run in runs.items()}
+            reference = planners[0]
+            differences = {p: report.paired_difference({runs[reference]["seed"]: runs[reference]},
+                                                       {run["seed"]: run}, args.n_boot)
+                           for p, run in runs.items() if p != reference}
+            cells.append({"user": user, "critic": critic, "judge": summaries[reference]["judge"],
+                          "planners": {p: s["metrics"] for p, s in summaries.items()},
+                          "unusable": {p: s["metrics"].get("unusable") for p, s in summaries.items()},
+                          "differences": differences, "reference": reference,
+                          "ranking": ranking({p: s["metrics"] for p, s in summaries.items()})})
+    result = {"users": users, "critics": critics, "planners": planners, "cells": cells,
+              "ranking_change": ranking_change([c["ranking"] for c in cells]),
+              "n_boot": args.n_boot}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "grid.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = markdown(result)
+    with open(os.path.join(args.out, "grid.md"), "w") as f:
+        f.write(text)
+    print(text)
+    print(os.path.join(args.out, "grid.md"))
+    return result
+
+
+def ranking(metrics):
+    """The planners best first: higher SR, then fewer turns (AT), then the name."""
+    return sorted(metrics, key=lambda p: (-metrics[p]["SR"]["mean"], metrics[p]["AT"]["mean"], p))
+
+
+def kendall_tau(first, second):
+    """Kendall's tau between two orderings of the same items: 1 the same order, -1 reversed."""
+    where = {item: i for i, item in enumerate(second)}
+    pairs = [(a, b) for i, a in enumerate(first) for b in first[i + 1:]]
+    if not pairs:
+        return 1.0
+    return sum(1 if where[a] < where[b] else -1 for a, b in pairs) / len(pairs)
+
+
+def ranking_change(rankings):
+    """How much the planners' order changes across cells: Kendall's tau of each cell's
+    ranking against the first cell's, their mean over every pair of cells, and the share
+    of cells whose best planner is not the first cell's."""
+    against_first = [kendall_tau(rankings[0], r) for r in rankings]
+    pairs = [kendall_tau(a, b) for i, a in enumerate(rankings) for b in rankings[i + 1:]]
+    return {"tau_vs_first_cell": against_first,
+            "mean_pairwise_tau": sum(pairs) / len(pairs) if pairs else 1.0,
+            "top_changes": sum(r[0] != rankings[0][0] for r in rankings) / len(rankings),
+            "top_planners": sorted({r[0] for r in rankings})}
+
+
+def markdown(result):
+    from report import cell
+
+    lines = ["# Planners under a grid of users and critics", "",
+             "Each cell: mean [95% bootstrap interval] over the test cases; every cell plays "
+             "the same cases and seed. A different user means new conversations; a different "
+             "critic re-judges the first critic's conversations of the same user. All of "
+             "these are simulated: the figures measure the planners with these simulators, "
+             "and a difference between cells can be the simulators' bias.", ""]
+    for c in result["cells"]:
+        lines += [f"## user {c['user']}, critic {c['critic']}", "", f"judge: {c['judge']}", "",
+                  "| planner | SR | AT | SL | unusable LLM answers / conv. | "
+                  f"SR ({c['reference']} - planner) |", "|---|---|---|---|---|---|"]
+        for planner, figures in c["planners"].items():
+            difference = c["differences"].get(planner, {}).get("SR")
+            lines.append(f"| {planner} | {cell(figures['SR'], '.3f')} | {cell(figures['AT'], '.2f')}"
+                         f" | {cell(figures.get('SL'), '.3f')} | {cell(figures.get('unusable'), '.2f')}"
+                         f" | {cell(difference, '.3f') if difference else '-'} |")
+        lines += ["", "ranking: " + " > ".join(c["ranking"]), ""]
+    change = result["ranking_change"]
+    lines += ["## How the ranking changes", "",
+              "| user | critic | ranking | Kendall's tau vs the first cell |", "|---|---|---|---|"]
+    for c, tau in zip(result["cells"], change["tau_vs_first_cell"]):
+        lines.append(f"| {c['user']} | {c['critic']} | {' > '.join(c['ranking'])} | {tau:.2f} |")
+    lines += ["", f"Mean Kendall's tau over every pair of cells: {change['mean_pairwise_tau']:.2f} "
+              f"(1: the same order everywhere). Cells whose best planner is not the first "
+              f"cell's: {change['top_changes']:.0%}; best planners seen: "
+              f"{', '.join(change['top_planners'])}. Rankings use the means only (SR, then AT)."
+              " With intervals that overlap, a change of order can be noise.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args, common = parse(argv)
+    return run_grid(args, common)
+
+
+def cli():
+    try:
+        main()
+    except (UserError, ServerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli()
