@@ -103,7 +103,7 @@ def run(args, given=None):
                                                         resume)
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
                "max_turn": args.max_turn,
-               "config": {name: getattr(args, name) for name in evaluation_flags(task)}
+               "config": evaluation_config(args, task)
                | {"models": models}} | metrics
     metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
@@ -211,6 +211,11 @@ MODEL_FLAGS = ("llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "en
 def evaluation_flags(task):
     """The flags of the evaluation setup of a run of `task`."""
     return EVALUATION_CONFIG + task.data_flags
+
+
+def evaluation_config(args, task):
+    """test_metrics.json's "config" of a run, but for its models."""
+    return {name: getattr(args, name) for name in evaluation_flags(task)}
 
 
 def replay_settings(args, given, task):
