@@ -7,9 +7,14 @@ import os
 import zlib
 from contextlib import contextmanager
 
+import pytest
+import torch
+from safetensors.torch import save_file
+
 import harness
 import train_model
 from conftest import RUN_PRIOR_ORDER, RUN_TASK, ScriptedLLM, esc_case, played_action
+from get_args import Args
 
 
 def stateless_llms():
@@ -94,3 +99,14 @@ def test_a_flag_given_to_a_replay_overrides_the_checkpoint_and_is_named(tiny_enc
     assert replayed["config"] == metrics["config"] | {"max_turn": 3}
     assert all(len(record["critic_answers"]) == 2
                for conversation in conversations(replay_dir) for record in conversation["records"])
+
+
+def test_given_flags_that_do_not_fit_the_checkpoint_s_settings_are_a_user_error(tmp_path):
+    """The checkpoint's --context_length 100 leaves no room for a given 200-token answer."""
+    path = str(tmp_path / "best.pt")
+    save_file({"q_head.net.0.weight": torch.zeros(1)}, path)
+    with open(path + ".json", "w") as f:
+        json.dump({"args": vars(Args(context_length=100))}, f)
+    with pytest.raises(train_model.UserError, match="--context_length=100 is out of range"):
+        train_model.main(["--mode", "test", "--checkpoint", path, "--system_max_new_tokens",
+                          "200", "--llm", "/nonexistent"])
