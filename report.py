@@ -5,7 +5,9 @@
 A run folder is one that holds test_metrics.json; other folders given are searched for
 run folders at any depth. Runs are grouped by (task, policy), one run per seed: when
 several runs share a task, policy and seed (a test-mode replay of a trained run, say),
-the newest test_metrics.json is kept and the others are listed as skipped.
+the newest test_metrics.json is kept and the others are listed as skipped. Runs of one
+task must share their evaluation setup (test_metrics.json's "config"; else one `error:`
+line names the flag that differs: docs/outputs.md, "Which runs pool").
 
 Per-conversation values: SR 1 on success else 0; AT the system turns on success else
 max_turn; SL the sale-to-list ratio on success else 0 (as PPDPP); return total_reward;
