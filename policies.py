@@ -41,6 +41,7 @@ from safetensors.torch import save
 
 import run_state
 from errors import UserError
+from get_args import Args
 
 
 @dataclass
@@ -180,6 +181,14 @@ POLICIES = {"dialogxpert": ("q_adapter", "QAdapterPolicy"), "ppdpp": ("ppdpp", "
             "uniform": ("policies", "UniformPolicy"), "none": ("policies", "NoStrategyPolicy")}
 
 
+# a trained policy's own flags that change how its checkpoint acts in a test: a replay
+# (--mode test --checkpoint) takes them from the checkpoint, with the evaluation setup
+MCTS_FLAGS = ("mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct")
+TEST_FLAGS = {"dialogxpert": ("hidden_size", "encoder_input"),
+              "ppdpp": ("policy_encoder", "ppdpp_max_length"),
+              "dpdp": ("policy_encoder", "ppdpp_max_length") + MCTS_FLAGS + ("dpdp_threshold",)}
+
+
 def policy_class(name):
     if name not in POLICIES:
         raise ValueError(f"Unknown --policy '{name}'. Expected one of {sorted(POLICIES)}")
@@ -225,12 +234,21 @@ def read_checkpoint(path):
     return info, set(shapes), shapes
 
 
+def saved_args(path, names):
+    """{name: value} of the arguments `names` of the checkpoint's run (checkpoints older
+    than a flag were trained with its default)."""
+    saved = read_checkpoint(path)[0]["args"]
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
+    return {name: saved.get(name, defaults[name]) for name in names}
+
+
 def check_saved_args(path, saved, args, names):
     """The arguments `names` of the checkpoint's run equal this run's (checkpoints older
     than a flag were trained with its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
+    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
     for name in names:
-        if saved.get(name, defaults[name]) != getattr(args, name):
-            raise UserError(f"the checkpoint {path} was trained with --{name} "
-                            f"{saved.get(name)!r}, this run has {getattr(args, name)!r}. Pass "
-                            f"--{name} {saved.get(name)} or a checkpoint trained for this run")
+        value = saved.get(name, defaults[name])
+        if value != getattr(args, name):
+            raise UserError(f"the checkpoint {path} was trained with --{name} {value!r}, this "
+                            f"run has {getattr(args, name)!r}. Pass --{name} {value} or a "
+                            "checkpoint trained for this run")

@@ -5,7 +5,9 @@
 A run folder is one that holds test_metrics.json; other folders given are searched for
 run folders at any depth. Runs are grouped by (task, policy), one run per seed: when
 several runs share a task, policy and seed (a test-mode replay of a trained run, say),
-the newest test_metrics.json is kept and the others are listed as skipped.
+the newest test_metrics.json is kept and the others are listed as skipped. Runs of one
+task must share their evaluation setup (test_metrics.json's "config"; else one `error:`
+line names the flag that differs: docs/outputs.md, "Which runs pool").
 
 Per-conversation values: SR 1 on success else 0; AT the system turns on success else
 max_turn; SL the sale-to-list ratio on success else 0 (as PPDPP); return total_reward;
@@ -22,15 +24,20 @@ tokens per conversation, one point per policy.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 
 import plots
+from get_args import Args
 from metrics import episode_values, unusable_answers
 from stats import bootstrap_ci, paired_bootstrap_ci
+from tasks import TASKS
 
+# the value of each flag in a run older than it (get_args' defaults)
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(Args)}
 BASELINE = "dialogxpert"  # the paired table compares every other policy with this one
 METRICS = {"SR": ".3f", "AT": ".2f", "SL": ".3f", "mean_return": ".3f", "unusable": ".2f"}
 HEADERS = {"SR": "SR", "AT": "AT", "SL": "SL", "mean_return": "mean return",
@@ -122,19 +129,31 @@ def looked_up(metrics, keys):
     return metrics
 
 
+def compared_config(run):
+    """A run's evaluation setup without the data flags of other tasks (an esc run does not
+    read --extes_split; runs before Task.data_flags recorded them for every task)."""
+    others = {flag for task in TASKS.values() for flag in task.data_flags}
+    if run["task"] in TASKS:
+        others -= set(TASKS[run["task"]].data_flags)
+    return {name: value for name, value in run["config"].items() if name not in others}
+
+
 def check_comparable(runs):
     """Runs of one task must share their evaluation setup (test_metrics.json's config:
-    data, cases, turn limit, LLMs, critic): else their cases and draws do not pair."""
+    train_model.EVALUATION_CONFIG, the task's data flags and the models): else their cases
+    and draws do not pair. A flag that a run does not record counts as its default in
+    get_args: the run is older than the flag, so it ran with the default."""
     first = {}
     for run in runs:
         seen = first.setdefault(run["task"], run)
-        for name in sorted(set(seen["config"]) | set(run["config"])):
-            if seen["config"].get(name) != run["config"].get(name):
+        ours, theirs = compared_config(seen), compared_config(run)
+        for name in sorted(set(ours) | set(theirs)):
+            a, b = (config.get(name, DEFAULTS.get(name)) for config in (ours, theirs))
+            if a != b:
                 what = "their models (resolved)" if name == "models" else f"--{name}"
-                raise ReportError(
-                    f"{seen['folder']} and {run['folder']} differ in {what} "
-                    f"({seen['config'].get(name)!r} and {run['config'].get(name)!r}), so "
-                    "their figures do not compare. Report them separately")
+                raise ReportError(f"{seen['folder']} and {run['folder']} differ in {what} "
+                                  f"({a!r} and {b!r}), so their figures do not compare. "
+                                  "Report them separately")
 
 
 def group_runs(runs):

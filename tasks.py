@@ -202,6 +202,12 @@ class Task:
             raise ValueError(f"task '{self.name}': {problem}")
 
     @property
+    def data_flags(self):
+        """The flags of the task's own data settings: they choose its cases, and no other
+        task reads them (a run's evaluation setup holds them only for this task)."""
+        return ("extes_seed", "extes_split") if self.split_seeded else ()
+
+    @property
     def system_role(self):
         return self.prompts["system_role"]
 

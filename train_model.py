@@ -36,7 +36,7 @@ import run_state
 from errors import ServerError, UserError
 from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, resolve_models,
                      sample_if_unscorable, seed_everything, write_results)
-from policies import make_policy, policy_class
+from policies import TEST_FLAGS, make_policy, policy_class, saved_args
 from q_adapter import FrozenEncoder, resolve_encoder_path
 from tasks import get_task, load_split
 from trainer import train
@@ -71,8 +71,10 @@ def run(args, given=None):
         resume = run_state.load_state(args.resume)
         args = Args(**resume["args"] | {"resume": args.resume, "progress": args.progress,
                                          "debug": args.debug})
-    seed_everything(args.seed)
     task = get_task(args.data_name)
+    if args.mode == "test" and args.checkpoint:  # a replay: the checkpoint's run's settings
+        args = replay_settings(args, given, task)
+    seed_everything(args.seed)
     # every model name resolved ('auto' included) before the checks that compare them
     models = resolve_models(args)
     # data, checkpoint and output folder are checked before any model is loaded
@@ -103,7 +105,7 @@ def run(args, given=None):
                                                         resume)
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
                "max_turn": args.max_turn,
-               "config": {name: getattr(args, name) for name in EVALUATION_CONFIG}
+               "config": evaluation_config(args, task)
                | {"models": models}} | metrics
     metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
@@ -182,12 +184,70 @@ def make_run_dir(output_dir, run_name):
                             "writable --output_dir") from None
 
 
-# what makes two test runs comparable (report.py refuses to mix runs that differ in one);
-# the models, resolved (resolve_models), are compared as the config's "models"
-EVALUATION_CONFIG = ("data_dir", "max_cases", "extes_seed", "extes_split", "max_turn",
-                     "top_k", "backend", "prior", "critic", "critic_samples", "critic_temperature",
-                     "eval_temperature", "use_emotion", "context_length", "prior_order",
-                     "prior_rotations", "critic_order")
+# The evaluation setup: every flag that changes which cases a test plays, how its turns are
+# played or how they are judged. test_metrics.json records it ("config"), report.py pools
+# only runs that agree on it, and a replay (--mode test --checkpoint) takes it from the
+# checkpoint. The models are recorded resolved, as the config's "models" (resolve_models);
+# the task's own data flags (Task.data_flags) only for the task that reads them. Left out,
+# as they do not change what is evaluated: where and how fast it runs (device, num_envs,
+# max_batch_rows, prefix_cache_gb, shared_prefix, max_concurrency, request_timeout,
+# max_retries: at most the last bits of the arithmetic); training (system_temperature and
+# user_temperature, since a test decodes at eval_temperature, and every Q-learning and
+# PPDPP flag: they make the policy under test, which its checkpoint holds); the output
+# (output_dir, exp_name, progress, debug, checkpoint_every); and the task, policy and seed,
+# which test_metrics.json records on their own.
+EVALUATION_CONFIG = (
+    "data_dir", "max_cases", "max_turn", "top_k", "use_emotion", "context_length",
+    "backend", "dtype", "tokenizer", "max_encoder_tokens",
+    "system_max_new_tokens", "user_max_new_tokens", "eval_temperature",
+    "prior", "prior_samples", "prior_max_new_tokens", "prior_match_threshold", "prior_order",
+    "prior_rotations",
+    "critic", "critic_samples", "critic_temperature", "critic_max_new_tokens",
+    "critic_stop_at_newline", "critic_order")
+# the flags that name the models and reach them; the config holds the models they resolve to
+MODEL_FLAGS = ("llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "encoder",
+               "base_url", "planner_base_url", "system_base_url", "user_base_url",
+               "critic_base_url", "api_key_env")
+
+
+def evaluation_flags(task):
+    """The flags of the evaluation setup of a run of `task`."""
+    return EVALUATION_CONFIG + task.data_flags
+
+
+def evaluation_config(args, task):
+    """test_metrics.json's "config" of a run, but for its models."""
+    return {name: getattr(args, name) for name in evaluation_flags(task)}
+
+
+def replay_settings(args, given, task):
+    """--mode test --checkpoint: args with the seed, models, evaluation setup and the
+    policy's own test flags (policies.TEST_FLAGS) of the checkpoint's run, except the
+    flags given (`given`); prints those it took and those that override the checkpoint."""
+    names = (("seed",) + MODEL_FLAGS + evaluation_flags(task)
+             + TEST_FLAGS.get(args.policy, ()))
+    saved = saved_args(args.checkpoint, names)
+    changed = {name: value for name, value in saved.items() if value != getattr(args, name)}
+    taken = {name: value for name, value in changed.items() if name not in given}
+    if taken:
+        print("From the checkpoint: " + " ".join(f"--{name} {flag_text(value)}"
+                                                 for name, value in taken.items()))
+    overrides = [f"--{name} {flag_text(getattr(args, name))} overrides the checkpoint's "
+                 f"{flag_text(value)}" for name, value in changed.items() if name in given]
+    if overrides:
+        print("; ".join(overrides))
+    try:
+        return Args(**vars(args) | taken)
+    except ValueError as error:
+        raise UserError(f"the settings of the checkpoint {args.checkpoint} with the flags "
+                        f"given do not agree: {error}") from None
+
+
+def flag_text(value):
+    """A value as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "''"
 
 
 def cli(args, given=None):

@@ -10,6 +10,8 @@ import pytest
 
 import plots
 import report
+import train_model
+from get_args import Args
 from stats import bootstrap_ci, paired_bootstrap_ci
 from tasks import TASKS
 
@@ -304,6 +306,56 @@ def test_runs_of_different_setups_are_not_mixed(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "differ in --data_dir ('data' and 'data/demo')" in error
     assert "\n" not in error
+
+
+def write_setup_runs(root, task, configs):
+    """One run per config (a test_metrics.json "config"), each of another policy."""
+    rng = random.Random(9)
+    for policy, config in zip(("dialogxpert", "prior", "random"), configs):
+        folder = write_run(root, task, policy, 1, random_conversations(task, [True, False], rng))
+        path = os.path.join(folder, "test_metrics.json")
+        json.dump(json.load(open(path)) | {"config": config}, open(path, "w"))
+
+
+def setup_of(task, **flags):
+    """The config that train_model writes for a run of these flags."""
+    return train_model.evaluation_config(Args(data_name=task, **flags), TASKS[task])
+
+
+@pytest.mark.parametrize("cap", ["system_max_new_tokens", "user_max_new_tokens",
+                                 "critic_max_new_tokens", "prior_max_new_tokens"])
+def test_runs_with_other_answer_caps_are_not_pooled(cap, tmp_path, capsys):
+    write_setup_runs(tmp_path / "runs", "esc", [setup_of("esc"), setup_of("esc", **{cap: 8})])
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in error
+    assert f"differ in --{cap} ({getattr(Args(), cap)} and 8)" in error
+
+
+def test_a_flag_an_older_run_did_not_record_counts_as_its_default(tmp_path, capsys):
+    older = {k: v for k, v in setup_of("esc").items() if k != "user_max_new_tokens"}
+    write_setup_runs(tmp_path / "same", "esc", [older, setup_of("esc")])
+    report.main([str(tmp_path / "same"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    write_setup_runs(tmp_path / "other", "esc", [older, setup_of("esc", user_max_new_tokens=8)])
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "other"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    assert "differ in --user_max_new_tokens (60 and 8)" in capsys.readouterr().err
+
+
+def test_a_data_setting_of_another_task_does_not_split_runs(tmp_path, capsys):
+    """--extes_split chooses ExTES's cases only: esc runs that differ in it pool, whether
+    their config leaves it out (as now) or holds it (runs before Task.data_flags)."""
+    split = {"extes_split": "10717,200,200"}
+    recorded_for_every_task = setup_of("esc", **split) | split | {"extes_seed": 0}
+    write_setup_runs(tmp_path / "esc", "esc", [setup_of("esc"), setup_of("esc", **split),
+                                              recorded_for_every_task])
+    out = report.main([str(tmp_path / "esc"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    assert "| esc | random | 1 |" in open(out).read()
+    write_setup_runs(tmp_path / "extes", "extes", [setup_of("extes"), setup_of("extes", **split)])
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "extes"), "--out", str(tmp_path / "out2"), "--n_boot", "10"])
+    assert "differ in --extes_split ('0.8,0.1,0.1' and '10717,200,200')" in capsys.readouterr().err
 
 
 def test_report_without_runs_or_with_broken_json_exits_with_one_error_line(tmp_path, capsys):
