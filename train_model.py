@@ -203,7 +203,8 @@ EVALUATION_CONFIG = (
     "prior", "prior_samples", "prior_max_new_tokens", "prior_match_threshold", "prior_order",
     "prior_rotations",
     "critic", "critic_samples", "critic_temperature", "critic_max_new_tokens",
-    "critic_stop_at_newline", "critic_order")
+    "critic_stop_at_newline", "critic_order",
+    "user_personas", "test_user_personas")  # a persona file by its path (personas.py)
 # the flags that name the models and reach them; the config holds the models they resolve to
 MODEL_FLAGS = ("llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "encoder",
                "base_url", "planner_base_url", "system_base_url", "user_base_url",
