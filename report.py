@@ -105,7 +105,9 @@ def load_run(folder):
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
                "case_ids": [c["case_id"] for c in conversations],
                "config": metrics.get("config", {}), "judge": metrics.get("judge", {}),
-               "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()}}
+               "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()},
+               "personas": [(c.get("persona") or {}).get("name") for c in conversations],
+               "strategies": metrics.get("strategies")}
     except plots.RunFileError as error:
         raise ReportError(f"{error}. Rerun the test of this run or leave it out") from None
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
@@ -193,9 +195,47 @@ def summarize(task, policy, seeds, n_boot):
         values = [run["costs"][header] for run in runs]
         costs[header] = None if None in values else sum(values) / len(values)
     return {"task": task, "policy": policy, "judge": judge_text(runs[0]["judge"]),
+            "personas": persona_figures(runs, n_boot), "strategies": strategy_figures(runs),
             "conversations": sum(len(r["case_ids"]) for r in runs),
             "runs": [{"folder": r["folder"], "seed": r["seed"], "override_rate": r["override_rate"]}
                      for r in runs], "metrics": figures, "costs": costs}
+
+
+def persona_figures(runs, n_boot):
+    """{persona: {"conversations", "SR", "AT"}} over the runs' test conversations (--user_
+    personas; {} without), each figure a bootstrap over the persona's cases and seeds."""
+    names = sorted({name for run in runs for name in run["personas"] if name is not None})
+    figures = {}
+    for name in names:
+        groups = {metric: [[value for value, persona in zip(run["values"][metric], run["personas"])
+                            if persona == name] for run in runs] for metric in ("SR", "AT")}
+        groups = {metric: [g for g in seeds if g] for metric, seeds in groups.items()}
+        figures[name] = {"conversations": sum(len(g) for g in groups["SR"])} | {
+            metric: interval(seeds, n_boot) for metric, seeds in groups.items()}
+    return figures
+
+
+# the strategy bias's figures (metrics.strategy_bias) tabled, means over seeds
+STRATEGY_FIGURES = {"entropy": ("strategies", "entropy"),
+                    "top share": ("strategies", "top_share"),
+                    "TV from human": ("strategies", "human", "total_variation"),
+                    "JS from human": ("strategies", "human", "js_divergence")}
+
+
+def strategy_figures(runs):
+    """The strategy bias of the runs: the mean over seeds of each STRATEGY_FIGURES value
+    (None where a run lacks it: an older run, a task without labels, no strategy played),
+    and the most chosen action of the seeds' mean distribution."""
+    figures = {}
+    for header, keys in STRATEGY_FIGURES.items():
+        values = [looked_up({"strategies": run["strategies"]}, keys) for run in runs]
+        figures[header] = None if None in values else sum(values) / len(values)
+    shares = {}
+    for run in runs:
+        for action, share in ((run["strategies"] or {}).get("distribution") or {}).items():
+            shares[action] = shares.get(action, 0.0) + share / len(runs)
+    figures["top action"] = max(shares, key=shares.get) if shares else None
+    return figures
 
 
 def judge_text(judge):
@@ -265,6 +305,7 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              "from a prefix cache, and generated tokens. LLM seconds: the calls' wall time "
              "shared among the conversations of each batched call. Training seconds: the "
              "training loop's wall time, validation included. -: not counted.", ""]
+    rows += strategy_rows(summaries) + persona_rows(summaries)
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
              f"mean return ({BASELINE} - policy) |", "|---" * 6 + "|"]
@@ -290,6 +331,39 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
     rows += [f"- [{s['task']} {s['policy']} seed {run['seed']}]({run['view']})"
              for s in summaries for run in s["runs"]]
     return "\n".join(rows) + "\n"
+
+
+def strategy_rows(summaries):
+    rows = ["## Strategy bias", "", "| task | policy | top action | "
+            + " | ".join(STRATEGY_FIGURES) + " |", "|---" * (3 + len(STRATEGY_FIGURES)) + "|"]
+    for s in summaries:
+        figures = s["strategies"]
+        rows.append(f"| {s['task']} | {s['policy']} | {figures['top action'] or '-'} | " + " | ".join(
+            "-" if figures[h] is None else f"{figures[h]:.3f}" for h in STRATEGY_FIGURES) + " |")
+    return rows + ["", "The test's chosen strategies, mean over seeds (test_metrics.json "
+                   "`strategies`, docs/users.md): entropy over the task's actions divided by "
+                   "log |A| (0: one strategy always, 1: all equally), the most chosen action "
+                   "and its share, and the total variation and Jensen-Shannon divergence "
+                   "(bits) from the labelled human turns of the same cases (-: the data has "
+                   "no labels, or no strategy was played). A concentrated distribution can come "
+                   "from the policy, the planner's prior or what the simulated user and critic "
+                   "rewarded: these figures do not tell which.", ""]
+
+
+def persona_rows(summaries):
+    if not any(s["personas"] for s in summaries):
+        return []
+    rows = ["## SR and AT per user persona", "",
+            "| task | policy | persona | conversations | SR | AT |", "|---" * 6 + "|"]
+    for s in summaries:
+        for name, figures in s["personas"].items():
+            rows.append(f"| {s['task']} | {s['policy']} | {name} | {figures['conversations']} | "
+                        f"{cell(figures['SR'], '.3f')} | {cell(figures['AT'], '.2f')} |")
+    return rows + ["", "The test's conversations by the persona the user simulator was given "
+                   "(--user_personas, --test_user_personas; docs/users.md); each interval a "
+                   "bootstrap over that persona's conversations. A persona is an instruction "
+                   "to the user LLM, which may follow it weakly: these figures measure the "
+                   "simulator given that text.", ""]
 
 
 def write_views(summaries, out):

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
+import report
 import train_model
 from conftest import ScriptedLLM, build_tiny_encoder, esc_case, option_number, write_json_lines
 from errors import UserError
@@ -115,6 +116,13 @@ def test_a_one_strategy_planner_wins_with_one_persona_and_loses_with_the_other(f
                ("likes-Q" in p) != ("likes-S" in p) for p in prompts["user"])
     assert not any("likes-" in p for role in ("planner", "system", "critic")
                    for p in prompts[role])
+    # report.py tables SR and AT per persona, and the strategy bias (one action: entropy 0)
+    text = open(report.main([folder, "--out", str(root / "report"), "--n_boot", "200"])).read()
+    assert (f"| esc | prior | asker | {askers} | 1.000 [1.000, 1.000] | 1.00 [1.00, 1.00] |"
+            in text)
+    assert (f"| esc | prior | doer | {16 - askers} | 0.000 [0.000, 0.000] | 2.00 [2.00, 2.00] |"
+            in text)
+    assert "| esc | prior | Question | 0.000 | 1.000 | - | - |" in text  # no labels in the cases
 
 
 def test_personas_are_paired_across_policies_and_split_between_training_and_test(folders):
