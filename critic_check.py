@@ -9,11 +9,13 @@ It takes train_model.py's model, backend, server and critic flags (--llm, --crit
 --backend, --base_url, --critic, --critic_samples, --critic_order, ...), so it checks the
 critic that a run would use: a local model, a vLLM server or a hosted API.
 
-Human conversations: every conversation is judged once in each rotation of the options
-(rotation 0 is the task's order), which gives the position curve (how often the option
-shown at position k is chosen) and the order sensitivity (how often the top verdict
-changes with the order). The critic as --critic_order fixed is rotation 0; as shuffle it is
-all rotations pooled (the training critic spreads --critic_samples over them; the same
+Human conversations: those that the task's `human_dialog` in tasks.py reads from a case
+(a task without it has none to judge; --run still works). Every conversation is judged
+once in each rotation of the options (rotation 0 is the task's order), which gives the
+position curve (how often the option shown at position k is chosen) and the order
+sensitivity (at the opening and at the end, the share of conversations whose top verdict
+changes with the order). The critic as --critic_order fixed is rotation 0; as shuffle it
+is all rotations pooled (the training critic spreads --critic_samples over them; the same
 expectation with more samples here).
 
 A run: every saved turn of its train and test conversations is judged again with this
@@ -35,6 +37,8 @@ from errors import ServerError, UserError
 from get_args import Args, build_parser
 
 CARD_FLAGS = ("split", "run", "out", "judge_name")
+# a critic as test_metrics.json's "judge" records it (harness.critic_settings)
+CRITIC_KEYS = ("critic_llm", "critic", "critic_samples", "critic_temperature", "critic_order")
 
 
 def parse(argv=None):
@@ -123,18 +127,29 @@ def last_named_price(turns, case):
     return found
 
 
-def human_card(args, card, critic, model):
-    from env import Conversation
-    from llm import stream_seed
-    from tasks import load_split
+def human_cases(args, card):
+    """(the split's cases, [(index, case)] of those with a human dialog), read before any
+    model loads; one `error:` line when there is none to judge."""
+    from tasks import get_task, load_split
 
-    task = critic.task
+    task = get_task(args.data_name)
     cases = load_split(args.data_dir, task.name, card["split"], extes_seed=args.extes_seed)
     cases = cases[:args.max_cases] if args.max_cases else cases
     kept = [(i, c) for i, c in enumerate(cases) if task.human_dialog(c)]
     if not kept:
         raise UserError(f"the {card['split']} split of '{task.name}' in {args.data_dir} has no "
-                        "case with a human dialog. Pass a split of the benchmark")
+                        "case with a human dialog (its `human_dialog` in tasks.py reads none). "
+                        "Pass a split of the benchmark, give the task a `human_dialog` (case -> "
+                        "[(role, text)]), or re-judge a run with --run")
+    return cases, kept
+
+
+def human_card(args, card, critic, cases, kept):
+    """The card's figures on the human conversations `kept` (human_cases)."""
+    from env import Conversation
+    from llm import stream_seed
+
+    task = critic.task
     rotations = all_rotations(len(task.verdicts))
     points = {"start": lambda c: task.opening(c), "end": lambda c: task.human_dialog(c)}
     judged = {}
@@ -185,7 +200,9 @@ def card_figures(task, critic, judged):
     figures["unusable_share"] = invalid / asked if asked else 0.0
     figures["answers_asked"] = asked
     figures["position_curve"] = position_curve(critic, everything, count)
-    figures["order_sensitivity"] = order_sensitivity(everything)
+    # per point, so that its shares count conversations
+    figures["order_sensitivity"] = {point: order_sensitivity(items)
+                                    for point, items in judged.items()}
     figures["sample_agreement"] = sample_agreement(critic, everything)
     figures["start_vs_end"] = {}
     for instrument in ("fixed", "shuffled"):
@@ -369,8 +386,8 @@ def rejudge(args, card, critic, model, run_files):
             "success_rejudged": sum(b for _, b in success_pairs) / len(success_pairs),
             "top_verdict_kappa": cohen_kappa(old_tops, new_tops),
             "turn_reward_spearman": spearman(old_rewards, new_rewards),
-            "run_judge": {key: metrics.get("config", {}).get(key) for key in
-                          ("critic_llm", "llm", "critic", "critic_order")},
+            "run_judge": ({key: metrics["judge"].get(key) for key in CRITIC_KEYS}
+                          if isinstance(metrics.get("judge"), dict) else None),
             "turn_rewards": {"run": old_rewards, "rejudged": new_rewards}}
 
 
@@ -459,17 +476,23 @@ def fmt(value):
     return str(value)
 
 
+def describe_critic(judge):
+    """A critic (CRITIC_KEYS) in words: its model, mode, samples and order."""
+    if judge is None:
+        return "not recorded in the run's test_metrics.json"
+    how = (f"{judge['critic_samples']} samples at temperature {judge['critic_temperature']}"
+           if judge["critic"] == "sample" else "exact option distribution")
+    return (f"`{judge['critic_llm']}`, --critic {judge['critic']} ({how}), "
+            f"--critic_order {judge['critic_order']}")
+
+
 def markdown(card, figures, judge):
-    lines = [f"# Critic report card: {card['task']}", "",
-             f"Judge: `{judge['critic_llm']}`, --critic {judge['critic']}, "
-             f"{judge['critic_samples']} samples at temperature {judge['critic_temperature']}"
-             if judge["critic"] == "sample" else
-             f"Judge: `{judge['critic_llm']}`, --critic logits (exact option distribution)", ""]
+    lines = [f"# Critic report card: {card['task']}", "", f"Judge: {describe_critic(judge)}", ""]
     if "rejudged" in figures:
         f = figures
         lines += [f"Re-judged {f['conversations']} conversations ({f['turns']} turns) of "
-                  f"`{card['run']}` (run's critic: {f['run_judge']}); written to "
-                  f"`{f['rejudged']}`.", "",
+                  f"`{card['run']}`, whose critic was {describe_critic(f['run_judge'])}; "
+                  f"written to `{f['rejudged']}`.", "",
                   "| figure | value |", "|---|---|",
                   f"| success agreement | {fmt(f['success_agreement'])} |",
                   f"| SR under the run's critic | {fmt(f['success_run'])} |",
@@ -502,13 +525,13 @@ def markdown(card, figures, judge):
               if f["answers_asked"] else "| unusable answers | none asked (exact distributions) |",
               "| position curve (share chosen at position 1..V) | " +
               ", ".join(fmt(v) for v in f["position_curve"]) + " |",
-              f"| top verdict changes with the order | "
-              f"{fmt(f['order_sensitivity']['top_verdict_changes'])} of "
-              f"{f['order_sensitivity']['conversations_compared']} conversations "
-              f"({f['order_sensitivity']['left_out_no_usable_answer']} left out: no usable "
-              "answer in some order) |",
-              f"| mean reward change, task's order to another rotation | "
-              f"{fmt(f['order_sensitivity']['mean_reward_change'])} |",
+              *[f"| top verdict changes with the order, at the {point} | "
+                f"{fmt(row['top_verdict_changes'])} of {row['conversations_compared']} "
+                f"conversations ({row['left_out_no_usable_answer']} left out: no usable answer "
+                "in some order) |" for point, row in f["order_sensitivity"].items()],
+              *[f"| mean reward change, task's order to another rotation, at the {point} | "
+                f"{fmt(row['mean_reward_change'])} |"
+                for point, row in f["order_sensitivity"].items()],
               f"| agreement between a conversation's samples | {fmt(f['sample_agreement'])} |",
               "", "## Start against end", "",
               "| critic | mean reward at the start | at the end | better at the end | same "
@@ -579,17 +602,17 @@ def main(argv=None):
                         "Pass e.g. --out runs/critic_check")
     from harness import critic_settings
 
+    # the run's files or the split's human conversations are checked before any model loads
     if card["run"]:
-        run_files = read_run(card["run"])  # its files are checked before any model loads
+        run_files = read_run(card["run"])
     else:
-        from tasks import load_split
-        load_split(args.data_dir, args.data_name, card["split"], extes_seed=args.extes_seed)
+        cases, kept = human_cases(args, card)
     os.makedirs(card["out"], exist_ok=True)
     critic, model = load_critic(args)
     judged_by = critic_settings(critic, model)
     card["task"] = critic.task.name
     figures = (rejudge(args, card, critic, model, run_files) if card["run"]
-               else human_card(args, card, critic, model))
+               else human_card(args, card, critic, cases, kept))
     result = {"card": card, "judge": judged_by, "figures": figures}
     with open(os.path.join(card["out"], "report_card.json"), "w") as f:
         json.dump(result, f, indent=2)

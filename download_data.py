@@ -3,15 +3,17 @@
     python download_data.py                  # every task
     python download_data.py --data_name esc  # one task
 
-Where each file comes from is its task's `sources` in tasks.py: esc, cima and cb from
-PPDPP's repository (dengyang17/PPDPP, data/), p4g and ExTES from the DialogXpert release
-(declare-lab/dialogxpert, data/P4G/api_annotated/ and data/ExTES/ExTES.json, the files its
-misc.load_p4g and load_extes read). `--extes_source authors` takes ExTES from its authors'
-repository instead (pandazzh2020/ExTES). `--base_url` fetches every file from a mirror of
-the data folder, <base_url>/<relative path>; `--github` replaces the host of the GitHub
-sources (https://raw.githubusercontent.com) with a mirror of that host. Each downloaded
-file is checked with the project's own reader before it replaces anything, so a broken
-download never overwrites good data.
+Where each file comes from is its task's `sources` in tasks.py ({path: URL}): esc, cima
+and cb from PPDPP's repository (dengyang17/PPDPP, data/), p4g and ExTES from the
+DialogXpert release (declare-lab/dialogxpert, data/P4G/api_annotated/ and
+data/ExTES/ExTES.json, the files its misc.load_p4g and load_extes read). A task whose
+`sources` lack a file of its `files` is refused with one `error:` line before anything is
+fetched. `--extes_source authors` takes ExTES from its authors' repository instead
+(pandazzh2020/ExTES). `--base_url` fetches every file from a mirror of the data folder,
+<base_url>/<relative path>; `--github` replaces the host of the GitHub sources
+(https://raw.githubusercontent.com) with a mirror of that host. Each downloaded file is
+checked with the project's own reader before it replaces anything, so a broken download
+never overwrites good data.
 """
 
 import argparse
@@ -29,6 +31,13 @@ EXTES_SOURCES = {"release": TASKS["extes"].sources["ExTES/ExTES.json"], "authors
 
 def files_for(task_name):
     return sorted(set(TASKS[task_name].files.values()))
+
+
+def files_without_source(task_names):
+    """{task: [its data files that its `sources` in tasks.py give no URL]}."""
+    missing = {name: [path for path in files_for(name) if path not in TASKS[name].sources]
+               for name in task_names}
+    return {name: paths for name, paths in missing.items() if paths}
 
 
 def fetch(url, timeout):
@@ -108,6 +117,14 @@ def main(argv=None):
               f"{sorted(EXTES_SOURCES)}", file=sys.stderr)
         return 2
     names = sorted(TASKS) if args.data_name == "all" else [args.data_name]
+    missing = {} if args.base_url else files_without_source(names)
+    if missing:
+        listed = "; ".join(f"task '{name}': {', '.join(paths)}" for name, paths in missing.items())
+        one_task = " pass --data_name with a task that has them," if len(names) > 1 else ""
+        print(f"error: no download source in tasks.py for {listed}. Add each file's URL to its "
+              f"task's `sources` in tasks.py,{one_task} pass --base_url with a mirror of the "
+              f"data folder, or write the files into {args.data_dir} yourself", file=sys.stderr)
+        return 2
     _, failed = download(names, args.data_dir, args.base_url, args.timeout, args.github,
                          args.extes_source)
     for relative, reason in failed.items():

@@ -195,6 +195,7 @@ class Task:
     labelled_turns: Callable | None = None
     # a data label -> the action it names, where the names differ beyond case and hyphens
     label_aliases: dict = field(default_factory=dict, hash=False)
+    demo: bool = False  # data/demo holds a few cases of each split (the tests check them)
 
     def __post_init__(self):
         problem = self.reward.check(self.prompts["verdicts"])
@@ -317,7 +318,8 @@ TASKS = {
         human_dialog=lambda case: [("Patient", case["situation"])] + _speaker_turns(
             _dialog_pairs(case["dialog"]), prompts.ESC, {"sys"}),
         initial_emotions=lambda case: [case["emotion_type"]],
-        labelled_turns=lambda case: _sys_labelled(case, prompts.ESC)),
+        labelled_turns=lambda case: _sys_labelled(case, prompts.ESC),
+        demo=True),
     "extes": Task(
         "extes", prompts.EXTES, reward=OptionRewards(
             (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 0.5),
@@ -329,7 +331,8 @@ TASKS = {
             _extes_pairs(case), prompts.EXTES, {"AI"}),
         labelled_turns=lambda case: _labelled_dialog(case["content"], prompts.EXTES, lambda t: (
             "AI" in t, t.get("AI", t.get("User")), t.get("AI Strategy"))),
-        split_seeded=True),
+        split_seeded=True,
+        demo=True),
     "cima": Task(
         "cima", prompts.CIMA, reward=OptionRewards(
             (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 1.0),
@@ -339,7 +342,8 @@ TASKS = {
         opening=lambda case: _dialog_opening(case, prompts.CIMA), check=_check_dialog,
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case["dialog"]),
                                                          prompts.CIMA, {"sys"}),
-        labelled_turns=_cima_labelled),
+        labelled_turns=_cima_labelled,
+        demo=True),
     "cb": Task(
         "cb", prompts.CB, reward=DealRewards(deal_option=1, no_deal=-0.1),
         files={s: f"cb-{s}.txt" for s in SPLITS},
@@ -352,7 +356,8 @@ TASKS = {
                        f"{case['seller_price']}.")],
         human_dialog=lambda case: _speaker_turns(_dialog_pairs(case.get("dialog", [])),
                                                        prompts.CB, {"sys"}),
-        labelled_turns=lambda case: _sys_labelled(case, prompts.CB), check=_check_prices),
+        labelled_turns=lambda case: _sys_labelled(case, prompts.CB), check=_check_prices,
+        demo=True),
     "p4g": Task(
         "p4g", prompts.P4G, reward=OptionRewards(
             (-1.0, -0.5, 0.1, 1.0), succeeds=lambda reward: reward > 0.6),
@@ -365,7 +370,8 @@ TASKS = {
                                                          prompts.P4G, {"Persuader"}),
         labelled_turns=lambda case: _labelled_dialog(case["dialog"], prompts.P4G, lambda t: (
             t.get("speaker") == "Persuader", t.get("text"), t.get("strategy"))),
-        label_aliases=P4G_LABELS),
+        label_aliases=P4G_LABELS,
+        demo=True),
 }
 
 
@@ -454,6 +460,23 @@ def read_file(path, task_name):
     return read(path, get_task(task_name))
 
 
+def missing_data_advice(task):
+    """What to do when a data file of the task is missing: download it where the task
+    declares its sources, use the demo cases where it has them, else write the file."""
+    ways = []
+    if all(path in task.sources for path in task.files.values()):
+        ways.append(f"Run `python download_data.py --data_name {task.name}` to fetch the "
+                    "benchmark")
+    if task.demo:
+        ways.append("pass --data_dir data/demo for the small demo cases")
+    if not ways:
+        return (f"Write the task's files into --data_dir as its `files` in tasks.py name them "
+                f"({', '.join(sorted(set(task.files.values())))}), or add their URLs to its "
+                "`sources` and run download_data.py.")
+    advice = ", or ".join(ways)
+    return advice[0].upper() + advice[1:] + "."
+
+
 def load_split(data_dir, task_name, split, extes_seed=0, extes_split="0.8,0.1,0.1"):
     """Read one split. A task with one file (ExTES) is split by a fixed seed of its own,
     independent of the run's seed, so every run sees the same test cases. `extes_split`:
@@ -464,10 +487,8 @@ def load_split(data_dir, task_name, split, extes_seed=0, extes_split="0.8,0.1,0.
         raise ValueError(f"Unknown split '{split}'. Expected one of {list(SPLITS)}")
     path = split_path(data_dir, task_name, split)
     if not os.path.exists(path):
-        raise DataError(
-            f"no {split} data for task '{task_name}': {path} does not exist. Run "
-            f"`python download_data.py --data_name {task_name}` to fetch the benchmark, or "
-            f"pass --data_dir data/demo for the small demo cases.")
+        raise DataError(f"no {split} data for task '{task_name}': {path} does not exist. "
+                        + missing_data_advice(task))
     cases = read_file(path, task_name)
     if not task.split_seeded:
         return cases

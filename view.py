@@ -4,18 +4,20 @@
     python view.py runs/<trained run> runs/<baseline run> --out compare.html
 
 The page opens from disk with no server and no network. At the top: each run's arguments,
-metrics and figures. Then the list of conversations (every *_conversations.jsonl of the
-runs: train, valid, test), with filters and sorting, and one conversation as a chat: per
-turn the candidates with prior and Q-value (an MCTS turn: its tree, the visits and values
-of each action tried), the chosen action, the system's emotion and answer, the user's
-reply, each critic answer with the option it was read as, the reward.
-With several runs, a case that more of them played (same split and case_id: a paired
-evaluation) opens side by side, the first turn where their actions differ marked.
+metrics and figures. Then the list of conversations (the runs' train and test
+conversations; a run writes no valid ones: the valid split is played to choose best.pt,
+and its figures are in train_history.jsonl and best.pt.json), with filters and sorting,
+and one conversation as a chat: per turn the candidates with prior and Q-value (an MCTS
+turn: its tree, the visits and values of each action tried), the chosen action, the
+system's emotion and answer, the user's reply, each critic answer with the option it was
+read as, the reward. With several runs, a case that more of them played (same split and
+case_id: a paired evaluation) opens side by side, the first turn where their actions
+differ marked.
 
-A folder that holds no *_conversations.jsonl is searched for run folders at any depth.
-A malformed line stops the page with the file and line; with --skip_bad it is left out,
-counted and listed on the page. Every text of the runs reaches the page as data (JSON in
-script elements, with '<' escaped) and is shown with textContent, never as HTML.
+A folder that holds no train_ or test_conversations.jsonl is searched for run folders at
+any depth. A malformed line stops the page with the file and line; with --skip_bad it is
+left out, counted and listed on the page. Every text of the runs reaches the page as data
+(JSON in script elements, with '<' escaped) and is shown with textContent, never as HTML.
 """
 
 import argparse
@@ -29,8 +31,11 @@ import time
 
 from critic import LEADING_LABEL, OTHER_LABELS, Critic, parse_verdict
 from metrics import UNUSABLE_KEYS
-from tasks import SPLITS, TASKS, parse_price, plausible_price, sale_to_list
+from tasks import TASKS, parse_price, plausible_price, sale_to_list
 
+# the splits a run writes conversations and metrics of; the valid split is played for the
+# best checkpoint only, its figures are in train_history.jsonl and best.pt.json
+RUN_SPLITS = ("train", "test")
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
 ARGS_FILES = ("last.pt.json", "best.pt.json")  # checkpoint sidecars that hold the arguments
 # how the tests and bench.py open pages: Debian's chromium, headless, with nothing that
@@ -54,11 +59,11 @@ def find_runs(paths):
         found = []
         for folder, subfolders, files in os.walk(path):
             subfolders.sort()
-            if any(f"{split}_conversations.jsonl" in files for split in SPLITS):
+            if any(f"{split}_conversations.jsonl" in files for split in RUN_SPLITS):
                 found.append(os.path.normpath(folder))
                 subfolders.clear()  # a run's own subfolders hold no other run
         if not found:
-            raise ViewError(f"no conversations (train_, valid_ or test_conversations.jsonl) "
+            raise ViewError(f"no conversations (train_ or test_conversations.jsonl) "
                             f"in {path}. Give the folder of a finished train_model.py run")
         runs += [folder for folder in found if folder not in runs]
     return runs
@@ -257,7 +262,7 @@ def summary(run_index, split, conversation):
 
 def load_run(folder, run_index, skip_bad):
     metrics = {}
-    for split in SPLITS:
+    for split in RUN_SPLITS:
         path = os.path.join(folder, f"{split}_metrics.json")
         if os.path.isfile(path):
             metrics[split] = read_json(path)
@@ -266,7 +271,7 @@ def load_run(folder, run_index, skip_bad):
     task_name = test.get("task") or args.get("data_name")
     task = TASKS.get(task_name)
     bad, rows, lines = [], [], []
-    for split in SPLITS:
+    for split in RUN_SPLITS:
         path = os.path.join(folder, f"{split}_conversations.jsonl")
         if not os.path.isfile(path):
             continue

@@ -68,7 +68,8 @@ def test_a_critic_that_always_answers_1_is_all_position(human_dir, tmp_path, mon
     use_critic(monkeypatch, reply=lambda prompt: "1")
     figures = card(human_dir, tmp_path, "--critic_samples", "3")
     assert figures["position_curve"] == [1.0, 0.0, 0.0, 0.0]
-    assert figures["order_sensitivity"]["top_verdict_changes"] == 1.0
+    for point in ("start", "end"):
+        assert figures["order_sensitivity"][point]["top_verdict_changes"] == 1.0
     assert figures["sample_agreement"] == 1.0  # its samples agree: consistency is not validity
     # the pooled rotations spread its verdicts evenly; fixed, every verdict is option 1
     assert figures["by_point"]["end"]["shuffled"]["mean_distribution"] == [0.25] * 4
@@ -116,8 +117,9 @@ def test_an_order_blind_critic_gives_the_same_results_fixed_and_shuffled(human_d
     figures = card(human_dir, tmp_path, "--critic_samples", "4")
     for point in ("start", "end"):
         assert figures["by_point"][point]["fixed"] == figures["by_point"][point]["shuffled"]
-    assert figures["order_sensitivity"]["top_verdict_changes"] == 0.0
-    assert figures["order_sensitivity"]["mean_reward_change"] == 0.0
+    for point in ("start", "end"):
+        assert figures["order_sensitivity"][point]["top_verdict_changes"] == 0.0
+        assert figures["order_sensitivity"][point]["mean_reward_change"] == 0.0
     assert figures["position_curve"] == [0.25] * 4
     assert figures["start_vs_end"]["fixed"]["better_at_end"] == 1.0
     turns = [("Patient", "Goodbye")]
@@ -126,6 +128,31 @@ def test_an_order_blind_critic_gives_the_same_results_fixed_and_shuffled(human_d
                       order="shuffle").score(conversations(6, turns))
     assert [(r.reward, r.option_probs) for r in fixed] == [(r.reward, r.option_probs)
                                                             for r in shuffled]
+
+
+def test_order_sensitivity_counts_conversations_at_each_point(tmp_path, monkeypatch):
+    """Two conversations: at the opening the critic answers by position in both, at the
+    end it reads the content of one and gives no usable answer for the other. Each point
+    counts its own conversations: 2 of 2 compared at the start, 1 (and 1 left out) at the
+    end, never 3 of the 4 judged points."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_json_lines(folder / "esc-valid.txt", human_cases(2))
+
+    def reply(prompt):
+        if "Goodbye" not in prompt:
+            return "1"
+        return "?" if "case 0." in prompt else content_reply(prompt)
+    use_critic(monkeypatch, reply=reply)
+    figures = card(str(folder), tmp_path, "--critic_samples", "2")
+    start, end = figures["order_sensitivity"]["start"], figures["order_sensitivity"]["end"]
+    assert (start["conversations_compared"], start["left_out_no_usable_answer"]) == (2, 0)
+    assert start["top_verdict_changes"] == 1.0
+    assert (end["conversations_compared"], end["left_out_no_usable_answer"]) == (1, 1)
+    assert end["top_verdict_changes"] == 0.0
+    text = (tmp_path / "card" / "report_card.md").read_text()
+    assert "at the start | 1.000 of 2 conversations (0 left out" in text
+    assert "at the end | 0.000 of 1 conversations (1 left out" in text
 
 
 def test_cb_deal_answers_follow_the_order_shown():
@@ -267,6 +294,22 @@ def test_rejudging_with_an_inverting_critic_gives_the_hand_computed_kappa(played
                                                     .__getitem__) in (0, 1) for r in c["records"])
              for c in run]
     assert figures["success_agreement"] == pytest.approx(sum(agree) / len(agree))
+
+
+def test_the_card_of_a_rejudged_run_names_the_runs_critic_as_recorded(played_run, tmp_path,
+                                                                     monkeypatch):
+    played = json.load(open(os.path.join(played_run, "test_metrics.json")))["judge"]
+    use_critic(monkeypatch, reply=world_reply)
+    result = critic_check.main(["--run", played_run, "--out", str(tmp_path / "card"),
+                                "--critic_samples", "3", "--critic_order", "fixed",
+                                "--judge_name", "other"])
+    assert result["figures"]["run_judge"] == {key: played[key] for key in critic_check.CRITIC_KEYS}
+    assert None not in result["figures"]["run_judge"].values()
+    text = (tmp_path / "card" / "report_card.md").read_text()
+    assert (f"whose critic was `{played['critic_llm']}`, --critic sample (2 samples at "
+            f"temperature {played['critic_temperature']}), --critic_order shuffle;") in text
+    assert "Judge: `scripted-critic`, --critic sample (3 samples" in text
+    assert "--critic_order fixed" in text and "None" not in text
 
 
 def test_critic_check_bad_input_is_one_error_line(played_run, tmp_path, capsys, monkeypatch):

@@ -7,13 +7,22 @@ import pytest
 from conftest import DEMO, SHARED_DATA, write_json_lines
 from tasks import TASKS, DataError, get_task, load_split
 
+# the tasks that declare demo cases in data/demo (Task.demo); the others have none to check
+DEMO_TASKS = sorted(name for name, task in TASKS.items() if task.demo)
+
 
 def test_unknown_task_lists_choices():
-    with pytest.raises(ValueError, match=r"Expected one of \['cb', 'cima', 'esc', 'extes', 'p4g'\]"):
+    with pytest.raises(ValueError, match=re.escape(f"Expected one of {sorted(TASKS)}")):
         get_task("esconv")
 
 
-@pytest.mark.parametrize("task_name", sorted(TASKS))
+def test_a_task_declares_demo_cases_exactly_when_data_demo_has_its_files():
+    for name, task in TASKS.items():
+        present = all(os.path.isfile(os.path.join(DEMO, path)) for path in task.files.values())
+        assert task.demo == present, name
+
+
+@pytest.mark.parametrize("task_name", DEMO_TASKS)
 @pytest.mark.parametrize("split", ["train", "valid", "test"])
 def test_demo_data_loads_and_opens_on_a_user_turn(task_name, split):
     task = get_task(task_name)
@@ -76,7 +85,7 @@ def test_real_benchmark_files_load(task_name, split):
         assert get_task(task_name).opening(case)[-1][0] == get_task(task_name).user_role
 
 
-@pytest.mark.parametrize("task_name", sorted(TASKS))
+@pytest.mark.parametrize("task_name", DEMO_TASKS)
 def test_every_prompt_of_a_task_formats_with_its_demo_cases(task_name):
     from critic import Critic
     from env import Planner, SelfPlayEnv

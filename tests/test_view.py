@@ -74,6 +74,18 @@ def test_every_conversation_is_data_and_no_llm_markup_reaches_the_html(runs, pag
     assert {row["split"] for row in rows} == {"train", "test"}
 
 
+def test_the_docs_name_the_splits_that_a_run_writes_and_the_page_shows(runs, page_path):
+    written = {name[:-len("_conversations.jsonl")] for name in os.listdir(runs[0])
+               if name.endswith("_conversations.jsonl")}
+    page = open(page_path, encoding="utf-8").read()
+    rows = json.loads(data_block(page, "runs-data").replace("\\u003c", "<"))["rows"]
+    assert written == {row["split"] for row in rows} == set(view.RUN_SPLITS) == {"train", "test"}
+    for path in ("docs/outputs.md", "view.py"):
+        text = " ".join(open(os.path.join(ROOT, path), encoding="utf-8").read().split())
+        assert "train and test" in text and "no valid ones" in text, path
+        assert "train, valid, test" not in text and "train, valid and test" not in text, path
+
+
 def test_critic_answers_are_read_by_the_critics_rules():
     esc = get_task("esc")
     readings = view.critic_readings(esc, {}, ["4", "Option 9", "option 1 or option 3",
