@@ -257,7 +257,8 @@ def summary(run_index, split, conversation):
             "actions": sorted({str(r.get("action")) for r in records}),
             "explored": any(r.get("explored") is True for r in records),
             "unusable": sum(number(r.get(k)) or 0 for r in records for k in UNUSABLE_KEYS),
-            "label": case_label(conversation.get("case"))}
+            "label": case_label(conversation.get("case")),
+            "persona": str((conversation.get("persona") or {}).get("name") or "")}
 
 
 def load_run(folder, run_index, skip_bad):

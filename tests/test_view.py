@@ -360,3 +360,31 @@ def test_bench_view_prints_the_pages_size_and_times(browser, runs, capsys):
     assert figures["megabytes"] > 0 and figures["open_seconds"] > 0
     assert figures["filter_seconds"] > 0 and figures["conversation_seconds"] > 0
     assert "MB" in capsys.readouterr().out
+
+
+def test_browser_filters_by_user_persona_and_shows_the_persona_and_cost(browser, runs, tmp_path):
+    """A run with --user_personas: the list filters by persona; a conversation shows its
+    persona and what its LLM calls cost (its own turns and its planner's)."""
+    folder = str(tmp_path / "persona_run")
+    shutil.copytree(runs[0], folder)
+    conversations = read_lines(folder)
+    for i, c in enumerate(conversations):
+        c["persona"] = {"name": ["calm/analytical", "anxious/directive"][i % 2],
+                        "text": f"You are persona {i % 2}."}
+    with open(os.path.join(folder, "test_conversations.jsonl"), "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in conversations)
+    out = str(tmp_path / "view.html")
+    view.write_page([folder], out)
+    page = open_page(browser, out)
+    page.select_option("#f-split", "test")
+    page.select_option("#f-persona", "anxious/directive")
+    assert len(shown_rows(page)) == len(conversations) // 2
+    page.click("#rows tr >> nth=0")
+    shown = page.inner_text("#detail")
+    first = next(c for c in conversations if c["persona"]["name"] == "anxious/directive")
+    assert "user persona anxious/directive: You are persona 1." in shown
+    cost = first["cost"]
+    assert (f"LLM cost: turns {cost['conversation']['calls']} calls, "
+            f"{cost['conversation']['prompt_tokens']} prompt tokens run" in shown)
+    assert f"planner {cost['planner']['calls']} calls" in shown
+    assert "persona\t" not in shown and "cost\t" not in shown and not page.errors  # not "other"
