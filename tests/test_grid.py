@@ -1,0 +1,156 @@
+"""grid.py: planners under a grid of users and critics, from scripted models whose
+answers are known: each cell's SR by hand, the ranking's change across cells, and the
+bad inputs refused before any model loads."""
+
+import json
+import os
+import re
+from contextlib import contextmanager
+
+import pytest
+
+import grid
+from conftest import ScriptedLLM, build_tiny_encoder, esc_case, option_number, write_json_lines
+from errors import UserError
+from tasks import get_task
+
+ESC = get_task("esc")
+SOLVED, SAME = ESC.prompts["verdicts"][3], ESC.prompts["verdicts"][1]
+
+
+def played(prompt):
+    instruction = prompt[prompt.rindex("("):]
+    return next(a for a in ESC.action_names if ESC.actions[a] in instruction)
+
+
+@contextmanager
+def scripted_grid():
+    """Two users (told apart by --user_temperature): 'kind' thanks every turn, 'picky' only
+    a Question. The run's critic ('lenient') calls a thanked turn solved; the re-judging
+    critic ('contrarian') calls solved every conversation whose system never asked a
+    Question (the system says which strategy it played)."""
+    import critic_check
+    import harness
+    from critic import Critic
+
+    def system(prompt):
+        return f"Emotion: calm\nResponse: I see [{played(prompt)}]."
+
+    def user_of(args):
+        def reply(prompt):
+            last = re.findall(r"\[([^\]]+)\]", prompt)[-1]
+            kind = args.user_temperature == 0.5
+            return "Thank you." if kind or last == "Question" else "Hm."
+        return ScriptedLLM(reply)
+
+    lenient = ScriptedLLM(lambda p: option_number(p, SOLVED if "Thank you" in p else SAME))
+    contrarian = ScriptedLLM(lambda p: option_number(p, SAME if "[Question]" in p else SOLVED))
+    prior = ScriptedLLM(None, prior=lambda prompt, labels: [
+        5.0 if label == option_number(prompt, "Question") else 1.0 for label in labels])
+    saved = harness.load_llms, critic_check.load_critic
+    harness.load_llms = lambda args: {"planner": prior, "system": ScriptedLLM(system),
+                                      "user": user_of(args), "critic": lenient}
+    critic_check.load_critic = lambda args: (
+        Critic(ESC, contrarian, num_samples=args.critic_samples), "contrarian")
+    try:
+        yield
+    finally:
+        harness.load_llms, critic_check.load_critic = saved
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    data = root / "data"
+    data.mkdir()
+    for split, count in (("train", 2), ("valid", 2), ("test", 12)):
+        write_json_lines(data / f"esc-{split}.txt", [esc_case(i) for i in range(count)])
+    build_tiny_encoder(str(root / "encoder"))
+    argv = ["--out", str(root / "grid"), "--planner", "prior", "--planner", "uniform",
+            "--user", "kind=--user_temperature 0.5", "--user", "picky=--user_temperature 0.6",
+            "--critic", "lenient=--critic_samples 2", "--critic", "contrarian=--critic_samples 2",
+            "--n_boot", "200", "--",
+            "--data_name", "esc", "--data_dir", str(data), "--encoder", str(root / "encoder"),
+            "--max_turn", "2", "--num_envs", "12", "--progress", "false", "--device", "cpu",
+            "--seed", "5", "--max_encoder_tokens", "64"]
+    with scripted_grid():
+        result = grid.main(argv)
+    return root, result
+
+
+def test_each_cell_has_the_hand_computed_success_and_the_ranking_change(grid_run):
+    root, result = grid_run
+    cells = {(c["user"], c["critic"]): c for c in result["cells"]}
+    assert sorted(cells) == [("kind", "contrarian"), ("kind", "lenient"),
+                             ("picky", "contrarian"), ("picky", "lenient")]
+
+    def conversations(user, planner):
+        runs = os.path.join(root, "grid", "runs", user)
+        folder = next(os.path.join(runs, name) for name in os.listdir(runs)
+                      if f"__grid-{user}-{planner}__" in name)
+        with open(os.path.join(folder, "test_conversations.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    def actions(c):
+        return [r["action"] for r in c["records"]]
+    for user in ("kind", "picky"):
+        prior, uniform = conversations(user, "prior"), conversations(user, "uniform")
+        assert all(actions(c) == ["Question"] for c in prior)  # solved at turn 1 by both
+        # lenient: kind thanks every turn (SR 1); picky only a Question
+        lenient = cells[(user, "lenient")]["planners"]
+        assert lenient["prior"]["SR"]["mean"] == 1.0
+        picky_sr = sum("Question" in actions(c) for c in uniform) / len(uniform)
+        assert lenient["uniform"]["SR"]["mean"] == pytest.approx(1.0 if user == "kind"
+                                                                 else picky_sr)
+        # contrarian re-judges each saved turn: solved at the first turn before any Question
+        contrarian = cells[(user, "contrarian")]["planners"]
+        assert contrarian["prior"]["SR"]["mean"] == 0.0
+        by_hand = sum(actions(c)[0] != "Question" for c in uniform) / len(uniform)
+        assert 0 < by_hand < 1
+        assert contrarian["uniform"]["SR"]["mean"] == pytest.approx(by_hand)
+        assert cells[(user, "contrarian")]["ranking"] == ["uniform", "prior"]
+        assert cells[(user, "lenient")]["ranking"][0] == "prior"
+        difference = cells[(user, "contrarian")]["differences"]["uniform"]["SR"]["mean"]
+        assert difference == pytest.approx(0.0 - by_hand)  # prior - uniform, paired
+    change = result["ranking_change"]
+    # cells in order: (kind, lenient), (kind, contrarian), (picky, lenient), (picky, contrarian)
+    assert change["tau_vs_first_cell"] == [1.0, -1.0, 1.0, -1.0]
+    assert change["top_changes"] == 0.5 and change["top_planners"] == ["prior", "uniform"]
+    assert change["mean_pairwise_tau"] == pytest.approx((1 - 1 - 1 - 1 - 1 + 1) / 6)
+    text = open(os.path.join(root, "grid", "grid.md")).read()
+    assert "## user picky, critic contrarian" in text and "| uniform | prior |" not in text
+
+
+def test_kendall_tau_by_hand():
+    assert grid.kendall_tau(["a", "b", "c"], ["a", "b", "c"]) == 1.0
+    assert grid.kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1.0
+    assert grid.kendall_tau(["a", "b", "c"], ["b", "a", "c"]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--user", "nameless"], "has no NAME="),
+    (["--user", "a=--user_temperature 0.5", "--user", "a=--user_temperature 0.6"], "twice"),
+    (["--planner", "dialogxpert"], "pass its checkpoint"),
+    (["--planner", "nope"], "unknown policy"),
+    (["--user", "a=--max_turn -3"], "grid cell 'a'"),
+    (["--user", "a=--llm weights/no_such_model"], "weights/no_such_model"),
+    (["--user", "a=--backend openai --base_url http://127.0.0.1:9/v1"], "does not answer"),
+])
+def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expected):
+    import harness
+
+    base = {"--planner": ["--planner", "prior"], "--user": ["--user", "u=--max_turn 2"]}
+    for flag, default in base.items():
+        if flag not in argv:
+            argv = default + argv
+    argv = (["--out", str(tmp_path / "out")] + argv + ["--critic", "c=--critic_samples 2", "--",
+            "--data_dir", "data/demo"])
+    loaded = []
+    saved = harness.load_llms
+    harness.load_llms = lambda args: loaded.append(args)
+    try:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            grid.main(argv)
+    finally:
+        harness.load_llms = saved
+    assert not loaded and not os.path.exists(tmp_path / "out")
