@@ -292,6 +292,7 @@ class DPDPPolicy(Policy):
 
     name = "dpdp"
     trainable = True
+    weight_flags = ("policy_encoder",)  # the fast policy is PPDPP's
 
     def __init__(self, args, task):
         super().__init__(args, task)

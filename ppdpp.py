@@ -150,6 +150,7 @@ class PPDPPPolicy(Policy):
     name = "ppdpp"
     trainable = True
     uses_encoder = False  # it fine-tunes an encoder of its own, not the frozen one
+    weight_flags = ("policy_encoder",)
 
     def __init__(self, args, task):
         super().__init__(args, task)
@@ -254,8 +255,8 @@ class PPDPPPolicy(Policy):
 
     @staticmethod
     def check_run(args, task, splits):
-        """The encoder exists; a supervised stage has labelled turns to learn from."""
-        resolve_encoder_path(args.policy_encoder)
+        """A supervised stage has labelled turns to learn from (harness.check_weights
+        checks the encoder)."""
         if args.mode != "train" or not args.ppdpp_sft:
             return
         examples, counts = labelled_examples(task, splits["train"])
@@ -377,7 +378,11 @@ class PPDPPPolicy(Policy):
                             "of a --policy ppdpp training run")
         check_saved_args(path, info["args"], args, ("data_name", "policy_encoder",
                                                     "ppdpp_max_length"))
-        with open(os.path.join(resolve_encoder_path(args.policy_encoder), "config.json")) as f:
+        try:
+            encoder_path = resolve_encoder_path(args.policy_encoder)
+        except FileNotFoundError:  # harness.check_weights reports it with the others
+            return
+        with open(os.path.join(encoder_path, "config.json")) as f:
             width = json.load(f)["hidden_size"]
         if list(shapes["net.classifier.weight"])[1] != width:
             raise UserError(f"the checkpoint {path} has a classifier for a "

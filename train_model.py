@@ -75,11 +75,14 @@ def run(args, given=None):
     task = get_task(args.data_name)
     # every model name resolved ('auto' included) before the checks that compare them
     models = resolve_models(args)
-    # data, checkpoint and output folder are checked before any model is loaded
+    # data, checkpoint, weights and output folder are checked before any model is loaded
     splits = load_cases(args, task)
     if args.mode == "test" and args.checkpoint:
         policy_class(args.policy).check_checkpoint(args.checkpoint, args, models)
     policy_class(args.policy).check_run(args, task, splits)
+    # every weight folder the run loads, all missing ones in one error, before the run
+    # folder exists
+    harness.check_weights(args)
     name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
         args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")

@@ -344,9 +344,9 @@ def test_bad_combinations_end_in_one_error_line(tiny_encoder_dir, tmp_path, caps
     # the train split has no labelled turn (these esc cases have an empty dialog)
     line = _cli_error(common, capsys, monkeypatch)
     assert "--ppdpp_sft true: the train split of 'esc'" in line and "--ppdpp_sft false" in line
-    line = _cli_error(common + ["--policy_encoder", str(tmp_path / "none")], capsys,
-                      monkeypatch)
-    assert "No encoder weights at" in line
+    line = _cli_error(common + ["--policy_encoder", str(tmp_path / "none"), "--ppdpp_sft",
+                                "false"], capsys, monkeypatch)
+    assert f"no model weights at {tmp_path / 'none'} (--policy_encoder)" in line
     # a task whose data has no strategy labels at all
     monkeypatch.setitem(tasks.TASKS, "cb", dataclasses.replace(tasks.TASKS["cb"],
                                                                labelled_turns=None))
