@@ -577,13 +577,14 @@ def main(argv=None):
     if not card["out"]:
         raise UserError("critic_check.py needs --out DIR for report_card.md/.json/.png. "
                         "Pass e.g. --out runs/critic_check")
-    from harness import critic_settings
+    from harness import check_weights, critic_settings
 
     if card["run"]:
         run_files = read_run(card["run"])  # its files are checked before any model loads
     else:
         from tasks import load_split
         load_split(args.data_dir, args.data_name, card["split"], extes_seed=args.extes_seed)
+    check_weights(args, roles=("critic",), encoder_flags=())  # the critic's model only
     os.makedirs(card["out"], exist_ok=True)
     critic, model = load_critic(args)
     judged_by = critic_settings(critic, model)
