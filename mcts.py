@@ -434,6 +434,7 @@ class DPDPPolicy(Policy):
         tensors = load_file(path, device=str(self.fast.device))
         self.q_head.load_state_dict({k[len("q_head."):]: v for k, v in tensors.items()
                                      if k.startswith("q_head.")})
+        self.updates = self.fast.updates  # the sidecar's, which both save
         return info
 
     @staticmethod

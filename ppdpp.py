@@ -363,11 +363,13 @@ class PPDPPPolicy(Policy):
                                         "args": vars(self.args), "models": self.models})
 
     def load(self, path, optimizer=False):
-        """The network of a checkpoint (checked by check_checkpoint)."""
+        """The network of a checkpoint (checked by check_checkpoint) and its update count."""
         tensors = load_file(path, device=str(self.device))
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         with open(path + ".json") as f:
-            return json.load(f)
+            info = json.load(f)
+        self.updates = info.get("updates")  # None: a sidecar that does not say
+        return info
 
     @staticmethod
     def check_checkpoint(path, args, models):

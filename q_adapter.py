@@ -354,6 +354,7 @@ class QAdapterPolicy(Policy):
                                           if k.startswith("target_head.")} or q_head)
         with open(path + ".json") as f:
             info = json.load(f)
+        self.updates = info.get("updates")  # None: a sidecar that does not say
         if not optimizer or "optimizer_param_groups" not in info:
             return info
         state = {}

@@ -39,7 +39,7 @@ from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, reso
 from policies import make_policy, policy_class
 from q_adapter import FrozenEncoder, resolve_encoder_path
 from tasks import get_task, load_split
-from trainer import train
+from trainer import train, undertrained_warning, update_figures
 
 
 def main(argv=None):
@@ -108,6 +108,7 @@ def run(args, given=None):
                | {"models": models}} | metrics
     metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
+    metrics |= update_figures(policy)  # the tested policy's updates, and whether too few
     metrics["llm_usage"] = llm_usage(env)
     # the whole training's seconds are last.pt's (best.pt's: those up to its save)
     metrics["policy_cost"] = policy_cost(policy, checkpoint=os.path.join(run_dir, "last.pt")
@@ -118,6 +119,8 @@ def run(args, given=None):
 
     for path in plots.plot_run(run_dir):
         print(f"figure: {path}")
+    if metrics.get("undertrained"):
+        print(undertrained_warning(args, metrics["updates"]))
     return metrics, run_dir
 
 
