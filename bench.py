@@ -560,6 +560,23 @@ def planner_figures(args, planners=PLANNERS):
 TOKEN_COUNTERS = ("prompt_tokens", "prompt_tokens_reused", "generated_tokens")
 
 
+def missing_weights(args, bench):
+    """The one-line error of harness.check_weights for what this benchmark loads (the
+    planner probe: the LLM; the others: the LLM and the encoder, and PPDPP's for the
+    planners that fine-tune one), or None. --serve plays the embedded model."""
+    from errors import UserError
+    from harness import check_weights
+
+    planners = set(bench.planners.split(",")) if bench.planners else set()
+    encoders = () if bench.prior_probe else ("encoder",) + (
+        ("policy_encoder",) if planners & {"ppdpp", "dpdp"} else ())
+    try:
+        check_weights(args, roles=() if bench.serve else ROLES, encoder_flags=encoders)
+    except UserError as error:
+        return str(error)
+    return None
+
+
 def main(argv=None):
     from get_args import build_parser
 
@@ -623,6 +640,11 @@ def main(argv=None):
     if bench.state_write:
         state_write_figures(args, [int(w) for w in bench.state_write.split(",")])
         return 0
+    if not bench.random_model:  # a random model loads no weights
+        problem = missing_weights(args, bench)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     if bench.prior_probe:
         prior_probe(args, bench.prior_probe)
         return 0

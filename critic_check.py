@@ -600,13 +600,14 @@ def main(argv=None):
     if not card["out"]:
         raise UserError("critic_check.py needs --out DIR for report_card.md/.json/.png. "
                         "Pass e.g. --out runs/critic_check")
-    from harness import critic_settings
+    from harness import check_weights, critic_settings
 
     # the run's files or the split's human conversations are checked before any model loads
     if card["run"]:
         run_files = read_run(card["run"])
     else:
         cases, kept = human_cases(args, card)
+    check_weights(args, roles=("critic",), encoder_flags=())  # the critic's model only
     os.makedirs(card["out"], exist_ok=True)
     critic, model = load_critic(args)
     judged_by = critic_settings(critic, model)

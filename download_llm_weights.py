@@ -13,6 +13,27 @@ import argparse
 import os
 import sys
 
+# the hub organisation of a weights folder, by the start of its name: the models that
+# README.md and docs/ name (the folder is the hub name, as main() names it by default)
+HUB_OWNERS = {"Qwen": "Qwen", "SmolLM": "HuggingFaceTB", "bert-": "google-bert",
+              "roberta-": "FacebookAI"}
+
+
+def hub_id(folder):
+    """The hub id of a weights folder named as main() names it (weights/<model name>), for
+    the models the docs name; None for others."""
+    name = os.path.basename(os.path.normpath(folder))
+    owner = next((owner for start, owner in HUB_OWNERS.items() if name.startswith(start)),
+                 None)
+    return f"{owner}/{name}" if owner else None
+
+
+def download_command(folder):
+    """The command that downloads a weights folder (a placeholder for the hub id of a
+    model the docs do not name)."""
+    repo = hub_id(folder) or f"<the hub id of {os.path.basename(os.path.normpath(folder))}>"
+    return f"python download_llm_weights.py --repo_id {repo} --local_dir {folder}"
+
 
 def download(repo_id, local_dir, revision=None, endpoint=None, allow_patterns=None):
     from huggingface_hub import snapshot_download

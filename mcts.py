@@ -292,6 +292,7 @@ class DPDPPolicy(Policy):
 
     name = "dpdp"
     trainable = True
+    weight_flags = ("policy_encoder",)  # the fast policy is PPDPP's
 
     def __init__(self, args, task):
         super().__init__(args, task)
@@ -433,6 +434,7 @@ class DPDPPolicy(Policy):
         tensors = load_file(path, device=str(self.fast.device))
         self.q_head.load_state_dict({k[len("q_head."):]: v for k, v in tensors.items()
                                      if k.startswith("q_head.")})
+        self.updates = self.fast.updates  # the sidecar's, which both save
         return info
 
     @staticmethod

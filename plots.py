@@ -3,8 +3,9 @@
     python plots.py runs/esc__exp__1__1700000000
 
 plot_run reads whichever of train_history.jsonl, test_conversations.jsonl and
-train_conversations.jsonl exist and skips the figures whose file is missing (a run in test
-mode has no training history). Each plot_* function takes plain data and writes one PNG.
+train_conversations.jsonl exist and skips the figures it cannot draw, each named on one
+line with the reason (a run in test mode has no training history; a policy that made no
+gradient update has no TD loss). Each plot_* function takes plain data and writes one PNG.
 """
 
 import json
@@ -144,41 +145,68 @@ def plot_prior_vs_q(pairs, order, path):
 
 
 def plot_run(run_dir):
-    """Write the figures that this run's files allow; returns the paths written."""
+    """Write the figures that this run's files allow; returns the paths written. Each
+    figure that cannot be drawn is named on one line with the reason."""
     def path(name):
         return os.path.join(run_dir, name)
 
+    def not_drawn(names, reason):
+        print(f"figure not drawn: {', '.join(path(name) for name in names)} ({reason})")
+
     written = []
+    training = ("valid_curve.png", "td_loss.png", "epsilon.png")
     if os.path.exists(path("train_history.jsonl")):
         history = read_jsonl(path("train_history.jsonl"))
-        # a policy's updates without a TD loss (PPDPP's REINFORCE) have no TD figure
+        updates = [h for h in history if h.get("kind") == "update"]
         for kind, key, plot, name in (("eval", "SR", plot_valid_curve, "valid_curve.png"),
                                       ("update", "td_loss", plot_td_loss, "td_loss.png"),
                                       ("step", "epsilon", plot_epsilon, "epsilon.png")):
             lines = [h for h in history if h.get("kind") == kind and key in h]
             if lines:
                 written.append(plot(lines, path(name)))
+            elif kind == "update" and updates:  # PPDPP's REINFORCE, DPDP's actor-critic
+                not_drawn([name], "the policy's updates have no TD loss")
+            elif kind == "update":
+                not_drawn([name], "the policy made no gradient update in training: see "
+                          "\"updates\" in test_metrics.json")
+            else:
+                not_drawn([name], f"train_history.jsonl has no {kind} with {key}")
+    else:
+        not_drawn(training, "no train_history.jsonl: the run did not train")
     if not os.path.exists(path("test_conversations.jsonl")):
+        not_drawn(("actions.png", "prior_vs_q.png"), "no test_conversations.jsonl")
         return written
     test = read_jsonl(path("test_conversations.jsonl"))
-    task = (read_json(path("test_metrics.json")).get("task")
-            if os.path.exists(path("test_metrics.json")) else None)
+    metrics = (read_json(path("test_metrics.json"))
+               if os.path.exists(path("test_metrics.json")) else {})
     pairs = prior_choice_pairs(test)
     series = {"test": [a for _, a in pairs]}
     if os.path.exists(path("train_conversations.jsonl")):
         train = read_jsonl(path("train_conversations.jsonl"))
         series["train"] = [a for _, a in prior_choice_pairs(train)]
     series = {name: actions for name, actions in series.items() if actions}
-    if series:  # the policy "none" chooses no strategy
-        order = ordered([a for actions in series.values() for a in actions], task)
+    if series:
+        order = ordered([a for actions in series.values() for a in actions], metrics.get("task"))
         written.append(plot_actions(series, order, path("actions.png")))
+    else:  # the policy "none" chooses no strategy
+        not_drawn(["actions.png"], "no turn chose a strategy")
     if pairs:
-        order = ordered([a for pair in pairs for a in pair], task)
+        order = ordered([a for pair in pairs for a in pair], metrics.get("task"))
         written.append(plot_prior_vs_q(pairs, order, path("prior_vs_q.png")))
         print(f"{run_dir}: chosen action differs from the prior's top-1 in "
-              f"{_rate(pairs):.1%} of test turns")
+              f"{_rate(pairs):.1%} of test turns{trained_note(metrics)}")
+    else:
+        not_drawn(["prior_vs_q.png"], "no test turn chose a strategy")
     return written
 
+
+def trained_note(metrics):
+    """", by an untrained policy (0 gradient updates)" when test_metrics.json says that the
+    tested policy is undertrained, else ""."""
+    if not metrics.get("undertrained"):
+        return ""
+    state = "untrained" if metrics["updates"] == 0 else "undertrained"
+    return f", by an {state} policy ({metrics['updates']} gradient updates in training)"
 
 
 def plot_summary(groups, metrics, path):

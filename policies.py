@@ -60,6 +60,10 @@ class Policy:
     name = "policy"
     trainable = False  # has parameters that training changes (and a checkpoint)
     uses_encoder = False  # needs the run's frozen encoder (--encoder)
+    weight_flags = ()  # the flags naming weights it loads itself (harness.check_weights)
+    # gradient updates of its parameters in training (not a supervised stage before it),
+    # restored with a training state and read from a loaded checkpoint
+    updates = 0
 
     def __init__(self, args, task):
         self.args = args

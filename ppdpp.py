@@ -117,6 +117,7 @@ class PPDPPPolicy(Policy):
     name = "ppdpp"
     trainable = True
     uses_encoder = False  # it fine-tunes an encoder of its own, not the frozen one
+    weight_flags = ("policy_encoder",)
 
     def __init__(self, args, task):
         super().__init__(args, task)
@@ -221,8 +222,8 @@ class PPDPPPolicy(Policy):
 
     @staticmethod
     def check_run(args, task, splits):
-        """The encoder exists; a supervised stage has labelled turns to learn from."""
-        resolve_encoder_path(args.policy_encoder)
+        """A supervised stage has labelled turns to learn from (harness.check_weights
+        checks the encoder)."""
         if args.mode != "train" or not args.ppdpp_sft:
             return
         examples, counts = labelled_examples(task, splits["train"])
@@ -329,11 +330,13 @@ class PPDPPPolicy(Policy):
                                         "args": vars(self.args), "models": self.models})
 
     def load(self, path, optimizer=False):
-        """The network of a checkpoint (checked by check_checkpoint)."""
+        """The network of a checkpoint (checked by check_checkpoint) and its update count."""
         tensors = load_file(path, device=str(self.device))
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         with open(path + ".json") as f:
-            return json.load(f)
+            info = json.load(f)
+        self.updates = info.get("updates")  # None: a sidecar that does not say
+        return info
 
     @staticmethod
     def check_checkpoint(path, args, models):
@@ -344,7 +347,11 @@ class PPDPPPolicy(Policy):
                             "of a --policy ppdpp training run")
         check_saved_args(path, info["args"], args, ("data_name", "policy_encoder",
                                                     "ppdpp_max_length"))
-        with open(os.path.join(resolve_encoder_path(args.policy_encoder), "config.json")) as f:
+        try:
+            encoder_path = resolve_encoder_path(args.policy_encoder)
+        except FileNotFoundError:  # harness.check_weights reports it with the others
+            return
+        with open(os.path.join(encoder_path, "config.json")) as f:
             width = json.load(f)["hidden_size"]
         if list(shapes["net.classifier.weight"])[1] != width:
             raise UserError(f"the checkpoint {path} has a classifier for a "

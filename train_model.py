@@ -39,7 +39,7 @@ from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, reso
 from policies import TEST_FLAGS, make_policy, policy_class, saved_args
 from q_adapter import FrozenEncoder, resolve_encoder_path
 from tasks import get_task, load_split
-from trainer import train
+from trainer import train, undertrained_warning, update_figures
 
 
 def main(argv=None):
@@ -77,13 +77,16 @@ def run(args, given=None):
     seed_everything(args.seed)
     # every model name resolved ('auto' included) before the checks that compare them
     models = resolve_models(args)
-    # data, checkpoint and output folder are checked before any model is loaded
+    # data, checkpoint, weights and output folder are checked before any model is loaded
     splits = load_cases(args, task)
     if args.mode == "test" and args.checkpoint:
         policy_class(args.policy).check_checkpoint(args.checkpoint, args, models)
     policy_class(args.policy).check_run(args, task, splits)
     for split in splits:  # the user personas' files (personas.py) read before any model loads
         harness.split_personas(args, split)
+    # every weight folder the run loads, all missing ones in one error, before the run
+    # folder exists
+    harness.check_weights(args)
     name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
         args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")
@@ -109,6 +112,7 @@ def run(args, given=None):
                | {"models": models}} | metrics
     metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
+    metrics |= update_figures(policy)  # the tested policy's updates, and whether too few
     metrics["llm_usage"] = llm_usage(env)
     # the whole training's seconds are last.pt's (best.pt's: those up to its save)
     metrics["policy_cost"] = policy_cost(policy, checkpoint=os.path.join(run_dir, "last.pt")
@@ -119,6 +123,8 @@ def run(args, given=None):
 
     for path in plots.plot_run(run_dir):
         print(f"figure: {path}")
+    if metrics.get("undertrained"):
+        print(undertrained_warning(args, metrics["updates"]))
     return metrics, run_dir
 
 

@@ -21,6 +21,13 @@ from personas import draw_persona
 from policies import LearnStep
 from q_adapter import linear_schedule
 
+# a policy with fewer gradient updates than this is reported as undertrained: Adam moves
+# each weight by about the learning rate per update, so after a few minibatches the
+# weights are still within a few learning rates of their random start (the Q-head's
+# first layer starts within +-1/sqrt(width), 0.036 for bert-base), and a test measures
+# the initialisation, not what was learned
+MIN_UPDATES = 10
+
 
 def train(args, policy, env, train_cases, valid_cases, run_dir, writer, resume=None):
     """Play and learn until --total_episodes conversations have finished; returns the path
@@ -235,6 +242,7 @@ class Trainer:
         train_metrics = summarize(self.ended, self.env.task, self.args.max_turn,
                                   +train_errors)
         train_metrics["judge"] = judge_of(self.env)
+        train_metrics["updates"] = self.policy.updates
         train_metrics["policy_cost"] = cost
         train_metrics["llm_usage"] = llm_usage(self.env)
         write_results(self.run_dir, "train", train_metrics, self.ended)
@@ -247,3 +255,30 @@ def episodes_open(args, loop):
     those of the current block of N (the next block starts after its update)."""
     every = args.update_every_episodes
     return loop["finished"] // every * every + every if every else args.total_episodes
+
+
+def update_figures(policy):
+    """A policy that learns: {"updates": gradient updates of the tested policy (the
+    checkpoint's, None when its sidecar does not say), "undertrained": fewer than
+    MIN_UPDATES}; {} for one that does not learn."""
+    if not policy.trainable:
+        return {}
+    updates = policy.updates
+    return {"updates": updates, "undertrained": None if updates is None
+            else updates < MIN_UPDATES}
+
+
+def undertrained_warning(args, updates):
+    """The line that ends a run whose tested policy is undertrained: the count, why, and
+    what to change."""
+    if args.policy == "dialogxpert":
+        schedule = (f"the Q-head learns once the replay buffer holds --learning_starts "
+                    f"{args.learning_starts} transitions")
+        remedy = "more --total_episodes or a lower --learning_starts"
+    else:  # PPDPP and DPDP update once per finished training episode
+        schedule = f"{args.policy} updates once per finished training episode"
+        remedy = "more --total_episodes"
+    state = "untrained" if updates == 0 else "undertrained"
+    return (f"warning: the tested policy is {state}: {updates} gradient updates in training, "
+            f"fewer than {MIN_UPDATES} ({schedule}), so its test figures measure a policy "
+            f"that has not learned. Train with {remedy}")

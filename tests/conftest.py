@@ -359,6 +359,22 @@ def esc_case(i):
 
 
 @contextmanager
+def transformers_warnings():
+    """The messages that transformers logs at WARNING or above while inside (its own
+    handler writes to the stderr it found at import, which pytest may have replaced)."""
+    import logging
+
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
+@contextmanager
 def scripted_models():
     """harness.load_llms gives the scripted clients while inside."""
     import harness

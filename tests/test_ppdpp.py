@@ -18,7 +18,7 @@ import tasks
 import train_model
 import trainer
 from conftest import (DEMO, SHARED_DATA, World, esc_case, esc_cases, interrupt_at_system_call,
-                      scripted_models)
+                      scripted_models, transformers_warnings)
 from env import Conversation, Observation
 from errors import UserError
 from get_args import Args, parse_args
@@ -82,6 +82,16 @@ def test_the_input_keeps_the_newest_whole_turns_in_conversation_order(policy):
 # ---------------------------------------------------------------------------------------
 # the labelled human turns of each task
 # ---------------------------------------------------------------------------------------
+
+def test_a_turn_longer_than_the_encoder_takes_brings_no_too_long_warning(tiny_encoder_dir):
+    """The input drops such a turn itself, so the tokenizer's warning does not apply."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_dir, model_max_length=32)
+    with transformers_warnings() as warnings:
+        ids = policy_input(tokenizer, [("Seeker", "a " * 100), ("Supporter", "Why?")], 32)
+    assert len(ids) <= 32 and not warnings
+
 
 def test_each_tasks_labels_map_onto_its_actions_and_the_rest_are_counted():
     for name, turns in (("esc", 4), ("cima", 4), ("p4g", 4), ("extes", 8)):
@@ -344,9 +354,9 @@ def test_bad_combinations_end_in_one_error_line(tiny_encoder_dir, tmp_path, caps
     # the train split has no labelled turn (these esc cases have an empty dialog)
     line = _cli_error(common, capsys, monkeypatch)
     assert "--ppdpp_sft true: the train split of 'esc'" in line and "--ppdpp_sft false" in line
-    line = _cli_error(common + ["--policy_encoder", str(tmp_path / "none")], capsys,
-                      monkeypatch)
-    assert "No encoder weights at" in line
+    line = _cli_error(common + ["--policy_encoder", str(tmp_path / "none"), "--ppdpp_sft",
+                                "false"], capsys, monkeypatch)
+    assert f"no model weights at {tmp_path / 'none'} (--policy_encoder)" in line
     # a task whose data has no strategy labels at all
     monkeypatch.setitem(tasks.TASKS, "cb", dataclasses.replace(tasks.TASKS["cb"],
                                                                labelled_turns=None))

@@ -1,5 +1,6 @@
 import torch
 
+from conftest import transformers_warnings
 from q_adapter import FrozenEncoder, encoder_input
 
 
@@ -47,3 +48,15 @@ def test_the_original_encoder_text_is_one_segment_without_emotions():
     first, kept, cut = encoder_input("Question", turns, ["sad"], "original")
     assert first is None and "sad" not in kept + cut
     assert kept + cut == "Action: Question for Observation: Patient: I feel low. Therapist: Why? "
+
+
+def test_inputs_the_encoder_cuts_bring_no_too_long_warning(tiny_encoder_dir):
+    encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, max_tokens=32, device="cpu")
+    encoder.tokenizer.model_max_length = 32  # as bert-base's 512 with --max_encoder_tokens 512
+    long = "Seeker: " + "a " * 100
+    with transformers_warnings() as warnings:
+        encoder.embed(["Question", "Others"], [long, "short"], kept=["", ""])
+        encoder.embed_texts([long])
+        assert not [w for w in warnings if "sequence length is longer" in w]
+        encoder.tokenizer(long)  # the tokenizer's own warning, which this catches
+        assert [w for w in warnings if "sequence length is longer" in w]

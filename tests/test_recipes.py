@@ -233,7 +233,9 @@ def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_cand
     llms = scripted_llms()
     llms["planner"], llms["critic"] = ScriptedLLM(planner), ScriptedLLM(critic)
     monkeypatch.setattr(harness, "load_llms", lambda args: llms)
-    run_dir, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--recipe", "original")
+    # --llm auto: the recipe's Qwen2.5-14B is not downloaded, and the scripted clients play it
+    run_dir, records = _scripted_esc_run(tmp_path, tiny_encoder_dir, "--recipe", "original",
+                                         "--llm", "auto")
     with open(os.path.join(run_dir, "best.pt.json")) as f:
         saved = json.load(f)["args"]
     assert {name: saved[name] for name in ("prior_order", "critic_order", "prior")} == {

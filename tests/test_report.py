@@ -200,6 +200,32 @@ def test_plot_run_of_a_test_run_and_the_override_rate(tmp_path):
         plots.read_jsonl(os.path.join(silent, "test_conversations.jsonl"))) is None
 
 
+def test_each_figure_that_cannot_be_drawn_is_named_with_the_reason(tmp_path, capsys):
+    rng = random.Random(8)
+    folder = write_run(tmp_path, "esc", "ppdpp", 1, random_conversations("esc", [True], rng),
+                       train=random_conversations("esc", [False], rng))
+    history = os.path.join(folder, "train_history.jsonl")
+    lines = plots.read_jsonl(history)
+    # REINFORCE's updates, then none at all
+    for updates, reason in (([{"kind": "update", "step": 1, "pg_loss": 0.3}],
+                             "the policy's updates have no TD loss"),
+                            ([], "the policy made no gradient update in training")):
+        write_jsonl(history, [h for h in lines if h["kind"] != "update"] + updates)
+        assert "td_loss.png" not in " ".join(plots.plot_run(folder))
+        printed = capsys.readouterr().out
+        assert f"figure not drawn: {os.path.join(folder, 'td_loss.png')} ({reason}" in printed
+    os.remove(history)  # a test run: no training figure
+    plots.plot_run(folder)
+    assert "valid_curve.png, " in capsys.readouterr().out.split("figure not drawn: ")[1]
+    silent = write_run(tmp_path / "none", "esc", "none", 1,
+                       random_conversations("esc", [True], rng, policy="none"))
+    plots.plot_run(silent)
+    printed = capsys.readouterr().out
+    for name in ("actions.png", "prior_vs_q.png"):
+        assert f"figure not drawn: {os.path.join(silent, name)} (no " in printed
+    assert printed.count("\n") == 3  # one line per reason
+
+
 # ---- report ---------------------------------------------------------------------------
 
 def test_report_of_two_policies_on_the_same_cases(tmp_path):
