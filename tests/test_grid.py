@@ -133,8 +133,11 @@ def test_kendall_tau_by_hand():
     (["--planner", "dialogxpert"], "pass its checkpoint"),
     (["--planner", "nope"], "unknown policy"),
     (["--user", "a=--max_turn -3"], "grid cell 'a'"),
-    (["--user", "a=--llm weights/no_such_model"], "weights/no_such_model"),
-    (["--user", "a=--backend openai --base_url http://127.0.0.1:9/v1"], "does not answer"),
+    # the bad cell second: checked before the first cell's run starts
+    (["--user", "u=--max_turn 2", "--user", "a=--llm weights/no_such_model"],
+     "weights/no_such_model"),
+    (["--user", "u=--max_turn 2", "--user", "a=--backend openai --base_url http://127.0.0.1:9/v1"],
+     "does not answer"),
 ])
 def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expected):
     import harness
