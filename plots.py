@@ -267,6 +267,36 @@ def plot_cost(groups, path, tokens="LLM tokens / conv."):
     return _save(figure, path)
 
 
+def plot_strategies(groups, path):
+    """The share of each action in the test's chosen strategies, one bar per policy and
+    one for the labelled human turns of the same cases where the data has them, one panel
+    per task (report.py's summaries: strategies["distribution"], ["human distribution"])."""
+    tasks = sorted({g["task"] for g in groups if g["strategies"]["distribution"]})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(1 + 5.5 * len(tasks), 5),
+                                squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        rows = [(g["policy"], g["strategies"]["distribution"]) for g in groups
+                if g["task"] == task and g["strategies"]["distribution"]]
+        human = next((g["strategies"]["human distribution"] for g in groups
+                      if g["task"] == task and g["strategies"]["human distribution"]), None)
+        if human:
+            rows.append(("human (data)", human))
+        actions = list(rows[0][1])
+        height = 0.8 / len(rows)
+        for k, (name, shares) in enumerate(rows):
+            axis.barh([i + k * height for i in range(len(actions))],
+                      [shares.get(a, 0.0) for a in actions], height=height, label=name,
+                      color="0.3" if name == "human (data)" else f"C{k % 10}")
+        axis.set_yticks([i + 0.4 - height / 2 for i in range(len(actions))])
+        axis.set_yticklabels(actions, fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel("share of the test's turns")
+        axis.set_title(task)
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3, axis="x")
+    return _save(figure, path)
+
+
 if __name__ == "__main__":
     for folder in sys.argv[1:]:
         for written_path in plot_run(folder):

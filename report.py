@@ -230,12 +230,15 @@ def strategy_figures(runs):
     for header, keys in STRATEGY_FIGURES.items():
         values = [looked_up({"strategies": run["strategies"]}, keys) for run in runs]
         figures[header] = None if None in values else sum(values) / len(values)
-    shares = {}
+    shares, human = {}, {}
     for run in runs:
-        for action, share in ((run["strategies"] or {}).get("distribution") or {}).items():
+        strategies = run["strategies"] or {}
+        for action, share in (strategies.get("distribution") or {}).items():
             shares[action] = shares.get(action, 0.0) + share / len(runs)
+        for action, share in ((strategies.get("human") or {}).get("distribution") or {}).items():
+            human[action] = human.get(action, 0.0) + share / len(runs)
     figures["top action"] = max(shares, key=shares.get) if shares else None
-    return figures
+    return figures | {"distribution": shares, "human distribution": human}
 
 
 def judge_text(judge):
@@ -431,6 +434,8 @@ def main(argv=None):
     images.insert(0, plots.plot_summary(summaries, shown, os.path.join(out, "report.png")))
     if any(s["costs"]["LLM tokens / conv."] is not None for s in summaries):
         images.insert(1, plots.plot_cost(summaries, os.path.join(out, "cost.png")))
+    if any(s["strategies"]["distribution"] for s in summaries):
+        images.append(plots.plot_strategies(summaries, os.path.join(out, "strategies.png")))
     text = markdown(summaries, differences, skipped, images, out, args.n_boot)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)

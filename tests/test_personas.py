@@ -123,6 +123,7 @@ def test_a_one_strategy_planner_wins_with_one_persona_and_loses_with_the_other(f
     assert (f"| esc | prior | doer | {16 - askers} | 0.000 [0.000, 0.000] | 2.00 [2.00, 2.00] |"
             in text)
     assert "| esc | prior | Question | 0.000 | 1.000 | - | - |" in text  # no labels in the cases
+    assert os.path.isfile(root / "report" / "strategies.png") and "strategies.png" in text
 
 
 def test_personas_are_paired_across_policies_and_split_between_training_and_test(folders):
