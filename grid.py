@@ -13,7 +13,8 @@ ranking of the planners changes from cell to cell.
 A user needs new conversations: each planner is tested (train_model.py --mode test) once
 per user, with the flags after `--`, the user's flags and the first critic's flags. A
 critic does not: each other critic re-judges those conversations (critic_check.py --run,
-the folder rejudged/<critic>). Every cell plays the same cases with the same seed, so
+the folder rejudged/<critic>), and so does the first where a user's flags changed the
+run's critic (a --backend that serves every role). Every cell plays the same cases with the same seed, so
 the planners of a cell pair case by case. A user's or critic's flags are train_model.py
 flags, as for one run (a served model's flags apply to every role, as --backend does).
 """
@@ -107,11 +108,24 @@ def plan(args, common):
                      "--output_dir", os.path.join(args.out, "runs", user)] +
                     (["--checkpoint", checkpoint] if checkpoint else []))
             runs[(user, planner_name(policy, checkpoint))] = checked_args(parse_args, argv, user)
-    judges = {}
-    for critic, critic_flags in critics[1:]:
-        checked_args(parse_args, common + critic_flags, critic)
-        judges[critic] = common + critic_flags
+    judges = {}  # critic -> (its critic_check.py flags, its model as critic_model names it)
+    for critic, critic_flags in critics:
+        judges[critic] = (common + critic_flags,
+                          critic_model(checked_args(parse_args, common + critic_flags, critic)))
     return runs, judges, [name for name, _ in critics], [name for name, _ in users]
+
+
+def critic_model(args):
+    """The critic a run with these arguments has: engine, model, server."""
+    served = args.backend == "openai"
+    return (args.backend, args.critic_llm or args.llm,
+            (args.critic_base_url or args.base_url) if served else "")
+
+
+def judged_live(run_args, critic, judges, critics):
+    """Whether the run's own verdicts are the critic's: the first critic, unless the user's
+    flags changed the run's critic (a row whose --backend serves every role)."""
+    return critic == critics[0] and critic_model(run_args) == judges[critic][1]
 
 
 def checked_args(parse_args, argv, cell):
@@ -138,13 +152,17 @@ def run_grid(args, common):
     for (user, planner), run_args in runs.items():
         print(f"grid: user {user}, planner {planner}", flush=True)
         _, folders[(user, planner)] = train_model.run(run_args)
-    for critic, argv in judges.items():
+    for critic, (argv, _) in judges.items():
         for (user, planner), folder in folders.items():
+            if judged_live(runs[(user, planner)], critic, judges, critics):
+                continue
             print(f"grid: critic {critic} re-judges user {user}, planner {planner}", flush=True)
             critic_check.main(argv + ["--run", folder, "--judge_name", critic, "--out",
                                       os.path.join(args.out, "cards", critic, user,
                                                    planner.split("=")[0])])
-    return table(args, folders, users, critics)
+    live = {key: [c for c in critics if judged_live(run_args, c, judges, critics)]
+            for key, run_args in runs.items()}
+    return table(args, folders, users, critics, live)
 
 
 def probe_server(base_url, timeout=10):
@@ -160,11 +178,7 @@ def probe_server(base_url, timeout=10):
                         "Start it (e.g. `make serve`) or fix that cell's flags") from None
 
 
-def cell_folder(folder, critic, critics):
-    return folder if critic == critics[0] else os.path.join(folder, "rejudged", critic)
-
-
-def table(args, folders, users, critics):
+def table(args, folders, users, critics, live):
     """grid.json and grid.md of the finished runs and re-judgings."""
     import report
 
@@ -172,9 +186,10 @@ def table(args, folders, users, critics):
     cells = []
     for user in users:
         for critic in critics:
-            runs = {planner: report.load_run(cell_folder(folders[(user, planner)], critic,
-                                                         critics))
-                    for planner in planners}
+            runs = {planner: report.load_run(
+                folders[(user, planner)] if critic in live[(user, planner)]
+                else os.path.join(folders[(user, planner)], "rejudged", critic))
+                for planner in planners}
             summaries = {p: report.summarize(run["task"], p, {run["seed"]: run}, args.n_boot)
                          for p, run in runs.items()}
             reference = planners[0]

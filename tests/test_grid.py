@@ -157,3 +157,14 @@ def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expe
     finally:
         harness.load_llms = saved
     assert not loaded and not os.path.exists(tmp_path / "out")
+
+
+def test_a_row_that_changes_the_runs_critic_is_rejudged_by_the_first_critic_too():
+    from get_args import parse_args
+
+    judges = {"c": ([], grid.critic_model(parse_args([]))),
+              "d": ([], grid.critic_model(parse_args(["--critic_llm", "other"])))}
+    assert grid.judged_live(parse_args(["--user_llm", "u"]), "c", judges, ["c", "d"])
+    served = parse_args(["--backend", "openai", "--base_url", "http://127.0.0.1:1/v1"])
+    assert not grid.judged_live(served, "c", judges, ["c", "d"])  # its live critic was served
+    assert not grid.judged_live(parse_args([]), "d", judges, ["c", "d"])
