@@ -1,8 +1,9 @@
 """What every script of a run builds and shares: the LLM clients of the roles, the
 critic and the environment (load_llms, build_critic, build_env), the weights a run needs
-(check_weights) and the models it names (resolve_models), who judged it (judge_of), one batched turn of a policy (play_turn), the
-evaluation of a policy on a split (evaluate) and the run's result files (summarize,
-write_results). train_model.py, critic_check.py and bench.py build on it."""
+(check_weights) and the models it names (resolve_models), who judged it (judge_of), one
+batched turn of a policy (play_turn), the evaluation of a policy on a split (evaluate)
+and the run's result files (summarize, write_results). train_model.py, critic_check.py and
+bench.py build on it."""
 
 import hashlib
 import importlib.metadata
