@@ -81,6 +81,12 @@ class Trainer:
             self.env.restore_ledgers(state["ledgers"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
                                         self.env.llms())
+        finished = self.loop["finished"]
+        if finished < self.args.total_episodes and os.path.exists(
+                os.path.join(self.run_dir, run_state.TEST_FILES[0])):
+            kept = run_state.set_aside_test(self.run_dir, finished)
+            print(f"training goes on from {finished} to {self.args.total_episodes} episodes; "
+                  f"the test after {finished} is kept as {', '.join(kept)}")
 
     def policy_cost(self):
         """The policy's trainable parameters and the loop's seconds so far (None: a state

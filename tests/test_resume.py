@@ -10,13 +10,17 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.tensorboard import SummaryWriter
 
 import run_state
+import train_model
 import trainer
-from conftest import DEMO, ROOT, esc_cases, harm_world, interrupt_at_system_call, q_policy
+from conftest import (DEMO, ROOT, esc_cases, harm_world, interrupt_at_system_call, make_runs,
+                      q_policy, scripted_models)
+from errors import UserError
 from get_args import Args
 from q_adapter import FrozenEncoder
 
@@ -160,3 +164,66 @@ def test_killed_at_random_moments_the_run_completes(tiny_llm_dir, tiny_encoder_d
             json.load(f)
     for name in ("best.pt", "last.pt"):
         assert any(k.startswith("q_head.") for k in load_file(os.path.join(run_dir, name)))
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A run of train_model.py on the scripted clients, trained to 8 episodes and tested."""
+    (run_dir,) = make_runs(str(tmp_path), train_episodes=8, baseline=None)
+    return run_dir
+
+
+def test_a_finished_run_resumed_with_a_larger_total_trains_on_and_keeps_its_old_test(
+        finished_run):
+    old = {name: _read(os.path.join(finished_run, name))
+           for name in ("test_metrics.json", "test_conversations.jsonl", "best.pt")}
+    with scripted_models():
+        metrics, run_dir = train_model.main(["--resume", finished_run, "--total_episodes", "12",
+                                             "--progress", "false"])
+    assert run_dir == finished_run
+    assert run_state.load_state(run_dir)["loop"]["finished"] == 12
+    assert run_state.load_state(run_dir)["args"]["total_episodes"] == 12
+    with open(os.path.join(run_dir, "train_conversations.jsonl")) as f:
+        assert len(f.readlines()) == 12
+    with open(os.path.join(run_dir, "last.pt.json")) as f:
+        assert json.load(f)["step"] == 12
+    # the old test, byte for byte, under its new names; a new test in the usual ones
+    for name, kept in (("test_metrics.json", "test_at_8_metrics.json"),
+                       ("test_conversations.jsonl", "test_at_8_conversations.jsonl"),
+                       ("best.pt", "best_at_8.pt")):
+        assert _read(os.path.join(run_dir, kept)) == old[name]
+    with open(os.path.join(run_dir, "test_metrics.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(metrics))
+
+
+def test_a_finished_run_resumed_without_a_larger_total_is_refused(finished_run):
+    before = {name: _read(os.path.join(finished_run, name)) for name in os.listdir(finished_run)
+              if os.path.isfile(os.path.join(finished_run, name))}
+    for extra in ([], ["--total_episodes", "8"]):
+        with scripted_models(), pytest.raises(UserError, match="is finished: trained to 8 "
+                                              "episodes and tested. Pass a larger "
+                                              "--total_episodes"):
+            train_model.main(["--resume", finished_run, "--progress", "false", *extra])
+    with scripted_models(), pytest.raises(UserError, match="--total_episodes 4 is below the 8"):
+        train_model.main(["--resume", finished_run, "--total_episodes", "4"])
+    after = {name: _read(os.path.join(finished_run, name)) for name in os.listdir(finished_run)
+             if os.path.isfile(os.path.join(finished_run, name))}
+    assert after == before
+
+
+def test_flags_given_on_resume_that_differ_from_the_saved_run_are_refused(finished_run):
+    flags = ["--resume", finished_run, "--total_episodes", "12", "--max_turn", "8",
+             "--critic_samples", "4", "--eval_temperature", "0.5", "--debug", "true"]
+    with scripted_models(), pytest.raises(UserError) as refused:
+        train_model.main(flags)
+    message = str(refused.value)
+    assert "\n" not in message
+    # the saved run has --critic_samples 4 (the same: allowed) and --max_turn 3
+    assert "--max_turn 8 (saved: 3), --eval_temperature 0.5 (saved: 0.0)" in message
+    assert "critic_samples" not in message and "debug" not in message
+    assert not os.path.exists(os.path.join(finished_run, "test_at_8_metrics.json"))
