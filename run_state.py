@@ -173,6 +173,31 @@ def restore_random_states(states, rng, generator, llms):
         llms[role].load_rng_state(state)
 
 
+def _clients(llms):
+    """{role: client}, each client once (in-process roles may share one model)."""
+    seen = {}
+    for role, llm in llms.items():
+        seen.setdefault(id(llm), (role, llm))
+    return dict(seen.values())
+
+
+def llm_caches(llms):
+    """Each client's cache (see LLMClient.cache_state), by the first role that uses it."""
+    return {role: state for role, state in ((role, llm.cache_state())
+                                            for role, llm in _clients(llms).items())
+            if state is not None}
+
+
+def restore_llm_caches(states, llms):
+    for role, state in states.items():
+        llms[role].load_cache_state(state)
+
+
+def clear_llm_caches(llms):
+    for llm in _clients(llms).values():
+        llm.clear_cache()
+
+
 def _tuples(value):
     """random.setstate wants the tuples that saving turned into lists."""
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
