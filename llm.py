@@ -128,6 +128,17 @@ class LLMClient:
     def load_rng_state(self, state):
         """Restore what rng_state returned."""
 
+    def cache_state(self):
+        """What the client keeps across calls that changes its numbers (the in-process
+        prefix cache), as tensors and plain values for a training state (None: nothing)."""
+        return None
+
+    def load_cache_state(self, state):
+        """Restore what cache_state returned."""
+
+    def clear_cache(self):
+        """Drop what cache_state would return."""
+
     def label_token_ids(self, prompt_ids, labels):
         """Token ids of each label as the tokenizer tokenizes it right after the prompt.
         Only the prompt's last tokens can merge with a label, so the answer is cached by

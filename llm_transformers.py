@@ -84,6 +84,25 @@ class PrefixCache:
                     and self.latest.get(k[-1]) != k]:
             self.bytes -= self._size(self.entries.pop(key)[1])
 
+    def clear(self):
+        self.entries.clear()
+        self.latest.clear()
+        self.parents.clear()
+        self.bytes = 0
+
+    def state(self):
+        """The entries (least recently used first), each role's latest and the copies'
+        parents, as lists and tensors."""
+        return {"entries": [[key, ids, [[k, v] for k, v in layers]]
+                            for key, (ids, layers) in self.entries.items()],
+                "latest": dict(self.latest), "parents": dict(self.parents)}
+
+    def load_state(self, state, device):
+        self.clear()
+        for key, ids, layers in state["entries"]:
+            self.put(key, ids, [(k.to(device), v.to(device)) for k, v in layers])
+        self.latest, self.parents = dict(state["latest"]), dict(state["parents"])
+
     def put(self, key, ids, layers):
         if key in self.entries:
             self.bytes -= self._size(self.entries.pop(key)[1])
@@ -334,6 +353,19 @@ class TransformersLLM(LLMClient):
 
     def load_rng_state(self, state):
         self.generator.set_state(state)
+
+    def cache_state(self):
+        """The prefix cache: a prompt that reuses a cached prefix gets slightly other floats
+        than one computed whole (docs/outputs.md#stopping-and-resuming)."""
+        return self.prefix_cache.state() if self.prefix_cache is not None else None
+
+    def load_cache_state(self, state):
+        if self.prefix_cache is not None:
+            self.prefix_cache.load_state(state, self.device)
+
+    def clear_cache(self):
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def forget(self, conversation_id):
         """Drop the prefix-cache entries of a finished conversation."""

@@ -13,6 +13,7 @@ code from the file.
 import dataclasses
 import os
 import random
+import shutil
 import signal
 
 import numpy as np
@@ -20,8 +21,13 @@ import torch
 
 from env import Conversation, reserve_conversation_ids
 from errors import UserError
+from get_args import Args
 
 STATE_FILE = "train_state.pt"
+# the files of a run's test; a run whose training goes on keeps them under new names
+TEST_FILES = ("test_metrics.json", "test_conversations.jsonl")
+# flags that change only how a run reports: a resumed run takes them from the command line
+REPORTING_FLAGS = ("progress", "debug")
 
 
 def atomic_write(path, write):
@@ -53,6 +59,63 @@ def load_state(run_dir):
     except Exception as error:  # any unreadable file: torch raises many kinds
         raise UserError(f"{path} cannot be read ({type(error).__name__}). Start a new "
                         "run") from None
+
+
+# -- resuming -----------------------------------------------------------------------------
+
+def resumed_args(state, args, given):
+    """The arguments of a resumed run (args.resume): the saved run's, with the command
+    line's --progress and --debug, and its --total_episodes (training goes on to it). Any
+    other flag given with a value other than the saved one is refused, all in one error;
+    so is a finished run (trained and tested) without a larger --total_episodes."""
+    run_dir = args.resume
+    saved = Args(**state["args"] | {"resume": run_dir})
+    conflicts = [f"--{f.name} {getattr(args, f.name)} (saved: {getattr(saved, f.name)})"
+                 for f in dataclasses.fields(Args)
+                 if f.name in given and f.name not in ("resume", "total_episodes",
+                                                       *REPORTING_FLAGS)
+                 and getattr(args, f.name) != getattr(saved, f.name)]
+    if conflicts:
+        raise UserError(f"--resume {run_dir} keeps the run's own settings, and these flags "
+                        f"differ from them: {', '.join(conflicts)}. Leave them out, or start "
+                        "a new run with them")
+    total = args.total_episodes if "total_episodes" in given else saved.total_episodes
+    if total < saved.total_episodes:
+        raise UserError(f"--total_episodes {total} is below the {saved.total_episodes} "
+                        f"episodes of the run in {run_dir}. Pass a larger one to train it "
+                        "further, or none")
+    tested = os.path.exists(os.path.join(run_dir, TEST_FILES[0]))
+    if tested and total == saved.total_episodes:
+        raise UserError(f"the run in {run_dir} is finished: trained to {total} episodes and "
+                        "tested. Pass a larger --total_episodes with --resume to train it "
+                        f"further, or test it with --mode test --checkpoint {run_dir}/best.pt")
+    return Args(**vars(saved) | {"total_episodes": total}
+                | {name: getattr(args, name) for name in REPORTING_FLAGS})
+
+
+def set_aside_test(run_dir, episodes):
+    """Training goes on past the test made after `episodes` episodes: its files are
+    renamed test_at_<episodes>_*, and the best.pt it tested is kept as
+    best_at_<episodes>.pt (a hard link: best.pt is replaced, never written in place).
+    Returns the new names."""
+    kept = []
+    for name in TEST_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            kept.append(name.replace("test_", f"test_at_{episodes}_", 1))
+            os.replace(path, os.path.join(run_dir, kept[-1]))
+    for name in ("best.pt", "best.pt.json"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            kept.append(name.replace("best", f"best_at_{episodes}", 1))
+            target = os.path.join(run_dir, kept[-1])
+            if os.path.exists(target):  # set aside before, then tested again at the same count
+                os.remove(target)
+            try:
+                os.link(path, target)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(path, target)
+    return kept
 
 
 # -- conversations ----------------------------------------------------------------------
@@ -108,6 +171,31 @@ def restore_random_states(states, rng, generator, llms):
     generator.set_state(states["generator"])
     for role, state in states["llms"].items():
         llms[role].load_rng_state(state)
+
+
+def _clients(llms):
+    """{role: client}, each client once (in-process roles may share one model)."""
+    seen = {}
+    for role, llm in llms.items():
+        seen.setdefault(id(llm), (role, llm))
+    return dict(seen.values())
+
+
+def llm_caches(llms):
+    """Each client's cache (see LLMClient.cache_state), by the first role that uses it."""
+    return {role: state for role, state in ((role, llm.cache_state())
+                                            for role, llm in _clients(llms).items())
+            if state is not None}
+
+
+def restore_llm_caches(states, llms):
+    for role, state in states.items():
+        llms[role].load_cache_state(state)
+
+
+def clear_llm_caches(llms):
+    for llm in _clients(llms).values():
+        llm.clear_cache()
 
 
 def _tuples(value):

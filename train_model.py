@@ -67,10 +67,9 @@ def run(args, given=None):
     the flags given on the command line (None: those that differ from their defaults)."""
     given = given_flags(args=args) if given is None else given
     resume = None
-    if args.resume:  # the saved run's own arguments; only how it reports may change
+    if args.resume:  # the saved run's own arguments; how it reports and its total may change
         resume = run_state.load_state(args.resume)
-        args = Args(**resume["args"] | {"resume": args.resume, "progress": args.progress,
-                                         "debug": args.debug})
+        args = run_state.resumed_args(resume, args, given)
     task = get_task(args.data_name)
     if args.mode == "test" and args.checkpoint:  # a replay: the checkpoint's run's settings
         args = replay_settings(args, given, task)

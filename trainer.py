@@ -90,6 +90,13 @@ class Trainer:
             self.env.restore_ledgers(state["ledgers"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
                                         self.env.llms())
+        run_state.restore_llm_caches(state.get("llm_caches", {}), self.env.llms())
+        finished = self.loop["finished"]
+        if finished < self.args.total_episodes and os.path.exists(
+                os.path.join(self.run_dir, run_state.TEST_FILES[0])):
+            kept = run_state.set_aside_test(self.run_dir, finished)
+            print(f"training goes on from {finished} to {self.args.total_episodes} episodes; "
+                  f"the test after {finished} is kept as {', '.join(kept)}")
 
     def policy_cost(self):
         """The policy's trainable parameters and the loop's seconds so far (None: a state
@@ -101,17 +108,24 @@ class Trainer:
         return policy_cost(self.policy, self.loop["training_seconds"],
                            self.loop["update_seconds"])
 
-    def save_state(self):
+    def save_state(self, stopping=False):
+        """The whole state. The in-process LLMs' prefix caches change the floats of later
+        prompts: a state saved to stop holds them, and after any other save they are
+        emptied, so that the run goes on as a run resumed from that save does."""
         self.policy_cost()  # the seconds so far go into the saved loop
         write_history(self.run_dir, self.loop["history"])
         active = [o.conversation for o in self.active]
+        llms = self.env.llms()
         run_state.save_state(self.run_dir, {
             "args": vars(self.args), "loop": self.loop,
             "active": [run_state.conversation_to_dict(c) for c in active],
             "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
             "errors": self.env.counters(), "ledgers": self.env.ledgers(),
-            "random": run_state.random_states(self.rng, self.generator, self.env.llms())}
+            "random": run_state.random_states(self.rng, self.generator, llms),
+            "llm_caches": run_state.llm_caches(llms) if stopping else {}}
             | self.policy.state_dict(active))
+        if not stopping:
+            run_state.clear_llm_caches(llms)
 
     def before_training(self):
         """The policy's own stage before the first episode (PPDPP's supervised one), in
@@ -224,7 +238,7 @@ class Trainer:
         which the run stops."""
         finished = self.loop["finished"]
         if stop_requested or finished - self.saved_at >= self.args.checkpoint_every:
-            self.save_state()
+            self.save_state(stopping=bool(stop_requested))
             self.saved_at = finished
             if stop_requested:
                 self.bar.close()
