@@ -22,6 +22,7 @@ flags, as for one run (a served model's flags apply to every role, as --backend 
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -35,12 +36,13 @@ def named_flags(values, flag):
     cells = []
     for value in values:
         name, sep, flags = value.partition("=")
-        if not sep or not name.strip() or "/" in name:
-            raise UserError(f"{flag} '{value}' has no NAME= before its flags (a name without "
-                            f"'/'). {USAGE_HINT}")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            raise UserError(f"{flag} '{value}' has no NAME= before its flags (letters, digits, "
+                            f"'_', '.', '-'; a folder name). {USAGE_HINT}")
         if name in [n for n, _ in cells]:
             raise UserError(f"{flag} names '{name}' twice. Give each {flag[2:]} its own name")
-        cells.append((name.strip(), shlex.split(flags)))
+        cells.append((name, shlex.split(flags)))
     return cells
 
 
@@ -93,13 +95,21 @@ def parse(argv=None):
 
 
 def plan(args, common):
-    """Every run and re-judging of the grid, its arguments parsed and checked before any
-    model loads: ({(user, planner): run Args}, {critic: critic_check argv}, critics)."""
-    from get_args import parse_args
+    """Every run and re-judging of the grid, its arguments parsed before any model loads:
+    ({(user, planner): (run Args, the flags it counts as given)}, {critic: (critic_check
+    argv, its critic)}, critics, users)."""
+    from get_args import given_flags, parse_args
+    from tasks import get_task
+    from train_model import MODEL_FLAGS, evaluation_flags
 
     planners = planners_of(args.planner)
     users, critics = named_flags(args.user, "--user"), named_flags(args.critic, "--critic")
     first_critic = critics[0][1]
+    changed = sorted(given_flags(first_critic) & RUN_WIDE_FLAGS)
+    if changed:
+        raise UserError(f"the first --critic ({critics[0][0]}) sets {', '.join('--' + f for f in changed)}, "
+                        "which would change every role of every run, not only the critic. Give "
+                        "that critic as a later --critic (it re-judges the conversations)")
     runs = {}
     for user, user_flags in users:
         for policy, checkpoint in planners:
@@ -107,12 +117,60 @@ def plan(args, common):
                     ["--mode", "test", "--policy", policy, "--exp_name", f"grid-{user}",
                      "--output_dir", os.path.join(args.out, "runs", user)] +
                     (["--checkpoint", checkpoint] if checkpoint else []))
-            runs[(user, planner_name(policy, checkpoint))] = checked_args(parse_args, argv, user)
-    judges = {}  # critic -> (its critic_check.py flags, its model as critic_model names it)
+            run_args = checked_args(parse_args, argv, user)
+            # every planner of a cell plays the grid's seed, LLMs and evaluation setup; a
+            # checkpoint gives only its encoder and its policy's own flags (replay_settings)
+            given = (given_flags(argv) | {"seed"} | (set(MODEL_FLAGS) - {"encoder"})
+                     | set(evaluation_flags(get_task(run_args.data_name))))
+            runs[(user, planner_name(policy, checkpoint))] = (run_args, given)
+    judges = {}  # critic -> (its critic_check.py flags, its Args)
     for critic, critic_flags in critics:
         judges[critic] = (common + critic_flags,
-                          critic_model(checked_args(parse_args, common + critic_flags, critic)))
+                          checked_args(parse_args, common + critic_flags, critic))
     return runs, judges, [name for name, _ in critics], [name for name, _ in users]
+
+
+# flags that choose the LLMs of every role: not a critic's to set for the runs
+RUN_WIDE_FLAGS = {"backend", "llm", "base_url", "planner_llm", "system_llm", "user_llm",
+                  "planner_base_url", "system_base_url", "user_base_url"}
+
+
+def check_cells(runs, judges):
+    """Every cell's models, servers and checkpoints, before any loads: all problems in one
+    UserError. A checkpoint planner's Args get the checkpoint's own settings here."""
+    import train_model
+    from get_args import ROLES
+    from harness import check_weights, resolve_models
+    from policies import policy_class
+    from tasks import get_task
+
+    problems = []
+
+    def check(step, *values):
+        try:
+            step(*values)
+        except (UserError, ServerError) as error:
+            if str(error) not in problems:
+                problems.append(str(error))
+
+    def servers(args, roles):
+        if args.backend == "openai":
+            for role in roles:
+                check(probe_server, getattr(args, f"{role}_base_url") or args.base_url)
+
+    for key, (run_args, given) in runs.items():
+        if run_args.checkpoint:
+            run_args = train_model.replay_settings(run_args, given, get_task(run_args.data_name))
+            runs[key] = (run_args, given)
+            check(lambda a: policy_class(a.policy).check_checkpoint(a.checkpoint, a,
+                                                                   resolve_models(a)), run_args)
+        check(check_weights, run_args)
+        servers(run_args, ROLES)
+    for _, critic_args in judges.values():
+        check(lambda a: check_weights(a, roles=("critic",), encoder_flags=()), critic_args)
+        servers(critic_args, ("critic",))
+    if problems:
+        raise UserError(" | ".join(problems))
 
 
 def critic_model(args):
@@ -125,7 +183,7 @@ def critic_model(args):
 def judged_live(run_args, critic, judges, critics):
     """Whether the run's own verdicts are the critic's: the first critic, unless the user's
     flags changed the run's critic (a row whose --backend serves every role)."""
-    return critic == critics[0] and critic_model(run_args) == judges[critic][1]
+    return critic == critics[0] and critic_model(run_args) == critic_model(judges[critic][1])
 
 
 def checked_args(parse_args, argv, cell):
@@ -139,29 +197,23 @@ def checked_args(parse_args, argv, cell):
 def run_grid(args, common):
     import critic_check
     import train_model
-    from get_args import ROLES
-    from harness import check_weights
 
     runs, judges, critics, users = plan(args, common)
-    for run_args in runs.values():  # every model of every cell, before any loads
-        check_weights(run_args)
-        if run_args.backend == "openai":
-            for role in ROLES:
-                probe_server(getattr(run_args, f"{role}_base_url") or run_args.base_url)
+    check_cells(runs, judges)
     folders = {}
-    for (user, planner), run_args in runs.items():
+    for (user, planner), (run_args, given) in runs.items():
         print(f"grid: user {user}, planner {planner}", flush=True)
-        _, folders[(user, planner)] = train_model.run(run_args)
+        _, folders[(user, planner)] = train_model.run(run_args, given)
     for critic, (argv, _) in judges.items():
         for (user, planner), folder in folders.items():
-            if judged_live(runs[(user, planner)], critic, judges, critics):
+            if judged_live(runs[(user, planner)][0], critic, judges, critics):
                 continue
             print(f"grid: critic {critic} re-judges user {user}, planner {planner}", flush=True)
             critic_check.main(argv + ["--run", folder, "--judge_name", critic, "--out",
                                       os.path.join(args.out, "cards", critic, user,
-                                                   planner.split("=")[0])])
+                                                   os.path.basename(folder))])
     live = {key: [c for c in critics if judged_live(run_args, c, judges, critics)]
-            for key, run_args in runs.items()}
+            for key, (run_args, _) in runs.items()}
     return table(args, folders, users, critics, live)
 
 

@@ -127,6 +127,32 @@ def test_kendall_tau_by_hand():
     assert grid.kendall_tau(["a", "b", "c"], ["b", "a", "c"]) == pytest.approx(1 / 3)
 
 
+def test_a_checkpoint_planner_plays_the_grids_seed_and_setup(tmp_path):
+    """A trained planner in the grid keeps only its own flags from its checkpoint: the seed,
+    turn limit and critic are the grid's, so its conversations pair with the baselines'."""
+    from conftest import make_runs
+
+    trained, = make_runs(str(tmp_path), test_cases=12, train_episodes=4, max_turn=3,
+                         baseline=None)  # seed 1, --max_turn 3, --critic_samples 4
+    argv = ["--out", str(tmp_path / "grid"), "--planner", "prior", "--planner",
+            f"dialogxpert={trained}/best.pt", "--user", "kind=--user_temperature 0.5",
+            "--critic", "lenient=--critic_samples 2", "--n_boot", "200", "--",
+            "--data_name", "esc", "--data_dir", str(tmp_path / "data"), "--encoder",
+            str(tmp_path / "encoder"), "--max_turn", "8", "--num_envs", "12",
+            "--progress", "false", "--device", "cpu", "--max_encoder_tokens", "64"]
+    with scripted_grid():
+        result = grid.main(argv)
+    cell, = result["cells"]
+    difference = cell["differences"][f"dialogxpert={trained}/best.pt"]
+    assert difference["pairs"] == 12 and difference["seeds"] == [42]
+    runs = os.path.join(tmp_path, "grid", "runs", "kind")
+    for name in os.listdir(runs):
+        with open(os.path.join(runs, name, "test_metrics.json")) as f:
+            metrics = json.load(f)
+        assert (metrics["seed"], metrics["max_turn"], metrics["config"]["critic_samples"]) == (
+            42, 8, 2)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--user", "nameless"], "has no NAME="),
     (["--user", "a=--user_temperature 0.5", "--user", "a=--user_temperature 0.6"], "twice"),
@@ -138,6 +164,14 @@ def test_kendall_tau_by_hand():
      "weights/no_such_model"),
     (["--user", "u=--max_turn 2", "--user", "a=--backend openai --base_url http://127.0.0.1:9/v1"],
      "does not answer"),
+    (["--user", "..=--max_turn 2"], "has no NAME="),
+    # a critic column is checked before the first run too, every problem in one line
+    (["--user", "a=--llm weights/no_such_model", "--critic", "c=--critic_samples 2",
+      "--critic", "d=--critic_llm weights/no_critic"], "weights/no_such_model"),
+    (["--user", "a=--llm weights/no_such_model", "--critic", "c=--critic_samples 2",
+      "--critic", "d=--critic_llm weights/no_critic"], "weights/no_critic"),
+    (["--critic", "c=--backend openai --base_url http://127.0.0.1:9/v1"],
+     "would change every role"),
 ])
 def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expected):
     import harness
@@ -146,8 +180,8 @@ def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expe
     for flag, default in base.items():
         if flag not in argv:
             argv = default + argv
-    argv = (["--out", str(tmp_path / "out")] + argv + ["--critic", "c=--critic_samples 2", "--",
-            "--data_dir", "data/demo"])
+    critic = [] if "--critic" in argv else ["--critic", "c=--critic_samples 2"]
+    argv = (["--out", str(tmp_path / "out")] + argv + critic + ["--", "--data_dir", "data/demo"])
     loaded = []
     saved = harness.load_llms
     harness.load_llms = lambda args: loaded.append(args)
@@ -162,8 +196,7 @@ def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expe
 def test_a_row_that_changes_the_runs_critic_is_rejudged_by_the_first_critic_too():
     from get_args import parse_args
 
-    judges = {"c": ([], grid.critic_model(parse_args([]))),
-              "d": ([], grid.critic_model(parse_args(["--critic_llm", "other"])))}
+    judges = {"c": ([], parse_args([])), "d": ([], parse_args(["--critic_llm", "other"]))}
     assert grid.judged_live(parse_args(["--user_llm", "u"]), "c", judges, ["c", "d"])
     served = parse_args(["--backend", "openai", "--base_url", "http://127.0.0.1:1/v1"])
     assert not grid.judged_live(served, "c", judges, ["c", "d"])  # its live critic was served
