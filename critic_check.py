@@ -371,7 +371,9 @@ def rejudge(args, card, critic, model, run_files):
             config = dict(metrics.get("config", {}))
             config.update(critic_llm=model, critic=critic.mode, critic_order=critic.order,
                           critic_samples=critic.num_samples,
-                          critic_temperature=critic.temperature)
+                          critic_temperature=critic.temperature,
+                          critic_max_new_tokens=args.critic_max_new_tokens,
+                          critic_stop_at_newline=args.critic_stop_at_newline)
             played = metrics.get("judge", {})
             this_judge = critic_settings(critic, model) | {
                 "self_judged": model in (played.get("system_llm"), played.get("user_llm"))}
@@ -399,7 +401,8 @@ def rejudged_conversation(conversation, judged, max_turn):
 
     out = Conversation(conversation["case"], [tuple(t) for t in conversation["turns"]],
                        case_id=conversation.get("case_id"),
-                       prompt_cuts=conversation.get("prompt_cuts") or {})
+                       prompt_cuts=conversation.get("prompt_cuts") or {},
+                       persona=conversation.get("persona"))
     out.emotions = conversation.get("emotions", [])
     for record, result in judged:
         out.records.append(dict(record) | {

@@ -455,7 +455,8 @@ class SelfPlayEnv:
         uid, owned by the real conversation (`owner`), whose planner cost its LLM calls
         count as (`owners`). The real conversation is never changed by it. stream: the
         seed of the copy's samples (default: the conversation's, so that the copy draws
-        what the conversation would). Each client's cache lets the copy's first prompt of
+        what the conversation would). The copy's user has no persona: a persona is the
+        user's own, which no planner is told. Each client's cache lets the copy's first prompt of
         a role extend the conversation's last one (LLMClient.branch)."""
         copy = dataclasses.replace(
             conversation, uid=next(_conversation_ids), turns=list(conversation.turns),
@@ -463,6 +464,7 @@ class SelfPlayEnv:
             candidates=list(conversation.candidates),
             candidate_priors=list(conversation.candidate_priors),
             prior_orders=list(conversation.prior_orders), prompt_cuts={},
+            persona=None,  # the user's persona is hidden from the planner's lookahead
             stream=conversation.stream if stream is None else stream,
             owner=conversation.owner if conversation.owner is not None else conversation.uid)
         self.owners[copy.uid] = copy.owner

@@ -230,13 +230,14 @@ def strategy_figures(runs):
     for header, keys in STRATEGY_FIGURES.items():
         values = [looked_up({"strategies": run["strategies"]}, keys) for run in runs]
         figures[header] = None if None in values else sum(values) / len(values)
-    shares, human = {}, {}
-    for run in runs:
-        strategies = run["strategies"] or {}
-        for action, share in (strategies.get("distribution") or {}).items():
-            shares[action] = shares.get(action, 0.0) + share / len(runs)
-        for action, share in ((strategies.get("human") or {}).get("distribution") or {}).items():
-            human[action] = human.get(action, 0.0) + share / len(runs)
+    def mean_distribution(distributions):  # over the runs that have one
+        distributions = [d for d in distributions if d]
+        return {action: sum(d[action] for d in distributions) / len(distributions)
+                for action in (distributions[0] if distributions else {})}
+    shares = mean_distribution([(run["strategies"] or {}).get("distribution")
+                                for run in runs])
+    human = mean_distribution([((run["strategies"] or {}).get("human") or {}).get("distribution")
+                               for run in runs])
     figures["top action"] = max(shares, key=shares.get) if shares else None
     return figures | {"distribution": shares, "human distribution": human}
 
