@@ -205,6 +205,9 @@ def trained_note(metrics):
     tested policy is undertrained, else ""."""
     if not metrics.get("undertrained"):
         return ""
+    if metrics.get("supervised_stage"):
+        return (f", by a policy with {metrics['updates']} self-play updates after its "
+                "supervised stage")
     state = "untrained" if metrics["updates"] == 0 else "undertrained"
     return f", by an {state} policy ({metrics['updates']} gradient updates in training)"
 

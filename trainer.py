@@ -278,13 +278,21 @@ def update_figures(policy):
     if not policy.trainable:
         return {}
     updates = policy.updates
-    return {"updates": updates, "undertrained": None if updates is None
-            else updates < MIN_UPDATES}
+    figures = {"updates": updates, "undertrained": None if updates is None
+               else updates < MIN_UPDATES}
+    if policy.args.policy in ("ppdpp", "dpdp") and policy.args.ppdpp_sft:
+        figures["supervised_stage"] = True  # trained on the human turns before self-play
+    return figures
 
 
 def undertrained_warning(args, updates):
     """The line that ends a run whose tested policy is undertrained: the count, why, and
     what to change."""
+    if args.policy in ("ppdpp", "dpdp") and args.ppdpp_sft:
+        return (f"warning: the tested policy made {updates} self-play updates after its "
+                f"supervised stage, fewer than {MIN_UPDATES} ({args.policy} updates once per "
+                "finished training episode), so its test figures measure mostly the "
+                "classifier trained on the human turns. Train with more --total_episodes")
     if args.policy == "dialogxpert":
         schedule = (f"the Q-head learns once the replay buffer holds --learning_starts "
                     f"{args.learning_starts} transitions")

@@ -82,3 +82,25 @@ def test_a_baseline_has_no_update_count(tiny_encoder_dir, tmp_path, capsys):
     metrics, _ = _run(tmp_path, tiny_encoder_dir, "--mode", "test", "--policy", "random")
     assert "updates" not in metrics and "undertrained" not in metrics
     assert "figure not drawn" in capsys.readouterr().out  # no training: no training figures
+
+
+def test_a_ppdpp_run_with_its_supervised_stage_is_not_called_untrained(tiny_encoder_dir,
+                                                                        tmp_path, capsys):
+    """PPDPP's supervised stage trains the classifier before self-play: few self-play
+    updates are said as such, not as an untrained policy."""
+    data = tmp_path / "labelled"
+    data.mkdir()
+    dialog = [{"speaker": "usr", "text": "I feel low."},
+              {"speaker": "sys", "text": "Tell me more.", "strategy": "Question"}]
+    for split in ("train", "valid", "test"):
+        with open(data / f"esc-{split}.txt", "w") as f:
+            f.writelines(json.dumps(esc_case(i) | {"dialog": dialog}) + "\n" for i in range(3))
+    metrics, _ = _run(tmp_path, tiny_encoder_dir, "--policy", "ppdpp", "--data_dir", str(data),
+                      "--ppdpp_sft_epochs", "1")
+    assert metrics["supervised_stage"] is True and metrics["updates"] == 4
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("warning: the tested policy made 4 self-play updates after its "
+                                "supervised stage")
+    override = next(line for line in lines if "differs from the prior's top-1" in line)
+    assert override.endswith("by a policy with 4 self-play updates after its supervised stage")
+    assert not any("untrained" in line for line in lines)
