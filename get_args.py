@@ -420,6 +420,33 @@ def recipe_args(recipe="project", **values):
     return Args(**RECIPES[recipe] | values | {"recipe": recipe})
 
 
+# The evaluation setup: every flag that changes which cases a test plays, how its turns are
+# played or how they are judged. test_metrics.json records it ("config"), report.py pools
+# only runs that agree on it, and a replay (--mode test --checkpoint) takes it from the
+# checkpoint. The models are recorded resolved, as the config's "models" (resolve_models);
+# the task's own data flags (Task.data_flags) only for the task that reads them. Left out,
+# as they do not change what is evaluated: where and how fast it runs (device, num_envs,
+# max_batch_rows, prefix_cache_gb, shared_prefix, max_concurrency, request_timeout,
+# max_retries: at most the last bits of the arithmetic); training (system_temperature and
+# user_temperature, since a test decodes at eval_temperature, and every Q-learning and
+# PPDPP flag: they make the policy under test, which its checkpoint holds); the output
+# (output_dir, exp_name, progress, debug, checkpoint_every); and the task, policy and seed,
+# which test_metrics.json records on their own.
+EVALUATION_CONFIG = (
+    "data_dir", "max_cases", "max_turn", "top_k", "use_emotion", "context_length",
+    "backend", "dtype", "tokenizer", "max_encoder_tokens",
+    "system_max_new_tokens", "user_max_new_tokens", "eval_temperature",
+    "prior", "prior_samples", "prior_max_new_tokens", "prior_match_threshold", "prior_order",
+    "prior_rotations",
+    "critic", "critic_samples", "critic_temperature", "critic_max_new_tokens",
+    "critic_stop_at_newline", "critic_order",
+    "user_personas", "test_user_personas")  # a persona file by its path (personas.py)
+# the flags that name the models and reach them; the config holds the models they resolve to
+MODEL_FLAGS = ("llm", "planner_llm", "system_llm", "user_llm", "critic_llm", "encoder",
+               "base_url", "planner_base_url", "system_base_url", "user_base_url",
+               "critic_base_url", "api_key_env")
+
+
 # the sections of --help, each flag in one
 HELP_GROUPS = {
     "task and data": ("data_name", "data_dir", "max_cases", "extes_seed", "extes_split", "seed",

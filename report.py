@@ -31,7 +31,7 @@ import sys
 import time
 
 import plots
-from get_args import Args
+from get_args import EVALUATION_CONFIG, Args
 from metrics import episode_values, unusable_answers
 from stats import bootstrap_ci, paired_bootstrap_ci
 from tasks import TASKS
@@ -104,7 +104,8 @@ def load_run(folder):
         run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
                "case_ids": [c["case_id"] for c in conversations],
-               "config": metrics.get("config", {}), "judge": metrics.get("judge", {}),
+               "config": with_saved_args(folder, metrics.get("config", {})),
+               "judge": metrics.get("judge", {}),
                "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()},
                "personas": [(c.get("persona") or {}).get("name") for c in conversations],
                "strategies": metrics.get("strategies")}
@@ -120,6 +121,19 @@ def load_run(folder):
     run["override_rate"] = plots.override_rate(conversations)
     run["mtime"] = os.path.getmtime(metrics_path)
     return run
+
+
+def with_saved_args(folder, config):
+    """The run's config, with the flags it does not record (a run older than the flag's
+    place in the config) taken from the arguments its checkpoint's sidecar saved
+    (best.pt.json, else last.pt.json), where it has one; check_comparable counts what is
+    still missing as the default."""
+    for name in ("best.pt.json", "last.pt.json"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            saved = plots.read_json(path).get("args") or {}
+            return {name: saved[name] for name in EVALUATION_CONFIG if name in saved} | config
+    return config
 
 
 def looked_up(metrics, keys):
@@ -143,8 +157,8 @@ def compared_config(run):
 def check_comparable(runs):
     """Runs of one task must share their evaluation setup (test_metrics.json's config:
     train_model.EVALUATION_CONFIG, the task's data flags and the models): else their cases
-    and draws do not pair. A flag that a run does not record counts as its default in
-    get_args: the run is older than the flag, so it ran with the default."""
+    and draws do not pair. A flag that a run does not record (with_saved_args found no
+    value either) counts as its default in get_args."""
     first = {}
     for run in runs:
         seen = first.setdefault(run["task"], run)

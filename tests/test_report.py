@@ -369,6 +369,20 @@ def test_a_flag_an_older_run_did_not_record_counts_as_its_default(tmp_path, caps
     assert "differ in --user_max_new_tokens (60 and 8)" in capsys.readouterr().err
 
 
+def test_an_older_run_s_unrecorded_flag_is_read_from_its_checkpoint_s_arguments(tmp_path, capsys):
+    """A run whose config predates a flag, but whose best.pt.json saved the flag's value
+    (8-token user answers), does not pool with a default run."""
+    older = {k: v for k, v in setup_of("esc").items() if k != "user_max_new_tokens"}
+    write_setup_runs(tmp_path / "runs", "esc", [older, setup_of("esc")])
+    folder = next(os.path.join(root, name) for root, names, _ in os.walk(tmp_path / "runs")
+                  for name in names if "dialogxpert" in name)
+    with open(os.path.join(folder, "best.pt.json"), "w") as f:
+        json.dump({"args": vars(Args(user_max_new_tokens=8, learning_rate=0.5))}, f)
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    assert "differ in --user_max_new_tokens (8 and 60)" in capsys.readouterr().err
+
+
 def test_a_data_setting_of_another_task_does_not_split_runs(tmp_path, capsys):
     """--extes_split chooses ExTES's cases only: esc runs that differ in it pool, whether
     their config leaves it out (as now) or holds it (runs before Task.data_flags)."""
