@@ -156,7 +156,7 @@ def compared_config(run):
 
 def check_comparable(runs):
     """Runs of one task must share their evaluation setup (test_metrics.json's config:
-    train_model.EVALUATION_CONFIG, the task's data flags and the models): else their cases
+    get_args.EVALUATION_CONFIG, the task's data flags and the models): else their cases
     and draws do not pair. A flag that a run does not record (with_saved_args found no
     value either) counts as its default in get_args."""
     first = {}
