@@ -33,7 +33,7 @@ import os
 import sys
 from collections import Counter
 
-from errors import ServerError, UserError
+from errors import UserError, one_line_errors
 from get_args import Args, build_parser
 
 CARD_FLAGS = ("split", "run", "out", "judge_name")
@@ -629,11 +629,7 @@ def main(argv=None):
 
 
 def cli():
-    try:
-        main()
-    except (UserError, ServerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    one_line_errors(main)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import re
 import shlex
 import sys
 
-from errors import ServerError, UserError
+from errors import ServerError, UserError, one_line_errors
 
 USAGE_HINT = "Pass e.g. --user \"smol=--user_llm weights/SmolLM2-135M-Instruct\""
 
@@ -331,11 +331,7 @@ def main(argv=None):
 
 
 def cli():
-    try:
-        main()
-    except (UserError, ServerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    one_line_errors(main)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,8 @@ registered here from a scratch block (never in the shipped registry), then taken
 download_data.py (against a server on 127.0.0.1), a short scripted training, the critic's
 report card on its human conversations and on the run, report.py and view.py."""
 
-import http.server
 import json
 import os
-import threading
-from contextlib import contextmanager
 
 import pytest
 
@@ -20,6 +17,7 @@ import tasks
 import train_model
 import view
 from conftest import ScriptedLLM, option_number, write_json_lines
+from test_download import serve, static_handler
 from tasks import SPLITS, OptionRewards, Task
 
 BLOCK = {
@@ -72,25 +70,6 @@ def scripted_llms(args=None):
             "user": ScriptedLLM(lambda prompt: "Okay."), "critic": ScriptedLLM(critic_reply)}
 
 
-@contextmanager
-def serve(root):
-    """The files under root over HTTP on 127.0.0.1, as a data host would serve them."""
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=root, **kwargs)
-
-        def log_message(self, *args):
-            pass
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_a_sixth_task_downloads_trains_and_is_judged_and_reported(tmp_path, tiny_encoder_dir,
                                                                   monkeypatch, capsys):
     host = tmp_path / "host"
@@ -98,7 +77,7 @@ def test_a_sixth_task_downloads_trains_and_is_judged_and_reported(tmp_path, tiny
     for split, first, count in (("train", 0, 4), ("valid", 100, 2), ("test", 200, 3)):
         write_json_lines(host / f"coach-{split}.txt", coach_cases(first, count))
     data = tmp_path / "data"
-    with serve(str(host)) as url:
+    with serve(static_handler(str(host))) as url:  # a data host on 127.0.0.1
         monkeypatch.setitem(tasks.TASKS, "coach", coach_task(
             {f"coach-{split}.txt": f"{url}/coach-{split}.txt" for split in SPLITS}))
         assert download_data.main(["--data_name", "coach", "--data_dir", str(data)]) == 0
