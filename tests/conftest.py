@@ -375,16 +375,21 @@ def transformers_warnings():
 
 
 @contextmanager
-def scripted_models():
-    """harness.load_llms gives the scripted clients while inside."""
+def models_from(load_llms):
+    """harness.load_llms is load_llms(args) -> {role: client} while inside."""
     import harness
 
     saved = harness.load_llms
-    harness.load_llms = lambda args: scripted_llms()
+    harness.load_llms = load_llms
     try:
         yield
     finally:
         harness.load_llms = saved
+
+
+def scripted_models():
+    """harness.load_llms gives the scripted clients while inside."""
+    return models_from(lambda args: scripted_llms())
 
 
 def make_runs(root, test_cases=12, train_episodes=8, max_turn=3, baseline="random"):

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 import pytest
 
 import grid
-from conftest import ScriptedLLM, build_tiny_encoder, esc_case, option_number, write_json_lines
+from conftest import (ScriptedLLM, build_tiny_encoder, esc_case, models_from, option_number,
+                      write_json_lines)
 from errors import UserError
 from tasks import get_task
 
@@ -30,7 +31,6 @@ def scripted_grid():
     critic ('contrarian') calls solved every conversation whose system never asked a
     Question (the system says which strategy it played)."""
     import critic_check
-    import harness
     from critic import Critic
 
     def system(prompt):
@@ -47,15 +47,15 @@ def scripted_grid():
     contrarian = ScriptedLLM(lambda p: option_number(p, SAME if "[Question]" in p else SOLVED))
     prior = ScriptedLLM(None, prior=lambda prompt, labels: [
         5.0 if label == option_number(prompt, "Question") else 1.0 for label in labels])
-    saved = harness.load_llms, critic_check.load_critic
-    harness.load_llms = lambda args: {"planner": prior, "system": ScriptedLLM(system),
-                                      "user": user_of(args), "critic": lenient}
+    saved = critic_check.load_critic
     critic_check.load_critic = lambda args: (
         Critic(ESC, contrarian, num_samples=args.critic_samples), "contrarian")
     try:
-        yield
+        with models_from(lambda args: {"planner": prior, "system": ScriptedLLM(system),
+                                       "user": user_of(args), "critic": lenient}):
+            yield
     finally:
-        harness.load_llms, critic_check.load_critic = saved
+        critic_check.load_critic = saved
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,6 @@ def test_a_checkpoint_planner_plays_the_grids_seed_and_setup(tmp_path):
      "would change every role"),
 ])
 def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expected):
-    import harness
-
     base = {"--planner": ["--planner", "prior"], "--user": ["--user", "u=--max_turn 2"]}
     for flag, default in base.items():
         if flag not in argv:
@@ -183,13 +181,8 @@ def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expe
     critic = [] if "--critic" in argv else ["--critic", "c=--critic_samples 2"]
     argv = (["--out", str(tmp_path / "out")] + argv + critic + ["--", "--data_dir", "data/demo"])
     loaded = []
-    saved = harness.load_llms
-    harness.load_llms = lambda args: loaded.append(args)
-    try:
-        with pytest.raises(UserError, match=re.escape(expected)):
-            grid.main(argv)
-    finally:
-        harness.load_llms = saved
+    with models_from(loaded.append), pytest.raises(UserError, match=re.escape(expected)):
+        grid.main(argv)
     assert not loaded and not os.path.exists(tmp_path / "out")
 
 

@@ -13,7 +13,8 @@ import pytest
 
 import report
 import train_model
-from conftest import ScriptedLLM, build_tiny_encoder, esc_case, option_number, write_json_lines
+from conftest import (ScriptedLLM, build_tiny_encoder, esc_case, models_from, option_number,
+                      write_json_lines)
 from errors import UserError
 from get_args import Args
 from personas import BUILTIN, draw_persona, load_personas
@@ -33,8 +34,6 @@ def persona_world(prompts):
     'thank you' when the system played the strategy its persona likes, and the critic
     calls that solved. The planner ranks Question first, so `prior` always plays it.
     prompts[role] collects every prompt of that role."""
-    import harness
-
     last = {}
 
     def case(prompt):
@@ -61,12 +60,8 @@ def persona_world(prompts):
 
     llms = {"planner": ScriptedLLM(None, prior=prior), "system": ScriptedLLM(system),
             "user": ScriptedLLM(user), "critic": ScriptedLLM(critic)}
-    saved = harness.load_llms
-    harness.load_llms = lambda args: llms
-    try:
+    with models_from(lambda args: llms):
         yield
-    finally:
-        harness.load_llms = saved
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ command line overrides one of them and is named."""
 import json
 import os
 import zlib
-from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import harness
 import train_model
-from conftest import RUN_PRIOR_ORDER, RUN_TASK, ScriptedLLM, esc_case, played_action
+from conftest import (RUN_PRIOR_ORDER, RUN_TASK, ScriptedLLM, esc_case, models_from,
+                      played_action)
 from get_args import Args
 
 
@@ -29,14 +28,8 @@ def stateless_llms():
             "critic": ScriptedLLM(lambda prompt: str(1 + zlib.crc32(prompt.encode()) % 4))}
 
 
-@contextmanager
 def stateless_models():
-    saved = harness.load_llms
-    harness.load_llms = lambda args: stateless_llms()
-    try:
-        yield
-    finally:
-        harness.load_llms = saved
+    return models_from(lambda args: stateless_llms())
 
 
 def trained_run(root, encoder):
