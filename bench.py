@@ -513,7 +513,8 @@ def planner_figures(args, planners=PLANNERS):
     conversations of the train split's cases, played as a test: untrained policies, whose
     cost does not depend on their weights), and GDP-Zero's search with the simulations of
     the whole batch in each LLM call against one conversation at a time (--num_envs 1, the
-    same conversations). One model in process serves every role."""
+    same conversations), and with --mcts_parallel above 1 against one simulation after
+    another on the same batch. One model in process serves every role."""
     import harness
     from llm import backend_options, load_llm
     from policies import make_policy, policy_class
@@ -527,13 +528,16 @@ def planner_figures(args, planners=PLANNERS):
                                             args.max_encoder_tokens, args.device)
     cases = load_split(args.data_dir, task.name, "train", extes_seed=args.extes_seed)
     cases = (cases * args.num_envs)[:args.num_envs]
-    runs = [(name, name, args.num_envs) for name in planners]
+    runs = [(name, name, args.num_envs, args.mcts_parallel) for name in planners]
     if "gdpzero" in planners:
-        runs.append(("gdpzero, one at a time", "gdpzero", 1))
+        if args.mcts_parallel > 1:
+            runs.append(("gdpzero, sims in turn", "gdpzero", args.num_envs, 1))
+        runs.append(("gdpzero, one at a time", "gdpzero", 1, 1))
     figures = {}
-    for label, name, num_envs in runs:
+    for label, name, num_envs, parallel in runs:
         # an untrained policy plays as in a test (mode only passes the flags' checks)
         run_args = Args(**vars(args) | {"policy": name, "num_envs": num_envs,
+                                        "mcts_parallel": parallel,
                                         "mode": "train" if name in TRAINED else "test"})
         env = harness.build_env(run_args, task, dict.fromkeys(ROLES, llm))
         policy = make_policy(run_args, task, encoder if policy_class(name).uses_encoder
@@ -544,7 +548,8 @@ def planner_figures(args, planners=PLANNERS):
         _, conversations = harness.evaluate(run_args, policy, env, cases, "bench")
         seconds = time.perf_counter() - start
         turns = sum(c.system_turns for c in conversations)
-        figures[label] = {"num_envs": num_envs, "conversations": len(conversations),
+        figures[label] = {"num_envs": num_envs, "mcts_parallel": parallel,
+                          "conversations": len(conversations),
                           "turns": turns, "seconds": seconds, "seconds_per_turn": seconds / turns}
         figures[label] |= {f"{key}_per_turn": (llm.stats[key] - before[key]) / turns
                            for key in TOKEN_COUNTERS}

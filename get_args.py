@@ -281,6 +281,9 @@ class Args:
         "help": "the value of an action not yet tried (GDP-Zero's Q_0; higher explores more)"})
     mcts_cpuct: float = field(default=1.0, metadata={
         "help": "weight of the prior's exploration term in PUCT (GDP-Zero's cpuct)"})
+    mcts_parallel: int = field(default=1, metadata={
+        "help": "simulations of a tree that share each round's LLM calls, pending ones "
+                "counted as visits (virtual visits); 1: one after another, as GDP-Zero"})
     dpdp_threshold: float = field(default=0.5, metadata={
         "help": "dpdp: the fast policy acts when its two most probable actions are at least "
                 "this far apart, the MCTS otherwise; in [0, 1]: 0 always the fast policy, 1 "
@@ -383,6 +386,7 @@ class Args:
         require(self.mcts_simulations >= 1, "mcts_simulations", ">= 1",
                 ": the MCTS needs a simulation to choose an action")
         require(self.mcts_realizations >= 1, "mcts_realizations", ">= 1")
+        require(self.mcts_parallel >= 1, "mcts_parallel", ">= 1 (1: one simulation after another)")
         require(self.mcts_cpuct >= 0, "mcts_cpuct", ">= 0")
         for name in ("gamma", "ppdpp_gamma", "epsilon_start", "epsilon_end",
                      "exploration_fraction", "dpdp_threshold"):
@@ -474,7 +478,7 @@ HELP_GROUPS = {
         "ppdpp_sft_learning_rate", "ppdpp_sft_warmup_steps", "ppdpp_sft_weight_decay",
         "ppdpp_sft_max_grad_norm", "ppdpp_learning_rate", "ppdpp_gamma", "ppdpp_max_length",
         "ppdpp_dropout", "mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct",
-        "dpdp_threshold"),
+        "mcts_parallel", "dpdp_threshold"),
     "output": ("output_dir", "exp_name", "checkpoint_every", "resume", "progress", "debug"),
 }
 

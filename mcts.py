@@ -44,6 +44,7 @@ class Node:
     prior: list | None = None  # P(s, .) over all actions; None until expanded
     order: list | None = None  # action indices, most probable first: PUCT's tie order
     visits: list | None = None  # N(s, a)
+    pending: list | None = None  # descents of this round through (s, a): virtual visits
     values: list | None = None  # Q(s, a), q0 until tried
     total: int = 0  # N(s)
     realizations: list = field(default_factory=list)
@@ -53,6 +54,7 @@ class Node:
 class Descent:
     """One simulation of one conversation's tree, from the root to the value it backs up."""
     tree: "Tree"
+    simulation: int = 0  # its index among the turn's simulations: the draws' stream
     path: tuple = ()  # the node reached
     edges: list = field(default_factory=list)  # (node path, action) taken
     source: Realization | None = None  # the state a new turn is simulated from
@@ -77,23 +79,26 @@ class Tree:
         n = len(prior)
         node.prior, node.order = prior, order
         node.visits, node.values = [0] * n, [self.policy.q0] * n
+        node.pending = [0] * n
 
     def select(self, path):
         """PUCT (GDP-Zero's variant: sqrt(N(s)), N(s) = 0 counted as 1e-8, ties to the more
-        probable action)."""
+        probable action). Descents of the same round still under way count as visits in
+        the exploration term (none when simulations run one after another)."""
         node = self.nodes[path]
-        sqrt_total = math.sqrt(node.total or 1e-8)
+        sqrt_total = math.sqrt((node.total + sum(node.pending)) or 1e-8)
         return max(node.order, key=lambda a: node.values[a] + self.policy.cpuct * node.prior[a]
-                   * sqrt_total / (1 + node.visits[a]))
+                   * sqrt_total / (1 + node.visits[a] + node.pending[a]))
 
     def draw(self, simulation, path, what):
         return random.Random(stream_seed(self.seed, "mcts", simulation, path, what))
 
     def backup(self, descent):
         """The leaf's value, unchanged, to every edge of the path (one player, no
-        discount: GDP-Zero's backup)."""
+        discount: GDP-Zero's backup), which stops counting the descent as pending."""
         for path, action in descent.edges:
             node = self.nodes[path]
+            node.pending[action] -= 1
             node.values[action] = ((node.visits[action] * node.values[action] + descent.value)
                                    / (node.visits[action] + 1))
             node.visits[action] += 1
@@ -129,6 +134,7 @@ class GDPZeroPolicy(Policy):
         self.realizations = args.mcts_realizations
         self.q0 = args.mcts_q0
         self.cpuct = args.mcts_cpuct
+        self.parallel = args.mcts_parallel
         self.env = None
 
     def attach(self, env):
@@ -172,8 +178,9 @@ class GDPZeroPolicy(Policy):
                               stream_seed(conversation.stream, conversation.system_turns)))
         for tree, copy in zip(trees, copies):
             tree.branches.append(copy)
-        for simulation in range(self.simulations):
-            self.simulate(trees, simulation, evaluation)
+        for first in range(0, self.simulations, self.parallel):
+            self.simulate(trees, range(first, min(first + self.parallel, self.simulations)),
+                          evaluation)
         env.forget([copy for tree in trees for copy in tree.branches])
         return trees
 
@@ -184,32 +191,34 @@ class GDPZeroPolicy(Policy):
         return leading + sorted((a for a in range(len(prior)) if a not in leading),
                                 key=lambda a: -prior[a])
 
-    def simulate(self, trees, simulation, evaluation):
-        """One simulation of every tree: descend by PUCT; where a turn must be simulated,
-        the descents of all trees that need one share the round's LLM calls."""
-        descents = [Descent(tree) for tree in trees]
+    def simulate(self, trees, simulations, evaluation):
+        """The given simulations of every tree (one, or --mcts_parallel of them): descend by
+        PUCT; where a turn must be simulated, the descents of all trees that need one share
+        the round's LLM calls."""
+        descents = [Descent(tree, simulation) for tree in trees for simulation in simulations]
         going = descents
         while going:
             for descent in going:
-                self.descend(descent, simulation)
+                self.descend(descent)
             playing = [d for d in going if d.value is None]
             if not playing:
                 break
-            for descent in playing:
-                descent.tree.rounds += 1
-            self.play(playing, simulation, evaluation)
+            for tree in {id(d.tree): d.tree for d in playing}.values():
+                tree.rounds += 1
+            self.play(playing, evaluation)
             going = [d for d in playing if d.value is None]
         for descent in descents:
             descent.tree.backup(descent)
 
-    def descend(self, descent, simulation):
+    def descend(self, descent):
         """Select actions down the tree until a turn must be simulated (descent.source and
         descent.action set) or a stored terminal state ends the descent (its value)."""
-        tree = descent.tree
+        tree, simulation = descent.tree, descent.simulation
         while True:
             node = tree.nodes[descent.path]
             action = tree.select(descent.path)
             descent.edges.append((descent.path, action))
+            node.pending[action] += 1
             child_path = descent.path + (action,)
             child = tree.nodes.get(child_path)
             if child is None or len(child.realizations) < self.realizations:
@@ -225,7 +234,7 @@ class GDPZeroPolicy(Policy):
                 return
             descent.path = child_path
 
-    def play(self, descents, simulation, evaluation):
+    def play(self, descents, evaluation):
         """Simulate the pending turn of every descent (one system, user and critic call),
         then expand the new nodes (one planner call)."""
         env, names = self.env, self.task.action_names
@@ -233,7 +242,7 @@ class GDPZeroPolicy(Policy):
         for descent in descents:
             child_path = descent.path + (descent.action,)
             copy = env.branch(descent.source.conversation,
-                              stream=stream_seed(descent.tree.seed, "mcts", simulation,
+                              stream=stream_seed(descent.tree.seed, "mcts", descent.simulation,
                                                  child_path))
             descent.tree.branches.append(copy)
             copies.append(copy)
@@ -251,7 +260,8 @@ class GDPZeroPolicy(Policy):
                 descent.value = reached.value
             elif child.prior is None:
                 descent.value = reached.value  # a new leaf: its value, and its prior below
-                expanding.append((descent, copy))
+                if not any(d.tree is tree and d.path == child_path for d, _ in expanding):
+                    expanding.append((descent, copy))  # (parallel descents: once per node)
             # else: an expanded node with a new state: the descent goes on from it
         if expanding:
             priors, invalid = self.prior([copy for _, copy in expanding])

@@ -50,14 +50,17 @@ def test_bench_times_every_planner_and_the_search_one_conversation_at_a_time(
          "--llm", tiny_llm_dir, "--encoder", tiny_encoder_dir, "--policy_encoder",
          tiny_encoder_dir, "--num_envs", "2", "--max_turn", "1", "--critic_samples", "2",
          "--system_max_new_tokens", "4", "--user_max_new_tokens", "4",
-         "--critic_max_new_tokens", "4", "--mcts_simulations", "2", "--device", "cpu",
+         "--critic_max_new_tokens", "4", "--mcts_simulations", "2", "--mcts_parallel", "2",
+         "--device", "cpu",
          "--dtype", "float32", "--max_encoder_tokens", "64", "--json_out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())["planners"]
     assert set(figures) == {"dialogxpert", "ppdpp", "gdpzero", "dpdp",
-                            "gdpzero, one at a time"}
+                            "gdpzero, sims in turn", "gdpzero, one at a time"}
     assert figures["gdpzero, one at a time"]["num_envs"] == 1
+    assert [figures[name]["mcts_parallel"] for name in
+            ("gdpzero", "gdpzero, sims in turn", "gdpzero, one at a time")] == [2, 1, 1]
     assert all(row["turns"] == 2 and row["seconds_per_turn"] > 0 for row in figures.values())
     # the search's simulated turns generate text that the other planners do not
     assert figures["gdpzero"]["generated_tokens_per_turn"] > \

@@ -222,6 +222,50 @@ def test_deeper_searches_share_their_calls_across_the_batch():
     assert len(calls) <= 8 * 3 < sum(tree.rounds for tree in trees)
 
 
+
+def test_parallel_simulations_share_each_rounds_calls():
+    """--mcts_parallel 5: the 10 simulations of 6 trees in 2 rounds of 30 rows, where one
+    after another makes 10 rounds of 6."""
+    env = sequence_env(max_turn=1)
+    args = mcts_args(max_turn=1, mcts_simulations=10, mcts_realizations=10, mcts_parallel=5)
+    policy = make_policy(args, TASK)
+    policy.attach(env)
+    observations = env.reset([(case, i, i) for i, case in enumerate(esc_cases(0, 6))])
+    before = call_log(env)
+    trees = policy.search(observations, evaluation=True)
+    new = {role: call_log(env)[role][len(before[role]):] for role in before}
+    assert new["system"] == [("chat", 30, 1)] * 2
+    assert [call[1] for call in new["critic"]] == [30] * 2
+    assert all(tree.rounds == 2 and tree.nodes[()].total == 10 for tree in trees)
+    assert all(sum(node.pending) == 0 for tree in trees for node in tree.nodes.values()
+               if node.pending)
+
+
+def test_pending_descents_count_as_visits():
+    """Where every turn is worth Q_0, values never move, so PUCT's choices depend on the
+    visit counts alone: descents under way counted as visits make a parallel search visit
+    the root's actions exactly as one simulation after another does."""
+    same = TASK.verdicts[1]  # "feels the same": -0.5, given as Q_0 below
+
+    def root_visits(parallel):
+        env = sequence_env(max_turn=2)
+        env.critic = Critic(TASK, ScriptedLLM(lambda prompt: option_number(prompt, same)),
+                            num_samples=2)
+        _, conversations = run("gdpzero", env, esc_cases(0, 2), mcts_simulations=12,
+                               mcts_q0=TASK.reward.rewards[1], mcts_parallel=parallel)
+        return [{c["action"]: c["visits"] for c in conv.records[0]["search"]["tree"]}
+                for conv in conversations]
+
+    one_by_one = root_visits(1)
+    assert len(set(one_by_one[0].values())) > 1  # unequal visits, following the prior
+    assert root_visits(4) == one_by_one
+
+
+def test_parallel_simulations_find_the_two_step_success():
+    metrics, _ = run("gdpzero", sequence_env(max_turn=2), esc_cases(0, 10),
+                     mcts_simulations=40, mcts_parallel=4)
+    assert metrics["SR"] >= 0.9
+
 # -- the prefix cache of a copy ------------------------------------------------------------
 
 def test_a_copy_starts_from_its_nearest_ancestors_cached_prompt():
