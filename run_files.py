@@ -246,7 +246,8 @@ def _lines(path, make, skip_bad, bad):
                     reason = str(error)
                 if not skip_bad:
                     raise RunFileError(f"{path}, line {number}: {reason}. Repair or delete "
-                                       "that line, or pass --skip_bad to show the rest")
+                                       "that line, or leave the run out (view.py: pass "
+                                       "--skip_bad to show the rest)")
                 bad.append({"file": path, "line": number, "reason": reason})
     except OSError as error:
         raise RunFileError(f"cannot read {path} ({error.strerror}). Check the run folder") from None
@@ -265,12 +266,18 @@ class Run:
     def path(self, name):
         return os.path.join(self.folder, name)
 
-    def saved_args(self):
+    def figures(self):
+        """The paths of the run's PNG figures (plots.py's), by name."""
+        return [self.path(name) for name in sorted(os.listdir(self.folder))
+                if name.endswith(".png")]
+
+    def saved_args(self, tested=True):
         """(the run's arguments, the file they come from): a checkpoint's sidecar (last.pt,
-        best.pt, else the checkpoint a test run loaded), or ({}, None)."""
+        best.pt, else with `tested` the checkpoint that a test run loaded, whose arguments
+        are those of its training), or ({}, None)."""
         checkpoint = (self.metrics.get("test") or {}).get("checkpoint")
         paths = [self.path(sidecar(name)) for name in (LAST, BEST)]
-        if isinstance(checkpoint, str):
+        if tested and isinstance(checkpoint, str):
             paths.append(sidecar(checkpoint))
         for path in paths:
             if os.path.isfile(path):
