@@ -16,9 +16,10 @@ case_id: a paired evaluation) opens side by side, the first turn where their act
 differ marked.
 
 The run's files are read through run_files.py. A folder that holds no train_ or
-test_conversations.jsonl is searched for run folders at any depth. A malformed line stops the page with the file and line; with --skip_bad it is
-left out, counted and listed on the page. Every text of the runs reaches the page as data
-(JSON in script elements, with '<' escaped) and is shown with textContent, never as HTML.
+test_conversations.jsonl is searched for run folders at any depth. A malformed line stops
+the page with the file and line; with --skip_bad it is left out, counted and listed on the
+page. Every text of the runs reaches the page as data (JSON in script elements, with '<'
+escaped) and is shown with textContent, never as HTML.
 """
 
 import argparse
@@ -274,7 +275,8 @@ def write_page(folders, out, skip_bad=False):
         with open(out, "w", encoding="utf-8") as f:
             f.write(page)
     except OSError as error:
-        raise RunFileError(f"cannot write {out} ({error.strerror}). Pass a writable --out") from None
+        raise RunFileError(f"cannot write {out} ({error.strerror}). Pass a writable "
+                           "--out") from None
     return out, bad
 
 
