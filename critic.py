@@ -93,6 +93,8 @@ class CriticResult:
     order_probs: list = field(default_factory=list)
     answer_orders: list = field(default_factory=list)  # sample mode: each answer's order
     reads: list = field(default_factory=list)  # sample mode: each answer's option, or None
+    # cb: per answer the plausible price the deal rule read (None: not a deal, or none)
+    prices: list | None = None
 
 
 class Critic:
@@ -214,7 +216,9 @@ class Critic:
         frequencies = [counts[i] / max(len(usable), 1) for i in range(count)]
         result = CriticResult(0.0, answers=list(answers), option_probs=frequencies,
                               invalid=len(read) - len(usable), answer_orders=answer_orders,
-                              reads=[i for i, _ in read])
+                              reads=[i for i, _ in read],
+                              prices=[price for _, price in read] if self.task.reward.deals
+                              else None)
         for k in range(len(orders)):
             mine = Counter(i for (i, _), j in zip(read, answer_orders) if j == k and i is not None)
             result.order_probs.append([mine[i] / max(sum(mine.values()), 1) for i in range(count)])
@@ -246,8 +250,10 @@ class Critic:
             judgement = self.task.reward.from_price(case, parse_price(samples[0]))
             if judgement is None:
                 result.invalid += 1
+                result.prices = [None]
             else:
                 judged(result, judgement)
+                result.prices = [result.deal_price]
 
 
 def judged(result, judgement):

@@ -27,13 +27,14 @@ critic can only judge the turns that were played.
 Writes report_card.md, report_card.json and report_card.png into --out.
 """
 
+import dataclasses
 import json
 import math
 import os
 import sys
 from collections import Counter
 
-from errors import UserError, one_line_errors
+from errors import RunFileError, UserError, one_line_errors
 from get_args import Args, build_parser
 
 CARD_FLAGS = ("split", "run", "out", "judge_name")
@@ -296,34 +297,29 @@ def price_error(items):
 # ---------------------------------------------------------------------------------------
 
 def read_run(folder):
-    """(test metrics, {split: [conversation]}) of a run folder; one `error:` line when a
-    file is missing or malformed."""
-    import plots
+    """(test metrics, {split: [run_files.ConversationRecord]}) of a run folder; one `error:`
+    line when a file is missing or malformed."""
+    from run_files import conversations_file, load_run, metrics_file
 
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder} is not a folder. Pass the folder of a finished "
-                        "train_model.py run (--run runs/<run>)")
-    try:
-        metrics = plots.read_json(os.path.join(folder, "test_metrics.json"))
-        runs = {split: plots.read_jsonl(os.path.join(folder, f"{split}_conversations.jsonl"))
-                for split in ("train", "test")
-                if os.path.exists(os.path.join(folder, f"{split}_conversations.jsonl"))}
-    except plots.RunFileError as error:
-        raise UserError(f"{error}. Pass a finished run folder") from None
-    if "test" not in runs:
-        raise UserError(f"{folder} has no test_conversations.jsonl. Pass a finished run folder")
-    return metrics, runs
+    files = load_run(folder)
+    for name, present in ((metrics_file("test"), "test" in files.metrics),
+                          (conversations_file("test"), "test" in files.conversations)):
+        if not present:
+            raise RunFileError(f"{folder} has no {name}. Pass the folder of a finished "
+                               "train_model.py run (--run runs/<run>)")
+    return files.metrics["test"], files.conversations
 
 
 def replay(conversation, where):
-    """The conversation as it stood after each saved turn: [(turns, record)]."""
-    turns, records = conversation.get("turns"), conversation.get("records")
-    if not isinstance(turns, list) or not isinstance(records, list):
-        raise UserError(f"{where}: no 'turns' and 'records' lists. Is it a run of this version "
-                        "of train_model.py?")
+    """The conversation (a ConversationRecord) as it stood after each saved turn:
+    [(turns, record)]."""
+    turns, records = conversation.turns, conversation.records
+    if not isinstance(turns, list):
+        raise RunFileError(f"{where}: no 'turns' list. Is it a run of this version of "
+                           "train_model.py?")
     opening = len(turns) - 2 * len(records)
     if opening < 0:
-        raise UserError(f"{where}: {len(records)} records but {len(turns)} turns. Rerun the run")
+        raise RunFileError(f"{where}: {len(records)} records but {len(turns)} turns. Rerun the run")
     return [([tuple(t) for t in turns[:opening + 2 * (k + 1)]], record)
             for k, record in enumerate(records)]
 
@@ -332,23 +328,24 @@ def rejudge(args, card, critic, model, run_files):
     """Every saved turn of the run (run_files: read_run's result) judged again."""
     from env import Conversation
     from llm import stream_seed
-    from harness import critic_settings, summarize, write_results
+    from harness import critic_settings, summarize
+    from run_files import REJUDGED, conversations_file, write_results
 
     metrics, runs = run_files
     if metrics.get("task") != critic.task.name:
         raise UserError(f"{card['run']} is a run of task '{metrics.get('task')}', not "
                         f"'{critic.task.name}'. Pass --data_name {metrics.get('task')}")
     name = card["judge_name"] or judge_name(model, args)
-    out_dir = os.path.join(card["run"], "rejudged", name)
+    out_dir = os.path.join(card["run"], REJUDGED, name)
     os.makedirs(out_dir, exist_ok=True)
     max_turn = metrics["max_turn"]
     old_tops, new_tops, old_rewards, new_rewards, success_pairs = [], [], [], [], []
     for split, conversations in runs.items():
         turns, owners = [], []
         for line, conversation in enumerate(conversations, start=1):
-            where = f"{card['run']}/{split}_conversations.jsonl, line {line}"
+            where = f"{card['run']}/{conversations_file(split)}, line {line}"
             for k, (played, record) in enumerate(replay(conversation, where)):
-                turns.append(Conversation(conversation["case"], played, system_turns=k + 1,
+                turns.append(Conversation(conversation.case, played, system_turns=k + 1,
                                           stream=stream_seed(args.seed, "rejudge", split, line)))
                 owners.append((line - 1, record))
         results = judge(critic, turns)
@@ -358,12 +355,12 @@ def rejudge(args, card, critic, model, run_files):
         rebuilt = []
         for conversation, mine in zip(conversations, judged):
             rebuilt.append(rejudged_conversation(conversation, mine, max_turn))
-            success_pairs.append((conversation["outcome"] == "success",
+            success_pairs.append((conversation.outcome == "success",
                                   rebuilt[-1].outcome == "success"))
             for record, result in mine:
-                old_tops.append(top_option(record.get("critic_option_probs") or []))
+                old_tops.append(top_option(record.critic_option_probs or []))
                 new_tops.append(top_verdict(result))
-                old_rewards.append(float(record["reward"]))
+                old_rewards.append(float(record.reward))
                 new_rewards.append(result.reward)
         split_metrics = summarize(rebuilt, critic.task, max_turn,
                                   Counter({"critic_invalid": sum(r.invalid for r in results)}))
@@ -394,22 +391,20 @@ def rejudge(args, card, critic, model, run_files):
 
 
 def rejudged_conversation(conversation, judged, max_turn):
-    """The saved conversation with the new critic's verdicts: it ends at the first turn
-    the new critic calls a success (the later turns were played, but the new critic would
-    have stopped there); otherwise after every played turn."""
+    """The saved conversation (a ConversationRecord) with the new critic's verdicts: it
+    ends at the first turn the new critic calls a success (the later turns were played,
+    but the new critic would have stopped there); otherwise after every played turn. Each
+    record keeps the run's reward as run_reward and the new critic's fields."""
     from env import Conversation
 
-    out = Conversation(conversation["case"], [tuple(t) for t in conversation["turns"]],
-                       case_id=conversation.get("case_id"),
-                       prompt_cuts=conversation.get("prompt_cuts") or {},
-                       persona=conversation.get("persona"))
-    out.emotions = conversation.get("emotions", [])
+    out = Conversation(conversation.case, [tuple(t) for t in conversation.turns],
+                       case_id=conversation.case_id, prompt_cuts=conversation.prompt_cuts or {},
+                       persona=conversation.persona)
+    out.emotions = conversation.emotions or []
+    records = []
     for record, result in judged:
-        out.records.append(dict(record) | {
-            "run_reward": record.get("reward"), "reward": result.reward,
-            "critic_answers": result.answers, "critic_invalid": result.invalid,
-            "critic_option_probs": [round(p, 4) for p in result.option_probs],
-            "critic_orders": result.orders, "outcome": None})
+        records.append(dataclasses.replace(record, run_reward=record.reward)
+                       .set_verdict(result, None))
         out.system_turns += 1
         out.total_reward += result.reward
         if result.sale_to_list is not None:
@@ -420,7 +415,8 @@ def rejudged_conversation(conversation, judged, max_turn):
     if out.outcome is None:
         # the run's critic ended it; the new critic did not call it a success
         out.outcome = "time limit" if out.system_turns >= max_turn else "not a success"
-    out.records[-1]["outcome"] = out.outcome
+    records[-1].outcome = out.outcome
+    out.records = [record.to_dict() for record in records]
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 import qwen_prompts as prompts
 from llm import (add_cost, ask_in_orders, empty_cost, fit_prompt, order_seed, rotations,
                  split_samples, stream_seed)
+from run_files import TurnRecord
 from tasks import case_fields
 
 
@@ -42,7 +43,7 @@ class Conversation:
     turns: list  # (role, text) pairs
     uid: int = field(default_factory=lambda: next(_conversation_ids))  # prefix-cache key
     emotions: list = field(default_factory=list)  # the user's emotions (esc: the case's first)
-    records: list = field(default_factory=list)  # one dict per system turn, for the JSONL log
+    records: list = field(default_factory=list)  # per system turn: run_files.TurnRecord.to_dict
     system_turns: int = 0
     outcome: str | None = None  # 'success' or 'time limit' once finished
     total_reward: float = 0.0
@@ -509,7 +510,7 @@ class SelfPlayEnv:
             raise ValueError("simulate plays copies made by SelfPlayEnv.branch only")
         run_errors, self.errors = self.errors, Counter()
         try:
-            records = [{"turn": b.system_turns + 1, "action": a}
+            records = [TurnRecord(turn=b.system_turns + 1, action=a)
                        for b, a in zip(branches, actions)]
             self.play_system(branches, actions, records,
                              self.eval_temperature if evaluation else self.system_temperature)
@@ -614,7 +615,8 @@ class SelfPlayEnv:
         and user turns decode at eval_temperature (greedy by default); the critic is
         unchanged. notes: per conversation, a dict that the turn's record keeps (the
         agent's choice, for the log)."""
-        records = [{"turn": c.system_turns + 1, "action": a} for c, a in zip(conversations, actions)]
+        records = [TurnRecord(turn=c.system_turns + 1, action=a)
+                   for c, a in zip(conversations, actions)]
         self.play_system(conversations, actions, records,
                          self.eval_temperature if evaluation else self.system_temperature)
         self.play_user(conversations, records,
@@ -650,13 +652,13 @@ class SelfPlayEnv:
                 emotion, response, ok = parse_emotion_response(answer[0], roles)
                 if not ok:
                     self.errors["system_format"] += 1
-                    record["system_format_error"] = 1
+                    record.system_format_error = 1
                 conversation.emotions.append(emotion)
-                record["emotion"] = emotion
+                record.emotion = emotion
             else:
                 response = clean_turn(answer[0], roles)
             response = self.said(response, "system_empty", record)
-            record["system_raw"], record["system"] = answer[0], response
+            record.system_raw, record.system = answer[0], response
             conversation.turns.append((self.task.system_role, response))
             conversation.system_turns += 1
 
@@ -669,21 +671,22 @@ class SelfPlayEnv:
             seeds=[c.seed("user") for c in conversations])
         for conversation, answer, record in zip(conversations, answers, records):
             response = self.said(clean_turn(answer[0], roles), "user_empty", record)
-            record["user"] = response
+            record.user = response
             conversation.turns.append((self.task.user_role, response))
 
     def said(self, response, empty, record):
         """The response, or "..." for an empty one, counted as `empty` in the errors and
-        the turn's record."""
+        the turn's record (TurnRecord.system_empty or user_empty)."""
         if response:
             return response
         self.errors[empty] += 1
-        record[empty] = 1
+        setattr(record, empty, 1)
         return "..."
 
     def end_turn(self, conversation, verdict, record, note):
-        """The critic's verdict: the reward, the ending, and the turn's record (with the
-        agent's note and the turn's prompt cuts)."""
+        """The critic's verdict: the reward, the ending, and the turn's record (a
+        run_files.TurnRecord, kept as its dict: with the agent's note and the turn's
+        prompt cuts)."""
         self.errors["critic_invalid"] += verdict.invalid
         # the only endings are success and the turn limit, as in the original release
         truncated = not verdict.success and conversation.system_turns >= self.max_turn
@@ -692,25 +695,14 @@ class SelfPlayEnv:
         conversation.total_reward += verdict.reward
         if verdict.sale_to_list is not None:
             conversation.sale_to_list = verdict.sale_to_list
-        record.update(critic_answers=verdict.answers, critic_invalid=verdict.invalid,
-                      critic_option_probs=[round(p, 4) for p in verdict.option_probs],
-                      critic_orders=verdict.orders,
-                      critic_order_probs=[[round(p, 4) for p in row]
-                                          for row in verdict.order_probs],
-                      reward=verdict.reward, outcome=conversation.outcome)
-        if verdict.reads:  # sample mode: the order each answer saw, the option it named
-            record.update(critic_answer_orders=verdict.answer_orders, critic_reads=verdict.reads)
-        if verdict.deal_price is not None:
-            record["deal_price"] = verdict.deal_price
-        record.update(note)
+        record.set_verdict(verdict, conversation.outcome)
+        record.note = note
         if self.planner is not None:
-            record["prior_orders"] = conversation.prior_orders
-            if conversation.planner_answers:
-                record["planner_answers"] = conversation.planner_answers
-        conversation.records.append(record)
-        cuts = turn_prompt_cuts(conversation)
-        if cuts:
-            record["prompt_cuts"] = cuts
+            record.prior_orders = conversation.prior_orders
+            record.planner_answers = conversation.planner_answers or None
+        conversation.records.append({})  # the turn's place: turn_prompt_cuts counts those before
+        record.prompt_cuts = turn_prompt_cuts(conversation) or None
+        conversation.records[-1] = record.to_dict()
 
 
 def turn_prompt_cuts(conversation):

@@ -12,6 +12,10 @@ class DataError(UserError, ValueError):
     """A data file is missing or malformed."""
 
 
+class RunFileError(UserError):
+    """A run folder, or one of its files (run_files.py), that cannot be read."""
+
+
 class ServerError(RuntimeError):
     """A served model failed after its retries: the run stops with this one-line message.
     `status` is the last HTTP status, None when the server gave none."""

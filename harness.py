@@ -2,8 +2,8 @@
 critic and the environment (load_llms, build_critic, build_env), the weights a run needs
 (check_weights) and the models it names (resolve_models), who judged it (judge_of), one
 batched turn of a policy (play_turn), the evaluation of a policy on a split (evaluate)
-and the run's result files (summarize, write_results). train_model.py, critic_check.py and
-bench.py build on it."""
+and the run's summary (summarize; run_files.py writes it). train_model.py, critic_check.py
+and bench.py build on it."""
 
 import hashlib
 import importlib.metadata
@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import q_adapter
-import run_state
+import run_files
 from critic import Critic
 from download_llm_weights import download_command
 from env import Planner, SelfPlayEnv
@@ -310,7 +310,7 @@ def policy_cost(policy, training_seconds=None, update_seconds=None, checkpoint=N
     if not policy.trainable:
         training_seconds = update_seconds = 0.0
     elif training_seconds is None and checkpoint:
-        with open(checkpoint + ".json", encoding="utf-8") as f:
+        with open(run_files.sidecar(checkpoint), encoding="utf-8") as f:
             saved = (json.load(f).get("metrics") or {}).get("policy_cost") or {}
         training_seconds, update_seconds = (saved.get("training_seconds"),
                                             saved.get("update_seconds"))
@@ -355,23 +355,3 @@ def evaluate(args, policy, env, cases, desc="eval"):
     errors = env.error_counts()
     errors.subtract(errors_before)
     return summarize(finished, env.task, args.max_turn, +errors), finished
-
-
-def write_history(run_dir, history):
-    run_state.atomic_write(os.path.join(run_dir, "train_history.jsonl"), lambda f: f.write(
-        "".join(json.dumps(entry) + "\n" for entry in history).encode()))
-
-
-def write_results(run_dir, name, metrics, conversations):
-    with open(os.path.join(run_dir, f"{name}_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(run_dir, f"{name}_conversations.jsonl"), "w") as f:
-        for c in conversations:
-            f.write(json.dumps({"case_id": c.case_id, "case": c.case, "turns": c.turns,
-                                "emotions": c.emotions, "outcome": c.outcome,
-                                "system_turns": c.system_turns,
-                                "total_reward": c.total_reward, "sale_to_list": c.sale_to_list,
-                                "prompt_cuts": c.prompt_cuts, "records": c.records,
-                                "cost": c.cost, "persona": c.persona}) + "\n")
-
-

@@ -3,12 +3,12 @@
     python plots.py runs/esc__exp__1__1700000000
 
 plot_run reads whichever of train_history.jsonl, test_conversations.jsonl and
-train_conversations.jsonl exist and skips the figures it cannot draw, each named on one
+train_conversations.jsonl exist (run_files.load_run: a file it cannot read is one `error:`
+line) and skips the figures it cannot draw, each named on one
 line with the reason (a run in test mode has no training history; a policy that made no
 gradient update has no TD loss). Each plot_* function takes plain data and writes one PNG.
 """
 
-import json
 import os
 import sys
 from collections import Counter
@@ -18,27 +18,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
+from errors import one_line_errors  # noqa: E402
+from run_files import TRAIN_HISTORY, conversations_file, load_run  # noqa: E402
 from tasks import TASKS  # noqa: E402
-
-
-class RunFileError(ValueError):
-    """A run file that cannot be read."""
-
-
-def read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunFileError(f"cannot read {path} ({error})") from None
-
-
-def read_jsonl(path):
-    try:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, json.JSONDecodeError) as error:
-        raise RunFileError(f"cannot read {path} ({error})") from None
 
 
 def _save(figure, path):
@@ -105,9 +87,10 @@ def plot_actions(series, order, path):
 
 
 def prior_choice_pairs(conversations):
-    """(prior's top-1 action, chosen action) per turn that had a strategy."""
-    return [(r["candidates"][0]["action"], r["action"]) for c in conversations
-            for r in c["records"] if r.get("action") is not None and r.get("candidates")]
+    """(prior's top-1 action, chosen action) per turn that had a strategy, of
+    run_files.ConversationRecords."""
+    return [(r.note["candidates"][0]["action"], r.action) for c in conversations
+            for r in c.records if r.action is not None and r.note.get("candidates")]
 
 
 def _rate(pairs):
@@ -153,10 +136,11 @@ def plot_run(run_dir):
     def not_drawn(names, reason):
         print(f"figure not drawn: {', '.join(path(name) for name in names)} ({reason})")
 
+    run = load_run(run_dir, history=True)
     written = []
     training = ("valid_curve.png", "td_loss.png", "epsilon.png")
-    if os.path.exists(path("train_history.jsonl")):
-        history = read_jsonl(path("train_history.jsonl"))
+    if run.history is not None:
+        history = run.history
         updates = [h for h in history if h.get("kind") == "update"]
         for kind, key, plot, name in (("eval", "SR", plot_valid_curve, "valid_curve.png"),
                                       ("update", "td_loss", plot_td_loss, "td_loss.png"),
@@ -172,18 +156,15 @@ def plot_run(run_dir):
             else:
                 not_drawn([name], f"train_history.jsonl has no {kind} with {key}")
     else:
-        not_drawn(training, "no train_history.jsonl: the run did not train")
-    if not os.path.exists(path("test_conversations.jsonl")):
-        not_drawn(("actions.png", "prior_vs_q.png"), "no test_conversations.jsonl")
+        not_drawn(training, f"no {TRAIN_HISTORY}: the run did not train")
+    if "test" not in run.conversations:
+        not_drawn(("actions.png", "prior_vs_q.png"), f"no {conversations_file('test')}")
         return written
-    test = read_jsonl(path("test_conversations.jsonl"))
-    metrics = (read_json(path("test_metrics.json"))
-               if os.path.exists(path("test_metrics.json")) else {})
-    pairs = prior_choice_pairs(test)
+    metrics = run.metrics.get("test", {})
+    pairs = prior_choice_pairs(run.conversations["test"])
     series = {"test": [a for _, a in pairs]}
-    if os.path.exists(path("train_conversations.jsonl")):
-        train = read_jsonl(path("train_conversations.jsonl"))
-        series["train"] = [a for _, a in prior_choice_pairs(train)]
+    if "train" in run.conversations:
+        series["train"] = [a for _, a in prior_choice_pairs(run.conversations["train"])]
     series = {name: actions for name, actions in series.items() if actions}
     if series:
         order = ordered([a for actions in series.values() for a in actions], metrics.get("task"))
@@ -300,7 +281,11 @@ def plot_strategies(groups, path):
     return _save(figure, path)
 
 
-if __name__ == "__main__":
-    for folder in sys.argv[1:]:
+def main(folders):
+    for folder in folders:
         for written_path in plot_run(folder):
             print(written_path)
+
+
+if __name__ == "__main__":
+    one_line_errors(lambda: main(sys.argv[1:]))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-import run_state
+import run_files
 from errors import UserError
 from get_args import Args
 
@@ -210,10 +210,10 @@ def make_policy(args, task, encoder=None):
 
 def save_checkpoint(path, tensors, info):
     """Each file is replaced whole, so a kill never leaves a torn checkpoint."""
-    run_state.atomic_write(path + ".json",
+    run_files.atomic_write(run_files.sidecar(path),
                            lambda f: f.write(json.dumps(info, indent=2).encode()))
     weights = save({k: v.contiguous().cpu() for k, v in tensors.items()})
-    run_state.atomic_write(path, lambda f: f.write(weights))
+    run_files.atomic_write(path, lambda f: f.write(weights))
 
 
 def read_checkpoint(path):

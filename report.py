@@ -31,8 +31,10 @@ import sys
 import time
 
 import plots
+from errors import RunFileError, UserError
 from get_args import EVALUATION_CONFIG, Args
 from metrics import episode_values, unusable_answers
+from run_files import REJUDGED, conversations_file, find_runs, load_run, metrics_file
 from stats import bootstrap_ci, paired_bootstrap_ci
 from tasks import TASKS
 
@@ -55,85 +57,69 @@ COSTS = {"LLM tokens / conv.": (("cost", "per_conversation", "total", "tokens"),
          "training seconds": (("policy_cost", "training_seconds"), ",.1f")}
 
 
-class ReportError(Exception):
-    """Bad input: reported as one line `error: ...` and exit code 2."""
-
-
-def find_runs(paths):
-    runs = []
-    for path in paths:
-        if not os.path.isdir(path):
-            raise ReportError(f"{path} is not a folder. Give run folders or folders of runs")
-        for folder, subfolders, files in os.walk(path):
-            subfolders.sort()
-            if "test_metrics.json" in files:
-                runs.append(os.path.normpath(folder))
-                subfolders.clear()  # a run's own subfolders hold no other run
-    if not runs:
-        raise ReportError(f"no run folder (one with test_metrics.json) in {', '.join(paths)}. "
-                          "Give the runs/ folder of a finished train_model.py run")
-    return sorted(set(runs))
+def tabled_folders(paths):
+    """The run folders in `paths` (those with a test_metrics.json), sorted."""
+    return sorted(find_runs(paths, [metrics_file("test")], metrics_file("test")))
 
 
 def rejudged(folders, judge):
     """The runs' folders re-judged by `judge` (critic_check.py --run), or the runs."""
     if not judge:
         return folders
-    out = [os.path.join(folder, "rejudged", judge) for folder in folders]
+    out = [os.path.join(folder, REJUDGED, judge) for folder in folders]
     for folder, path in zip(folders, out):
-        if not os.path.exists(os.path.join(path, "test_metrics.json")):
-            raise ReportError(f"{folder} has not been re-judged by '{judge}' ({path} is "
+        if not os.path.exists(os.path.join(path, metrics_file("test"))):
+            raise UserError(f"{folder} has not been re-judged by '{judge}' ({path} is "
                               "missing). Run `python critic_check.py --run "
                               f"{folder} --judge_name {judge} ...` first")
     return out
 
 
 def conversation_values(conversation, max_turn):
-    return episode_values(conversation["outcome"], conversation["system_turns"],
-                          conversation["sale_to_list"], conversation["total_reward"],
-                          max_turn) | {"unusable": unusable_answers(conversation["records"])}
+    """A run_files.ConversationRecord's values."""
+    records = [record.to_dict() for record in conversation.records]
+    return episode_values(conversation.outcome, conversation.system_turns,
+                          conversation.sale_to_list, conversation.total_reward,
+                          max_turn) | {"unusable": unusable_answers(records)}
 
 
-def load_run(folder):
-    metrics_path = os.path.join(folder, "test_metrics.json")
-    conversations_path = os.path.join(folder, "test_conversations.jsonl")
+def tabled_run(folder):
+    """What the tables need of a run: its test metrics and test conversations."""
+    files = load_run(folder, splits=("test",))
+    if "test" not in files.conversations:
+        raise RunFileError(f"{folder} has no {conversations_file('test')}. Rerun the test of "
+                           "this run or leave it out")
+    metrics, conversations = files.metrics["test"], files.conversations["test"]
     try:
-        metrics = plots.read_json(metrics_path)
-        conversations = plots.read_jsonl(conversations_path)
         values = [conversation_values(c, metrics["max_turn"]) for c in conversations]
         run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
-               "case_ids": [c["case_id"] for c in conversations],
-               "config": with_saved_args(folder, metrics.get("config", {})),
+               "case_ids": [c.case_id for c in conversations],
+               "config": with_saved_args(files.saved_args(tested=False)[0],
+                                             metrics.get("config", {})),
                "judge": metrics.get("judge", {}),
                "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()},
-               "personas": [(c.get("persona") or {}).get("name") for c in conversations],
+               "personas": [(c.persona or {}).get("name") for c in conversations],
                "strategies": metrics.get("strategies")}
-    except plots.RunFileError as error:
-        raise ReportError(f"{error}. Rerun the test of this run or leave it out") from None
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
-        raise ReportError(f"{folder}: unexpected test_metrics.json or test_conversations.jsonl "
-                          f"({type(error).__name__}: {error}). Is it a run of this version of "
-                          "train_model.py?") from None
+        raise RunFileError(f"{folder}: unexpected {metrics_file('test')} or "
+                           f"{conversations_file('test')} ({type(error).__name__}: {error}). Is "
+                           "it a run of this version of train_model.py?") from None
     if not conversations:
-        raise ReportError(f"{conversations_path} has no conversations. Rerun the test")
+        raise RunFileError(f"{files.path(conversations_file('test'))} has no conversations. "
+                           "Rerun the test")
     run["values"] = {name: [v[name] for v in values] for name in METRICS}
     run["override_rate"] = plots.override_rate(conversations)
-    run["mtime"] = os.path.getmtime(metrics_path)
+    run["mtime"] = os.path.getmtime(files.path(metrics_file("test")))
     return run
 
 
-def with_saved_args(folder, config):
+def with_saved_args(saved, config):
     """The run's config, with the flags it does not record (a run older than the flag's
-    place in the config) taken from the arguments its checkpoint's sidecar saved
-    (best.pt.json, else last.pt.json), where it has one; check_comparable counts what is
-    still missing as the default."""
-    for name in ("best.pt.json", "last.pt.json"):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            saved = plots.read_json(path).get("args") or {}
-            return {name: saved[name] for name in EVALUATION_CONFIG if name in saved} | config
-    return config
+    place in the config) taken from the arguments its checkpoint's sidecar saved (`saved`:
+    run_files.Run.saved_args), where it has one; check_comparable counts what is still
+    missing as the default."""
+    return {name: saved[name] for name in EVALUATION_CONFIG if name in saved} | config
 
 
 def looked_up(metrics, keys):
@@ -167,7 +153,7 @@ def check_comparable(runs):
             a, b = (config.get(name, DEFAULTS.get(name)) for config in (ours, theirs))
             if a != b:
                 what = "their models (resolved)" if name == "models" else f"--{name}"
-                raise ReportError(f"{seen['folder']} and {run['folder']} differ in {what} "
+                raise UserError(f"{seen['folder']} and {run['folder']} differ in {what} "
                                   f"({a!r} and {b!r}), so their figures do not compare. "
                                   "Report them separately")
 
@@ -391,10 +377,7 @@ def write_views(summaries, out):
     for summary in summaries:
         for run in summary["runs"]:
             name = os.path.basename(os.path.normpath(run["folder"])) + ".html"
-            try:
-                view.write_page([run["folder"]], os.path.join(out, "views", name))
-            except view.ViewError as error:
-                raise ReportError(str(error)) from None
+            view.write_page([run["folder"]], os.path.join(out, "views", name))
             run["view"] = os.path.join("views", name)
 
 
@@ -422,14 +405,10 @@ def main(argv=None):
     if args.n_boot < 1:
         parser.error(f"--n_boot must be positive, got {args.n_boot}")
     try:
-        runs = [load_run(folder) for folder in rejudged(find_runs(args.paths), args.judge)]
+        runs = [tabled_run(folder) for folder in rejudged(tabled_folders(args.paths), args.judge)]
         groups, skipped = group_runs(runs)
         images = [p for run in runs for p in plots.plot_run(run["folder"])]
-    except plots.RunFileError as error:  # a training file read by plot_run
-        print(f"error: {error}. Repair or delete that file, or leave the run out",
-              file=sys.stderr)
-        raise SystemExit(2) from None
-    except ReportError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     summaries = [summarize(task, policy, seeds, args.n_boot)
@@ -442,7 +421,7 @@ def main(argv=None):
     out = output_folder(args.out)
     try:
         write_views(summaries, out)
-    except ReportError as error:  # a run file that the page cannot read
+    except UserError as error:  # a run file that the page cannot read
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     shown = [name for name in ("SR", "AT", "SL") if any(s["metrics"][name] for s in summaries)]

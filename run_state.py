@@ -19,34 +19,20 @@ import signal
 import numpy as np
 import torch
 
+import run_files
 from env import Conversation, reserve_conversation_ids
 from errors import UserError
 from get_args import Args
 
-STATE_FILE = "train_state.pt"
+STATE_FILE = run_files.TRAIN_STATE
 # the files of a run's test; a run whose training goes on keeps them under new names
-TEST_FILES = ("test_metrics.json", "test_conversations.jsonl")
+TEST_FILES = (run_files.metrics_file("test"), run_files.conversations_file("test"))
 # flags that change only how a run reports: a resumed run takes them from the command line
 REPORTING_FLAGS = ("progress", "debug")
 
 
-def atomic_write(path, write):
-    """write(file object) into path.tmp, fsync, rename over path, fsync the folder."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 def save_state(run_dir, state):
-    atomic_write(os.path.join(run_dir, STATE_FILE), lambda f: torch.save(state, f))
+    run_files.atomic_write(os.path.join(run_dir, STATE_FILE), lambda f: torch.save(state, f))
 
 
 def load_state(run_dir):
@@ -104,7 +90,7 @@ def set_aside_test(run_dir, episodes):
         if os.path.exists(path):
             kept.append(name.replace("test_", f"test_at_{episodes}_", 1))
             os.replace(path, os.path.join(run_dir, kept[-1]))
-    for name in ("best.pt", "best.pt.json"):
+    for name in (run_files.BEST, run_files.sidecar(run_files.BEST)):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             kept.append(name.replace("best", f"best_at_{episodes}", 1))

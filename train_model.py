@@ -35,9 +35,10 @@ import harness
 import run_state
 from errors import ServerError, UserError
 from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, resolve_models,
-                     sample_if_unscorable, seed_everything, write_results)
+                     sample_if_unscorable, seed_everything)
 from policies import TEST_FLAGS, make_policy, policy_class, saved_args
 from q_adapter import FrozenEncoder, resolve_encoder_path
+from run_files import LAST, write_results
 from tasks import get_task, load_split
 from trainer import train, undertrained_warning, update_figures
 
@@ -114,7 +115,7 @@ def run(args, given=None):
     metrics |= update_figures(policy)  # the tested policy's updates, and whether too few
     metrics["llm_usage"] = llm_usage(env)
     # the whole training's seconds are last.pt's (best.pt's: those up to its save)
-    metrics["policy_cost"] = policy_cost(policy, checkpoint=os.path.join(run_dir, "last.pt")
+    metrics["policy_cost"] = policy_cost(policy, checkpoint=os.path.join(run_dir, LAST)
                                          if args.mode == "train" else checkpoint)
     write_results(run_dir, "test", metrics, conversations)
     print(json.dumps(metrics, indent=2))
@@ -166,7 +167,7 @@ def train_and_test(args, policy, env, splits, run_dir, resume):
         raise
     except ServerError as error:  # a served model is gone: keep what was learned
         if policy.trainable:
-            policy.save(os.path.join(run_dir, "last.pt"), None,
+            policy.save(os.path.join(run_dir, LAST), None,
                         {"stopped_by": str(error), "llm_usage": llm_usage(env)})
         if args.mode == "train" and os.path.exists(os.path.join(run_dir, run_state.STATE_FILE)):
             raise ServerError(f"{error} The training state of the last save is in {run_dir}: "

@@ -15,11 +15,12 @@ from tqdm import tqdm
 
 import run_state
 from harness import (evaluate, judge_of, llm_usage, play_turn, policy_cost, split_personas,
-                     summarize, write_history, write_results)
+                     summarize)
 from llm import stream_seed
 from personas import draw_persona
 from policies import LearnStep
 from q_adapter import linear_schedule
+from run_files import BEST, LAST, write_history, write_results
 
 # a policy with fewer gradient updates than this is reported as undertrained: Adam moves
 # each weight by about the learning rate per update, so after a few minibatches the
@@ -61,7 +62,7 @@ class Trainer:
         self.rng = random.Random(args.seed)
         self.personas = split_personas(args, "train")
         self.generator = torch.Generator().manual_seed(args.seed)
-        self.best_path = os.path.join(run_dir, "best.pt")
+        self.best_path = os.path.join(run_dir, BEST)
         self.loop = {"started": 0, "finished": 0, "steps": 0, "next_eval": args.eval_every,
                      "best_score": None, "order": list(range(len(train_cases))),
                      "history": [],  # one dict per step, update and evaluation
@@ -249,7 +250,7 @@ class Trainer:
         self.bar.close()
         self.save_state()  # a signal from here on stops the run after these files are whole
         cost = self.policy_cost()  # training ends here; the test that follows is not in it
-        self.policy.save(os.path.join(self.run_dir, "last.pt"), self.loop["finished"],
+        self.policy.save(os.path.join(self.run_dir, LAST), self.loop["finished"],
                          {"policy_cost": cost})
         train_errors = self.env.error_counts()
         train_errors.subtract(self.loop.get("valid_errors", {}))

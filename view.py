@@ -10,14 +10,16 @@ and its figures are in train_history.jsonl and best.pt.json), with filters and s
 and one conversation as a chat: per turn the candidates with prior and Q-value (an MCTS
 turn: its tree, the visits and values of each action tried), the chosen action, the
 system's emotion and answer, the user's reply, each critic answer with the option it was
-read as, the reward. With several runs, a case that more of them played (same split and
+read as (and cb's price) as the critic recorded it (critic_reads, critic_prices), the
+reward. With several runs, a case that more of them played (same split and
 case_id: a paired evaluation) opens side by side, the first turn where their actions
 differ marked.
 
-A folder that holds no train_ or test_conversations.jsonl is searched for run folders at
-any depth. A malformed line stops the page with the file and line; with --skip_bad it is
-left out, counted and listed on the page. Every text of the runs reaches the page as data
-(JSON in script elements, with '<' escaped) and is shown with textContent, never as HTML.
+The run's files are read through run_files.py. A folder that holds no train_ or
+test_conversations.jsonl is searched for run folders at any depth. A malformed line stops
+the page with the file and line; with --skip_bad it is left out, counted and listed on the
+page. Every text of the runs reaches the page as data (JSON in script elements, with '<'
+escaped) and is shown with textContent, never as HTML.
 """
 
 import argparse
@@ -29,15 +31,13 @@ import re
 import sys
 import time
 
-from critic import LEADING_LABEL, OTHER_LABELS, Critic, parse_verdict
+import run_files
+from critic import LEADING_LABEL, OTHER_LABELS, parse_verdict
+from errors import RunFileError, one_line_errors
 from metrics import UNUSABLE_KEYS
-from tasks import TASKS, parse_price, plausible_price, sale_to_list
+from tasks import TASKS, sale_to_list
 
-# the splits a run writes conversations and metrics of; the valid split is played for the
-# best checkpoint only, its figures are in train_history.jsonl and best.pt.json
-RUN_SPLITS = ("train", "test")
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view.html")
-ARGS_FILES = ("last.pt.json", "best.pt.json")  # checkpoint sidecars that hold the arguments
 # how the tests and bench.py open pages: Debian's chromium, headless, with nothing that
 # reaches the network on its own
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -46,93 +46,36 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-sync"]
 
 
-class ViewError(Exception):
-    """Bad input: reported as one line `error: ...` and exit code 2."""
-
-
 def find_runs(paths):
     """Run folders (those with a *_conversations.jsonl), in the order given."""
-    runs = []
-    for path in paths:
-        if not os.path.isdir(path):
-            raise ViewError(f"{path} is not a folder. Give run folders of train_model.py")
-        found = []
-        for folder, subfolders, files in os.walk(path):
-            subfolders.sort()
-            if any(f"{split}_conversations.jsonl" in files for split in RUN_SPLITS):
-                found.append(os.path.normpath(folder))
-                subfolders.clear()  # a run's own subfolders hold no other run
-        if not found:
-            raise ViewError(f"no conversations (train_ or test_conversations.jsonl) "
-                            f"in {path}. Give the folder of a finished train_model.py run")
-        runs += [folder for folder in found if folder not in runs]
-    return runs
+    return run_files.find_runs(
+        paths, [run_files.conversations_file(split) for split in run_files.SPLITS],
+        "conversations (" + " or ".join(run_files.conversations_file(split)
+                                        for split in run_files.SPLITS) + ")")
 
 
-def read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ViewError(f"cannot read {path} ({error}). Repair or delete that file, or "
-                        "leave the run out") from None
-
-
-def read_conversations(path, skip_bad, bad):
-    """The JSON objects of a JSONL file. A malformed line raises ViewError naming it, or
-    with skip_bad is appended to `bad` as (file, line number, reason) and left out."""
-    conversations = []
-    try:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    conversation = json.loads(raw)
-                    reason = None if isinstance(conversation, dict) else "not a JSON object"
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                    reason = f"not JSON: {error}"
-                if reason is None:
-                    conversations.append(conversation)
-                elif skip_bad:
-                    bad.append({"file": path, "line": number, "reason": reason})
-                else:
-                    raise ViewError(f"{path}, line {number}: {reason}. Repair or delete that "
-                                    "line, or pass --skip_bad to show the rest")
-    except OSError as error:
-        raise ViewError(f"cannot read {path} ({error.strerror}). Check the run folder") from None
-    return conversations
-
-
-def run_arguments(folder, metrics):
+def run_arguments(files):
     """The run's arguments from a checkpoint sidecar (a trained run, or the checkpoint a
     test run loaded), else the evaluation setup in its test metrics."""
-    checkpoint = (metrics.get("test") or {}).get("checkpoint")
-    paths = [os.path.join(folder, name) for name in ARGS_FILES]
-    if isinstance(checkpoint, str):
-        paths.append(checkpoint + ".json")
-    for path in paths:
-        if os.path.isfile(path):
-            saved = read_json(path)
-            if isinstance(saved, dict) and isinstance(saved.get("args"), dict):
-                return saved["args"], os.path.basename(path)
-    config = (metrics.get("test") or {}).get("config")
+    args, source = files.saved_args()
+    if source:
+        return args, source
+    config = (files.metrics.get("test") or {}).get("config")
     return (config, "test_metrics.json config") if isinstance(config, dict) else ({}, None)
 
 
-def figures(folder):
+def figures(files):
     """The run's PNG figures as data: URIs, so the page needs no other file."""
     result = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".png"):
-            with open(os.path.join(folder, name), "rb") as f:
-                data = base64.b64encode(f.read()).decode("ascii")
-            result.append({"name": name, "src": "data:image/png;base64," + data})
+    for path in files.figures():
+        with open(path, "rb") as f:
+            data = base64.b64encode(f.read()).decode("ascii")
+        result.append({"name": os.path.basename(path), "src": "data:image/png;base64," + data})
     return result
 
 
 # ---------------------------------------------------------------------------------------
-# What the page adds to each record: readings by the critic's own rules
+# What the page adds to each record: what the critic read, as recorded
 # ---------------------------------------------------------------------------------------
 
 def why_unusable(answer, option_count):
@@ -153,44 +96,48 @@ def why_unusable(answer, option_count):
     return "names no option by number and quotes no single option"
 
 
-def critic_readings(task, case, answers, logits=False, orders=None):
-    """Per critic answer: the option it was read as (index in the task's order, text, and
-    the number it had in the order shown) or why it is unusable. orders: the option order
-    each answer was asked with (default: the task's). cb: a deal answer needs a plausible
-    price, read as critic.py reads it; with --critic logits the answers are those to the
-    price question alone."""
-    critic = Critic(task, llm=None)
+def per_answer(values, answers):
+    """A recorded per-answer list (critic_reads, critic_prices), or None where the record
+    has none that fits (a run older than the field, a record edited by hand)."""
+    return values if isinstance(values, list) and len(values) == len(answers) else None
+
+
+def critic_readings(task, record, logits=False):
+    """Per critic answer of a turn's record (run_files.TurnRecord): the option the critic
+    read it as (index in the task's order, text, and the number it had in the order shown)
+    or why it is unusable, and cb's price, all as the critic recorded them (critic_reads,
+    critic_prices). A record without critic_reads (a run older than them) is read with
+    critic.parse_verdict, without prices. With --critic logits the answers are those to
+    cb's price question alone."""
+    answers = record.critic_answers if isinstance(record.critic_answers, list) else []
+    reads, prices = per_answer(record.critic_reads, answers), per_answer(record.critic_prices,
+                                                                         answers)
+    orders = answer_orders(record, task, answers)
     readings = []
-    orders = orders or [list(range(len(task.verdicts)))] * len(answers)
-    for answer, order in zip(answers, orders):
+    for j, answer in enumerate(answers):
         if not isinstance(answer, str):
             readings.append({"option": None, "why": "not a text"})
             continue
+        price = prices[j] if prices else None
         if logits:
-            price = parse_price(answer)
-            try:
-                usable = plausible_price(price, case["buyer_price"], case["seller_price"])
-            except (KeyError, TypeError):  # a case without its prices
-                usable = False
-            readings.append({"option": None, "price": price} if usable else
-                            {"option": None, "why": "no plausible price"})
+            readings.append({"option": None, "price": price} if price is not None else
+                            {"option": None, "why": "no plausible price" if prices else
+                             "no price recorded"})
             continue
+        order = orders[j] if orders else list(range(len(task.verdicts)))
         shown = parse_verdict(answer, [task.verdicts[i] for i in order])
         if shown is None:
             readings.append({"option": None, "why": why_unusable(answer, len(task.verdicts))})
             continue
         index = order[shown]
+        if reads and reads[j] is None:  # the task's rule found it unusable (cb: no price)
+            readings.append({"option": index, "text": task.verdicts[index],
+                             "why": "a deal without a usable price" if task.reward.deals
+                             else "unusable by the task's rule"})
+            continue
         reading = {"option": index, "text": task.verdicts[index], "shown_as": shown + 1}
-        if task.reward.deals and index == task.reward.deal_option:
-            try:
-                result = critic.from_answers(case, [answer], [order], [0])
-            except (KeyError, TypeError):  # a case without its prices
-                result = None
-            if result is None or result.invalid:
-                reading = {"option": index, "text": task.verdicts[index],
-                           "why": "a deal without a usable price"}
-            else:
-                reading["price"] = result.deal_price
+        if price is not None:
+            reading["price"] = price
         readings.append(reading)
     return readings
 
@@ -198,7 +145,7 @@ def critic_readings(task, case, answers, logits=False, orders=None):
 def answer_orders(record, task, answers):
     """The option order each critic answer was shown (critic_orders, critic_answer_orders:
     --critic_order shuffle in sample mode), or None for the task's order."""
-    orders, which = record.get("critic_orders"), record.get("critic_answer_orders")
+    orders, which = record.critic_orders, record.critic_answer_orders
     count = len(task.verdicts)
     try:
         chosen = [orders[k] for k in which]
@@ -211,27 +158,25 @@ def answer_orders(record, task, answers):
 
 
 def annotate(conversation, task, logits=False):
-    """Adds `view` to each record: the critic readings (in the order each answer was shown)
-    and, cb, the turn's sale-to-list ratio. Skipped for tasks this version does not know."""
-    records = conversation.get("records")
-    if task is None or not isinstance(records, list):
-        return
-    case = conversation.get("case") if isinstance(conversation.get("case"), dict) else {}
-    for record in records:
-        if not isinstance(record, dict):
-            continue
+    """The conversation (run_files.ConversationRecord) as the page's JSON object: each
+    record with `view`, the critic readings and, cb, the turn's sale-to-list ratio. No
+    `view` for tasks this version does not know."""
+    page = conversation.to_dict()
+    if task is None:
+        return page
+    case = conversation.case if isinstance(conversation.case, dict) else {}
+    for record, shown in zip(conversation.records, page["records"]):
         view = {}
-        answers = record.get("critic_answers")
-        if isinstance(answers, list):
-            view["critic_readings"] = critic_readings(task, case, answers, logits,
-                                                      answer_orders(record, task, answers))
-        price = record.get("deal_price")
+        if isinstance(record.critic_answers, list):
+            view["critic_readings"] = critic_readings(task, record, logits)
         try:
-            view["sale_to_list"] = sale_to_list(float(price), float(case["buyer_price"]),
+            view["sale_to_list"] = sale_to_list(float(record.deal_price),
+                                                float(case["buyer_price"]),
                                                 float(case["seller_price"]))
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             pass
-        record["view"] = view
+        shown["view"] = view
+    return page
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,37 +194,32 @@ def number(value):
 
 
 def summary(run_index, split, conversation):
-    records = [r for r in conversation.get("records") or [] if isinstance(r, dict)]
-    return {"run": run_index, "split": split, "case_id": conversation.get("case_id"),
-            "outcome": str(conversation.get("outcome")),
-            "return": number(conversation.get("total_reward")),
-            "turns": number(conversation.get("system_turns")) or len(records),
-            "actions": sorted({str(r.get("action")) for r in records}),
-            "explored": any(r.get("explored") is True for r in records),
-            "unusable": sum(number(r.get(k)) or 0 for r in records for k in UNUSABLE_KEYS),
-            "label": case_label(conversation.get("case")),
-            "persona": str((conversation.get("persona") or {}).get("name") or "")}
+    records = conversation.records
+    return {"run": run_index, "split": split, "case_id": conversation.case_id,
+            "outcome": str(conversation.outcome),
+            "return": number(conversation.total_reward),
+            "turns": number(conversation.system_turns) or len(records),
+            "actions": sorted({str(r.action) for r in records}),
+            "explored": any(r.note.get("explored") is True for r in records),
+            "unusable": sum(number(getattr(r, k)) or 0 for r in records for k in UNUSABLE_KEYS),
+            "label": case_label(conversation.case),
+            "persona": str((conversation.persona or {}).get("name") or "")}
 
 
 def load_run(folder, run_index, skip_bad):
-    metrics = {}
-    for split in RUN_SPLITS:
-        path = os.path.join(folder, f"{split}_metrics.json")
-        if os.path.isfile(path):
-            metrics[split] = read_json(path)
-    args, args_source = run_arguments(folder, metrics)
+    """A run folder's part of the page: the run, its rows and its conversations' lines."""
+    files = run_files.load_run(folder, skip_bad=skip_bad)
+    metrics = files.metrics
+    args, args_source = run_arguments(files)
     test = metrics.get("test") or {}
     task_name = test.get("task") or args.get("data_name")
     task = TASKS.get(task_name)
-    bad, rows, lines = [], [], []
-    for split in RUN_SPLITS:
-        path = os.path.join(folder, f"{split}_conversations.jsonl")
-        if not os.path.isfile(path):
-            continue
-        for conversation in read_conversations(path, skip_bad, bad):
-            annotate(conversation, task, logits=args.get("critic") == "logits")
+    rows, lines = [], []
+    for split, conversations in files.conversations.items():
+        for conversation in conversations:
+            page = annotate(conversation, task, logits=args.get("critic") == "logits")
             rows.append(summary(run_index, split, conversation))
-            lines.append(json.dumps(conversation, separators=(",", ":")))
+            lines.append(json.dumps(page, separators=(",", ":")))
     name = os.path.basename(os.path.normpath(folder))
     policy = test.get("policy") or args.get("policy")
     seed = test.get("seed") if "seed" in test else args.get("seed")
@@ -288,7 +228,7 @@ def load_run(folder, run_index, skip_bad):
                              if part is not None),
            "verdicts": list(task.verdicts) if task else [],
            "critic_mode": args.get("critic"), "metrics": metrics, "args": args,
-           "args_source": args_source, "figures": figures(folder), "bad_lines": bad}
+           "args_source": args_source, "figures": figures(files), "bad_lines": files.bad_lines}
     return run, rows, lines
 
 
@@ -335,7 +275,8 @@ def write_page(folders, out, skip_bad=False):
         with open(out, "w", encoding="utf-8") as f:
             f.write(page)
     except OSError as error:
-        raise ViewError(f"cannot write {out} ({error.strerror}). Pass a writable --out") from None
+        raise RunFileError(f"cannot write {out} ({error.strerror}). Pass a writable "
+                           "--out") from None
     return out, bad
 
 
@@ -349,14 +290,10 @@ def main(argv=None):
                         help="leave malformed JSONL lines out (counted and listed on the "
                              "page) instead of stopping")
     args = parser.parse_args(argv)
-    try:
-        folders = find_runs(args.runs)
-        out = args.out or (os.path.join(folders[0], "view.html") if len(folders) == 1 else
-                           os.path.join("reports", time.strftime("view_%Y%m%d_%H%M%S.html")))
-        out, bad = write_page(folders, out, args.skip_bad)
-    except ViewError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    folders = find_runs(args.runs)
+    out = args.out or (os.path.join(folders[0], "view.html") if len(folders) == 1 else
+                       os.path.join("reports", time.strftime("view_%Y%m%d_%H%M%S.html")))
+    out, bad = write_page(folders, out, args.skip_bad)
     for line in bad:
         print(f"skipped: {line['file']}, line {line['line']}: {line['reason']}",
               file=sys.stderr)
@@ -366,4 +303,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -10,6 +10,7 @@ import pytest
 
 import plots
 import report
+import run_files
 import train_model
 from get_args import Args
 from stats import bootstrap_ci, paired_bootstrap_ci
@@ -192,12 +193,13 @@ def test_plot_run_of_a_test_run_and_the_override_rate(tmp_path):
     written = plots.plot_run(folder)
     assert [os.path.basename(p) for p in written] == ["actions.png", "prior_vs_q.png"]
     assert all(is_png(path) for path in written)
-    assert plots.override_rate(conversations) == 2 / 5
+    assert plots.override_rate([run_files.ConversationRecord.from_dict(c)
+                                for c in conversations]) == 2 / 5
 
     silent = write_run(tmp_path / "none", "esc", "none", 1,
                        [conversation(0, True, [(None, None)], rng)])
     assert plots.plot_run(silent) == [] and plots.override_rate(
-        plots.read_jsonl(os.path.join(silent, "test_conversations.jsonl"))) is None
+        run_files.read_conversations(os.path.join(silent, "test_conversations.jsonl"))) is None
 
 
 def test_each_figure_that_cannot_be_drawn_is_named_with_the_reason(tmp_path, capsys):
@@ -205,7 +207,7 @@ def test_each_figure_that_cannot_be_drawn_is_named_with_the_reason(tmp_path, cap
     folder = write_run(tmp_path, "esc", "ppdpp", 1, random_conversations("esc", [True], rng),
                        train=random_conversations("esc", [False], rng))
     history = os.path.join(folder, "train_history.jsonl")
-    lines = plots.read_jsonl(history)
+    lines = run_files.read_jsonl(history)
     # REINFORCE's updates, then none at all
     for updates, reason in (([{"kind": "update", "step": 1, "pg_loss": 0.3}],
                              "the policy's updates have no TD loss"),
@@ -262,7 +264,7 @@ def test_report_over_tasks_seeds_and_cb(runs_root, tmp_path):
     for (task, policy), group in groups.items():
         per_seed = {"SR": [], "AT": [], "SL": [], "unusable": []}
         for run in group["runs"]:
-            lines = plots.read_jsonl(os.path.join(run["folder"], "test_conversations.jsonl"))
+            lines = run_files.read_jsonl(os.path.join(run["folder"], "test_conversations.jsonl"))
             success = [c["outcome"] == "success" for c in lines]
             per_seed["SR"].append(np.mean(success))
             per_seed["AT"].append(np.mean([c["system_turns"] if ok else 4
@@ -294,7 +296,7 @@ def test_a_replayed_seed_counts_once_and_pairs_go_by_case_id(tmp_path):
     other_lines = [conversation(2, True, [("Question", "Question")], rng),
                    conversation(0, False, [("Question", "Question")] * 4, rng)]
     other = write_run(tmp_path / "other", "esc", "prior", 1, other_lines)
-    runs = [report.load_run(f) for f in report.find_runs([str(tmp_path)])]
+    runs = [report.tabled_run(f) for f in report.tabled_folders([str(tmp_path)])]
     groups, skipped = report.group_runs(runs)
     assert [run["folder"] for run in groups[("esc", "dialogxpert")].values()] == [new]
     assert skipped == [old]
@@ -305,7 +307,7 @@ def test_a_replayed_seed_counts_once_and_pairs_go_by_case_id(tmp_path):
     for line in other_lines:
         line["case_id"] += 10
     write_jsonl(os.path.join(other, "test_conversations.jsonl"), other_lines)
-    groups, _ = report.group_runs([report.load_run(new), report.load_run(other)])
+    groups, _ = report.group_runs([report.tabled_run(new), report.tabled_run(other)])
     unpaired = report.paired_difference(groups[("esc", "dialogxpert")],
                                         groups[("esc", "prior")], n_boot=100)
     assert unpaired == {"seeds": [], "pairs": 0, "SR": None, "mean_return": None}

@@ -18,9 +18,12 @@ import tempfile
 
 import pytest
 
+import run_files
 import view
 from conftest import INJECTED, ROOT, make_runs
+from critic import Critic
 from env import Conversation, turn_prompt_cuts
+from run_files import ConversationRecord, TurnRecord
 from tasks import get_task
 
 CHROMIUM, FLAGS = view.CHROMIUM, view.CHROMIUM_FLAGS
@@ -79,34 +82,42 @@ def test_the_docs_name_the_splits_that_a_run_writes_and_the_page_shows(runs, pag
                if name.endswith("_conversations.jsonl")}
     page = open(page_path, encoding="utf-8").read()
     rows = json.loads(data_block(page, "runs-data").replace("\\u003c", "<"))["rows"]
-    assert written == {row["split"] for row in rows} == set(view.RUN_SPLITS) == {"train", "test"}
+    assert written == {row["split"] for row in rows} == set(run_files.SPLITS) == {"train", "test"}
     for path in ("docs/outputs.md", "view.py"):
         text = " ".join(open(os.path.join(ROOT, path), encoding="utf-8").read().split())
         assert "train and test" in text and "no valid ones" in text, path
         assert "train, valid, test" not in text and "train, valid and test" not in text, path
 
 
+def judged_record(task, case, answers, orders=None, answer_orders=None):
+    """A turn's record with the critic's reading of the answers, as end_turn records it."""
+    verdict = Critic(task, llm=None).from_answers(case, answers, orders, answer_orders)
+    verdict.orders = orders or [list(range(len(task.verdicts)))]
+    return TurnRecord().set_verdict(verdict, None)
+
+
 def test_critic_answers_are_read_by_the_critics_rules():
     esc = get_task("esc")
-    readings = view.critic_readings(esc, {}, ["4", "Option 9", "option 1 or option 3",
-                                              "I cannot tell.", 7])
+    readings = view.critic_readings(esc, TurnRecord(critic_answers=[
+        "4", "Option 9", "option 1 or option 3", "I cannot tell.", 7]))
     assert readings[0] == {"option": 3, "text": esc.verdicts[3], "shown_as": 4}
     assert readings[1]["option"] is None and "9, which is not an option" in readings[1]["why"]
     assert "several options (1, 3)" in readings[2]["why"]
     assert "names no option" in readings[3]["why"] and readings[4]["why"] == "not a text"
     cb = get_task("cb")
     case = {"buyer_price": 100, "seller_price": 200}
-    deal, no_price = view.critic_readings(cb, case, ["2, at $150", "2"])
+    deal, no_price = view.critic_readings(cb, judged_record(cb, case, ["2, at $150", "2"]))
     assert deal["option"] == 1 and deal["price"] == 150 and "why" not in deal
     assert no_price["why"] == "a deal without a usable price"
-    price, no_price = view.critic_readings(cb, case, ["$150", "about 9000"], logits=True)
+    # --critic logits: the answers to the price question, with the prices Critic.ask_prices
+    # read (None: not plausible)
+    price, no_price = view.critic_readings(cb, TurnRecord(
+        critic_answers=["$150", "about 9000"], critic_prices=[150.0, None]), logits=True)
     assert price == {"option": None, "price": 150} and no_price["why"] == "no plausible price"
-    conversation = {"case": case, "records": [{"deal_price": 150, "critic_answers": ["1"]},
-                                              {"critic_answers": ["1, 150", "1"],
-                                               "critic_orders": [[1, 0], [0, 1]],
-                                               "critic_answer_orders": [0, 1]}]}
-    view.annotate(conversation, cb)
-    first, second = conversation["records"]
+    conversation = ConversationRecord(case=case, records=[
+        TurnRecord(deal_price=150, critic_answers=["1"]),  # a run older than critic_reads
+        judged_record(cb, case, ["1, 150", "1"], [[1, 0], [0, 1]], [0, 1])])
+    first, second = view.annotate(conversation, cb)["records"]
     assert first["view"]["sale_to_list"] == 0.5
     assert first["view"]["critic_readings"][0]["option"] == 0
     # shuffled options: each answer is read in the order it was shown
