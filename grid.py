@@ -238,7 +238,7 @@ def table(args, folders, users, critics, live):
     cells = []
     for user in users:
         for critic in critics:
-            runs = {planner: report.load_run(
+            runs = {planner: report.tabled_run(
                 folders[(user, planner)] if critic in live[(user, planner)]
                 else os.path.join(folders[(user, planner)], "rejudged", critic))
                 for planner in planners}

@@ -23,6 +23,7 @@ from llm import chat_prompt
 from llm_transformers import PrefixCache, TransformersLLM
 from policies import Policy, make_policy
 from ppdpp import PPDPPPolicy
+from run_files import TurnRecord
 from tasks import get_task
 from trainer import train
 
@@ -304,7 +305,7 @@ def test_a_copys_first_prompt_extends_its_parents_cached_prompt(tiny_llm_dir):
         return next((i for i, (a, b) in enumerate(zip(ids, cached)) if a != b),
                     min(len(ids), len(cached)))
     llm.stats.clear()
-    env.play_system([copy], ["Question"], [{}], 0.0)
+    env.play_system([copy], ["Question"], [TurnRecord(turn=1, action="Question")], 0.0)
     assert llm.stats["prompt_tokens_reused"] > shared(other.uid) + 10
     assert llm.stats["prompt_tokens_reused"] >= shared(parent.uid) - 1
 

@@ -7,7 +7,6 @@ import os
 import random
 import re
 from contextlib import contextmanager
-from types import SimpleNamespace
 
 import pytest
 
@@ -177,6 +176,8 @@ def test_a_bad_persona_file_is_one_error_line_before_the_run_folder(tmp_path, ca
 def test_a_persona_is_hidden_from_lookahead_copies_and_kept_by_re_judging():
     from conftest import World, esc_case
     from critic_check import rejudged_conversation
+    from critic import CriticResult
+    from run_files import ConversationRecord, TurnRecord
 
     world = World("esc", ESC.action_names, lambda history: "ok", lambda history: ["2"])
     env = world.env(max_turn=2)
@@ -184,8 +185,9 @@ def test_a_persona_is_hidden_from_lookahead_copies_and_kept_by_re_judging():
     copy = env.branch(real)
     assert copy.persona is None and real.persona == PERSONAS[0]
     assert "likes-Q" in str(env.user_prompt(real)) and "likes-Q" not in str(env.user_prompt(copy))
-    saved = {"case": esc_case(1), "turns": [["Therapist", "Hi."], ["Patient", "Hm."]],
-             "case_id": 0, "persona": PERSONAS[1], "records": []}
-    result = SimpleNamespace(reward=1.0, answers=["4"], invalid=0, option_probs=[0, 0, 0, 1],
-                             orders=[[0, 1, 2, 3]], sale_to_list=None, success=True)
-    assert rejudged_conversation(saved, [({"reward": 0.0}, result)], 2).persona == PERSONAS[1]
+    saved = ConversationRecord(case=esc_case(1), turns=[["Therapist", "Hi."], ["Patient", "Hm."]],
+                               case_id=0, persona=PERSONAS[1])
+    result = CriticResult(reward=1.0, success=True, answers=["4"], option_probs=[0, 0, 0, 1],
+                          orders=[[0, 1, 2, 3]], order_probs=[[0, 0, 0, 1]])
+    assert rejudged_conversation(saved, [(TurnRecord(turn=1, reward=0.0), result)],
+                                 2).persona == PERSONAS[1]
