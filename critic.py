@@ -19,9 +19,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import options
 import qwen_prompts as prompts
 from env import transcript
-from llm import ask_in_orders, order_seed, rotations, split_samples, stream_seed
 from tasks import case_fields, parse_price
 
 # an option number at the very start of an answer: "3", "(3)", "**3.**", "Option 3:"
@@ -121,16 +121,12 @@ class Critic:
         self.shared_prefix = shared_prefix
         self.stop_at_newline = stop_at_newline  # a verdict is one line
         self.order = order
-        self.labels = [str(i + 1) for i in range(len(task.verdicts))]
+        self.labels = options.labels(len(task.verdicts))
 
     def orders(self, conversation):
         """The option orders shown this turn: [[option index at each position]]."""
-        count = len(self.task.verdicts)
-        if self.order == "fixed":
-            return [list(range(count))]
-        return rotations(count, 0 if self.mode == "logits" else self.num_samples,
-                         stream_seed(conversation.stream, conversation.system_turns,
-                                     "critic_order"))
+        return options.shown_orders(conversation, len(self.task.verdicts), self.order != "fixed",
+                                    0 if self.mode == "logits" else self.num_samples, "critic")
 
     def prompt(self, conversation, question=None, order=None):
         """The critic's chat for a conversation (env.Conversation: case and turns), with the
@@ -155,43 +151,26 @@ class Critic:
                                 self.max_new_tokens, "critic")
 
     def score(self, conversations, orders=None):
-        """One CriticResult per conversation, from batched calls (one per order count; see
-        llm.ask_in_orders). orders: per conversation, the orders to show (default: `orders`)."""
-        asked, jobs = [], []
-        for i, conversation in enumerate(conversations):
-            shown = orders[i] if orders else self.orders(conversation)
-            counts = ([(order, 1) for order in shown] if self.mode == "logits"
-                      else split_samples(self.num_samples, shown))
-            asked.append([order for order, _ in counts])
-            jobs += [(i, k, self.prompt(conversation, order=order), count,
-                      order_seed(conversation.seed("critic"), k))
-                     for k, (order, count) in enumerate(counts)]
-
-        def ask(part):
-            chats = [job[2] for job in part]
-            keys = [(conversations[job[0]].uid, "critic") for job in part]
-            if self.mode == "logits":
-                return list(self.llm.option_probs(chats, self.labels, cache_keys=keys))
-            return self.llm.chat(chats, max_new_tokens=self.max_new_tokens,
-                                 temperature=self.temperature, num_samples=part[0][3],
-                                 shared_prefix=self.shared_prefix,
-                                 stop_at_newline=self.stop_at_newline, cache_keys=keys,
-                                 seeds=[job[4] for job in part])
-        answers = ask_in_orders(ask, jobs)
+        """One CriticResult per conversation, from batched calls (options.ask). orders: per
+        conversation, the orders to show (default: `orders`)."""
+        asked = options.ask(
+            self.llm, "critic", conversations, orders or [self.orders(c) for c in conversations],
+            lambda conversation, order: self.prompt(conversation, order=order), self.labels,
+            samples=None if self.mode == "logits" else self.num_samples,
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+            shared_prefix=self.shared_prefix, stop_at_newline=self.stop_at_newline)
         results = []
-        for i, (conversation, shown) in enumerate(zip(conversations, asked)):
+        for conversation, jobs in zip(conversations, asked):
+            shown = [job.order for job in jobs]
             if self.mode == "logits":
-                per_order = [in_task_order(answers[(i, k)].tolist(), order)
-                             for k, order in enumerate(shown)]
+                per_order = [job.in_task_order() for job in jobs]
                 mean = [sum(column) / len(per_order) for column in zip(*per_order)]
                 result = self.from_distribution(mean)
                 result.order_probs = per_order
             else:
-                texts, answer_orders = [], []
-                for k in range(len(shown)):
-                    texts += answers[(i, k)]
-                    answer_orders += [k] * len(answers[(i, k)])
-                result = self.from_answers(conversation.case, texts, shown, answer_orders)
+                answers = options.answers(jobs)
+                result = self.from_answers(conversation.case, [answer for answer, _ in answers],
+                                           shown, [job.k for _, job in answers])
             result.orders = shown
             results.append(result)
         if self.mode == "logits":
@@ -260,12 +239,3 @@ def judged(result, judgement):
     """The result with the reward rule's judgement (tasks.Judgement) in it."""
     result.reward, result.success, result.deal_price, result.sale_to_list = judgement
     return result
-
-
-def in_task_order(shown_probs, order):
-    """A distribution over the positions shown -> the same over the options in the task's
-    order (order[position] is the option shown there)."""
-    probs = [0.0] * len(order)
-    for position, option in enumerate(order):
-        probs[option] = shown_probs[position]
-    return probs

@@ -4,12 +4,17 @@
 return what the agent acts on, an `Observation` per conversation: the candidate actions
 with their priors (`Planner.candidates`: the top-k of the planner's prior over the task's
 whole action set, or with --prior list every action that one sampled answer named). A
-step has four phases, each one batched LLM call:
-  system phase: the system LLM realises each chosen action ("Emotion: ... Response: ...")
-  user phase:   the user LLM answers in role
-  critic phase: the critic answers its closed question; the reward and the outcome follow
+step has four phases, each asking its role's LLM for the whole batch at once:
+  system phase: one call: the system LLM realises each chosen action ("Emotion: ...
+                Response: ...")
+  user phase:   one call: the user LLM answers in role
+  critic phase: the critic answers its closed question (options.ask: one call for every
+                conversation's first order of the options, then one per sample count of
+                the other orders); in logits mode cb's price of a likely deal is one more,
+                greedy call. The reward and the outcome follow
   planner:      the prior of every conversation that goes on (or ended at the turn limit,
-                whose next state still bootstraps)
+                whose next state still bootstraps), asked as the critic asks (--prior list:
+                one call per try, each asking again those whose answer named no action)
 """
 
 import dataclasses
@@ -21,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+import options
 import qwen_prompts as prompts
-from llm import (add_cost, ask_in_orders, empty_cost, fit_prompt, order_seed, rotations,
-                 split_samples, stream_seed)
+from llm import add_cost, empty_cost, fit_prompt, stream_seed
 from run_files import TurnRecord
 from tasks import case_fields
 
@@ -55,6 +60,9 @@ class Conversation:
     prior_orders: list = field(default_factory=list)
     # modes list and project: the planner's sampled answers and the actions each named
     planner_answers: list = field(default_factory=list)
+    # the planner's answers about the current state that named no action (modes sample,
+    # list and project); the turn's record keeps them (SelfPlayEnv.end_turn)
+    planner_invalid: int = 0
     prompt_cuts: dict = field(default_factory=dict)  # prompts cut to fit a context (llm.py)
     case_id: int | None = None  # the case's place in its split (pairs runs in reports)
     # the seed of this conversation's LLM samples (llm.stream_seed): the trainer derives it
@@ -183,22 +191,17 @@ class Planner:
         self.use_emotion = use_emotion
         self.order = order
         self.rotations = rotations
-        self.labels = [str(i + 1) for i in range(len(task.actions))]
+        self.labels = options.labels(len(task.actions))
         # project: texts -> [len(texts), width] embeddings (the Q-adapter's encoder), for
         # the nearest action of a plan that names none; None: such plans are unusable
         self.embed = embed
         self.match_threshold = match_threshold  # least cosine similarity of a nearest action
         self._action_embeddings = None
-        # sampled answers that named no action (modes sample, list and project)
-        self.invalid_answers = 0
 
     def orders(self, conversation):
         """The action orders shown this turn: [[action index at each position]]."""
-        n = len(self.task.actions)
-        if self.order == "fixed":
-            return [list(range(n))]
-        return rotations(n, self.rotations, stream_seed(conversation.stream,
-                                                        conversation.system_turns, "planner_order"))
+        return options.shown_orders(conversation, len(self.task.actions), self.order != "fixed",
+                                    self.rotations, "planner")
 
     def prompt(self, conversation, order=None, count=None):
         """The planner's chat for one order of the actions. The question follows the mode:
@@ -227,60 +230,44 @@ class Planner:
     def prior(self, conversations):
         """[batch, num_actions] probabilities in the task's action order, each row summing
         to 1 (modes logits, sample and project). Each conversation's `prior_orders` gets
-        the orders shown (the first action of each, which fixes a rotation)."""
-        jobs, orders = [], []
-        for i, conversation in enumerate(conversations):
-            shown = self.orders(conversation)
-            if self.mode == "logits":
-                shown = [(order, 1) for order in shown]
-            else:
-                shown = split_samples(self.num_samples, shown)
-            orders.append([order for order, _ in shown])
-            conversation.prior_orders = [order[0] for order, _ in shown]
-            for k, (order, count) in enumerate(shown):
-                jobs.append((i, k, self.prompt(conversation, order), count,
-                             order_seed(conversation.seed("planner"), k)))
-
-        def ask(part):
-            chats = [job[2] for job in part]
-            keys = [(conversations[job[0]].uid, "planner") for job in part]
-            if self.mode == "logits":
-                return list(self.llm.option_probs(chats, self.labels, cache_keys=keys))
-            return self.llm.chat(chats, max_new_tokens=self.max_new_tokens, temperature=1.0,
-                                 num_samples=part[0][3], cache_keys=keys,
-                                 seeds=[job[4] for job in part])
-        results = ask_in_orders(ask, jobs)
-        n = len(self.task.actions)
+        the orders shown (the first action of each, which fixes a rotation), and its
+        `planner_invalid` the answers that named no action."""
+        asked = options.ask(self.llm, "planner", conversations,
+                            [self.orders(c) for c in conversations], self.prompt, self.labels,
+                            samples=None if self.mode == "logits" else self.num_samples,
+                            max_new_tokens=self.max_new_tokens, temperature=1.0)
         rows = []
-        for i, conversation_orders in enumerate(orders):
+        for conversation, jobs in zip(conversations, asked):
+            conversation.prior_orders = [job.order[0] for job in jobs]
             if self.mode == "logits":
-                row = torch.zeros(n)
-                for k, order in enumerate(conversation_orders):
-                    row[order] += results[(i, k)].float()  # position -> its action
-                rows.append(row / len(conversation_orders))
+                row = torch.zeros(len(self.task.actions))
+                for job in jobs:
+                    row += torch.tensor(job.in_task_order())
+                rows.append(row / len(jobs))
+                conversation.planner_invalid = 0
                 continue
-            answers = [(answer, order) for k, order in enumerate(conversation_orders)
-                       for answer in results[(i, k)]]
+            answers = options.answers(jobs)
             if self.mode == "project":
-                rows.append(self._prior_from_plans(conversations[i], [a for a, _ in answers]))
+                row = self._prior_from_plans(conversation, [answer for answer, _ in answers])
             else:
-                rows.append(self._prior_from_samples(*zip(*answers)))
+                row, conversation.planner_invalid = self._prior_from_samples(
+                    [answer for answer, _ in answers], [job.order for _, job in answers])
+            rows.append(row)
         return torch.stack(rows)
 
     def _prior_from_samples(self, answers, orders=None):
-        """A smoothed prior over the actions from sampled answers; answer j was asked with
-        the actions in orders[j] (default: the task's order)."""
+        """A smoothed prior over the actions from sampled answers, and the number of
+        answers that named no action; answer j was asked with the actions in orders[j]
+        (default: the task's order)."""
         counts = Counter()
         orders = orders or [range(len(self.labels))] * len(answers)
         for answer, order in zip(answers, orders):
             match = re.search(r"\d+", answer)
             if match and match.group(0) in self.labels:
                 counts[order[int(match.group(0)) - 1]] += 1
-            else:
-                self.invalid_answers += 1
         # add-one smoothing: an action never sampled keeps a small prior
         prior = torch.tensor([counts[a] + 1.0 for a in range(len(self.labels))])
-        return prior / prior.sum()
+        return prior / prior.sum(), len(answers) - sum(counts.values())
 
     # -- project: free-text plans projected onto the actions ------------------------------
 
@@ -315,13 +302,13 @@ class Planner:
 
     def _prior_from_plans(self, conversation, plans):
         """The frequencies of the plans' projected actions (uniform when none matched);
-        the plans that matched no action are counted as unusable answers."""
+        the plans that matched no action are the conversation's `planner_invalid`."""
         projected = self.project(plans)
         conversation.planner_answers = [
             {"answer": plan, "actions": [] if a is None else [self.task.action_names[a]]}
             for plan, a in zip(plans, projected)]
         counts = Counter(a for a in projected if a is not None)
-        self.invalid_answers += len(plans) - sum(counts.values())
+        conversation.planner_invalid = len(plans) - sum(counts.values())
         if not counts:
             return torch.full((len(self.labels),), 1.0 / len(self.labels))
         prior = torch.tensor([float(counts[a]) for a in range(len(self.labels))])
@@ -348,14 +335,15 @@ class Planner:
         """The candidates of each conversation by the original's rule: [[action index]].
         An answer that names no action is asked again, with a new sample, up to
         num_samples answers in all (the original dropped the training episode and crashed
-        in test); each such answer is counted as unusable. If none names one, every action
-        in the task's order is a candidate."""
+        in test); each such answer is counted in the conversation's `planner_invalid`. If
+        none names one, every action in the task's order is a candidate."""
         chosen = [None] * len(conversations)
         shown = []
         for conversation in conversations:
             shown.append(self.orders(conversation)[0])
             conversation.prior_orders = [shown[-1][0]]
             conversation.planner_answers = []
+            conversation.planner_invalid = 0
         chats = [self.prompt(c, order, k) for c, order in zip(conversations, shown)]
         pending = list(range(len(conversations)))
         for attempt in range(self.num_samples):
@@ -375,7 +363,7 @@ class Planner:
                 if actions:
                     chosen[i] = actions
                 else:
-                    self.invalid_answers += 1
+                    conversations[i].planner_invalid += 1
                     still.append(i)
             pending = still
         everything = list(range(len(self.task.actions)))
@@ -407,8 +395,9 @@ class Planner:
 
 class SelfPlayEnv:
     """The conversations' world. `planner` None: an environment that only builds prompts
-    and plays turns (`start`, `step`, whose `observation` is then None); `reset`,
-    `observe` and the counters need the planner."""
+    and plays turns (`start`, `step`, whose `observation` is then None); `reset` and
+    `observe` need the planner. The LLM answers that could not be used as they were are
+    counted in the turns' records (metrics.unusable_counts)."""
 
     def __init__(self, task, system_llm, user_llm, critic, planner=None, top_k=4, max_turn=8,
                  system_temperature=0.7, user_temperature=0.7, eval_temperature=0.0,
@@ -426,7 +415,6 @@ class SelfPlayEnv:
         self.system_max_new_tokens = system_max_new_tokens
         self.user_max_new_tokens = user_max_new_tokens
         self.use_emotion = use_emotion
-        self.errors = Counter()  # LLM answers that could not be used as they were
         self.owners = {}  # uid of a simulated copy (branch) -> uid of its real conversation
 
     def start(self, case, case_id=None, stream=None, persona=None):
@@ -503,36 +491,27 @@ class SelfPlayEnv:
 
     def simulate(self, branches, actions, evaluation=False):
         """One exchange of simulated copies (`branch`), as `step` plays it: one batched
-        system, user and critic call, at the temperatures of `step`. Nothing of it reaches
-        the run's counters (the LLMs' errors in it are returned instead); the copies keep
-        their turns, outcome, reward and records. Returns (verdicts, errors)."""
+        system, user and critic call, at the temperatures of `step`. The copies keep their
+        turns, outcome, reward and records (with the unusable answers in them); the real
+        conversations are untouched. Returns the verdicts."""
         if any(b.owner is None for b in branches):
             raise ValueError("simulate plays copies made by SelfPlayEnv.branch only")
-        run_errors, self.errors = self.errors, Counter()
-        try:
-            records = [TurnRecord(turn=b.system_turns + 1, action=a)
-                       for b, a in zip(branches, actions)]
-            self.play_system(branches, actions, records,
-                             self.eval_temperature if evaluation else self.system_temperature)
-            self.play_user(branches, records,
-                           self.eval_temperature if evaluation else self.user_temperature)
-            verdicts = self.critic.score(branches)
-            for branch, verdict, record in zip(branches, verdicts, records):
-                self.end_turn(branch, verdict, record, {})
-        finally:
-            errors, self.errors = self.errors, run_errors
-        return verdicts, errors
+        records = [TurnRecord(turn=b.system_turns + 1, action=a)
+                   for b, a in zip(branches, actions)]
+        self.play_system(branches, actions, records,
+                         self.eval_temperature if evaluation else self.system_temperature)
+        self.play_user(branches, records,
+                       self.eval_temperature if evaluation else self.user_temperature)
+        verdicts = self.critic.score(branches)
+        for branch, verdict, record in zip(branches, verdicts, records):
+            self.end_turn(branch, verdict, record, {})
+        return verdicts
 
     def simulated_prior(self, branches):
-        """The planner's prior [batch, n] of simulated copies, with one planner call; its
-        unusable answers are returned, not added to the planner's count."""
-        before = self.planner.invalid_answers
-        try:
-            prior = self.planner.prior(branches)
-        finally:
-            invalid = self.planner.invalid_answers - before
-            self.planner.invalid_answers = before
-        return prior, invalid
+        """The planner's prior [batch, n] of simulated copies, with one planner call, and
+        the number of its answers that named no action."""
+        prior = self.planner.prior(branches)
+        return prior, sum(branch.planner_invalid for branch in branches)
 
     def forget(self, conversations):
         """Drop the cached prompts of conversations that will not be extended (finished
@@ -548,19 +527,6 @@ class SelfPlayEnv:
     def observation(conversation):
         """The observation of a conversation's current state (as last observed)."""
         return Observation(conversation, conversation.candidates, conversation.candidate_priors)
-
-    def error_counts(self):
-        """LLM answers that could not be used as they were, so far, per kind."""
-        planner = {"planner": self.planner.invalid_answers} if self.planner else {}
-        return Counter(self.errors) + Counter(planner)
-
-    def counters(self):
-        """The error counters, as a training state saves them (restore_counters)."""
-        return {"env": dict(self.errors), "planner": self.planner.invalid_answers}
-
-    def restore_counters(self, saved):
-        self.errors.update(saved["env"])
-        self.planner.invalid_answers = saved["planner"]
 
     def llms(self):
         """The LLM client of each role (roles may share one client)."""
@@ -632,6 +598,9 @@ class SelfPlayEnv:
         clients = {id(llm): llm for llm in self.llms().values() if llm is not None}
         for conversation in conversations:
             if conversation.done:
+                if conversation.uid in observations and conversation.planner_invalid:
+                    # the turn limit: the prior of the state after the last turn
+                    conversation.records[-1]["next_planner_invalid"] = conversation.planner_invalid
                 for llm in clients.values():
                     llm.forget(conversation.uid)  # its cached prompts will not be extended
                 if conversation.owner is None:
@@ -651,7 +620,6 @@ class SelfPlayEnv:
             if self.use_emotion:
                 emotion, response, ok = parse_emotion_response(answer[0], roles)
                 if not ok:
-                    self.errors["system_format"] += 1
                     record.system_format_error = 1
                 conversation.emotions.append(emotion)
                 record.emotion = emotion
@@ -675,11 +643,10 @@ class SelfPlayEnv:
             conversation.turns.append((self.task.user_role, response))
 
     def said(self, response, empty, record):
-        """The response, or "..." for an empty one, counted as `empty` in the errors and
-        the turn's record (TurnRecord.system_empty or user_empty)."""
+        """The response, or "..." for an empty one, counted as `empty` in the turn's
+        record (TurnRecord.system_empty or user_empty)."""
         if response:
             return response
-        self.errors[empty] += 1
         setattr(record, empty, 1)
         return "..."
 
@@ -687,7 +654,6 @@ class SelfPlayEnv:
         """The critic's verdict: the reward, the ending, and the turn's record (a
         run_files.TurnRecord, kept as its dict: with the agent's note and the turn's
         prompt cuts)."""
-        self.errors["critic_invalid"] += verdict.invalid
         # the only endings are success and the turn limit, as in the original release
         truncated = not verdict.success and conversation.system_turns >= self.max_turn
         conversation.outcome = ("success" if verdict.success
@@ -700,6 +666,7 @@ class SelfPlayEnv:
         if self.planner is not None:
             record.prior_orders = conversation.prior_orders
             record.planner_answers = conversation.planner_answers or None
+            record.planner_invalid = conversation.planner_invalid or None
         conversation.records.append({})  # the turn's place: turn_prompt_cuts counts those before
         record.prompt_cuts = turn_prompt_cuts(conversation) or None
         conversation.records[-1] = record.to_dict()

@@ -25,7 +25,7 @@ from errors import UserError
 from get_args import ROLES
 from llm import (COST_COUNTS, EMBEDDED_LLM, EMBEDDED_LLM_CACHE, add_cost, backend_options,
                  embedded_gguf_path, empty_cost, load_llm, model_name, stream_seed)
-from metrics import episode_values, strategy_bias
+from metrics import episode_values, strategy_bias, unusable_counts
 from personas import draw_persona, load_personas
 from policies import policy_class
 from q_adapter import resolve_encoder_path
@@ -225,7 +225,9 @@ def play_turn(policy, env, observations, rng, training, epsilon=0.0):
     return results
 
 
-def summarize(conversations, task, max_turn, error_counts):
+def summarize(conversations, task, max_turn, unusable=None):
+    """The figures of finished conversations. unusable: the counts of LLM answers that
+    could not be used (default: from the conversations' records, metrics.unusable_counts)."""
     n = len(conversations)
     values = [episode_values(c.outcome, c.system_turns, c.sale_to_list, c.total_reward,
                              max_turn) for c in conversations]
@@ -237,7 +239,8 @@ def summarize(conversations, task, max_turn, error_counts):
                "mean_final_reward": sum(c.records[-1]["reward"] for c in conversations
                                         if c.records) / max(n, 1),
                "outcomes": dict(Counter(c.outcome for c in conversations)),
-               "llm_answers_unusable": dict(error_counts),
+               "llm_answers_unusable": dict(unusable_counts(conversations)
+                                            if unusable is None else unusable),
                # prompts cut to fit a model's context, per role, with what was cut
                "prompt_cuts": dict(sum((Counter(c.prompt_cuts) for c in conversations),
                                        Counter()))}
@@ -333,7 +336,6 @@ def evaluate(args, policy, env, cases, desc="eval"):
     come from a stream of its own (the run's seed, the split, the case), so every policy
     meets each case with the same user and critic draws."""
     personas = split_personas(args, desc)
-    errors_before = env.error_counts()
     rng = random.Random(args.seed)
     finished, queue = [], list(enumerate(cases))
     bar = tqdm(total=len(cases), desc=desc, disable=not args.progress, leave=False)
@@ -352,6 +354,4 @@ def evaluate(args, policy, env, cases, desc="eval"):
                     bar.update(1)
             batch = [r.observation for r in results if not r.done]
     bar.close()
-    errors = env.error_counts()
-    errors.subtract(errors_before)
-    return summarize(finished, env.task, args.max_turn, +errors), finished
+    return summarize(finished, env.task, args.max_turn), finished

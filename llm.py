@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import math
 import os
-import random
 from collections import Counter, defaultdict
 
 import torch
@@ -177,44 +176,6 @@ def stream_seed(*parts):
     they have said the same things."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def rotations(n, count, seed):
-    """`count` rotations of a list of n options (0 or more than n: all n), evenly spaced
-    from a start drawn from `seed`. A rotation is the order shown: position -> option."""
-    count = n if count <= 0 or count > n else count
-    start = random.Random(seed).randrange(n)
-    return [[(start + (k * n) // count + i) % n for i in range(n)] for k in range(count)]
-
-
-def order_seed(seed, k):
-    """The sample seed of a turn's k-th order: the role's own seed for the first, so that
-    one fixed order draws exactly what it drew before orders existed."""
-    return seed if k == 0 else stream_seed(seed, "order", k)
-
-
-def split_samples(num_samples, orders):
-    """Samples per order: num_samples spread as evenly as possible (the first orders get
-    one more); orders that would get none are left out. Returns [(order, count)]."""
-    orders = orders[:num_samples]
-    base, extra = divmod(num_samples, len(orders))
-    return [(order, base + (k < extra)) for k, order in enumerate(orders)]
-
-
-def ask_in_orders(ask, jobs):
-    """Run jobs [(conversation index, order index, chat, count, seed)] as few batched calls:
-    ask(jobs of one count) -> one result per job. Every conversation's first order goes
-    first, so its prompt's KV cache (in process) or the server's prefix cache holds the
-    conversation when the other orders, which differ only in the options after it, are
-    asked; they follow grouped by count. Returns {(conversation, order): result}."""
-    first = [job for job in jobs if job[1] == 0]
-    rest = [job for job in jobs if job[1] != 0]
-    results = {}
-    for group in (first, rest):
-        for count in sorted({job[3] for job in group}, reverse=True):
-            part = [job for job in group if job[3] == count]
-            results.update({(job[0], job[1]): answer for job, answer in zip(part, ask(part))})
-    return results
 
 
 def chat_prompt(tokenizer, messages):

@@ -12,8 +12,9 @@ the environment's own LLMs: the planner's prior over all of the task's actions i
 prior, the system and user LLMs play the simulated turns, and the critic's reward of a
 simulated turn is its value. Every conversation of the batch searches at once, in lockstep:
 each round of a simulation makes one system, one user, one critic and at most one planner
-call for all the conversations' trees. Nothing simulated reaches the real conversations,
-their records or the run's error counters; the turn's record keeps the tree (`search`).
+call for all the conversations' trees. Nothing simulated reaches the real conversations
+or their records (which the run's unusable answers are counted from); the turn's record
+keeps the tree (`search`).
 """
 
 import math
@@ -246,7 +247,7 @@ class GDPZeroPolicy(Policy):
                                                  child_path))
             descent.tree.branches.append(copy)
             copies.append(copy)
-        verdicts, _ = env.simulate(copies, [names[d.action] for d in descents], evaluation)
+        verdicts = env.simulate(copies, [names[d.action] for d in descents], evaluation)
         expanding = []
         for descent, copy, verdict in zip(descents, copies, verdicts):
             tree, child_path = descent.tree, descent.path + (descent.action,)

@@ -6,8 +6,15 @@ return (the sum of the turn rewards), and the strategy bias of a run's choices."
 import math
 from collections import Counter
 
-# the record fields that count an LLM answer that could not be used as it was (env.py)
+# the record fields that count an LLM answer of the turn's exchange that could not be used
+# as it was (env.py)
 UNUSABLE_KEYS = ("critic_invalid", "system_format_error", "system_empty", "user_empty")
+# every record field that counts unusable answers, the planner's too, and its name in a
+# run's figures (llm_answers_unusable); next_planner_invalid: the answers about the state
+# after a turn-limit ending's last turn
+UNUSABLE_FIGURES = {"system_format_error": "system_format", "system_empty": "system_empty",
+                    "user_empty": "user_empty", "critic_invalid": "critic_invalid",
+                    "planner_invalid": "planner", "next_planner_invalid": "planner"}
 
 
 def episode_values(outcome, system_turns, sale_to_list, total_reward, max_turn):
@@ -20,6 +27,17 @@ def episode_values(outcome, system_turns, sale_to_list, total_reward, max_turn):
 def unusable_answers(records):
     """The LLM answers of a conversation's records that could not be used."""
     return float(sum(record.get(key) or 0 for record in records for key in UNUSABLE_KEYS))
+
+
+def unusable_counts(conversations):
+    """The unusable LLM answers of conversations, from their records, per figure name
+    (UNUSABLE_FIGURES); kinds never met are left out."""
+    counts = Counter()
+    for conversation in conversations:
+        for record in conversation.records:
+            for key, name in UNUSABLE_FIGURES.items():
+                counts[name] += record.get(key) or 0
+    return +counts
 
 
 def distribution(counts, names):

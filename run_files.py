@@ -84,8 +84,11 @@ class TurnRecord:
     note: dict = field(default_factory=dict)
     prior_orders: list | None = None  # the action listed first in each planner rotation
     planner_answers: list | None = None  # --prior list/project: answers and the actions named
+    planner_invalid: int | None = None  # the planner's answers about this state naming no action
     prompt_cuts: dict | None = None  # the turn's prompts cut to fit a context (llm.py)
     run_reward: float | None = None  # critic_check.py --run: the reward of the run's critic
+    # a turn-limit ending's last turn: the planner's unusable answers about the state after it
+    next_planner_invalid: int | None = None
 
     def set_verdict(self, verdict, outcome):
         """The critic's verdict (critic.CriticResult) and the conversation's outcome."""

@@ -8,7 +8,6 @@ SIGTERM, so that `train_model.py --resume RUN` continues it exactly."""
 import os
 import random
 import time
-from collections import Counter
 
 import torch
 from tqdm import tqdm
@@ -86,7 +85,6 @@ class Trainer:
         active = run_state.restore_conversations(state["active"])
         self.active = [self.env.observation(c) for c in active]
         self.ended = run_state.restore_conversations(state["train_log"])
-        self.env.restore_counters(state["errors"])
         if "ledgers" in state:  # states saved before the LLM cost was counted have none
             self.env.restore_ledgers(state["ledgers"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
@@ -121,7 +119,7 @@ class Trainer:
             "args": vars(self.args), "loop": self.loop,
             "active": [run_state.conversation_to_dict(c) for c in active],
             "train_log": [run_state.conversation_to_dict(c) for c in self.ended],
-            "errors": self.env.counters(), "ledgers": self.env.ledgers(),
+            "ledgers": self.env.ledgers(),
             "random": run_state.random_states(self.rng, self.generator, llms),
             "llm_caches": run_state.llm_caches(llms) if stopping else {}}
             | self.policy.state_dict(active))
@@ -216,9 +214,6 @@ class Trainer:
             return
         loop["next_eval"] += args.eval_every
         metrics, _ = evaluate(args, self.policy, self.env, self.valid_cases, "valid")
-        # the counters are shared: what the valid conversations added is not training's
-        loop["valid_errors"] = dict(Counter(loop.get("valid_errors", {}))
-                                    + Counter(metrics["llm_answers_unusable"]))
         loop["history"].append({"kind": "eval", "episode": finished} | {
             name: metrics[name] for name in ("SR", "AT", "SL", "mean_return") if name in metrics})
         for name in ("SR", "AT", "SL"):
@@ -252,10 +247,7 @@ class Trainer:
         cost = self.policy_cost()  # training ends here; the test that follows is not in it
         self.policy.save(os.path.join(self.run_dir, LAST), self.loop["finished"],
                          {"policy_cost": cost})
-        train_errors = self.env.error_counts()
-        train_errors.subtract(self.loop.get("valid_errors", {}))
-        train_metrics = summarize(self.ended, self.env.task, self.args.max_turn,
-                                  +train_errors)
+        train_metrics = summarize(self.ended, self.env.task, self.args.max_turn)
         train_metrics["judge"] = judge_of(self.env)
         train_metrics["updates"] = self.policy.updates
         train_metrics["policy_cost"] = cost

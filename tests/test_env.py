@@ -7,6 +7,7 @@ from conftest import DEMO, ScriptedLLM
 from critic import Critic
 from env import (Conversation, Planner, SelfPlayEnv, clean_turn, most_candidates,
                  parse_emotion_response)
+from metrics import unusable_counts
 from tasks import get_task, load_split
 
 
@@ -44,7 +45,8 @@ def test_empty_system_and_user_turns_become_an_ellipsis_and_are_counted():
     assert conversation.turns[-2:] == [("Therapist", "..."), ("Patient", "...")]
     assert record["system"] == "..." and record["user"] == "..."
     assert record["system_empty"] == 1 and record["user_empty"] == 1
-    assert env.errors["system_empty"] == 1 and env.errors["user_empty"] == 1
+    counts = unusable_counts([conversation])
+    assert counts["system_empty"] == 1 and counts["user_empty"] == 1
 
 
 def test_step_appends_turns_emotions_and_rewards_in_one_call_per_phase():
@@ -74,7 +76,7 @@ def test_unusable_system_answers_are_counted_not_dropped():
     task, _, _, env = _env("esc", "2", system_answer="Hello!")
     conversation = env.start(load_split(DEMO, "esc", "test")[0])
     env.step([conversation], ["Question"])
-    assert env.errors["system_format"] == 1
+    assert unusable_counts([conversation])["system_format"] == 1
     assert conversation.turns[-2] == ("Therapist", "Hello!")
     assert conversation.emotions == [conversation.case["emotion_type"], "unknown"]
 
@@ -109,9 +111,28 @@ def test_planner_sampling_fallback_counts_invalid_answers():
     planner = Planner(task, ScriptedLLM(lambda p: next(answers)), mode="sample", num_samples=5)
     conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "esc", "test")[0])
     prior = planner.prior([conversation])[0]
-    assert planner.invalid_answers == 2  # "I think none" and "12" (only 8 actions)
+    assert conversation.planner_invalid == 2  # "I think none" and "12" (only 8 actions)
     assert int(prior.argmax()) == 2
     assert prior.sum().item() == pytest.approx(1.0) and (prior > 0).all()
+
+
+def test_unusable_planner_answers_are_recorded_on_their_turns_and_counted_once():
+    """The prior a turn acted on is counted on its record; the prior of the state after a
+    turn-limit ending's last turn, on that record as next_planner_invalid."""
+    task = get_task("esc")
+    planner_llm = ScriptedLLM(lambda prompt: "none of them")
+    planner = Planner(task, planner_llm, mode="sample", num_samples=2)
+    critic = Critic(task, ScriptedLLM(lambda p: "2"), num_samples=2)
+    env = SelfPlayEnv(task, ScriptedLLM(lambda p: "Emotion: sad\nResponse: I see."),
+                      ScriptedLLM(lambda p: "Okay."), critic, planner=planner, max_turn=2)
+    conversation = env.reset([(load_split(DEMO, "esc", "test")[0], 0, 1)])[0].conversation
+    env.step([conversation], ["Question"])
+    env.step([conversation], ["Question"])
+    assert conversation.outcome == "time limit"
+    assert [r.get("planner_invalid") for r in conversation.records] == [2, 2]
+    assert [r.get("next_planner_invalid") for r in conversation.records] == [None, 2]
+    asked = sum(batch * samples for _, batch, samples in planner_llm.calls)
+    assert asked == 6 and unusable_counts([conversation]) == {"planner": 6}
 
 
 def test_batched_step_equals_one_conversation_at_a_time(tiny_llm):
@@ -206,7 +227,7 @@ def test_emotion_response_split_never_raises(text):
 @given(st.lists(st.text(max_size=60), min_size=1, max_size=5))
 def test_sampled_prior_answers_never_raise_and_give_a_distribution(answers):
     planner = Planner(get_task("esc"), None, mode="sample")
-    prior = planner._prior_from_samples(answers)
+    prior, _ = planner._prior_from_samples(answers)
     assert prior.shape == (8,) and torch.isfinite(prior).all()
     assert prior.sum().item() == pytest.approx(1.0)
 
@@ -263,7 +284,8 @@ def test_an_answer_without_numbers_is_asked_again_then_every_action_is_a_candida
     prior, indices, priors = planner.candidates(conversations, 4)
     assert indices == [[3, 1], list(range(8))]
     assert priors == [[0.5, 0.5], [1 / 8] * 8] and torch.allclose(prior.sum(-1), torch.ones(2))
-    assert planner.invalid_answers == 2 + 5  # each answer that named no action
+    # each answer that named no action
+    assert [c.planner_invalid for c in conversations] == [2, 5]
     assert [a["answer"] for a in conversations[0].planner_answers] == ["no idea", "none", "4, 2"]
     assert conversations[0].planner_answers[-1]["actions"] == [task.action_names[3],
                                                               task.action_names[1]]
@@ -342,6 +364,6 @@ def test_the_projected_prior_is_the_plans_frequencies_and_unusable_plans_are_cou
     assert prior[0, names.index("Question")] == pytest.approx(2 / 3)
     assert prior[0, names.index("Providing Suggestions")] == pytest.approx(1 / 3)
     assert [names[a] for a in indices[0][:2]] == ["Question", "Providing Suggestions"]
-    assert planner.invalid_answers == 2  # "Zzz." and "Hmm." matched no action
+    assert conversation.planner_invalid == 2  # "Zzz." and "Hmm." matched no action
     assert [a["actions"] for a in conversation.planner_answers] == [
         ["Question"], ["Providing Suggestions"], ["Question"], [], []]

@@ -196,7 +196,8 @@ def test_a_rotated_prior_ranks_the_preferred_content_first():
     sampler = Planner(TASK, ScriptedLLM(lambda prompt: option_number(prompt, TARGET)),
                       mode="sample", num_samples=16, order="rotate")
     sampled = sampler.prior(conversation)[0]
-    assert TASK.action_names[int(sampled.argmax())] == TARGET and sampler.invalid_answers == 0
+    assert TASK.action_names[int(sampled.argmax())] == TARGET
+    assert conversation[0].planner_invalid == 0
 
 
 def test_sampled_prior_ties_are_broken_by_the_conversation_stream():
