@@ -27,6 +27,7 @@ critic can only judge the turns that were played.
 Writes report_card.md, report_card.json and report_card.png into --out.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -66,12 +67,12 @@ def load_critic(args):
     """The Critic of a run with these arguments, and its model's resolved name."""
     from llm import backend_options, load_llm
     from tasks import get_task
-    from harness import build_critic, sample_if_unscorable
+    from harness import build_critic, option_labels, scoring_mode
 
+    task = get_task(args.data_name)
     llm = load_llm(args.backend, args.critic_llm or args.llm, **backend_options(args, "critic"))
-    critic = build_critic(args, get_task(args.data_name), llm)
-    sample_if_unscorable(critic, llm, "critic", "critic")
-    return critic, llm.name
+    mode = scoring_mode(args.critic, llm, option_labels(len(task.verdicts)), "critic", "critic")
+    return build_critic(dataclasses.replace(args, critic=mode), task, llm), llm.name
 
 
 def all_rotations(count):

@@ -191,8 +191,8 @@ class QAdapterPolicy(Policy):
     trainable = True
     uses_encoder = True
 
-    def __init__(self, args, task, encoder):
-        super().__init__(args, task)
+    def __init__(self, args, task, encoder, models=None):
+        super().__init__(args, task, models)
         self.encoder = encoder
         self.q_head = QHead(encoder.width, args.hidden_size).to(encoder.device)
         self.target_head = copy.deepcopy(self.q_head).requires_grad_(False)
