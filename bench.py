@@ -246,11 +246,10 @@ def llm_counters(llm):
 
 def system_prompts(args, cases, task):
     """num_envs system-turn prompts, the plain workload that self-play is compared with."""
-    from env import SelfPlayEnv
+    from env import new_conversation, system_prompt
 
-    env = SelfPlayEnv(task, None, None, None)
-    return [env.system_prompt(env.start(cases[i % len(cases)]), task.action_names[0])
-            for i in range(args.num_envs)]
+    return [system_prompt(task, new_conversation(task, cases[i % len(cases)]),
+                          task.action_names[0]) for i in range(args.num_envs)]
 
 
 def plain_completion_rate(llm, args, cases, task):
