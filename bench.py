@@ -385,8 +385,8 @@ def prior_probe(args, count, shifts=(0, 1, 2, 4)):
         probs = llm.option_probs([planner.prompt(c, order) for c in conversations],
                                  planner.labels)
         tops[shift] = [order[int(row.argmax())] for row in probs]
-    planner.order = "rotate"
-    rotated = planner.prior(conversations)
+    rotating = Planner(task, llm, use_emotion=args.use_emotion, order="rotate")
+    rotated = rotating.prior(conversations)
     top_rotated = [int(row.argmax()) for row in rotated]
     figures = {
         "conversations": len(conversations),
