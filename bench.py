@@ -26,6 +26,7 @@ Any train_model.py flag can be added (e.g. --critic_samples 10 --system_max_new_
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -148,16 +149,16 @@ def run_mode(mode, bench, args):
     harness.seed_everything(args.seed)
     task = get_task(args.data_name)
     if mode == "baseline":  # before the LLM is built: it reads prefix_cache_gb
-        args.total_episodes = bench.baseline_episodes or args.total_episodes
-        args.num_envs, args.prior, args.prior_samples = 1, "sample", 1
-        args.shared_prefix = args.critic_stop_at_newline = False
-        args.prefix_cache_gb = 0.0
-        args.prior_max_new_tokens = bench.baseline_prior_tokens
+        args = dataclasses.replace(
+            args, total_episodes=bench.baseline_episodes or args.total_episodes, num_envs=1,
+            prior="sample", prior_samples=1, shared_prefix=False, critic_stop_at_newline=False,
+            prefix_cache_gb=0.0, prior_max_new_tokens=bench.baseline_prior_tokens)
     device = pick_device(args.device)
+    clock = PhaseClock(device)  # the encoder's and the Q update's timing hook too
     if mode == "served":  # one client for every role: the server's own figures
         llm = load_llm("openai", args.llm, **backend_options(args, "self-play"))
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
-                                                args.max_encoder_tokens, args.device)
+                                                args.max_encoder_tokens, args.device, clock)
     elif bench.random_model:
         model, tokenizer, bert, bert_tokenizer = random_qwen_shaped_model(
             bench.random_model, device, pick_dtype(device, args.dtype),
@@ -165,28 +166,16 @@ def run_mode(mode, bench, args):
         llm = TransformersLLM(model, tokenizer, seed=args.seed, name=bench.random_model,
                               max_batch_rows=args.max_batch_rows,
                               prefix_cache_gb=args.prefix_cache_gb)
-        encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens)
+        encoder = FrozenEncoder(bert, bert_tokenizer, args.max_encoder_tokens, clock)
     else:
         llm = load_llm(args.backend, args.llm, **backend_options(args, "self-play"))
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
-                                                args.max_encoder_tokens, args.device)
-    clock = PhaseClock(device)
+                                                args.max_encoder_tokens, args.device, clock)
     roles = {role: TimedLLM(llm, phase, clock) for role, phase in
              (("planner", "prior"), ("system", "system"), ("user", "user"),
               ("critic", "critic"))}
     env = harness.build_env(args, task, roles)
-    agent = QAdapterPolicy(args, task, encoder)
-    embed, update = encoder.embed, agent.update
-
-    def timed_embed(*a, **k):
-        with clock("encoder"):
-            return embed(*a, **k)
-
-    def timed_update(*a, **k):
-        with clock("q_update"):
-            return update(*a, **k)
-    encoder.embed, agent.update = timed_embed, timed_update
-
+    agent = QAdapterPolicy(args, task, encoder, timer=clock)
     cases = load_split(args.data_dir, task.name, "train", extes_seed=args.extes_seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -246,11 +235,10 @@ def llm_counters(llm):
 
 def system_prompts(args, cases, task):
     """num_envs system-turn prompts, the plain workload that self-play is compared with."""
-    from env import SelfPlayEnv
+    from env import new_conversation, system_prompt
 
-    env = SelfPlayEnv(task, None, None, None)
-    return [env.system_prompt(env.start(cases[i % len(cases)]), task.action_names[0])
-            for i in range(args.num_envs)]
+    return [system_prompt(task, new_conversation(task, cases[i % len(cases)]),
+                          task.action_names[0]) for i in range(args.num_envs)]
 
 
 def plain_completion_rate(llm, args, cases, task):
@@ -397,8 +385,8 @@ def prior_probe(args, count, shifts=(0, 1, 2, 4)):
         probs = llm.option_probs([planner.prompt(c, order) for c in conversations],
                                  planner.labels)
         tops[shift] = [order[int(row.argmax())] for row in probs]
-    planner.order = "rotate"
-    rotated = planner.prior(conversations)
+    rotating = Planner(task, llm, use_emotion=args.use_emotion, order="rotate")
+    rotated = rotating.prior(conversations)
     top_rotated = [int(row.argmax()) for row in rotated]
     figures = {
         "conversations": len(conversations),

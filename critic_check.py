@@ -67,12 +67,13 @@ def load_critic(args):
     """The Critic of a run with these arguments, and its model's resolved name."""
     from llm import backend_options, load_llm
     from tasks import get_task
-    from harness import build_critic, sample_if_unscorable
+    from harness import build_critic, scoring_mode
+    from options import labels
 
+    task = get_task(args.data_name)
     llm = load_llm(args.backend, args.critic_llm or args.llm, **backend_options(args, "critic"))
-    critic = build_critic(args, get_task(args.data_name), llm)
-    sample_if_unscorable(critic, llm, "critic", "critic")
-    return critic, llm.name
+    mode = scoring_mode(args.critic, llm, labels(len(task.verdicts)), "critic", "critic")
+    return build_critic(dataclasses.replace(args, critic=mode), task, llm), llm.name
 
 
 def all_rotations(count):

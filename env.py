@@ -161,6 +161,60 @@ def most_candidates(task, prior, k):
     return n if prior == "list" else min(k, n)
 
 
+# -- a conversation's start and the system and user prompts: functions of the task and the
+# conversation, which SelfPlayEnv calls with its clients and settings ---------------------
+
+def new_conversation(task, case, case_id=None, stream=None, persona=None):
+    """A new conversation of the case, as it opens; persona: the user's
+    (personas.draw_persona) or None."""
+    return Conversation(case=case, turns=task.opening(case),
+                        emotions=list(task.initial_emotions(case)), case_id=case_id,
+                        stream=stream, persona=persona)
+
+
+def chat_view(turns, own_role, system_text):
+    """The turns as one speaker's chat: its own turns are the assistant's."""
+    messages = [{"role": "system", "content": system_text}]
+    for role, text in turns:
+        messages.append({"role": "assistant" if role == own_role else "user", "content": text})
+    return messages
+
+
+def system_prompt(task, conversation, action, llm=None, max_new_tokens=80, use_emotion=True):
+    """The system LLM's chat for its next turn, with the instruction of `action` (None: no
+    strategy) and, with use_emotion, the "Emotion: ... Response: ..." format; cut to fit
+    llm's context with max_new_tokens to spare (llm None: not cut)."""
+    template = prompts.SYSTEM_TURN_WITH_EMOTION if use_emotion else prompts.SYSTEM_TURN
+    instruction = template.format(system_role=task.system_role, user_role=task.user_role,
+                                  instruction=task.actions[action]
+                                  if action is not None else "").strip()
+
+    def build(turns, fields):
+        messages = chat_view(turns, task.system_role, task.prompts["system"].format(**fields))
+        if messages[-1]["role"] == "user":
+            messages[-1]["content"] += f"\n\n({instruction})"
+        else:
+            messages.append({"role": "user", "content": f"({instruction})"})
+        return messages
+    return conversation.fit(llm, build, case_fields(conversation.case), max_new_tokens,
+                            "system")
+
+
+def user_prompt(task, conversation, llm=None, max_new_tokens=60):
+    """The user LLM's chat for its next turn, in role (and in its persona, if any); cut to
+    fit llm's context with max_new_tokens to spare (llm None: not cut)."""
+    persona = conversation.persona
+
+    def build(turns, fields):
+        text = task.prompts["user"].format(**fields)
+        if persona:
+            text += " " + prompts.USER_PERSONA.format(user_role=task.user_role,
+                                                      persona=persona["text"])
+        return chat_view(turns, task.user_role, text)
+    return conversation.fit(llm, build, case_fields(conversation.case), max_new_tokens,
+                            "user")
+
+
 class Planner:
     """The frozen LLM's prior over the task's actions, and each state's candidates.
 
@@ -394,10 +448,11 @@ class Planner:
 
 
 class SelfPlayEnv:
-    """The conversations' world. `planner` None: an environment that only builds prompts
-    and plays turns (`start`, `step`, whose `observation` is then None); `reset` and
-    `observe` need the planner. The LLM answers that could not be used as they were are
-    counted in the turns' records (metrics.unusable_counts)."""
+    """The conversations' world. `planner` None: an environment that only plays turns
+    (`start`, `step`, whose `observation` is then None); `reset` and `observe` need the
+    planner. Prompts alone need no environment (system_prompt, user_prompt). The LLM
+    answers that could not be used as they were are counted in the turns' records
+    (metrics.unusable_counts)."""
 
     def __init__(self, task, system_llm, user_llm, critic, planner=None, top_k=4, max_turn=8,
                  system_temperature=0.7, user_temperature=0.7, eval_temperature=0.0,
@@ -418,11 +473,8 @@ class SelfPlayEnv:
         self.owners = {}  # uid of a simulated copy (branch) -> uid of its real conversation
 
     def start(self, case, case_id=None, stream=None, persona=None):
-        """A new conversation of the case, as it opens (no planner call); persona: the
-        user's (personas.draw_persona) or None."""
-        return Conversation(case=case, turns=self.task.opening(case),
-                            emotions=list(self.task.initial_emotions(case)), case_id=case_id,
-                            stream=stream, persona=persona)
+        """A new conversation of the case (new_conversation), without a planner call."""
+        return new_conversation(self.task, case, case_id, stream, persona)
 
     def reset(self, cases):
         """New conversations of [(case, case_id, stream[, persona])] and their observations,
@@ -533,45 +585,14 @@ class SelfPlayEnv:
         return {"planner": self.planner.llm if self.planner else None,
                 "system": self.system_llm, "user": self.user_llm, "critic": self.critic.llm}
 
-    # -- prompts -------------------------------------------------------------------------
-
-    @staticmethod
-    def _chat_view(turns, own_role, system_text):
-        messages = [{"role": "system", "content": system_text}]
-        for role, text in turns:
-            messages.append({"role": "assistant" if role == own_role else "user",
-                             "content": text})
-        return messages
+    # -- prompts: this environment's clients and settings ----------------------------------
 
     def system_prompt(self, conversation, action):
-        template = prompts.SYSTEM_TURN_WITH_EMOTION if self.use_emotion else prompts.SYSTEM_TURN
-        instruction = template.format(system_role=self.task.system_role,
-                                      user_role=self.task.user_role,
-                                      instruction=self.task.actions[action]
-                                      if action is not None else "").strip()
-
-        def build(turns, fields):
-            messages = self._chat_view(turns, self.task.system_role,
-                                       self.task.prompts["system"].format(**fields))
-            if messages[-1]["role"] == "user":
-                messages[-1]["content"] += f"\n\n({instruction})"
-            else:
-                messages.append({"role": "user", "content": f"({instruction})"})
-            return messages
-        return conversation.fit(self.system_llm, build, case_fields(conversation.case),
-                                self.system_max_new_tokens, "system")
+        return system_prompt(self.task, conversation, action, self.system_llm,
+                             self.system_max_new_tokens, self.use_emotion)
 
     def user_prompt(self, conversation):
-        persona = conversation.persona
-
-        def build(turns, fields):
-            text = self.task.prompts["user"].format(**fields)
-            if persona:
-                text += " " + prompts.USER_PERSONA.format(user_role=self.task.user_role,
-                                                          persona=persona["text"])
-            return self._chat_view(turns, self.task.user_role, text)
-        return conversation.fit(self.user_llm, build, case_fields(conversation.case),
-                                self.user_max_new_tokens, "user")
+        return user_prompt(self.task, conversation, self.user_llm, self.user_max_new_tokens)
 
     # -- one batched step ----------------------------------------------------------------
 

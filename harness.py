@@ -5,6 +5,7 @@ batched turn of a policy (play_turn), the evaluation of a policy on a split (eva
 and the run's summary (summarize; run_files.py writes it). train_model.py, critic_check.py
 and bench.py build on it."""
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import options
 import q_adapter
 import run_files
 from critic import Critic
@@ -185,15 +187,25 @@ def build_critic(args, task, llm):
                   stop_at_newline=args.critic_stop_at_newline, order=args.critic_order)
 
 
-def sample_if_unscorable(asker, llm, role, flag):
-    """A backend that cannot score options exactly (a server without log-probs): the
-    planner or critic (`asker`) samples its answers instead, with a warning. True when it
-    switched."""
-    problem = asker.mode == "logits" and llm.option_scoring_problem(asker.labels)
+def scoring_mode(mode, llm, labels, role, flag):
+    """The mode (--prior or --critic: `flag`) that `role` can be asked in on its loaded
+    client `llm`: 'logits' becomes 'sample', with a warning, on a backend that cannot score
+    the option `labels` exactly (a server without log-probs); any other mode is kept."""
+    problem = mode == "logits" and llm.option_scoring_problem(labels)
     if problem:
         print(f"warning: {problem}; the {role} samples its answers instead (--{flag} sample)")
-        asker.mode = "sample"
-    return bool(problem)
+        return "sample"
+    return mode
+
+
+def scorable_args(args, task, llms):
+    """args with --prior and --critic as the loaded clients can ask them (scoring_mode),
+    decided before the planner and the critic are built: the run builds them, saves its
+    arguments and records its config with these."""
+    return dataclasses.replace(args, prior=scoring_mode(
+        args.prior, llms["planner"], options.labels(len(task.actions)), "planner", "prior"),
+        critic=scoring_mode(args.critic, llms["critic"], options.labels(len(task.verdicts)),
+                            "critic", "critic"))
 
 
 def build_env(args, task, llms, embed=None):

@@ -129,8 +129,8 @@ class GDPZeroPolicy(Policy):
 
     name = "gdpzero"
 
-    def __init__(self, args, task):
-        super().__init__(args, task)
+    def __init__(self, args, task, models=None):
+        super().__init__(args, task, models)
         self.simulations = args.mcts_simulations
         self.realizations = args.mcts_realizations
         self.q0 = args.mcts_q0
@@ -305,8 +305,8 @@ class DPDPPolicy(Policy):
     trainable = True
     weight_flags = ("policy_encoder",)  # the fast policy is PPDPP's
 
-    def __init__(self, args, task):
-        super().__init__(args, task)
+    def __init__(self, args, task, models=None):
+        super().__init__(args, task, models)
         from ppdpp import RL_ADAM_EPS, PPDPPPolicy
 
         self.fast = PPDPPPolicy(args, task)

@@ -65,10 +65,11 @@ class Policy:
     # restored with a training state and read from a loaded checkpoint
     updates = 0
 
-    def __init__(self, args, task):
+    def __init__(self, args, task, models=None):
         self.args = args
         self.task = task
-        self.models = None  # the resolved models of the run, saved with checkpoints
+        # the run's resolved models (harness.resolve_models), saved with checkpoints
+        self.models = models
 
     def attach(self, env):
         """The environment the policy plays in (planners that simulate turns use it)."""
@@ -200,10 +201,13 @@ def policy_class(name):
     return getattr(importlib.import_module(module), cls)
 
 
-def make_policy(args, task, encoder=None):
-    """The --policy of args; `encoder` is the run's frozen encoder (for those that use it)."""
+def make_policy(args, task, encoder=None, models=None):
+    """The --policy of args; `encoder` is the run's frozen encoder (for those that use it),
+    `models` the run's resolved models (harness.resolve_models) that its checkpoints name."""
     cls = policy_class(args.policy)
-    return cls(args, task, encoder) if cls.uses_encoder else cls(args, task)
+    if cls.uses_encoder:
+        return cls(args, task, encoder, models=models)
+    return cls(args, task, models=models)
 
 
 # -- checkpoints: safetensors weights and a JSON sidecar (path + ".json") ----------------

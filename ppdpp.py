@@ -119,8 +119,8 @@ class PPDPPPolicy(Policy):
     uses_encoder = False  # it fine-tunes an encoder of its own, not the frozen one
     weight_flags = ("policy_encoder",)
 
-    def __init__(self, args, task):
-        super().__init__(args, task)
+    def __init__(self, args, task, models=None):
+        super().__init__(args, task, models)
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_encoder_path(args.policy_encoder)

@@ -10,7 +10,9 @@ an input is too long, the oldest conversation tokens are cut: the action, the em
 and the latest turns are always kept.
 """
 
+import contextlib
 import copy
+import functools
 import itertools
 import json
 import os
@@ -70,17 +72,37 @@ class QHead(nn.Module):
         return self.net(features).squeeze(-1)
 
 
+def untimed(phase):
+    """The default timing hook: times nothing."""
+    return contextlib.nullcontext()
+
+
+def timed(phase):
+    """A method decorator: each call runs inside the object's timing hook, `timer(phase)`
+    (a context manager; bench.py's PhaseClock measures the phase's seconds with it)."""
+    def decorate(method):
+        @functools.wraps(method)
+        def timed_method(self, *args, **kwargs):
+            with self.timer(phase):
+                return method(self, *args, **kwargs)
+        return timed_method
+    return decorate
+
+
 class FrozenEncoder:
-    def __init__(self, model, tokenizer, max_tokens=512):
+    """timer: the timing hook around each `embed` call (phase "encoder")."""
+
+    def __init__(self, model, tokenizer, max_tokens=512, timer=untimed):
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         self.device = next(model.parameters()).device
         self.width = model.config.hidden_size
         limit = getattr(model.config, "max_position_embeddings", max_tokens)
         self.max_tokens = min(max_tokens, limit)
+        self.timer = timer
 
     @classmethod
-    def from_pretrained(cls, path, max_tokens=512, device="auto"):
+    def from_pretrained(cls, path, max_tokens=512, device="auto", timer=untimed):
         """In bf16 (fp16 on mps), like the features that the replay buffer keeps; pooling
         is in float32. On the 2-core CPU bf16 embeds about twice as fast as float32 (64
         pairs of 60-450 tokens: 2.0 s against 3.8 s), at a cosine similarity of 0.9999 to
@@ -90,7 +112,7 @@ class FrozenEncoder:
         device = pick_device(device)
         dtype = pick_dtype(device)
         model = AutoModel.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, AutoTokenizer.from_pretrained(path), max_tokens)
+        return cls(model, AutoTokenizer.from_pretrained(path), max_tokens, timer)
 
     def _fit(self, first, kept, cut):
         """Token ids of one input too long for the encoder: `cut` loses its oldest tokens;
@@ -108,6 +130,7 @@ class FrozenEncoder:
         return {"input_ids": encoding.ids, "token_type_ids": encoding.type_ids,
                 "attention_mask": encoding.attention_mask}
 
+    @timed("encoder")
     @torch.no_grad()
     def embed(self, actions, states, kept=None, batch_size=None):
         """[len(states), width] float32 embeddings of (action, kept + state) pairs (one
@@ -185,15 +208,17 @@ class QAdapterPolicy(Policy):
     """DialogXpert: the frozen encoder embeds each (candidate, conversation) pair, the
     Q-head scores it; epsilon-greedy in training, argmax in test. Transitions (features of
     the chosen pair, reward, the next state's candidate features, terminated) go to the
-    replay buffer; the head learns by TD against a soft-updated target head."""
+    replay buffer; the head learns by TD against a soft-updated target head. timer: the
+    timing hook around each gradient update (phase "q_update")."""
 
     name = "dialogxpert"
     trainable = True
     uses_encoder = True
 
-    def __init__(self, args, task, encoder):
-        super().__init__(args, task)
+    def __init__(self, args, task, encoder, models=None, timer=untimed):
+        super().__init__(args, task, models)
         self.encoder = encoder
+        self.timer = timer
         self.q_head = QHead(encoder.width, args.hidden_size).to(encoder.device)
         self.target_head = copy.deepcopy(self.q_head).requires_grad_(False)
         optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[args.optimizer]
@@ -285,6 +310,7 @@ class QAdapterPolicy(Policy):
         if sizes:
             step.history.append({"step": self.updates, "td_loss": loss, "q_mean": q_mean})
 
+    @timed("q_update")
     def update(self, generator, batch_size=None):
         """One gradient step on a minibatch drawn with replacement, then a soft update of
         the target head. Returns (TD loss, mean Q)."""

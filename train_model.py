@@ -35,7 +35,7 @@ import harness
 import run_state
 from errors import ServerError, UserError
 from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, resolve_models,
-                     sample_if_unscorable, seed_everything)
+                     scorable_args, seed_everything)
 from policies import TEST_FLAGS, make_policy, policy_class, saved_args
 from q_adapter import FrozenEncoder, resolve_encoder_path
 from run_files import LAST, write_results
@@ -93,17 +93,15 @@ def run(args, given=None):
     print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
     llms = harness.load_llms(args)
+    args = scorable_args(args, task, llms)  # before the planner and the critic are built
+    models = resolve_models(args, llms)  # served names are known now
     encoder = None  # the frozen encoder: DialogXpert's features, --prior project's matches
     if policy_class(args.policy).uses_encoder or args.prior == "project":
         encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
                                                 args.max_encoder_tokens, args.device)
     env = build_env(args, task, llms, embed=encoder.embed_texts if encoder else None)
-    for role, asker, flag in (("planner", env.planner, "prior"), ("critic", env.critic, "critic")):
-        if sample_if_unscorable(asker, llms[role], role, flag):
-            setattr(args, flag, "sample")
-    policy = make_policy(args, task, encoder)
+    policy = make_policy(args, task, encoder, models)
     policy.attach(env)
-    policy.models = models = resolve_models(args, llms)  # served names are known now
     checkpoint, metrics, conversations = train_and_test(args, policy, env, splits, run_dir,
                                                         resume)
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,

@@ -346,11 +346,12 @@ def interrupt_at_system_call(world, count):
     world.system.reply = interrupting_reply
 
 
-def q_policy(args, encoder):
-    """The DialogXpert policy (Q-adapter) of args's task on this encoder."""
+def q_policy(args, encoder, **options):
+    """The DialogXpert policy (Q-adapter) of args's task on this encoder; options: its
+    constructor's (models, timer)."""
     from q_adapter import QAdapterPolicy
 
-    return QAdapterPolicy(args, get_task(args.data_name), encoder)
+    return QAdapterPolicy(args, get_task(args.data_name), encoder, **options)
 
 
 def esc_case(i):

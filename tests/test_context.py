@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import DEMO, DEVICE
 from critic import Critic
-from env import Planner, SelfPlayEnv
+from env import Planner, SelfPlayEnv, new_conversation, system_prompt
 from errors import UserError
 from harness import summarize
 from llm import fit_prompt, message_tokens_bound
@@ -68,9 +68,8 @@ def test_huge_fields_and_long_conversations_are_cut_to_the_context(short_llm):
 def test_a_single_huge_turn_is_shortened_not_dropped(short_llm):
     task = get_task("esc")
     case = dict(load_split(DEMO, "esc", "test")[0], situation="I lost my job. " * 10_000)
-    env = SelfPlayEnv(task, short_llm, short_llm, None, system_max_new_tokens=8)
-    conversation = env.start(case)
-    messages = env.system_prompt(conversation, "Question")
+    conversation = new_conversation(task, case)
+    messages = system_prompt(task, conversation, "Question", short_llm, max_new_tokens=8)
     assert short_llm.count_tokens(messages) + 8 <= CONTEXT
     assert messages[1]["content"].startswith("I lost my job.")  # the start is kept
     assert "[...]" in messages[1]["content"]
@@ -79,10 +78,9 @@ def test_a_single_huge_turn_is_shortened_not_dropped(short_llm):
 
 def test_prompts_that_fit_are_untouched_and_not_counted(short_llm):
     task = get_task("esc")
-    env = SelfPlayEnv(task, short_llm, short_llm, None)
-    conversation = env.start(load_split(DEMO, "esc", "test")[0])
-    uncut = SelfPlayEnv(task, None, None, None).system_prompt(conversation, "Question")
-    assert env.system_prompt(conversation, "Question") == uncut
+    conversation = new_conversation(task, load_split(DEMO, "esc", "test")[0])
+    uncut = system_prompt(task, conversation, "Question")  # no client: never cut
+    assert system_prompt(task, conversation, "Question", short_llm) == uncut
     assert conversation.prompt_cuts == {}
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import DEMO, ScriptedLLM
 from critic import Critic
 from env import (Conversation, Planner, SelfPlayEnv, clean_turn, most_candidates,
-                 parse_emotion_response)
+                 new_conversation, parse_emotion_response, system_prompt)
 from metrics import unusable_counts
 from tasks import get_task, load_split
 
@@ -82,9 +82,9 @@ def test_unusable_system_answers_are_counted_not_dropped():
 
 
 def test_system_prompt_carries_instruction_and_format():
-    task, _, _, env = _env("cima", "x")
-    conversation = env.start(load_split(DEMO, "cima", "test")[0])
-    messages = env.system_prompt(conversation, "Hint")
+    task = get_task("cima")
+    conversation = new_conversation(task, load_split(DEMO, "cima", "test")[0])
+    messages = system_prompt(task, conversation, "Hint")
     assert messages[0]["role"] == "system" and conversation.case["sentence"] in messages[0]["content"]
     # the original's teacher is not handed the target translation
     assert not any(conversation.case["target"] in m["content"] for m in messages)
@@ -96,7 +96,7 @@ def test_planner_logits_prior_covers_all_actions():
     task = get_task("p4g")
     llm = ScriptedLLM(None, prior=lambda prompt, labels: [float(i) for i in range(1, len(labels) + 1)])
     planner = Planner(task, llm)
-    conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "p4g", "test")[0])
+    conversation = new_conversation(task, load_split(DEMO, "p4g", "test")[0])
     prior = planner.prior([conversation])
     assert prior.shape == (1, 19)
     assert torch.allclose(prior.sum(-1), torch.ones(1))
@@ -109,7 +109,7 @@ def test_planner_sampling_fallback_counts_invalid_answers():
     task = get_task("esc")
     answers = iter(["3", "Strategy 3.", "I think none", "12", "3"] * 2)
     planner = Planner(task, ScriptedLLM(lambda p: next(answers)), mode="sample", num_samples=5)
-    conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "esc", "test")[0])
+    conversation = new_conversation(task, load_split(DEMO, "esc", "test")[0])
     prior = planner.prior([conversation])[0]
     assert conversation.planner_invalid == 2  # "I think none" and "12" (only 8 actions)
     assert int(prior.argmax()) == 2
@@ -197,7 +197,7 @@ def test_no_failure_ending_only_success_or_the_turn_limit(answer):
 def test_openings_follow_the_original(task_name):
     task = get_task(task_name)
     case = load_split(DEMO, task_name, "test")[0]
-    conversation = SelfPlayEnv(task, None, None, None).start(case)
+    conversation = new_conversation(task, case)
     expected = {
         "esc": [("Patient", case.get("situation"))],
         "extes": [("Patient", case.get("description"))],
@@ -278,9 +278,8 @@ def test_an_answer_without_numbers_is_asked_again_then_every_action_is_a_candida
         return next(replies["first" if "case 0" in prompt else "second"])
 
     planner = Planner(task, ScriptedLLM(reply), mode="list", num_samples=5)
-    env = SelfPlayEnv(task, None, None, None)
-    conversations = [env.start({**load_split(DEMO, "esc", "test")[0], "situation": f"case {i}"})
-                     for i in range(2)]
+    conversations = [new_conversation(task, {**load_split(DEMO, "esc", "test")[0],
+                                             "situation": f"case {i}"}) for i in range(2)]
     prior, indices, priors = planner.candidates(conversations, 4)
     assert indices == [[3, 1], list(range(8))]
     assert priors == [[0.5, 0.5], [1 / 8] * 8] and torch.allclose(prior.sum(-1), torch.ones(2))
@@ -356,7 +355,7 @@ def test_the_projected_prior_is_the_plans_frequencies_and_unusable_plans_are_cou
                   "Zzz.", "Hmm."])
     planner = Planner(task, ScriptedLLM(lambda prompt: next(plans)), mode="project",
                       num_samples=5, embed=WordEncoder(), match_threshold=0.3)
-    conversation = SelfPlayEnv(task, None, None, None).start(load_split(DEMO, "esc", "test")[0])
+    conversation = new_conversation(task, load_split(DEMO, "esc", "test")[0])
     prompt = planner.prompt(conversation)[-1]["content"]
     assert "- Question" in prompt and "1. Question" not in prompt  # no numbers to answer with
     prior, indices, _ = planner.candidates([conversation], 4)

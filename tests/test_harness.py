@@ -1,5 +1,7 @@
 """harness.check_weights: every weight folder a run loads is checked before the run folder
-is created and before any model loads, and all missing ones are one error line."""
+is created and before any model loads, and all missing ones are one error line.
+harness.scorable_args: the planner's and the critic's modes are decided from the loaded
+clients before either is built."""
 
 import os
 
@@ -71,3 +73,35 @@ def test_a_missing_encoder_of_a_test_run_is_reported_with_the_weights(no_models,
     with pytest.raises(UserError, match=r"no model weights at .*bert \(--encoder\)"):
         harness.check_weights(Args(encoder=missing, llm=str(tmp_path / "llm")))
     assert os.listdir(tmp_path) == []
+
+
+def test_the_scoring_modes_are_decided_from_the_loaded_clients_without_changing_the_args(
+        capsys):
+    from conftest import ScriptedLLM
+    from tasks import get_task
+
+    class NoLogprobsLLM(ScriptedLLM):
+        def option_scoring_problem(self, labels):
+            return f"no log-probabilities for the labels {labels[0]} to {labels[-1]}"
+
+    task = get_task("esc")
+    scoring, not_scoring = ScriptedLLM(lambda prompt: "1"), NoLogprobsLLM(lambda prompt: "1")
+    args = Args(prior="logits", critic="logits")
+    scorable = harness.scorable_args(args, task, {"planner": not_scoring, "critic": scoring})
+    assert (scorable.prior, scorable.critic) == ("sample", "logits")
+    assert (args.prior, args.critic) == ("logits", "logits")  # the parsed arguments stay
+    # the planner is asked about the task's 8 actions
+    assert ("warning: no log-probabilities for the labels 1 to 8; the planner samples its "
+            "answers instead (--prior sample)") in capsys.readouterr().out
+    # the critic's 4 verdicts; a mode that reads no log-probabilities is kept as it is
+    scorable = harness.scorable_args(Args(prior="list", critic="logits"), task,
+                                     {"planner": not_scoring, "critic": not_scoring})
+    assert (scorable.prior, scorable.critic) == ("list", "sample")
+    assert capsys.readouterr().out.strip() == (
+        "warning: no log-probabilities for the labels 1 to 4; the critic samples its answers "
+        "instead (--critic sample)")
+    # the planner and the critic are built in the modes decided
+    env = harness.build_env(harness.scorable_args(args, task, dict.fromkeys(
+        ("planner", "critic"), not_scoring)), task, dict.fromkeys(
+        ("planner", "system", "user", "critic"), not_scoring))
+    assert env.planner.mode == env.critic.mode == "sample"

@@ -89,13 +89,13 @@ def test_auto_names_the_served_model_and_a_wrong_key_stops_at_once(server, monke
 
 
 def planner_prompts(task_name, count):
-    from env import Planner, SelfPlayEnv
+    from env import Planner, new_conversation
     from tasks import get_task, load_split
 
     task = get_task(task_name)
-    planner, env = Planner(task, None), SelfPlayEnv(task, None, None, None)
+    planner = Planner(task, None)
     cases = load_split(DEMO, task_name, "train")[:count]
-    return [planner.prompt(env.start(case)) for case in cases], planner.labels
+    return [planner.prompt(new_conversation(task, case)) for case in cases], planner.labels
 
 
 # SmolLM2's GGUF is Q4_1; the in-process model is the same weights dequantized to bf16,

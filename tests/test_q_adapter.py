@@ -1,3 +1,5 @@
+import contextlib
+
 import torch
 
 from conftest import transformers_warnings
@@ -60,3 +62,35 @@ def test_inputs_the_encoder_cuts_bring_no_too_long_warning(tiny_encoder_dir):
         assert not [w for w in warnings if "sequence length is longer" in w]
         encoder.tokenizer(long)  # the tokenizer's own warning, which this catches
         assert [w for w in warnings if "sequence length is longer" in w]
+
+
+def test_the_timing_hook_encloses_every_embedding_and_every_update(tiny_encoder_dir):
+    """bench.py times the encoder and the Q update through the hook their constructors
+    take: each forward pass of the encoder and of the Q-head runs inside its phase."""
+    from conftest import q_policy
+    from get_args import Args
+
+    open_phases, seen = [], []
+
+    @contextlib.contextmanager
+    def timer(phase):
+        open_phases.append(phase)
+        try:
+            yield
+        finally:
+            open_phases.pop()
+
+    encoder = FrozenEncoder.from_pretrained(tiny_encoder_dir, max_tokens=32, device="cpu",
+                                            timer=timer)
+    encoder.model.register_forward_hook(lambda *_: seen.append(("encoder", *open_phases)))
+    encoder.embed(["Question"], ["Seeker: hi"])
+    encoder.embed_texts(["Ask how they feel."])  # the planner's projection (--prior project)
+    assert seen == [("encoder", "encoder")] * 2
+    policy = q_policy(Args(hidden_size=8, batch_size=2, top_k=2), encoder, timer=timer)
+    policy.q_head.register_forward_hook(lambda *_: seen.append(("q_head", *open_phases)))
+    for _ in range(2):
+        policy.buffer.add(torch.zeros(encoder.width), 1.0, torch.zeros(2, encoder.width),
+                          terminated=False)
+    policy.update(torch.Generator().manual_seed(0))
+    assert seen[2:] == [("q_head", "q_update")]
+    assert not open_phases

@@ -88,15 +88,14 @@ def test_real_benchmark_files_load(task_name, split):
 @pytest.mark.parametrize("task_name", DEMO_TASKS)
 def test_every_prompt_of_a_task_formats_with_its_demo_cases(task_name):
     from critic import Critic
-    from env import Planner, SelfPlayEnv
+    from env import Planner, new_conversation, system_prompt, user_prompt
 
     task = get_task(task_name)
-    env = SelfPlayEnv(task, None, None, None)
     for case in load_split(DEMO, task_name, "test"):
-        conversation = env.start(case)
+        conversation = new_conversation(task, case)
         for action in task.action_names:
-            assert task.actions[action] in env.system_prompt(conversation, action)[-1]["content"]
-        env.user_prompt(conversation)
+            assert task.actions[action] in system_prompt(task, conversation, action)[-1]["content"]
+        user_prompt(task, conversation)
         Planner(task, None).prompt(conversation)
         Critic(task, None).prompt(conversation)
 
