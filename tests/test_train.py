@@ -177,6 +177,22 @@ def test_checkpoint_of_another_task_is_refused_before_models_load(tmp_path):
                          str(tmp_path / "bad.pt")), "cannot be read")
 
 
+def test_a_checkpoint_that_does_not_record_a_flag_is_refused_in_one_line(tmp_path):
+    """A checkpoint written before one of the flags it is tested with existed."""
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "best.pt")
+    save_file({"q_head.net.0.weight": torch.zeros(1)}, path)
+    saved = vars(Args(data_name="esc", mode="test", checkpoint=path))
+    del saved["seed"], saved["hidden_size"]
+    with open(path + ".json", "w") as f:
+        json.dump({"args": saved}, f)
+    _one_line_error(_cli("--data_dir", DEMO, "--mode", "test", "--checkpoint", path,
+                         "--llm", "/nonexistent"),
+                    f"the checkpoint {path} does not record --seed, --hidden_size: it was "
+                    "written by an earlier version of this code")
+
+
 def test_runs_started_in_the_same_second_get_two_folders(tmp_path):
     first = train_model.make_run_dir(str(tmp_path), "esc__x__1__100")
     second = train_model.make_run_dir(str(tmp_path), "esc__x__1__100")
