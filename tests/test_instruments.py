@@ -313,12 +313,16 @@ def test_the_card_of_a_rejudged_run_names_the_runs_critic_as_recorded(played_run
 
 
 def test_critic_check_bad_input_is_one_error_line(played_run, tmp_path, capsys, monkeypatch):
-    use_critic(monkeypatch, reply=world_reply)
+    """Each before the critic's model loads."""
+    monkeypatch.setattr(critic_check, "load_critic",
+                        lambda args: pytest.fail("the critic's model was loaded"))
     cases = [
         (["--run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "is not a folder"),
         (["--run", played_run, "--data_name", "cb", "--out", str(tmp_path / "o")],
          "is a run of task 'esc'"),
         (["--data_dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "no valid data"),
+        (["--split", "nonsense", "--out", str(tmp_path / "o")],
+         "--split 'nonsense' is not a split of the data. Pass one of train, valid, test"),
     ]
     broken = tmp_path / "broken"
     broken.mkdir()
