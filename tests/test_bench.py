@@ -6,6 +6,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # benchmarks run as subprocesses
+
 
 def test_bench_runs_both_modes_and_writes_figures(tmp_path):
     out = tmp_path / "bench.json"

@@ -23,6 +23,8 @@ from llm import EMBEDDED_LLM, load_llm
 from llm_openai import OpenAILLM
 from serve import NATIVE_SERVER, LlamaServer
 
+pytestmark = pytest.mark.slow  # a served model
+
 KEY_ENV = "DIALOGXPERT_TEST_API_KEY"
 QUESTIONS = [[{"role": "user", "content": "Name a colour."}],
              [{"role": "system", "content": "You are terse."},

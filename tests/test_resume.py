@@ -26,6 +26,8 @@ from errors import UserError
 from get_args import Args
 from q_adapter import FrozenEncoder
 
+pytestmark = pytest.mark.slow  # whole runs, stopped and resumed
+
 
 def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):
     """Train in the harm world; optionally send SIGINT to this process from inside the
