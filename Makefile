@@ -6,6 +6,8 @@
 # make llama-server: build llama.cpp's own server (parallel slots) into .venv/llama.cpp,
 #   from the source of the pinned llama-cpp-python (serve.py --engine native)
 # make test: create .venv, install, run the test suite (the served tests included)
+# make test-fast: the tests not marked slow (no whole runs, served models, browser or
+#   benchmarks; meant to take under a minute); `make test` and CI run every test
 # make bench: the self-play speed benchmark (see docs/speed.md)
 # make results: every planner on the same cases and seeds (train DialogXpert, PPDPP and
 #   DPDP with two seeds; test GDP-Zero and the four baselines), then one report with paired
@@ -34,7 +36,7 @@ RESULTS_TESTED ?= gdpzero prior random uniform none
 LLAMA_CPP_PYTHON ?= 0.3.36
 LLAMA_SERVER := $(VENV)/llama.cpp/build/bin/llama-server
 
-.PHONY: demo test bench serve results llama-server
+.PHONY: demo test test-fast bench serve results llama-server
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +63,9 @@ serve: $(VENV)/.served
 
 test: $(VENV)/.served
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV)/.served
 	$(PY) bench.py

@@ -36,6 +36,7 @@ from collections import Counter
 
 from errors import RunFileError, UserError, one_line_errors
 from get_args import Args, build_parser
+from tasks import SPLITS
 
 CARD_FLAGS = ("split", "run", "out", "judge_name")
 # a critic as test_metrics.json's "judge" records it (harness.critic_settings)
@@ -53,10 +54,14 @@ def parse(argv=None):
     namespace = vars(parser.parse_args(argv))
     card = {name: namespace.pop(name) for name in CARD_FLAGS}
     try:
-        return Args(**namespace), card
+        args = Args(**namespace)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    if card["split"] not in SPLITS:
+        raise UserError(f"--split '{card['split']}' is not a split of the data. Pass one of "
+                        f"{', '.join(SPLITS)}")
+    return args, card
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,9 +338,6 @@ def rejudge(args, card, critic, model, run_files):
     from run_files import REJUDGED, conversations_file, write_results
 
     metrics, runs = run_files
-    if metrics.get("task") != critic.task.name:
-        raise UserError(f"{card['run']} is a run of task '{metrics.get('task')}', not "
-                        f"'{critic.task.name}'. Pass --data_name {metrics.get('task')}")
     name = card["judge_name"] or judge_name(model, args)
     out_dir = os.path.join(card["run"], REJUDGED, name)
     os.makedirs(out_dir, exist_ok=True)
@@ -605,6 +607,10 @@ def main(argv=None):
     # the run's files or the split's human conversations are checked before any model loads
     if card["run"]:
         run_files = read_run(card["run"])
+        played = run_files[0].get("task")
+        if played != args.data_name:
+            raise UserError(f"{card['run']} is a run of task '{played}', not "
+                            f"'{args.data_name}'. Pass --data_name {played}")
     else:
         cases, kept = human_cases(args, card)
     check_weights(args, roles=("critic",), encoder_flags=())  # the critic's model only

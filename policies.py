@@ -29,7 +29,6 @@ environment by `attach`.
     none         no strategy: the system LLM gets no instruction
 """
 
-import dataclasses
 import importlib
 import json
 import os
@@ -41,7 +40,6 @@ from safetensors.torch import save
 
 import run_files
 from errors import UserError
-from get_args import Args
 
 
 @dataclass
@@ -243,20 +241,25 @@ def read_checkpoint(path):
 
 
 def saved_args(path, names):
-    """{name: value} of the arguments `names` of the checkpoint's run (checkpoints older
-    than a flag were trained with its default)."""
-    saved = read_checkpoint(path)[0]["args"]
-    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-    return {name: saved.get(name, defaults[name]) for name in names}
+    """{name: value} of the arguments `names` of the checkpoint's run."""
+    return recorded_args(path, read_checkpoint(path)[0]["args"], names)
 
 
 def check_saved_args(path, saved, args, names):
-    """The arguments `names` of the checkpoint's run equal this run's (checkpoints older
-    than a flag were trained with its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Args)}
-    for name in names:
-        value = saved.get(name, defaults[name])
+    """The arguments `names` of the checkpoint's run equal this run's."""
+    for name, value in recorded_args(path, saved, names).items():
         if value != getattr(args, name):
             raise UserError(f"the checkpoint {path} was trained with --{name} {value!r}, this "
                             f"run has {getattr(args, name)!r}. Pass --{name} {value} or a "
                             "checkpoint trained for this run")
+
+
+def recorded_args(path, saved, names):
+    """{name: value} of `names` in a checkpoint's saved arguments, every one of them there:
+    a checkpoint without one was written before that flag existed."""
+    missing = [f"--{name}" for name in names if name not in saved]
+    if missing:
+        raise UserError(f"the checkpoint {path} does not record {', '.join(missing)}: it was "
+                        "written by an earlier version of this code. Test it with the commit "
+                        "that wrote it, or train a new one")
+    return {name: saved[name] for name in names}

@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import run_state
 from download_llm_weights import download_command
 from env import most_candidates
 from errors import UserError
@@ -368,7 +367,7 @@ class QAdapterPolicy(Policy):
         self.buffer.load_state_dict(state["buffer"])
         device = self.encoder.device  # the state was loaded onto the CPU
         self.features = {uid: features.to(device)
-                         for uid, features in run_state.restore_features(state).items()}
+                         for uid, features in state["features"].items()}
 
     def load(self, path, optimizer=False):
         """The Q-head and target head of a checkpoint (checked by check_checkpoint); with

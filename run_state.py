@@ -7,7 +7,8 @@ generators, the LLM samplers), the loop's counters, the conversations in flight 
 training log. Files are written beside their target, flushed to disk and renamed over it,
 so a kill at any instant leaves the previous state whole. The state holds only tensors
 and plain Python values: it is loaded with `torch.load(weights_only=True)`, which runs no
-code from the file.
+code from the file. It carries its format (STATE_FORMAT); a state of another format is
+refused, since only the format this code writes can be read.
 """
 
 import dataclasses
@@ -25,6 +26,9 @@ from errors import UserError
 from get_args import Args
 
 STATE_FILE = run_files.TRAIN_STATE
+# the layout of train_state.pt, saved in it as "format": raised whenever a key is added,
+# removed or changes meaning. States written before it was kept have none: format 1
+STATE_FORMAT = 2
 # the files of a run's test; a run whose training goes on keeps them under new names
 TEST_FILES = (run_files.metrics_file("test"), run_files.conversations_file("test"))
 # flags that change only how a run reports: a resumed run takes them from the command line
@@ -32,6 +36,7 @@ REPORTING_FLAGS = ("progress", "debug")
 
 
 def save_state(run_dir, state):
+    state = {"format": STATE_FORMAT} | state
     run_files.atomic_write(os.path.join(run_dir, STATE_FILE), lambda f: torch.save(state, f))
 
 
@@ -41,10 +46,16 @@ def load_state(run_dir):
         raise UserError(f"no training state in {run_dir} ({STATE_FILE} is missing). Pass the "
                         "folder of a run that was stopped, or start a new run")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file: torch raises many kinds
         raise UserError(f"{path} cannot be read ({type(error).__name__}). Start a new "
                         "run") from None
+    saved = state.get("format", 1) if isinstance(state, dict) else None
+    if saved != STATE_FORMAT:
+        raise UserError(f"{path} has training-state format {saved}, this code reads format "
+                        f"{STATE_FORMAT}. Resume it with the commit that wrote it, or start a "
+                        "new run")
+    return state
 
 
 # -- resuming -----------------------------------------------------------------------------
@@ -110,21 +121,8 @@ def conversation_to_dict(conversation):
     return dataclasses.asdict(conversation)
 
 
-# fields of conversations in states saved before the trainer kept the features itself
-OLD_FIELDS = ("candidate_features", "pending")
-
-
 def conversation_from_dict(values):
-    values = dict(values, turns=[tuple(t) for t in values["turns"]])
-    return Conversation(**{k: v for k, v in values.items() if k not in OLD_FIELDS})
-
-
-def restore_features(state):
-    """uid -> candidate features of the conversations in flight (older states kept them
-    in each conversation)."""
-    if "features" in state:
-        return dict(state["features"])
-    return {c["uid"]: c["candidate_features"] for c in state["active"]}
+    return Conversation(**dict(values, turns=[tuple(t) for t in values["turns"]]))
 
 
 def restore_conversations(dicts):

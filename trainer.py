@@ -78,18 +78,14 @@ class Trainer:
 
     def restore(self, state):
         self.loop = state["loop"]
-        self.loop.setdefault("history", [])  # states saved before the history was kept
-        self.loop.setdefault("training_seconds", None)  # and before its seconds were
-        self.loop.setdefault("update_seconds", None)
         self.policy.load_state_dict(state)
         active = run_state.restore_conversations(state["active"])
         self.active = [self.env.observation(c) for c in active]
         self.ended = run_state.restore_conversations(state["train_log"])
-        if "ledgers" in state:  # states saved before the LLM cost was counted have none
-            self.env.restore_ledgers(state["ledgers"])
+        self.env.restore_ledgers(state["ledgers"])
         run_state.restore_random_states(state["random"], self.rng, self.generator,
                                         self.env.llms())
-        run_state.restore_llm_caches(state.get("llm_caches", {}), self.env.llms())
+        run_state.restore_llm_caches(state["llm_caches"], self.env.llms())
         finished = self.loop["finished"]
         if finished < self.args.total_episodes and os.path.exists(
                 os.path.join(self.run_dir, run_state.TEST_FILES[0])):
@@ -98,11 +94,9 @@ class Trainer:
                   f"the test after {finished} is kept as {', '.join(kept)}")
 
     def policy_cost(self):
-        """The policy's trainable parameters and the loop's seconds so far (None: a state
-        saved before they were kept was resumed)."""
+        """The policy's trainable parameters and the loop's seconds so far."""
         now = time.perf_counter()
-        if self.loop["training_seconds"] is not None:
-            self.loop["training_seconds"] += now - self.clock
+        self.loop["training_seconds"] += now - self.clock
         self.clock = now
         return policy_cost(self.policy, self.loop["training_seconds"],
                            self.loop["update_seconds"])
@@ -196,8 +190,7 @@ class Trainer:
         step = LearnStep(transitions, ended, block_done, self.generator)
         start = time.perf_counter()
         self.policy.learn(step)
-        if self.loop["update_seconds"] is not None:
-            self.loop["update_seconds"] += time.perf_counter() - start
+        self.loop["update_seconds"] += time.perf_counter() - start
         steps = self.loop["steps"]
         for entry in step.history:
             for name, value in entry.items():

@@ -78,6 +78,12 @@ def build_tiny_encoder(folder, seed=0):
     return folder
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a whole run, a served model, the browser, a "
+                            "subprocess or a benchmark (over about 2 s); `make test-fast` "
+                            "leaves these out")
+
+
 @pytest.fixture(scope="session")
 def tiny_llm_dir(tmp_path_factory):
     return build_tiny_llm(str(tmp_path_factory.mktemp("tiny_llm")))

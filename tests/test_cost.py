@@ -79,6 +79,7 @@ def read_run(folder, name="test"):
         return metrics, [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [False, True], ids=["own clients", "planner=critic"])
 def test_a_scripted_run_costs_exactly_what_its_clients_logged(shared, tmp_path,
                                                                tiny_encoder_dir, monkeypatch):
@@ -117,6 +118,7 @@ def test_a_scripted_run_costs_exactly_what_its_clients_logged(shared, tmp_path,
         assert not [key for key in llm.ledger if key is not None]  # all settled
 
 
+@pytest.mark.slow
 def test_training_records_the_policy_parameters_and_seconds(tmp_path, tiny_encoder_dir,
                                                            monkeypatch):
     monkeypatch.setattr(harness, "load_llms", lambda args: scripted_llms())
@@ -285,6 +287,7 @@ def chat_answer(usage, **extra):
     return {"choices": [{"message": {"content": "Hello."}}], "usage": usage} | extra
 
 
+@pytest.mark.slow
 def test_a_served_answer_charges_the_server_counts_and_every_attempt():
     vllm = {"prompt_tokens": 50, "completion_tokens": 5,
             "prompt_tokens_details": {"cached_tokens": 32}}
@@ -340,6 +343,7 @@ def train_in_world(folder, encoder_dir, stop_at_system_call=None, resume=None):
     return [token_counts(c["cost"]) for c in conversations]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_settles_the_same_costs(tmp_path, tiny_encoder_dir):
     """The ledgers of the conversations in flight are saved with the training state."""
     straight = train_in_world(str(tmp_path / "straight"), tiny_encoder_dir)
@@ -351,6 +355,7 @@ def test_a_resumed_run_settles_the_same_costs(tmp_path, tiny_encoder_dir):
     assert train_in_world(stopped, tiny_encoder_dir, resume=state) == straight
 
 
+@pytest.mark.slow
 def test_a_gdpzero_run_charges_its_simulations_to_each_conversations_planner(
         tmp_path, tiny_encoder_dir, monkeypatch):
     """GDP-Zero's simulated turns (copies made by SelfPlayEnv.branch) are their real

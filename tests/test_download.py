@@ -9,6 +9,7 @@ import threading
 from contextlib import contextmanager
 from urllib.parse import unquote, urlparse
 
+import pytest
 
 import download_data
 import download_llm_weights
@@ -75,6 +76,7 @@ def test_download_data_never_replaces_good_data_with_a_broken_file(tmp_path, cap
     assert "no cases" in err and "not valid JSON" in err and "existing file is kept" in err
 
 
+@pytest.mark.slow
 def test_extes_comes_from_the_release_by_default_and_from_its_authors_on_request(tmp_path,
                                                                                   capsys):
     """A server laid out as raw.githubusercontent.com (--github): ExTES is the DialogXpert

@@ -78,6 +78,7 @@ def grid_run(tmp_path_factory):
     return root, result
 
 
+@pytest.mark.slow
 def test_each_cell_has_the_hand_computed_success_and_the_ranking_change(grid_run):
     root, result = grid_run
     cells = {(c["user"], c["critic"]): c for c in result["cells"]}
@@ -127,6 +128,7 @@ def test_kendall_tau_by_hand():
     assert grid.kendall_tau(["a", "b", "c"], ["b", "a", "c"]) == pytest.approx(1 / 3)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_planner_plays_the_grids_seed_and_setup(tmp_path):
     """A trained planner in the grid keeps only its own flags from its checkpoint: the seed,
     turn limit and critic are the grid's, so its conversations pair with the baselines'."""

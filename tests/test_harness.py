@@ -43,6 +43,7 @@ def test_the_original_recipe_without_its_weights_names_both_in_one_line_before_a
     assert not out.exists()  # no run folder, not even the output folder
 
 
+@pytest.mark.slow
 def test_every_folder_a_run_loads_is_checked_and_only_those(no_models, tmp_path):
     missing = str(tmp_path / "missing")
     with pytest.raises(UserError) as error:

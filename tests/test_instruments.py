@@ -254,6 +254,7 @@ def rejudge(folder, out, name):
                               "--judge_name", name])["figures"]
 
 
+@pytest.mark.slow
 def test_rejudging_with_the_same_critic_agrees_and_leaves_the_run_alone(played_run, tmp_path,
                                                                         monkeypatch):
     metrics = json.load(open(os.path.join(played_run, "test_metrics.json")))
@@ -274,6 +275,7 @@ def test_rejudging_with_the_same_critic_agrees_and_leaves_the_run_alone(played_r
         report.main([played_run, "--judge", "nobody", "--out", str(tmp_path / "rep2")])
 
 
+@pytest.mark.slow
 def test_rejudging_with_an_inverting_critic_gives_the_hand_computed_kappa(played_run, tmp_path,
                                                                           monkeypatch):
     use_critic(monkeypatch, reply=lambda prompt: world_reply(prompt, invert=True))
@@ -297,6 +299,7 @@ def test_rejudging_with_an_inverting_critic_gives_the_hand_computed_kappa(played
     assert figures["success_agreement"] == pytest.approx(sum(agree) / len(agree))
 
 
+@pytest.mark.slow
 def test_the_card_of_a_rejudged_run_names_the_runs_critic_as_recorded(played_run, tmp_path,
                                                                      monkeypatch):
     played = json.load(open(os.path.join(played_run, "test_metrics.json")))["judge"]
@@ -313,13 +316,18 @@ def test_the_card_of_a_rejudged_run_names_the_runs_critic_as_recorded(played_run
     assert "--critic_order fixed" in text and "None" not in text
 
 
+@pytest.mark.slow
 def test_critic_check_bad_input_is_one_error_line(played_run, tmp_path, capsys, monkeypatch):
-    use_critic(monkeypatch, reply=world_reply)
+    """Each before the critic's model loads."""
+    monkeypatch.setattr(critic_check, "load_critic",
+                        lambda args: pytest.fail("the critic's model was loaded"))
     cases = [
         (["--run", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], "is not a folder"),
         (["--run", played_run, "--data_name", "cb", "--out", str(tmp_path / "o")],
          "is a run of task 'esc'"),
         (["--data_dir", str(tmp_path / "none"), "--out", str(tmp_path / "o")], "no valid data"),
+        (["--split", "nonsense", "--out", str(tmp_path / "o")],
+         "--split 'nonsense' is not a split of the data. Pass one of train, valid, test"),
     ]
     broken = tmp_path / "broken"
     broken.mkdir()

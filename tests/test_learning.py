@@ -24,6 +24,8 @@ from trainer import train
 from get_args import recipe_args
 from q_adapter import FrozenEncoder
 
+pytestmark = pytest.mark.slow  # learning runs
+
 
 # the test's budget, the same under both recipes: episodes, turns, candidates, gamma
 # (the worlds' Q-values are computed with 0.9) and the tiny encoder's input length

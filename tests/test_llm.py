@@ -321,6 +321,7 @@ def test_cpu_calls_return_free_heap_pages(tiny_llm_dir, monkeypatch):
     assert trims == [0, 0] and llm.stats["heap_trims"] == 2
 
 
+@pytest.mark.slow
 def test_parsing_arguments_imports_no_engine():
     import subprocess
     import sys

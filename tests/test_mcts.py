@@ -333,6 +333,7 @@ def test_a_search_without_the_environment_says_so():
 
 # -- the command line -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_gdpzero_test_run_keeps_each_turns_tree_for_the_page(tmp_path, tiny_encoder_dir):
     """train_model.py --policy gdpzero on the scripted models: every turn's record holds
     its tree, and view.py puts it on the page."""
@@ -479,6 +480,7 @@ def one_action_env():
                        planner=Planner(TASK, prior), max_turn=1)
 
 
+@pytest.mark.slow
 def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_dir, tmp_path):
     """Training: every turn is the MCTS's, which finds the one action that succeeds; the
     fast policy learns it, so that afterwards it acts alone (threshold 0) and succeeds."""
@@ -507,6 +509,7 @@ def test_dpdp_self_play_teaches_the_fast_policy_the_mcts_choices(tiny_encoder_di
     assert after["SR"] == 1.0 and after["dpdp"] == {"fast": 8, "mcts": 0}
 
 
+@pytest.mark.slow
 def test_a_dpdp_run_trains_tests_its_checkpoint_and_counts_each_system(tmp_path,
                                                                      tiny_encoder_dir):
 

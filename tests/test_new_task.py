@@ -70,6 +70,7 @@ def scripted_llms(args=None):
             "user": ScriptedLLM(lambda prompt: "Okay."), "critic": ScriptedLLM(critic_reply)}
 
 
+@pytest.mark.slow
 def test_a_sixth_task_downloads_trains_and_is_judged_and_reported(tmp_path, tiny_encoder_dir,
                                                                   monkeypatch, capsys):
     host = tmp_path / "host"

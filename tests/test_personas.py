@@ -88,6 +88,7 @@ def read_conversations(folder, split="test"):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_a_one_strategy_planner_wins_with_one_persona_and_loses_with_the_other(folders):
     root, personas = folders
     prompts = {"planner": [], "system": [], "user": [], "critic": []}
@@ -121,6 +122,7 @@ def test_a_one_strategy_planner_wins_with_one_persona_and_loses_with_the_other(f
     assert os.path.isfile(root / "report" / "strategies.png") and "strategies.png" in text
 
 
+@pytest.mark.slow
 def test_personas_are_paired_across_policies_and_split_between_training_and_test(folders):
     root, personas = folders
     prompts = {"planner": [], "system": [], "user": [], "critic": []}

@@ -137,6 +137,7 @@ def test_seeded_samples_do_not_depend_on_the_rest_of_the_batch(tiny_llm):
     assert reseeded[0] != alone[0]
 
 
+@pytest.mark.slow
 def test_seeds_run_each_seed_and_report_them(tiny_encoder_dir, tmp_path, monkeypatch, capsys):
     """Two tiny training runs (--seeds 1,2) with the scripted world, a baseline on the same
     seeds, and report.py over all: the table and the figures exist."""

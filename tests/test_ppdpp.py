@@ -150,6 +150,7 @@ def labelled_cases(first, count):
         for i in range(first, first + count)]
 
 
+@pytest.mark.slow
 def test_the_supervised_stage_fits_a_labelled_set(tiny_encoder_dir):
     torch.manual_seed(0)
     args = ppdpp_args(tiny_encoder_dir, ppdpp_sft_epochs=30, ppdpp_sft_batch_size=8)
@@ -229,6 +230,7 @@ def one_action_world():
 WINNER = "Information"
 
 
+@pytest.mark.slow
 def test_reinforce_learns_the_one_action_that_succeeds(tiny_encoder_dir, tmp_path):
     torch.manual_seed(0)
     args = ppdpp_args(tiny_encoder_dir, ppdpp_sft=False, total_episodes=96)
@@ -274,6 +276,7 @@ def _train(run_dir, encoder_dir, stop_at_system_call=None, resume=None):
     return agent
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reaches_the_same_network(tiny_encoder_dir, tmp_path):
     straight = _train(tmp_path / "straight", tiny_encoder_dir)
     stopped_dir = tmp_path / "stopped"
@@ -313,6 +316,7 @@ def _common(tmp_path, encoder_dir, data_dir):
             "cpu", "--seed", "1", "--output_dir", str(tmp_path / "runs")]
 
 
+@pytest.mark.slow
 def test_a_ppdpp_run_trains_tests_and_its_checkpoint_is_tested_again(tiny_encoder_dir,
                                                                       tmp_path):
     common = _common(tmp_path, tiny_encoder_dir, _data(str(tmp_path / "data"), True))

@@ -110,6 +110,7 @@ def _train(tmp_path, encoder_dir, recipe, **values):
     return agent, finished, args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_envs,learning_starts", [(4, 1), (1, 7)])
 def test_project_updates_per_new_transition(tiny_encoder_dir, tmp_path, num_envs,
                                             learning_starts):
@@ -125,6 +126,7 @@ def test_project_updates_per_new_transition(tiny_encoder_dir, tmp_path, num_envs
         assert json.load(f)["updates"] == agent.updates
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_envs", [1, 8])
 def test_original_updates_every_two_episodes_over_the_whole_buffer(tiny_encoder_dir, tmp_path,
                                                                    num_envs):
@@ -142,6 +144,7 @@ def test_original_updates_every_two_episodes_over_the_whole_buffer(tiny_encoder_
     assert len(updates) == 12  # one learning phase per block
 
 
+@pytest.mark.slow
 def test_epsilon_decays_linearly_to_its_end_value(tiny_encoder_dir, tmp_path):
     _, finished, args = _train(tmp_path / "project", tiny_encoder_dir, "project", num_envs=4,
                                total_episodes=24, exploration_fraction=0.5,
@@ -161,6 +164,7 @@ def test_epsilon_decays_linearly_to_its_end_value(tiny_encoder_dir, tmp_path):
     assert {entry["epsilon"] for entry in history if entry["kind"] == "step"} == {0.5}
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_the_highest_valid_sr_then_lowest_at(tiny_encoder_dir, tmp_path,
                                                                     monkeypatch):
     scores = iter([(0.5, 3.0), (1.0, 4.0), (1.0, 2.0), (0.25, 1.0), (1.0, 2.0)])
@@ -201,6 +205,7 @@ def _scripted_esc_run(tmp_path, encoder_dir, *flags):
     return run_dir, records
 
 
+@pytest.mark.slow
 def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_candidates(
         tiny_encoder_dir, tmp_path, monkeypatch):
     """A scripted esc run with --recipe original: every planner and critic question lists
@@ -255,6 +260,7 @@ def test_a_run_under_the_original_recipe_shows_fixed_orders_and_the_release_cand
     assert sizes == {1, 2, 8}
 
 
+@pytest.mark.slow
 def test_a_projected_prior_run_maps_paraphrases_through_the_runs_encoder(tiny_encoder_dir,
                                                                          tmp_path, monkeypatch):
     """--prior project in a run: the planner gets the Q-adapter's encoder, so plans that

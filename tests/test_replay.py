@@ -66,6 +66,7 @@ FIGURES = ("episodes", "SR", "AT", "mean_return", "mean_final_reward", "outcomes
            "max_turn", "config", "checkpoint")
 
 
+@pytest.mark.slow
 def test_a_replay_reproduces_the_test_of_its_run(tiny_encoder_dir, tmp_path, capsys):
     metrics, run_dir = trained_run(tmp_path, tiny_encoder_dir)
     capsys.readouterr()
@@ -79,6 +80,7 @@ def test_a_replay_reproduces_the_test_of_its_run(tiny_encoder_dir, tmp_path, cap
     assert not any("overrides" in line for line in printed)
 
 
+@pytest.mark.slow
 def test_a_flag_given_to_a_replay_overrides_the_checkpoint_and_is_named(tiny_encoder_dir,
                                                                         tmp_path, capsys):
     metrics, _ = trained_run(tmp_path, tiny_encoder_dir)

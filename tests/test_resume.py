@@ -26,6 +26,8 @@ from errors import UserError
 from get_args import Args
 from q_adapter import FrozenEncoder
 
+pytestmark = pytest.mark.slow  # whole runs, stopped and resumed
+
 
 def _train(tmp_path, encoder_dir, stop_at_system_call=None, resume=None):
     """Train in the harm world; optionally send SIGINT to this process from inside the
@@ -63,26 +65,6 @@ def test_a_resumed_run_reaches_the_same_q_head(tiny_encoder_dir, tmp_path):
     assert straight.updates == resumed.updates
     with open(stopped_dir / "train_conversations.jsonl") as f:
         assert len(f.readlines()) == 24
-
-
-def test_a_state_that_keeps_features_in_its_conversations_resumes_the_same(tiny_encoder_dir,
-                                                                           tmp_path):
-    """States saved before the trainer kept the candidate features itself hold them in
-    each conversation (candidate_features, with the choice being played as pending)."""
-    straight = _train(tmp_path / "straight", tiny_encoder_dir)
-    stopped_dir = tmp_path / "stopped"
-    try:
-        _train(stopped_dir, tiny_encoder_dir, stop_at_system_call=27)
-    except run_state.TrainingStopped:
-        pass
-    state = run_state.load_state(str(stopped_dir))
-    features = state.pop("features")
-    for conversation in state["active"]:
-        conversation["candidate_features"] = features[conversation["uid"]]
-        conversation["pending"] = {}
-    resumed = _train(stopped_dir, tiny_encoder_dir, resume=state)
-    for a, b in zip(straight.q_head.parameters(), resumed.q_head.parameters()):
-        assert torch.equal(a, b)
 
 
 def _cli_args(llm_dir, encoder_dir, output_dir):
@@ -228,6 +210,28 @@ def test_flags_given_on_resume_that_differ_from_the_saved_run_are_refused(finish
     # the saved run has --critic_samples 4 (the same: allowed) and --max_turn 3
     assert "--max_turn 8 (saved: 3), --eval_temperature 0.5 (saved: 0.0)" in message
     assert "critic_samples" not in message and "debug" not in message
+    assert not os.path.exists(os.path.join(finished_run, "test_at_8_metrics.json"))
+
+
+def test_a_state_of_another_format_is_refused_in_one_line_before_models_load(finished_run,
+                                                                            monkeypatch):
+    """A state written before states carried their format (format 1, which kept the
+    candidate features in each conversation) and one of a later format."""
+    import harness
+
+    path = os.path.join(finished_run, run_state.STATE_FILE)
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == run_state.STATE_FORMAT
+    monkeypatch.setattr(harness, "load_llms", lambda args: pytest.fail("a model was loaded"))
+    for saved in (None, run_state.STATE_FORMAT + 1):
+        others = {key: value for key, value in state.items() if key != "format"}
+        torch.save(others | ({"format": saved} if saved else {}), path)
+        with pytest.raises(UserError) as refused:
+            train_model.main(["--resume", finished_run, "--total_episodes", "12"])
+        assert str(refused.value) == (
+            f"{path} has training-state format {saved or 1}, this code reads format "
+            f"{run_state.STATE_FORMAT}. Resume it with the commit that wrote it, or start a "
+            "new run")
     assert not os.path.exists(os.path.join(finished_run, "test_at_8_metrics.json"))
 
 

@@ -10,6 +10,8 @@ import train_model
 from conftest import esc_case, scripted_models
 from trainer import MIN_UPDATES
 
+pytestmark = pytest.mark.slow  # whole runs
+
 
 def _data(folder):
     os.makedirs(folder)

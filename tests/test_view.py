@@ -59,6 +59,7 @@ def cli(*args):
 
 # ---- the page as data -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_conversation_is_data_and_no_llm_markup_reaches_the_html(runs, page_path):
     page = open(page_path, encoding="utf-8").read()
     lines = data_block(page, "conversations-data").split("\n")
@@ -77,6 +78,7 @@ def test_every_conversation_is_data_and_no_llm_markup_reaches_the_html(runs, pag
     assert {row["split"] for row in rows} == {"train", "test"}
 
 
+@pytest.mark.slow
 def test_the_docs_name_the_splits_that_a_run_writes_and_the_page_shows(runs, page_path):
     written = {name[:-len("_conversations.jsonl")] for name in os.listdir(runs[0])
                if name.endswith("_conversations.jsonl")}
@@ -135,6 +137,7 @@ def test_turn_prompt_cuts_are_the_cuts_since_the_last_record():
     assert turn_prompt_cuts(conversation) == {"user": 1, "critic": 1}
 
 
+@pytest.mark.slow
 def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(runs[0], run)
@@ -204,6 +207,7 @@ def shown_rows(page):
         "#rows tr", "rows => rows.map(row => row.dataset.index)")]
 
 
+@pytest.mark.slow
 def test_browser_filters_by_outcome_and_shows_a_turn_with_candidates_and_critic(
         browser, runs, page_path):
     page = open_page(browser, page_path)
@@ -240,6 +244,7 @@ def test_browser_filters_by_outcome_and_shows_a_turn_with_candidates_and_critic(
     assert page.evaluate("window.injected") is None and not page.errors
 
 
+@pytest.mark.slow
 def test_browser_shows_injected_markup_as_text_and_runs_none_of_it(browser, runs, page_path):
     page = open_page(browser, page_path)
     page.select_option("#f-split", "test")
@@ -252,6 +257,7 @@ def test_browser_shows_injected_markup_as_text_and_runs_none_of_it(browser, runs
     assert page.evaluate("window.injected") is None and not page.errors
 
 
+@pytest.mark.slow
 def test_browser_side_by_side_marks_the_first_turn_where_the_actions_differ(
         browser, runs, page_path):
     baseline = {c["case_id"]: c for c in read_lines(runs[1])}
@@ -290,6 +296,7 @@ def test_browser_side_by_side_marks_the_first_turn_where_the_actions_differ(
     assert page.evaluate("window.injected") is None and not page.errors
 
 
+@pytest.mark.slow
 def test_browser_filters_explored_training_turns_and_sorts_by_reward(browser, runs, page_path):
     train = read_lines(runs[0], "train")
     page = open_page(browser, page_path)
@@ -318,6 +325,7 @@ def test_browser_filters_explored_training_turns_and_sorts_by_reward(browser, ru
     assert "learning_rate" in page.inner_text("#runs")
 
 
+@pytest.mark.slow
 def test_browser_unknown_and_missing_fields_and_skipped_lines_keep_the_page(
         browser, runs, tmp_path):
     run = str(tmp_path / "run")
@@ -347,6 +355,7 @@ def test_browser_unknown_and_missing_fields_and_skipped_lines_keep_the_page(
     assert page.inner_text(".turn").startswith("Turn 1 · action none") and not page.errors
 
 
+@pytest.mark.slow
 def test_browser_screenshot_of_a_conversation(browser, page_path, tmp_path):
     page = open_page(browser, page_path)
     page.select_option("#f-split", "test")
@@ -362,6 +371,7 @@ def test_browser_screenshot_of_a_conversation(browser, page_path, tmp_path):
         shutil.copy(shot, os.environ["VIEW_SCREENSHOT"])
 
 
+@pytest.mark.slow
 def test_bench_view_prints_the_pages_size_and_times(browser, runs, capsys):
     import bench
 
@@ -373,6 +383,7 @@ def test_bench_view_prints_the_pages_size_and_times(browser, runs, capsys):
     assert "MB" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_browser_filters_by_user_persona_and_shows_the_persona_and_cost(browser, runs, tmp_path):
     """A run with --user_personas: the list filters by persona; a conversation shows its
     persona and what its LLM calls cost (its own turns and its planner's)."""
