@@ -548,16 +548,7 @@ class SelfPlayEnv:
         conversations are untouched. Returns the verdicts."""
         if any(b.owner is None for b in branches):
             raise ValueError("simulate plays copies made by SelfPlayEnv.branch only")
-        records = [TurnRecord(turn=b.system_turns + 1, action=a)
-                   for b, a in zip(branches, actions)]
-        self.play_system(branches, actions, records,
-                         self.eval_temperature if evaluation else self.system_temperature)
-        self.play_user(branches, records,
-                       self.eval_temperature if evaluation else self.user_temperature)
-        verdicts = self.critic.score(branches)
-        for branch, verdict, record in zip(branches, verdicts, records):
-            self.end_turn(branch, verdict, record, {})
-        return verdicts
+        return self.exchange(branches, actions, evaluation)
 
     def simulated_prior(self, branches):
         """The planner's prior [batch, n] of simulated copies, with one planner call, and
@@ -602,16 +593,7 @@ class SelfPlayEnv:
         and user turns decode at eval_temperature (greedy by default); the critic is
         unchanged. notes: per conversation, a dict that the turn's record keeps (the
         agent's choice, for the log)."""
-        records = [TurnRecord(turn=c.system_turns + 1, action=a)
-                   for c, a in zip(conversations, actions)]
-        self.play_system(conversations, actions, records,
-                         self.eval_temperature if evaluation else self.system_temperature)
-        self.play_user(conversations, records,
-                       self.eval_temperature if evaluation else self.user_temperature)
-        verdicts = self.critic.score(conversations)
-        for conversation, verdict, record, note in zip(conversations, verdicts, records,
-                                                        notes or [{}] * len(conversations)):
-            self.end_turn(conversation, verdict, record, note)
+        verdicts = self.exchange(conversations, actions, evaluation, notes)
         # the next state's candidates: to act on, and to bootstrap a turn-limit ending
         going_on = [c for c, v in zip(conversations, verdicts) if not v.success]
         observations = dict(zip((c.uid for c in going_on),
@@ -628,6 +610,23 @@ class SelfPlayEnv:
                     conversation.cost = self.settle_cost(conversation.uid)
         return [StepResult(v.reward, v.success, c.done, observations.get(c.uid))
                 for c, v in zip(conversations, verdicts)]
+
+    def exchange(self, conversations, actions, evaluation=False, notes=None):
+        """The system turn, the user's answer and the critic's verdict of every
+        conversation, each phase asked for the whole batch at once, and each turn's record
+        written; returns the verdicts.
+        notes: per conversation, the agent's note for its record (default none)."""
+        records = [TurnRecord(turn=c.system_turns + 1, action=a)
+                   for c, a in zip(conversations, actions)]
+        self.play_system(conversations, actions, records,
+                         self.eval_temperature if evaluation else self.system_temperature)
+        self.play_user(conversations, records,
+                       self.eval_temperature if evaluation else self.user_temperature)
+        verdicts = self.critic.score(conversations)
+        for conversation, verdict, record, note in zip(conversations, verdicts, records,
+                                                        notes or [{}] * len(conversations)):
+            self.end_turn(conversation, verdict, record, note)
+        return verdicts
 
     def play_system(self, conversations, actions, records, temperature):
         """The system turns: each action's instruction realised, the user's emotion named."""
