@@ -325,8 +325,8 @@ def policy_cost(policy, training_seconds=None, update_seconds=None, checkpoint=N
     if not policy.trainable:
         training_seconds = update_seconds = 0.0
     elif training_seconds is None and checkpoint:
-        with open(run_files.sidecar(checkpoint), encoding="utf-8") as f:
-            saved = (json.load(f).get("metrics") or {}).get("policy_cost") or {}
+        sidecar = run_files.read_json(run_files.sidecar(checkpoint))
+        saved = (sidecar.get("metrics") or {}).get("policy_cost") or {}
         training_seconds, update_seconds = (saved.get("training_seconds"),
                                             saved.get("update_seconds"))
     return {"trainable_parameters": policy.trainable_parameters(),
