@@ -536,7 +536,8 @@ def planner_figures(args, planners=PLANNERS):
         _, conversations = harness.evaluate(run_args, policy, env, cases, "bench")
         seconds = time.perf_counter() - start
         turns = sum(c.system_turns for c in conversations)
-        figures[label] = {"num_envs": num_envs, "mcts_parallel": parallel,
+        figures[label] = {"num_envs": num_envs,
+                          "mcts_parallel": getattr(policy, "parallel", None),  # as searched
                           "conversations": len(conversations),
                           "turns": turns, "seconds": seconds, "seconds_per_turn": seconds / turns}
         figures[label] |= {f"{key}_per_turn": (llm.stats[key] - before[key]) / turns
