@@ -263,6 +263,21 @@ def test_pending_descents_count_as_visits():
     assert root_visits(4) == one_by_one
 
 
+def test_every_parallel_descent_backs_up_its_value():
+    """Every turn is judged alike, at a reward other than Q_0: each action tried at the
+    root then has exactly that value, whichever descent of a round brought it."""
+    better = TASK.verdicts[2]
+    env = sequence_env(max_turn=2)
+    env.critic = Critic(TASK, ScriptedLLM(lambda prompt: option_number(prompt, better)),
+                        num_samples=2)
+    _, conversations = run("gdpzero", env, esc_cases(0, 2), mcts_simulations=12,
+                           mcts_q0=0.0, mcts_parallel=4)
+    for conversation in conversations:
+        tree = conversation.records[0]["search"]["tree"]
+        assert sum(child["visits"] for child in tree) == 12
+        assert {child["value"] for child in tree} == {TASK.reward.rewards[2]}
+
+
 def test_parallel_simulations_find_the_two_step_success():
     metrics, _ = run("gdpzero", sequence_env(max_turn=2), esc_cases(0, 10),
                      mcts_simulations=40, mcts_parallel=4)
