@@ -552,9 +552,9 @@ class SelfPlayEnv:
 
     def simulated_prior(self, branches):
         """The planner's prior [batch, n] of simulated copies, with one planner call, and
-        the number of its answers that named no action."""
+        the number of its answers that named no action, per copy."""
         prior = self.planner.prior(branches)
-        return prior, sum(branch.planner_invalid for branch in branches)
+        return prior, [branch.planner_invalid for branch in branches]
 
     def forget(self, conversations):
         """Drop the cached prompts of conversations that will not be extended (finished

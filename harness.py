@@ -27,7 +27,7 @@ from errors import UserError
 from get_args import ROLES
 from llm import (COST_COUNTS, EMBEDDED_LLM, EMBEDDED_LLM_CACHE, add_cost, backend_options,
                  embedded_gguf_path, empty_cost, load_llm, model_name, stream_seed)
-from metrics import episode_values, strategy_bias, unusable_counts
+from metrics import episode_values, search_counts, strategy_bias, unusable_counts
 from personas import draw_persona, load_personas
 from policies import policy_class
 from q_adapter import resolve_encoder_path
@@ -268,6 +268,9 @@ def summarize(conversations, task, max_turn, unusable=None):
         metrics["personas"] = {name: {"episodes": len(rows), "SR": mean_of(rows, "SR"),
                                       "AT": mean_of(rows, "AT")}
                                for name, rows in sorted(by_persona.items())}
+    search = search_counts(conversations)
+    if search:  # --policy gdpzero or dpdp: what the searches simulated, unusable answers
+        metrics["search"] = search
     acted = Counter(r["dpdp"] for c in conversations for r in c.records if "dpdp" in r)
     if acted:  # --policy dpdp: the turns where the fast policy acted, and the MCTS
         metrics["dpdp"] = {"fast": acted["fast"], "mcts": acted["mcts"]}

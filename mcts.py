@@ -72,8 +72,12 @@ class Tree:
         self.nodes = {(): Node(realizations=[Realization(conversation)])}
         self.expand((), prior, order)
         self.branches = []  # every copy made, to forget their cached prompts
-        self.errors = Counter()  # the system, user and critic LLMs' unusable answers in it
+        # the unusable answers of its LLM calls, by record key (metrics.UNUSABLE_FIGURES):
+        # the system's, user's and critic's in its simulated turns, the planner's for its
+        # nodes' priors (the root's included: the observation's draws, asked again)
+        self.errors = Counter()
         self.rounds = 0  # rounds of simulated turns (LLM calls) that involved this tree
+        self.turns = 0  # simulated turns played (a round plays up to --mcts_parallel)
 
     def expand(self, path, prior, order):
         node = self.nodes[path]
@@ -81,6 +85,10 @@ class Tree:
         node.prior, node.order = prior, order
         node.visits, node.values = [0] * n, [self.policy.q0] * n
         node.pending = [0] * n
+
+    def count_planner(self, unusable):
+        if unusable:
+            self.errors["planner_invalid"] += unusable
 
     def select(self, path):
         """PUCT (GDP-Zero's variant: sqrt(N(s)), N(s) = 0 counted as 1e-8, ties to the more
@@ -152,15 +160,15 @@ class GDPZeroPolicy(Policy):
 
     def search_note(self, tree):
         return {"simulations": self.simulations, "rounds": tree.rounds,
-                "errors": dict(tree.errors), "batch_planner_errors": self.planner_errors,
+                "simulated_turns": tree.turns, "errors": dict(tree.errors),
                 "tree": tree.note(self.task.action_names)}
 
     # -- the search ----------------------------------------------------------------------
 
     def search(self, observations, evaluation, prior=None):
         """One tree per observed conversation, searched together; returns the trees.
-        prior(copies) -> ([batch, actions] tensor, unusable answers): PUCT's prior of the
-        nodes (default: the planner's, env.simulated_prior)."""
+        prior(copies) -> ([batch, actions] tensor, unusable answers per copy): PUCT's prior
+        of the nodes (default: the planner's, env.simulated_prior)."""
         if self.env is None:
             raise RuntimeError("the MCTS plays in the environment: call attach(env) first")
         env = self.env
@@ -170,15 +178,16 @@ class GDPZeroPolicy(Policy):
         # conversation's own stream, so it is the observation's prior (and its prompt is
         # cached); PUCT breaks ties in the observation's candidate order
         copies = [env.branch(c) for c in conversations]
-        priors, self.planner_errors = self.prior(copies)
+        priors, invalid = self.prior(copies)
         trees = []
         for observation, conversation, prior in zip(observations, conversations,
                                                     priors.tolist()):
             order = self.action_order(prior, observation.candidates)
             trees.append(Tree(self, conversation, prior, order,
                               stream_seed(conversation.stream, conversation.system_turns)))
-        for tree, copy in zip(trees, copies):
+        for tree, copy, unusable in zip(trees, copies, invalid):
             tree.branches.append(copy)
+            tree.count_planner(unusable)
         for first in range(0, self.simulations, self.parallel):
             self.simulate(trees, range(first, min(first + self.parallel, self.simulations)),
                           evaluation)
@@ -251,6 +260,7 @@ class GDPZeroPolicy(Policy):
         expanding = []
         for descent, copy, verdict in zip(descents, copies, verdicts):
             tree, child_path = descent.tree, descent.path + (descent.action,)
+            tree.turns += 1
             tree.errors.update({key: copy.records[-1][key] for key in UNUSABLE_KEYS
                                 if copy.records[-1].get(key)})
             reached = Realization(copy, verdict.reward, copy.done)
@@ -266,9 +276,9 @@ class GDPZeroPolicy(Policy):
             # else: an expanded node with a new state: the descent goes on from it
         if expanding:
             priors, invalid = self.prior([copy for _, copy in expanding])
-            self.planner_errors += invalid  # one call for all trees: counted per batch
-            for (descent, _), prior in zip(expanding, priors.tolist()):
+            for (descent, _), prior, unusable in zip(expanding, priors.tolist(), invalid):
                 descent.tree.expand(descent.path, prior, self.action_order(prior))
+                descent.tree.count_planner(unusable)
 
 
 # -- DPDP ------------------------------------------------------------------------------------
@@ -334,7 +344,8 @@ class DPDPPolicy(Policy):
 
     def fast_prior(self, copies):
         """The fast policy's distribution as PUCT's prior (DPDP's --use_policy_prior)."""
-        return self.fast.probabilities(self.fast.inputs([c.turns for c in copies])), 0
+        return self.fast.probabilities(self.fast.inputs([c.turns for c in copies])), \
+            [0] * len(copies)
 
     def act(self, observations, rng, training, epsilon=0.0):
         probs = self.fast.probabilities(self.fast.inputs([o.conversation.turns

@@ -40,6 +40,26 @@ def unusable_counts(conversations):
     return +counts
 
 
+def search_counts(conversations):
+    """What the MCTS planners' searches played (the turn records' `search`, mcts.py): the
+    turns searched, the simulated turns in them, and the unusable LLM answers of those
+    simulated turns and of the planner's priors for the trees' nodes, per figure name
+    (UNUSABLE_FIGURES), with their rate per simulated turn. None when no turn searched."""
+    searches = [record["search"] for conversation in conversations
+                for record in conversation.records if record.get("search")]
+    if not searches:
+        return None
+    simulated = sum(search.get("simulated_turns") or 0 for search in searches)
+    unusable = Counter()
+    for search in searches:
+        for key, count in (search.get("errors") or {}).items():
+            unusable[UNUSABLE_FIGURES.get(key, key)] += count
+    return {"searched_turns": len(searches), "simulated_turns": simulated,
+            "answers_unusable": dict(unusable),
+            "unusable_per_simulated_turn": sum(unusable.values()) / simulated if simulated
+            else None}
+
+
 def distribution(counts, names):
     """{name: share} over every name (0 for those never counted); {} when nothing was."""
     total = sum(counts.get(name, 0) for name in names)

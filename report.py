@@ -12,9 +12,11 @@ line names the flag that differs: docs/outputs.md, "Which runs pool").
 Per-conversation values: SR 1 on success else 0; AT the system turns on success else
 max_turn; SL the sale-to-list ratio on success else 0 (as PPDPP); return total_reward;
 unusable the sum over its records of critic_invalid, system_format_error, system_empty
-and user_empty (those present). The planner's unusable sampled answers (--prior sample
-only) are counted for the whole run in test_metrics.json, not per conversation, and so
-are not counted here.
+and user_empty (those present): the answers of the turn's exchange. The planner's
+unusable sampled answers (--prior sample only; records' planner_invalid) are in
+test_metrics.json's llm_answers_unusable, not in this column. The Search table (gdpzero,
+dpdp) counts the unusable answers of the searches' simulated turns (test_metrics.json
+`search`).
 
 The cost table: test_metrics.json's LLM cost per conversation (its "cost", see
 docs/outputs.md) and the policy's trainable parameters and training seconds
@@ -100,7 +102,7 @@ def tabled_run(folder):
                "judge": metrics.get("judge", {}),
                "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()},
                "personas": [(c.persona or {}).get("name") for c in conversations],
-               "strategies": metrics.get("strategies")}
+               "strategies": metrics.get("strategies"), "search": metrics.get("search")}
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
         raise RunFileError(f"{folder}: unexpected {metrics_file('test')} or "
                            f"{conversations_file('test')} ({type(error).__name__}: {error}). Is "
@@ -196,6 +198,7 @@ def summarize(task, policy, seeds, n_boot):
         costs[header] = None if None in values else sum(values) / len(values)
     return {"task": task, "policy": policy, "judge": judge_text(runs[0]["judge"]),
             "personas": persona_figures(runs, n_boot), "strategies": strategy_figures(runs),
+            "search": search_figures(runs),
             "conversations": sum(len(r["case_ids"]) for r in runs),
             "runs": [{"folder": r["folder"], "seed": r["seed"], "override_rate": r["override_rate"]}
                      for r in runs], "metrics": figures, "costs": costs}
@@ -213,6 +216,23 @@ def persona_figures(runs, n_boot):
         figures[name] = {"conversations": sum(len(g) for g in groups["SR"])} | {
             metric: interval(seeds, n_boot) for metric, seeds in groups.items()}
     return figures
+
+
+def search_figures(runs):
+    """The MCTS searches of the runs (test_metrics.json `search`), summed over seeds; None
+    when no run searched."""
+    searches = [run["search"] for run in runs if run["search"]]
+    if not searches:
+        return None
+    unusable = {}
+    for search in searches:
+        for name, count in search["answers_unusable"].items():
+            unusable[name] = unusable.get(name, 0) + count
+    simulated = sum(search["simulated_turns"] for search in searches)
+    return {"searched_turns": sum(search["searched_turns"] for search in searches),
+            "simulated_turns": simulated, "answers_unusable": unusable,
+            "unusable_per_simulated_turn": sum(unusable.values()) / simulated if simulated
+            else None}
 
 
 # the strategy bias's figures (metrics.strategy_bias) tabled, means over seeds
@@ -309,7 +329,7 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              "from a prefix cache, and generated tokens. LLM seconds: the calls' wall time "
              "shared among the conversations of each batched call. Training seconds: the "
              "training loop's wall time, validation included. -: not counted.", ""]
-    rows += strategy_rows(summaries) + persona_rows(summaries)
+    rows += strategy_rows(summaries) + search_rows(summaries) + persona_rows(summaries)
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
              f"mean return ({BASELINE} - policy) |", "|---" * 6 + "|"]
@@ -352,6 +372,30 @@ def strategy_rows(summaries):
                    "no labels, or no strategy was played). A concentrated distribution can come "
                    "from the policy, the planner's prior or what the simulated user and critic "
                    "rewarded: these figures do not tell which.", ""]
+
+
+def search_rows(summaries):
+    searched = [s for s in summaries if s["search"]]
+    if not searched:
+        return []
+    rows = ["## Search", "", "| task | policy | turns searched | simulated turns / turn "
+            "searched | unusable answers / simulated turn | by kind |", "|---" * 6 + "|"]
+    for s in searched:
+        figures = s["search"]
+        per_turn = figures["simulated_turns"] / figures["searched_turns"]
+        rate = figures["unusable_per_simulated_turn"]
+        kinds = ", ".join(f"{name} {count:,}" for name, count
+                          in sorted(figures["answers_unusable"].items())) or "none"
+        rows.append(f"| {s['task']} | {s['policy']} | {figures['searched_turns']:,} | "
+                    f"{per_turn:.1f} | {'-' if rate is None else f'{rate:.2f}'} | {kinds} |")
+    return rows + ["", "The MCTS planners' searches in the test, summed over seeds "
+                   "(test_metrics.json `search`): the simulated turns they played and the "
+                   "LLM answers in them that could not be used (the system's, user's and "
+                   "critic's in the simulated turns, the planner's for the trees' priors). A "
+                   "search's values are the critic's verdicts on simulated turns (0 when no "
+                   "answer was usable) and its prior is the planner's, so its choices carry "
+                   "their bias and their unusable answers; these answers are not in the "
+                   "unusable column above, which counts the real turns.", ""]
 
 
 def persona_rows(summaries):

@@ -5,6 +5,7 @@ sequence_env: success needs "Question" then "Providing Suggestions"; the prior r
 """
 
 import json
+from collections import Counter
 import os
 import re
 
@@ -108,12 +109,14 @@ def test_the_visits_follow_the_prior_where_every_action_is_worth_the_same():
 
 # -- nothing simulated reaches the run --------------------------------------------------
 
-def leaky_world():
+def leaky_world(given=None):
     """Every kind of unusable answer, in states that the search visits: the system breaks
     the format after "Others", the user says nothing after "Information", the critic names
-    no option after "Self-disclosure", and the planner (sampling) answers nonsense on every
-    other turn. "Question" solves the problem."""
+    no option after "Self-disclosure", and the planner (sampling) answers nonsense after
+    an odd number of system turns. "Question" solves the problem. given: a Counter of the
+    unusable answers the LLMs gave, by figure name (metrics.UNUSABLE_FIGURES)."""
     last = {}
+    given = Counter() if given is None else given
 
     def case(prompt):
         return re.search(r"case (\d+)", prompt).group(1)
@@ -123,20 +126,26 @@ def leaky_world():
         last[case(prompt)] = next(a for a in TASK.action_names
                                   if TASK.actions[a] in instruction)
         if last[case(prompt)] == "Others":
+            given["system_format"] += 1
             return "I would say something."
         return "Emotion: calm\nResponse: I hear you."
 
     def user(prompt):
-        return "" if last[case(prompt)] == "Information" else "I see."
+        if last[case(prompt)] == "Information":
+            given["user_empty"] += 1
+            return ""
+        return "I see."
 
     def critic(prompt):
         action = last[case(prompt)]
         if action == "Self-disclosure":
+            given["critic_invalid"] += 1
             return "Option 9"
         return option_number(prompt, TASK.verdicts[3 if action == "Question" else 1])
 
     def planner(prompt):
-        if prompt.count("I hear you.") % 2:
+        if (prompt.count("I hear you.") + prompt.count("I would say something.")) % 2:
+            given["planner"] += 1
             return "no idea"
         return option_number(prompt, "Others")
 
@@ -174,10 +183,8 @@ def test_simulated_turns_leave_the_conversations_records_and_counters_untouched(
     env = leaky_world()
     metrics, searched = run("gdpzero", env, cases, mcts_simulations=12)
     notes = [r["search"] for c in searched for r in c.records]
-    simulated = sum(sum(n["errors"].values()) + n["batch_planner_errors"] for n in notes)
-    assert simulated > 0  # the search met every kind of error
-    assert {k for n in notes for k in n["errors"]} == {"system_format_error", "user_empty",
-                                                       "critic_invalid"}
+    assert {k for n in notes for k in n["errors"]} == {  # the search met every kind
+        "system_format_error", "user_empty", "critic_invalid", "planner_invalid"}
     replay_env = leaky_world()
     args = mcts_args(max_turn=3)
     replay_metrics, replayed = harness.evaluate(args, Replay(args, TASK, searched), replay_env,
@@ -186,7 +193,30 @@ def test_simulated_turns_leave_the_conversations_records_and_counters_untouched(
             == [plain(c) for c in sorted(replayed, key=lambda c: c.case_id)])
     assert unusable_counts(searched) == unusable_counts(replayed)
     assert metrics["llm_answers_unusable"] == replay_metrics["llm_answers_unusable"]
-    assert sum(n["batch_planner_errors"] for n in notes) > 0  # the planner's, simulated
+
+
+def test_the_searchs_unusable_answers_are_counted_once_each_in_the_metrics():
+    """Every unusable answer the LLMs gave is counted once: in the real turns' records
+    (llm_answers_unusable) or in the search that simulated it (search), by kind, with
+    the simulated turns it is a rate of."""
+    given = Counter()
+    env = leaky_world(given)
+    metrics, searched = run("gdpzero", env, esc_cases(0, 8), mcts_simulations=12,
+                            mcts_parallel=3)
+    search = metrics["search"]
+    assert set(search["answers_unusable"]) == {"system_format", "user_empty",
+                                               "critic_invalid", "planner"}
+    assert (Counter(metrics["llm_answers_unusable"]) + Counter(search["answers_unusable"])
+            == given)
+    turns = [r for c in searched for r in c.records]
+    assert search["searched_turns"] == len(turns)
+    # the system LLM played every real and every simulated turn, one row each
+    system_rows = sum(call[1] for call in env.system_llm.calls)
+    assert search["simulated_turns"] == system_rows - len(turns)
+    assert search["simulated_turns"] == sum(r["search"]["simulated_turns"] for r in turns)
+    assert any(r["search"]["simulated_turns"] > r["search"]["rounds"] for r in turns)
+    assert search["unusable_per_simulated_turn"] == pytest.approx(
+        sum(search["answers_unusable"].values()) / search["simulated_turns"])
 
 
 # -- batched calls ------------------------------------------------------------------------

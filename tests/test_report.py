@@ -55,9 +55,9 @@ def write_jsonl(path, lines):
         f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
-def write_run(parent, task, policy, seed, conversations, max_turn=4, train=None):
+def write_run(parent, task, policy, seed, conversations, max_turn=4, train=None, extra=None):
     """A run folder as train_model.py writes it; `train`: train conversations, which also
-    adds a training history."""
+    adds a training history; `extra`: more test metrics."""
     folder = os.path.join(parent, f"{task}__{policy}__{seed}__1700000000")
     os.makedirs(folder)
     n = len(conversations)
@@ -66,6 +66,7 @@ def write_run(parent, task, policy, seed, conversations, max_turn=4, train=None)
                "AT": 0.0, "mean_return": 0.0, "llm_answers_unusable": {"critic_invalid": 3}}
     if task == "cb":
         metrics["SL"] = 0.0
+    metrics |= extra or {}
     with open(os.path.join(folder, "test_metrics.json"), "w") as f:
         json.dump(metrics, f)
     write_jsonl(os.path.join(folder, "test_conversations.jsonl"), conversations)
@@ -251,6 +252,30 @@ def test_report_of_two_policies_on_the_same_cases(tmp_path):
     for run in (tmp_path / "runs").iterdir():
         assert is_png(run / "actions.png") and is_png(run / "prior_vs_q.png")
         assert str(run / "actions.png") in figures["images"]
+
+
+def test_the_search_table_sums_the_seeds_searches(tmp_path):
+    rng = random.Random(3)
+    searches = {1: {"searched_turns": 10, "simulated_turns": 100,
+                    "answers_unusable": {"critic_invalid": 5, "planner": 3}},
+                2: {"searched_turns": 6, "simulated_turns": 50,
+                    "answers_unusable": {"critic_invalid": 1}}}
+    for seed, search in searches.items():
+        conversations = random_conversations("esc", [True, False, True], random.Random(5),
+                                             policy="gdpzero")
+        write_run(tmp_path / "runs", "esc", "gdpzero", seed, conversations,
+                  extra={"search": search})
+    write_run(tmp_path / "runs", "esc", "dialogxpert", 1,
+              random_conversations("esc", [True, False, True], rng))
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "200"])
+    text = (out / "report.md").read_text()
+    section = text.split("## Search")[1].split("\n## ")[0]
+    assert "| esc | gdpzero | 16 | 9.4 | 0.06 | critic_invalid 6, planner 3 |" in section
+    assert "dialogxpert" not in section  # it searched nothing
+    groups = {g["policy"]: g for g in json.loads((out / "report.json").read_text())["groups"]}
+    assert groups["gdpzero"]["search"]["simulated_turns"] == 150
+    assert groups["dialogxpert"]["search"] is None
 
 
 def test_report_over_tasks_seeds_and_cb(runs_root, tmp_path):
