@@ -287,14 +287,16 @@ class Args:
     dpdp_threshold: float = field(default=0.5, metadata={
         "help": "dpdp: the fast policy acts when its two most probable actions are at least "
                 "this far apart, the MCTS otherwise; in [0, 1]: 0 always the fast policy, 1 "
-                "the MCTS unless the fast policy is certain (DPDP's sub_value, "
+                "the MCTS unless the fast policy is certain; with --dpdp_percentile, the "
+                "threshold while fewer than 2 gaps are known (DPDP's sub_value, "
                 "ppdpp/run.py)"})
     dpdp_percentile: float = field(default=-1.0, metadata={
-        "help": "dpdp: in [0, 1], the threshold of each test decision is this percentile of "
-                "the gaps of the evaluation's earlier decisions, and the fast policy acts when "
-                "its gap is above it (DPDP's mcts_applied_ratio, ppdpp/agent.py); 0: threshold "
-                "0, 1: threshold 1, --dpdp_threshold while fewer than 2 gaps are known; -1: "
-                "off, the fixed --dpdp_threshold"})
+        "help": "dpdp: R in [0, 1]: the threshold of each test decision is the (100 R)-th "
+                "percentile of the gaps of the evaluation's earlier decisions, and the fast "
+                "policy acts when its gap is above it (DPDP's mcts_applied_ratio, "
+                "ppdpp/agent.py); 0: threshold 0, 1: threshold 1 (always the MCTS), "
+                "--dpdp_threshold while fewer than 2 gaps are known; -1: off, the fixed "
+                "--dpdp_threshold"})
 
 
     # --- evaluation and logging
