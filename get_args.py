@@ -287,8 +287,16 @@ class Args:
     dpdp_threshold: float = field(default=0.5, metadata={
         "help": "dpdp: the fast policy acts when its two most probable actions are at least "
                 "this far apart, the MCTS otherwise; in [0, 1]: 0 always the fast policy, 1 "
-                "the MCTS unless the fast policy is certain (DPDP's sub_value, "
+                "the MCTS unless the fast policy is certain; with --dpdp_percentile, the "
+                "threshold while fewer than 2 gaps are known (DPDP's sub_value, "
                 "ppdpp/run.py)"})
+    dpdp_percentile: float = field(default=-1.0, metadata={
+        "help": "dpdp: R in [0, 1]: the threshold of each test decision is the (100 R)-th "
+                "percentile of the gaps of the evaluation's earlier decisions, and the fast "
+                "policy acts when its gap is above it (DPDP's mcts_applied_ratio, "
+                "ppdpp/agent.py); 0: threshold 0, 1: threshold 1 (always the MCTS), "
+                "--dpdp_threshold while fewer than 2 gaps are known; -1: off, the fixed "
+                "--dpdp_threshold"})
 
 
     # --- evaluation and logging
@@ -336,6 +344,10 @@ class Args:
             raise ValueError(f"--ppdpp_sft true needs strategy-labelled human turns, and the "
                              f"data of '{self.data_name}' has none. Pass --ppdpp_sft false "
                              "(REINFORCE from scratch, as PPDPP without its SFT checkpoint)")
+        if self.dpdp_percentile != -1.0 and self.policy != "dpdp":
+            raise ValueError(f"--dpdp_percentile sets the threshold of --policy dpdp, and this "
+                             f"run's policy is {self.policy}. Leave it out, or pass --policy "
+                             "dpdp")
         if self.seeds and (self.resume or self.checkpoint):
             raise ValueError("--seeds starts new runs: leave out --resume and --checkpoint")
         if self.seeds and not re.fullmatch(r"\d+(,\d+)*", self.seeds):
@@ -391,6 +403,8 @@ class Args:
         for name in ("gamma", "ppdpp_gamma", "epsilon_start", "epsilon_end",
                      "exploration_fraction", "dpdp_threshold"):
             require(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
+        require(self.dpdp_percentile == -1.0 or 0.0 <= self.dpdp_percentile <= 1.0,
+                "dpdp_percentile", "in [0, 1], or -1 (off: the fixed --dpdp_threshold)")
         require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
         require(self.learning_rate > 0, "learning_rate", "> 0")
         for name in ("critic_temperature", "system_temperature", "user_temperature",
@@ -478,7 +492,7 @@ HELP_GROUPS = {
         "ppdpp_sft_learning_rate", "ppdpp_sft_warmup_steps", "ppdpp_sft_weight_decay",
         "ppdpp_sft_max_grad_norm", "ppdpp_learning_rate", "ppdpp_gamma", "ppdpp_max_length",
         "ppdpp_dropout", "mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct",
-        "mcts_parallel", "dpdp_threshold"),
+        "mcts_parallel", "dpdp_threshold", "dpdp_percentile"),
     "output": ("output_dir", "exp_name", "checkpoint_every", "resume", "progress", "debug"),
 }
 

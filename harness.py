@@ -351,6 +351,7 @@ def evaluate(args, policy, env, cases, desc="eval"):
     come from a stream of its own (the run's seed, the split, the case), so every policy
     meets each case with the same user and critic draws."""
     personas = split_personas(args, desc)
+    policy.start_evaluation()
     rng = random.Random(args.seed)
     finished, queue = [], list(enumerate(cases))
     bar = tqdm(total=len(cases), desc=desc, disable=not args.progress, leave=False)

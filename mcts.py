@@ -22,6 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -304,10 +305,48 @@ class QHead(torch.nn.Module):
         return self.fc2(self.dropout(torch.relu(self.fc1(self.dropout(features)))))
 
 
+class GapThreshold:
+    """When DPDP's fast policy acts in testing, from the gap between its two most probable
+    actions. Fixed (--dpdp_percentile -1): the gap is at least --dpdp_threshold. With
+    --dpdp_percentile R, DPDP's running percentile (ppdpp/agent.py select_action): the gap
+    is above (strict, as DPDP's) the (100 R)-th percentile of the gaps of the earlier
+    decisions of the evaluation (numpy's linear interpolation), --dpdp_threshold while
+    fewer than 2 are known; R = 0 is threshold 0 and R = 1 threshold 1, whatever is known.
+    The conversations of one batch decide on the gaps of earlier batches only; then the
+    batch's gaps join them in the batch's order. start() clears them (a new evaluation)."""
+
+    def __init__(self, fixed, percentile):
+        self.fixed = fixed
+        self.percentile = None if percentile == -1.0 else percentile
+        self.gaps = []  # the evaluation's gaps so far, in the order they were decided
+
+    def start(self):
+        self.gaps = []
+
+    def current(self):
+        """The threshold of the next batch's decisions."""
+        if self.percentile is None:
+            return self.fixed
+        if self.percentile in (0.0, 1.0):  # as DPDP: its extremes need no gaps
+            return self.percentile
+        if len(self.gaps) < 2:
+            return self.fixed
+        return float(np.percentile(self.gaps, 100 * self.percentile))
+
+    def decide(self, gaps):
+        """(for each gap of one batch, whether the fast policy acts; the threshold used)."""
+        threshold = self.current()
+        if self.percentile is None:
+            return [gap >= threshold for gap in gaps], threshold
+        self.gaps.extend(gaps)
+        return [gap > threshold for gap in gaps], threshold
+
+
 class DPDPPolicy(Policy):
     """DPDP: System 1 is PPDPP's classifier (ppdpp.PPDPPPolicy, with its input and its
-    supervised stage); in testing it acts when its two most probable actions are at least
-    --dpdp_threshold apart, and System 2, the MCTS, acts otherwise. In training every turn
+    supervised stage); in testing it acts when its two most probable actions are far enough
+    apart (GapThreshold: at least --dpdp_threshold, or above a running percentile of the
+    gaps with --dpdp_percentile), and System 2, the MCTS, acts otherwise. In training every turn
     is the MCTS's (its prior: the fast policy), and after each episode the fast policy
     learns the MCTS's actions by actor-critic with a Q-head (DPDP's optimize_model)."""
 
@@ -321,7 +360,7 @@ class DPDPPolicy(Policy):
 
         self.fast = PPDPPPolicy(args, task)
         self.mcts = GDPZeroPolicy(args, task)
-        self.threshold = args.dpdp_threshold
+        self.threshold = GapThreshold(args.dpdp_threshold, args.dpdp_percentile)
         net = self.fast.net
         self.q_head = QHead(args.ppdpp_dropout, net.classifier.in_features,
                             len(task.action_names)).to(self.fast.device)
@@ -342,6 +381,9 @@ class DPDPPolicy(Policy):
     def attach(self, env):
         self.mcts.attach(env)
 
+    def start_evaluation(self):
+        self.threshold.start()
+
     def fast_prior(self, copies):
         """The fast policy's distribution as PUCT's prior (DPDP's --use_policy_prior)."""
         return self.fast.probabilities(self.fast.inputs([c.turns for c in copies])), \
@@ -353,7 +395,7 @@ class DPDPPolicy(Policy):
         top = probs.topk(2, dim=-1).values
         gaps = (top[:, 0] - top[:, 1]).tolist()
         # testing: System 1 when sure; training: always the MCTS (DPDP's select_action)
-        fast = [not training and gap >= self.threshold for gap in gaps]
+        fast, threshold = ([False] * len(gaps), None) if training else self.threshold.decide(gaps)
         searched = [o for o, f in zip(observations, fast) if not f]
         trees = iter(self.mcts.search(searched, evaluation=not training,
                                       prior=self.fast_prior if training else None)
@@ -366,6 +408,8 @@ class DPDPPolicy(Policy):
                                                   for a in observation.candidates]),
                     "explored": False, "policy": self.name,
                     "dpdp": "fast" if by_fast else "mcts", "fast_gap": round(gap, 4)}
+            if threshold is not None:
+                note["dpdp_threshold_used"] = round(threshold, 4)
             if by_fast:
                 actions.append(names[int(row.argmax())])
             else:

@@ -75,6 +75,10 @@ class Policy:
     def start(self, observations):
         """New conversations' first observations."""
 
+    def start_evaluation(self):
+        """harness.evaluate is about to play a split: a policy that keeps something across
+        the turns of one evaluation (DPDP's percentile threshold) starts it afresh."""
+
     def act(self, observations, rng, training, epsilon=0.0):
         """(one action name per observation (None: no strategy), one note dict each for
         the turn's record)."""
@@ -189,7 +193,8 @@ POLICIES = {"dialogxpert": ("q_adapter", "QAdapterPolicy"), "ppdpp": ("ppdpp", "
 MCTS_FLAGS = ("mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct", "mcts_parallel")
 TEST_FLAGS = {"dialogxpert": ("hidden_size", "encoder_input"),
               "ppdpp": ("policy_encoder", "ppdpp_max_length"),
-              "dpdp": ("policy_encoder", "ppdpp_max_length") + MCTS_FLAGS + ("dpdp_threshold",)}
+              "dpdp": ("policy_encoder", "ppdpp_max_length") + MCTS_FLAGS
+                       + ("dpdp_threshold", "dpdp_percentile")}
 
 
 def policy_class(name):

@@ -360,7 +360,9 @@ def test_a_copys_first_prompt_extends_its_parents_cached_prompt(tiny_llm_dir):
 
 @pytest.mark.parametrize("flags", [
     ["--mode", "test", "--policy", "gdpzero", "--mcts_simulations", "0"],
-    ["--mode", "train", "--policy", "dpdp", "--dpdp_threshold", "1.5"]])
+    ["--mode", "train", "--policy", "dpdp", "--dpdp_threshold", "1.5"],
+    ["--mode", "train", "--policy", "dpdp", "--dpdp_percentile", "1.5"],
+    ["--mode", "test", "--policy", "gdpzero", "--dpdp_percentile", "0.5"]])
 def test_bad_search_settings_stop_with_one_error_line_before_any_model_loads(flags, capsys,
                                                                           monkeypatch):
     monkeypatch.setattr(harness, "load_llms", lambda args: pytest.fail("a model loaded"))
@@ -472,6 +474,130 @@ def test_dpdp_compares_the_gap_between_the_fast_policys_top_two_actions(tiny_enc
     assert notes[0]["fast_gap"] == pytest.approx(0.05, abs=1e-4)
     if acting == "fast":
         assert actions == [TASK.action_names[0]] * 2
+
+
+# -- DPDP's percentile threshold (--dpdp_percentile) ----------------------------------------
+
+def scripted_gaps(policy):
+    """The fast policy's distribution made to order: in a conversation whose opening turn
+    (the case's situation) is "gap G", its first action leads the seven others by G (G in
+    eighths, so that every sum is exact)."""
+    def distribution(turns):
+        gap = float(turns[0][1].split()[1])
+        rest = (1.0 - gap) / 8
+        return [rest + gap] + [rest] * 7
+
+    policy.fast.inputs = lambda conversations: conversations
+    policy.fast.probabilities = lambda conversations: torch.tensor(
+        [distribution(turns) for turns in conversations])
+
+
+def act_on_gaps(policy, env, batches):
+    """Act (testing) on batches of conversations with the given gaps; the notes of each
+    batch."""
+    notes = []
+    for gaps in batches:
+        cases = [esc_case(i) | {"situation": f"gap {gap}"} for i, gap in enumerate(gaps)]
+        observations = env.reset([(case, i, i) for i, case in enumerate(cases)])
+        notes.append(policy.act(observations, None, training=False)[1])
+    return notes
+
+
+def percentile_policy(encoder_dir, percentile, threshold=0.3):
+    policy = make_policy(dpdp_args(encoder_dir, dpdp_threshold=threshold,
+                                   dpdp_percentile=percentile, mcts_simulations=2), TASK)
+    scripted_gaps(policy)
+    return policy
+
+
+def test_dpdp_percentile_threshold_is_the_percentile_of_the_earlier_batches_gaps(
+        tiny_encoder_dir):
+    """DPDP's mcts_applied_ratio 0.5: the median of the gaps decided before, the fixed
+    threshold (0.3) until 2 are known; a batch's conversations all decide on the gaps of
+    earlier batches, and the fast policy acts on a gap strictly above the threshold."""
+    env = sequence_env(2)
+    policy = percentile_policy(tiny_encoder_dir, 0.5)
+    policy.attach(env)
+    batches = [[0.5], [0.125], [0.25, 0.75], [0.375, 0.375], [0.625]]
+    notes = act_on_gaps(policy, env, batches)
+    thresholds = [n["dpdp_threshold_used"] for batch in notes for n in batch]
+    assert thresholds == [0.3, 0.3, 0.3125, 0.3125, 0.375, 0.375, 0.375]
+    assert [n["dpdp"] for batch in notes for n in batch] == [
+        "fast", "mcts", "mcts", "fast", "mcts", "mcts", "fast"]
+
+
+def test_dpdp_percentile_threshold_follows_numpy_s_percentile(tiny_encoder_dir):
+    """Any R: the threshold of each batch is numpy.percentile(earlier gaps, 100 R)."""
+    import numpy as np
+
+    env = sequence_env(2)
+    policy = percentile_policy(tiny_encoder_dir, 0.3)
+    policy.attach(env)
+    batches = [[0.25], [0.5, 0.125], [0.875], [0.0, 0.625, 0.375], [0.75], [0.25]]
+    notes = act_on_gaps(policy, env, batches)
+    known = []
+    for gaps, batch in zip(batches, notes):
+        expected = np.percentile(known, 30) if len(known) >= 2 else 0.3
+        for gap, note in zip(gaps, batch):
+            assert note["dpdp_threshold_used"] == pytest.approx(expected, abs=1e-4)
+            assert note["dpdp"] == ("fast" if gap > expected else "mcts")
+        known += gaps
+
+
+@pytest.mark.parametrize("percentile, acting", [(0.0, ["fast", "mcts", "fast", "fast"]),
+                                                (1.0, ["mcts"] * 4)])
+def test_dpdp_percentile_0_is_the_fast_policy_unless_its_top_two_tie_and_1_is_the_mcts(
+        tiny_encoder_dir, percentile, acting):
+    """DPDP's extremes: threshold 0 or 1 from the first decision on (not the fixed
+    threshold, 0.3 here), compared strictly: at 0 a tie (gap 0) is the MCTS's, at 1 even a
+    certain fast policy (gap 1) leaves it to the MCTS."""
+    env = sequence_env(2)
+    policy = percentile_policy(tiny_encoder_dir, percentile)
+    policy.attach(env)
+    notes = act_on_gaps(policy, env, [[0.125], [0.0], [1.0], [0.5]])
+    assert [n["dpdp"] for batch in notes for n in batch] == acting
+    assert all(n["dpdp_threshold_used"] == percentile for batch in notes for n in batch)
+
+
+def test_dpdp_percentile_gaps_start_afresh_with_each_evaluation(tiny_encoder_dir):
+    """The gaps are those of one harness.evaluate: a second evaluation (a test after the
+    valid ones of training) decides as the first did, its first turns on the fixed
+    threshold."""
+    args = dpdp_args(tiny_encoder_dir, dpdp_threshold=0.3, dpdp_percentile=0.5,
+                     mcts_simulations=2, max_turn=2, num_envs=2)
+    policy = make_policy(args, TASK)
+    scripted_gaps(policy)
+    cases = [esc_case(i) | {"situation": f"gap {gap}"}
+             for i, gap in enumerate([0.125, 0.5, 0.75, 0.25])]
+    records = []
+    for _ in range(2):
+        env = sequence_env(2)
+        policy.attach(env)
+        _, conversations = harness.evaluate(args, policy, env, cases, "test")
+        records.append([(r["dpdp_threshold_used"], r["dpdp"], r["action"])
+                        for c in conversations for r in c.records])
+    assert records[0][0][0] == 0.3
+    assert records[1] == records[0]
+
+
+def test_a_dpdp_replay_takes_the_percentile_of_its_checkpoint_and_refuses_one_without(
+        tmp_path):
+    """--dpdp_percentile is one of dpdp's test flags: a replay takes the checkpoint's; a
+    checkpoint written before the flag existed is refused, as for any test flag."""
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "best.pt")
+    save_file({"net.classifier.weight": torch.zeros(1)}, path)
+    args = Args(data_name="esc", mode="test", policy="dpdp", checkpoint=path)
+    saved = vars(Args(**vars(args) | {"dpdp_percentile": 0.25}))
+    with open(path + ".json", "w") as f:
+        json.dump({"args": saved}, f)
+    assert train_model.replay_settings(args, frozenset(), TASK).dpdp_percentile == 0.25
+    del saved["dpdp_percentile"]
+    with open(path + ".json", "w") as f:
+        json.dump({"args": saved}, f)
+    with pytest.raises(train_model.UserError, match="does not record --dpdp_percentile"):
+        train_model.replay_settings(args, frozenset(), TASK)
 
 
 def test_the_dpdp_update_is_actor_critic_on_discounted_returns(tiny_encoder_dir):
