@@ -444,6 +444,28 @@ def test_dpdp_compares_the_gap_between_the_fast_policys_top_two_actions(tiny_enc
         assert actions == [TASK.action_names[0]] * 2
 
 
+def test_dpdp_training_breaks_visit_ties_by_the_fast_prior(tiny_encoder_dir):
+    """In self-play the search's prior is the fast policy's: of two actions visited alike,
+    the one it finds more probable is played, not the LLM planner's favourite. Here the
+    fast policy puts 0.6 on "Question" and 0.4 on "Others", which the LLM planner ranks
+    first; every turn is worth Q_0, so two simulations visit each once."""
+    args = dpdp_args(tiny_encoder_dir, max_turn=1, mcts_simulations=2,
+                     mcts_q0=TASK.reward.rewards[1])
+    policy = make_policy(args, TASK)
+    probs = torch.full((len(TASK.action_names),), 1e-6)
+    probs[TASK.action_names.index(FIRST)], probs[TASK.action_names.index(DECOY)] = 0.6, 0.4
+    with torch.no_grad():
+        policy.fast.net.classifier.weight.zero_()
+        policy.fast.net.classifier.bias.copy_(probs.log())
+    env = sequence_env(1)
+    policy.attach(env)
+    observations = env.reset([(case, i, i) for i, case in enumerate(esc_cases(0, 2))])
+    assert observations[0].candidates[0] == DECOY
+    actions, notes = policy.act(observations, None, training=True)
+    assert [c["visits"] for c in notes[0]["search"]["tree"]] == [1, 1]
+    assert actions == [FIRST] * 2
+
+
 def test_the_dpdp_update_is_actor_critic_on_discounted_returns(tiny_encoder_dir):
     """DPDP's optimize_model: G the discounted returns (not normalised), the critic's loss
     mean((Q(s, a) - G)^2), the actor's mean(-log pi(a | s) (G - Q(s, a)))."""
