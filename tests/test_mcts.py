@@ -189,6 +189,31 @@ def test_simulated_turns_leave_the_conversations_records_and_counters_untouched(
     assert sum(n["batch_planner_errors"] for n in notes) > 0  # the planner's, simulated
 
 
+def test_under_prior_list_the_search_asks_for_one_option_as_prior_sample_does():
+    """--prior list (--recipe original) lists candidates; the search's prior over every
+    action is then asked as --prior sample asks it: the one-option question, sampled."""
+    asked = {}
+
+    def planner(mode):
+        def answer(prompt):
+            asked.setdefault(mode, []).append(prompt)
+            return "2"
+        return Planner(TASK, ScriptedLLM(answer), mode=mode, num_samples=3)
+
+    priors = {}
+    for mode in ("list", "sample"):
+        env = SelfPlayEnv(TASK, ScriptedLLM(lambda prompt: "Emotion: calm\nResponse: Ok."),
+                          ScriptedLLM(lambda prompt: "Okay."),
+                          Critic(TASK, ScriptedLLM(lambda prompt: "1"), num_samples=1),
+                          planner=planner(mode))
+        observation, = env.reset([(esc_case(0), 0, 0)])
+        asked[mode] = []
+        priors[mode] = env.simulated_prior([env.branch(observation.conversation)])[0]
+    assert asked["list"] == asked["sample"]
+    assert "Which option is the most suitable" in asked["list"][0]
+    assert torch.equal(priors["list"], priors["sample"])
+
+
 # -- batched calls ------------------------------------------------------------------------
 
 def call_log(env):
