@@ -259,15 +259,16 @@ class Planner:
 
     def prompt(self, conversation, order=None, count=None):
         """The planner's chat for one order of the actions. The question follows the mode:
-        one option's number, the numbers of `count` options (list), or a plan (project,
-        whose options are shown without numbers)."""
+        one option's number, the numbers of `count` options (list's candidates; list's
+        prior over every action, which the MCTS asks, is one option's number), or a plan
+        (project, whose options are shown without numbers)."""
         names = self.task.action_names
         shown = [names[a] for a in (order or range(len(names)))]
         if self.mode == "project":
             options, question = "\n".join(f"- {name}" for name in shown), "plan"
         else:
             options = "\n".join(f"{label}. {name}" for label, name in zip(self.labels, shown))
-            question = "list" if self.mode == "list" else "one"
+            question = "list" if self.mode == "list" and count is not None else "one"
         question = prompts.PLANNER_QUESTIONS[question].format(
             count=count, system_role=self.task.system_role)
         emotions = ", ".join(conversation.emotions) if self.use_emotion else "not tracked"
@@ -283,7 +284,8 @@ class Planner:
 
     def prior(self, conversations):
         """[batch, num_actions] probabilities in the task's action order, each row summing
-        to 1 (modes logits, sample and project). Each conversation's `prior_orders` gets
+        to 1 (modes logits, sample and project; list, whose candidates come from `listed`,
+        gives the MCTS its prior as sample does). Each conversation's `prior_orders` gets
         the orders shown (the first action of each, which fixes a rotation), and its
         `planner_invalid` the answers that named no action."""
         asked = options.ask(self.llm, "planner", conversations,

@@ -177,13 +177,15 @@ class GDPZeroPolicy(Policy):
         conversations = [o.conversation for o in observations]
         # the root's prior over all actions: the planner asked again on a copy with the
         # conversation's own stream, so it is the observation's prior (and its prompt is
-        # cached); PUCT breaks ties in the observation's candidate order
+        # cached); PUCT breaks ties in the observation's candidate order, which ranks by
+        # the planner's prior: another prior (DPDP's fast policy) breaks them by its own
+        planner_prior = prior is None
         copies = [env.branch(c) for c in conversations]
         priors, invalid = self.prior(copies)
         trees = []
         for observation, conversation, prior in zip(observations, conversations,
                                                     priors.tolist()):
-            order = self.action_order(prior, observation.candidates)
+            order = self.action_order(prior, observation.candidates if planner_prior else ())
             trees.append(Tree(self, conversation, prior, order,
                               stream_seed(conversation.stream, conversation.system_turns)))
         for tree, copy, unusable in zip(trees, copies, invalid):

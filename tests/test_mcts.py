@@ -219,6 +219,31 @@ def test_the_searchs_unusable_answers_are_counted_once_each_in_the_metrics():
         sum(search["answers_unusable"].values()) / search["simulated_turns"])
 
 
+def test_under_prior_list_the_search_asks_for_one_option_as_prior_sample_does():
+    """--prior list (--recipe original) lists candidates; the search's prior over every
+    action is then asked as --prior sample asks it: the one-option question, sampled."""
+    asked = {}
+
+    def planner(mode):
+        def answer(prompt):
+            asked.setdefault(mode, []).append(prompt)
+            return "2"
+        return Planner(TASK, ScriptedLLM(answer), mode=mode, num_samples=3)
+
+    priors = {}
+    for mode in ("list", "sample"):
+        env = SelfPlayEnv(TASK, ScriptedLLM(lambda prompt: "Emotion: calm\nResponse: Ok."),
+                          ScriptedLLM(lambda prompt: "Okay."),
+                          Critic(TASK, ScriptedLLM(lambda prompt: "1"), num_samples=1),
+                          planner=planner(mode))
+        observation, = env.reset([(esc_case(0), 0, 0)])
+        asked[mode] = []
+        priors[mode] = env.simulated_prior([env.branch(observation.conversation)])[0]
+    assert asked["list"] == asked["sample"]
+    assert "Which option is the most suitable" in asked["list"][0]
+    assert torch.equal(priors["list"], priors["sample"])
+
+
 # -- batched calls ------------------------------------------------------------------------
 
 def call_log(env):
@@ -598,6 +623,28 @@ def test_a_dpdp_replay_takes_the_percentile_of_its_checkpoint_and_refuses_one_wi
         json.dump({"args": saved}, f)
     with pytest.raises(train_model.UserError, match="does not record --dpdp_percentile"):
         train_model.replay_settings(args, frozenset(), TASK)
+
+
+def test_dpdp_training_breaks_visit_ties_by_the_fast_prior(tiny_encoder_dir):
+    """In self-play the search's prior is the fast policy's: of two actions visited alike,
+    the one it finds more probable is played, not the LLM planner's favourite. Here the
+    fast policy puts 0.6 on "Question" and 0.4 on "Others", which the LLM planner ranks
+    first; every turn is worth Q_0, so two simulations visit each once."""
+    args = dpdp_args(tiny_encoder_dir, max_turn=1, mcts_simulations=2,
+                     mcts_q0=TASK.reward.rewards[1])
+    policy = make_policy(args, TASK)
+    probs = torch.full((len(TASK.action_names),), 1e-6)
+    probs[TASK.action_names.index(FIRST)], probs[TASK.action_names.index(DECOY)] = 0.6, 0.4
+    with torch.no_grad():
+        policy.fast.net.classifier.weight.zero_()
+        policy.fast.net.classifier.bias.copy_(probs.log())
+    env = sequence_env(1)
+    policy.attach(env)
+    observations = env.reset([(case, i, i) for i, case in enumerate(esc_cases(0, 2))])
+    assert observations[0].candidates[0] == DECOY
+    actions, notes = policy.act(observations, None, training=True)
+    assert [c["visits"] for c in notes[0]["search"]["tree"]] == [1, 1]
+    assert actions == [FIRST] * 2
 
 
 def test_the_dpdp_update_is_actor_critic_on_discounted_returns(tiny_encoder_dir):
