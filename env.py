@@ -458,9 +458,13 @@ class SelfPlayEnv:
 
     def __init__(self, task, system_llm, user_llm, critic, planner=None, top_k=4, max_turn=8,
                  system_temperature=0.7, user_temperature=0.7, eval_temperature=0.0,
-                 system_max_new_tokens=80, user_max_new_tokens=60, use_emotion=True):
+                 system_max_new_tokens=80, user_max_new_tokens=60, use_emotion=True,
+                 prior_read=True):
         self.task = task
         self.planner = planner
+        # whether the policy reads the observations' prior (Policy.reads_prior); if not, the
+        # planner is still asked, for the records, and its cost is booked apart
+        self.prior_read = prior_read
         self.top_k = min(top_k, len(task.actions))
         self.system_llm = system_llm
         self.user_llm = user_llm
@@ -518,14 +522,23 @@ class SelfPlayEnv:
     def settle_cost(self, uid):
         """What the conversation `uid` cost, taken from its clients' ledgers: its own
         system, user and critic calls are its "conversation" cost; its planner calls (the
-        prior), and every call of its simulated copies (branch), are its "planner" cost.
-        Roles that share a client are counted once."""
+        prior), and every call of its simulated copies (branch), are its "planner" cost;
+        for a policy that does not read the prior (prior_read False), its planner calls are
+        its "unread_prior" cost instead: asked for the records, not for the policy. Roles
+        that share a client are counted once."""
         copies = {copy for copy, owner in self.owners.items() if owner == uid}
         cost = {"conversation": empty_cost(), "planner": empty_cost()}
+        if not self.prior_read:
+            cost["unread_prior"] = empty_cost()
         clients = {id(llm): llm for llm in self.llms().values() if llm is not None}
         for llm in clients.values():
             for (key_uid, *_, role), counts in llm.take_charges(copies | {uid}).items():
-                part = "conversation" if key_uid == uid and role != "planner" else "planner"
+                if key_uid != uid:
+                    part = "planner"  # a simulated copy's call
+                elif role != "planner":
+                    part = "conversation"
+                else:
+                    part = "planner" if self.prior_read else "unread_prior"
                 add_cost(cost[part], counts)
         for copy in copies:
             del self.owners[copy]

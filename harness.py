@@ -222,7 +222,8 @@ def build_env(args, task, llms, embed=None):
                        eval_temperature=args.eval_temperature,
                        system_max_new_tokens=args.system_max_new_tokens,
                        user_max_new_tokens=args.user_max_new_tokens,
-                       use_emotion=args.use_emotion)
+                       use_emotion=args.use_emotion,
+                       prior_read=policy_class(args.policy).reads_prior)
 
 
 def play_turn(policy, env, observations, rng, training, epsilon=0.0):
@@ -301,11 +302,16 @@ def cost_summary(conversations):
     costed = [c.cost for c in conversations if c.cost is not None]
     if not costed:  # conversations read back from a log that has no cost
         return {"conversations": 0, "per_conversation": None, "planner_share": None}
-    sums = {part: empty_cost() for part in ("conversation", "planner", "total")}
+    parts = ("conversation", "planner", "total")
+    if any("unread_prior" in cost for cost in costed):  # apart, and not in the total
+        parts += ("unread_prior",)
+    sums = {part: empty_cost() for part in parts}
     for cost in costed:
         for part in ("conversation", "planner"):
             add_cost(sums[part], cost[part])
             add_cost(sums["total"], cost[part])
+        if "unread_prior" in cost:
+            add_cost(sums["unread_prior"], cost["unread_prior"])
     per_conversation = {}
     for part, counts in sums.items():
         means = {name: None if counts[name] is None else counts[name] / len(costed)

@@ -137,6 +137,9 @@ class GDPZeroPolicy(Policy):
     """GDP-Zero: open-loop MCTS over all of the task's actions at every turn, no training."""
 
     name = "gdpzero"
+    # the search asks the planner for its root's prior itself (a copy's call, its planner
+    # cost); the observation's prior, asked again for every policy, only breaks exact ties
+    reads_prior = False
 
     def __init__(self, args, task, models=None):
         super().__init__(args, task, models)
@@ -355,6 +358,7 @@ class DPDPPolicy(Policy):
     name = "dpdp"
     trainable = True
     weight_flags = ("policy_encoder",)  # the fast policy is PPDPP's
+    reads_prior = False  # the fast policy, or the search's own root prior (GDPZeroPolicy)
 
     def __init__(self, args, task, models=None):
         super().__init__(args, task, models)

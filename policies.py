@@ -59,6 +59,9 @@ class Policy:
     trainable = False  # has parameters that training changes (and a checkpoint)
     uses_encoder = False  # needs the run's frozen encoder (--encoder)
     weight_flags = ()  # the flags naming weights it loads itself (harness.check_weights)
+    # acts on the observations' prior (the planner's top-k); a policy that does not still
+    # gets it, for the records, and its cost is booked apart (env.settle_cost)
+    reads_prior = True
     # gradient updates of its parameters in training (not a supervised stage before it),
     # restored with a training state and read from a loaded checkpoint
     updates = 0
@@ -176,6 +179,7 @@ class UniformPolicy(Baseline):
 
 class NoStrategyPolicy(Baseline):
     name = "none"
+    reads_prior = False
 
     def pick(self, observation):
         return None

@@ -118,6 +118,7 @@ class PPDPPPolicy(Policy):
     trainable = True
     uses_encoder = False  # it fine-tunes an encoder of its own, not the frozen one
     weight_flags = ("policy_encoder",)
+    reads_prior = False  # its classifier scores every action itself
 
     def __init__(self, args, task, models=None):
         super().__init__(args, task, models)

@@ -55,6 +55,7 @@ COSTS = {"LLM tokens / conv.": (("cost", "per_conversation", "total", "tokens"),
          "LLM calls": (("cost", "per_conversation", "total", "calls"), ",.1f"),
          "LLM seconds": (("cost", "per_conversation", "total", "seconds"), ".3g"),
          "planner share of tokens": (("cost", "planner_share"), ".1%"),
+         "unread prior tokens": (("cost", "per_conversation", "unread_prior", "tokens"), ",.0f"),
          "trainable parameters": (("policy_cost", "trainable_parameters"), ",.0f"),
          "training seconds": (("policy_cost", "training_seconds"), ",.1f")}
 
@@ -327,8 +328,12 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              "conversation's own turns (system, user, critic) and of its planner (priors, "
              "simulated turns). LLM tokens: prompt tokens run through the model or reused "
              "from a prefix cache, and generated tokens. LLM seconds: the calls' wall time "
-             "shared among the conversations of each batched call. Training seconds: the "
-             "training loop's wall time, validation included. -: not counted.", ""]
+             "shared among the conversations of each batched call. Unread prior tokens: the "
+             "planner's prior asked at every real turn for the records, by a policy that "
+             "does not act on it (ppdpp, gdpzero, whose search asks its own, dpdp, none); "
+             "not in the other columns. Training seconds: the training loop's wall time, "
+             "validation included. -: not counted, or (unread prior) a policy that reads "
+             "it.", ""]
     rows += strategy_rows(summaries) + search_rows(summaries) + persona_rows(summaries)
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "

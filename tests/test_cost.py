@@ -23,21 +23,33 @@ from get_args import Args
 from llm import COST_COUNTS
 from llm_openai import OpenAILLM, answer_counts
 from llm_transformers import TransformersLLM
+from policies import POLICIES
 from q_adapter import FrozenEncoder
+from tasks import get_task
+
+TASK_ESC = get_task("esc")
 
 TOKEN_COUNTS = ("calls", "prompt_tokens", "prompt_tokens_reused", "generated_tokens")
 
 
-def logged_costs(clients, owners=None):
+def logged_costs(clients, owners=None, prior_read=True):
     """Each conversation's cost by the scripted clients' own logs (clients shared by roles
-    read once): {uid: {"conversation" | "planner": Counter}}. A planner call, and any call
-    of a simulated copy (owners: copy uid -> its conversation), is the planner's."""
-    costs = defaultdict(lambda: {"conversation": Counter(), "planner": Counter()})
+    read once): {uid: {"conversation" | "planner" [| "unread_prior"]: Counter}}. A planner
+    call, and any call of a simulated copy (owners: copy uid -> its conversation), is the
+    planner's; with prior_read False the conversation's own planner calls are
+    "unread_prior"."""
+    parts = ("conversation", "planner") + (() if prior_read else ("unread_prior",))
+    costs = defaultdict(lambda: {part: Counter() for part in parts})
     for llm in {id(llm): llm for llm in clients}.values():
         for call in llm.log:
             for (uid, role), prompt_tokens, generated_tokens in call:
                 owner = (owners or {}).get(uid, uid)
-                part = "planner" if role == "planner" or owner != uid else "conversation"
+                if owner != uid:
+                    part = "planner"
+                elif role != "planner":
+                    part = "conversation"
+                else:
+                    part = "planner" if prior_read else "unread_prior"
                 costs[owner][part].update(calls=1, prompt_tokens=prompt_tokens,
                                           generated_tokens=generated_tokens)
     return costs
@@ -45,13 +57,11 @@ def logged_costs(clients, owners=None):
 
 def token_counts(cost):
     """A settled cost's counts that do not vary between runs (all but seconds)."""
-    return {part: {name: cost[part][name] for name in TOKEN_COUNTS}
-            for part in ("conversation", "planner")}
+    return {part: {name: cost[part][name] for name in TOKEN_COUNTS} for part in cost}
 
 
 def expected_counts(logged):
-    return {part: {name: logged[part][name] for name in TOKEN_COUNTS}
-            for part in ("conversation", "planner")}
+    return {part: {name: logged[part][name] for name in TOKEN_COUNTS} for part in logged}
 
 
 def write_data(root, count):
@@ -355,12 +365,24 @@ def test_a_resumed_run_settles_the_same_costs(tmp_path, tiny_encoder_dir):
     assert train_in_world(stopped, tiny_encoder_dir, resume=state) == straight
 
 
+def test_a_policy_that_does_not_read_the_prior_has_its_cost_booked_apart():
+    llms = scripted_llms()
+    read = {}
+    for name in POLICIES:
+        mode = "test" if name in ("gdpzero", "prior", "random", "uniform", "none") else "train"
+        args = Args(data_name="esc", policy=name, mode=mode)
+        read[name] = harness.build_env(args, TASK_ESC, llms).prior_read
+    assert read == {"dialogxpert": True, "prior": True, "random": True, "uniform": True,
+                    "ppdpp": False, "gdpzero": False, "dpdp": False, "none": False}
+
+
 @pytest.mark.slow
 def test_a_gdpzero_run_charges_its_simulations_to_each_conversations_planner(
         tmp_path, tiny_encoder_dir, monkeypatch):
     """GDP-Zero's simulated turns (copies made by SelfPlayEnv.branch) are their real
     conversation's planner cost, exactly as the scripted clients logged them; its own
-    turns stay the conversation's."""
+    turns stay the conversation's; the observations' prior, which its search asks again
+    for the root, is booked apart (unread_prior) and left out of the total."""
     from env import SelfPlayEnv
 
     llms = scripted_llms()
@@ -377,12 +399,20 @@ def test_a_gdpzero_run_charges_its_simulations_to_each_conversations_planner(
                                           "test", "--policy", "gdpzero",
                                           "--mcts_simulations", "3"))
     metrics, conversations = read_run(folder)
-    logged = logged_costs(llms.values(), owners)
+    logged = logged_costs(llms.values(), owners, prior_read=False)
     assert owners and len(logged) == len(conversations) == 4
     assert sorted(json.dumps(token_counts(c["cost"]), sort_keys=True) for c in conversations) \
         == sorted(json.dumps(expected_counts(c), sort_keys=True) for c in logged.values())
     # the simulations' system and user turns are the planner's: it generates text now
     assert all(c["cost"]["planner"]["generated_tokens"] > 0 for c in conversations)
+    # the observations' prior, asked for every real state, read by no one
+    assert all(c["cost"]["unread_prior"]["calls"] > 0 for c in conversations)
     assert metrics["cost"]["planner_share"] > 0.5
+    means = metrics["cost"]["per_conversation"]
+    for name in ("calls", "prompt_tokens", "generated_tokens"):
+        assert means["unread_prior"][name] == pytest.approx(
+            sum(cost["unread_prior"][name] for cost in logged.values()) / 4)
+        assert means["total"][name] == pytest.approx(
+            means["conversation"][name] + means["planner"][name])
     for llm in llms.values():
         assert not [key for key in llm.ledger if key is not None]  # all settled
