@@ -32,6 +32,12 @@ from metrics import UNUSABLE_KEYS
 from policies import Policy, read_checkpoint, save_checkpoint
 
 
+# the value a simulated success backs up, whatever the critic's reward of its turn: GDP-Zero's
+# terminal value (core/mcts.py:203-207, get_dialog_ended's 1.0) and DPDP's (a leaf value
+# above its success_base backs up 1.0, mcts/core/mcts.py:276)
+SUCCESS_VALUE = 1.0
+
+
 @dataclass
 class Realization:
     """One simulated state of a node (open loop: a node is a sequence of actions, and the
@@ -269,7 +275,9 @@ class GDPZeroPolicy(Policy):
             tree.turns += 1
             tree.errors.update({key: copy.records[-1][key] for key in UNUSABLE_KEYS
                                 if copy.records[-1].get(key)})
-            reached = Realization(copy, verdict.reward, copy.done)
+            # a success is worth SUCCESS_VALUE, other turns the critic's reward
+            reached = Realization(copy, SUCCESS_VALUE if verdict.success else verdict.reward,
+                                  copy.done)
             child = tree.nodes.setdefault(child_path, Node())
             child.realizations.append(reached)
             descent.path = child_path

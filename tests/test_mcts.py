@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import harness
+import mcts
 import train_model
 import view
 from conftest import (DECOY, DEVICE, FIRST, SECOND, ScriptedLLM, World, esc_case, esc_cases,
@@ -319,9 +320,11 @@ def test_pending_descents_count_as_visits():
 
 
 def test_every_parallel_descent_backs_up_its_value():
-    """Every turn is judged alike, at a reward other than Q_0: each action tried at the
+    """Every turn is judged alike: a success ("feels better", reward 0.5), which backs up
+    the releases' success value 1.0, not its reward and not Q_0: each action tried at the
     root then has exactly that value, whichever descent of a round brought it."""
     better = TASK.verdicts[2]
+    assert TASK.reward.rewards[2] != mcts.SUCCESS_VALUE == 1.0
     env = sequence_env(max_turn=2)
     env.critic = Critic(TASK, ScriptedLLM(lambda prompt: option_number(prompt, better)),
                         num_samples=2)
@@ -330,7 +333,7 @@ def test_every_parallel_descent_backs_up_its_value():
     for conversation in conversations:
         tree = conversation.records[0]["search"]["tree"]
         assert sum(child["visits"] for child in tree) == 12
-        assert {child["value"] for child in tree} == {TASK.reward.rewards[2]}
+        assert {child["value"] for child in tree} == {mcts.SUCCESS_VALUE}
 
 
 def test_parallel_simulations_find_the_two_step_success():
