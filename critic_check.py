@@ -367,6 +367,8 @@ def rejudge(args, card, critic, model, run_files):
                 new_rewards.append(result.reward)
         split_metrics = summarize(rebuilt, critic.task, max_turn,
                                   Counter({"critic_invalid": sum(r.invalid for r in results)}))
+        # the searches' simulated turns were judged by the run's critic, not re-judged
+        split_metrics.pop("search", None)
         if split == "test":
             config = dict(metrics.get("config", {}))
             config.update(critic_llm=model, critic=critic.mode, critic_order=critic.order,

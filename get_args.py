@@ -445,9 +445,11 @@ def recipe_args(recipe="project", **values):
 # the task's own data flags (Task.data_flags) only for the task that reads them. Left out,
 # as they do not change what is evaluated: where and how fast it runs (device, num_envs,
 # max_batch_rows, prefix_cache_gb, shared_prefix, max_concurrency, request_timeout,
-# max_retries: at most the last bits of the arithmetic); training (system_temperature and
-# user_temperature, since a test decodes at eval_temperature, and every Q-learning and
-# PPDPP flag: they make the policy under test, which its checkpoint holds); the output
+# max_retries: at most the last bits of the arithmetic; except that with --policy dpdp
+# --dpdp_percentile, num_envs sets which earlier gaps a decision sees: docs/planners.md);
+# training (system_temperature and user_temperature, since a test decodes at
+# eval_temperature, and every Q-learning and PPDPP flag: they make the policy under test,
+# which its checkpoint holds); the output
 # (output_dir, exp_name, progress, debug, checkpoint_every); and the task, policy and seed,
 # which test_metrics.json records on their own.
 EVALUATION_CONFIG = (

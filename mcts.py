@@ -43,7 +43,7 @@ class Realization:
     """One simulated state of a node (open loop: a node is a sequence of actions, and the
     turns that realise it differ from one simulation to the next)."""
     conversation: object  # a copy made by SelfPlayEnv.branch (the root: the real one)
-    value: float = 0.0  # the critic's reward of the turn that led here
+    value: float = 0.0  # the turn that led here: SUCCESS_VALUE, or the critic's reward
     terminal: bool = False  # success or the turn limit: nothing to search beyond
 
 
@@ -186,8 +186,9 @@ class GDPZeroPolicy(Policy):
         conversations = [o.conversation for o in observations]
         # the root's prior over all actions: the planner asked again on a copy with the
         # conversation's own stream, so it is the observation's prior (and its prompt is
-        # cached); PUCT breaks ties in the observation's candidate order, which ranks by
-        # the planner's prior: another prior (DPDP's fast policy) breaks them by its own
+        # cached; under --prior list, the one-option question instead of the observation's
+        # list); PUCT breaks ties in the observation's candidate order, which ranks by the
+        # planner's prior: another prior (DPDP's fast policy) breaks them by its own
         planner_prior = prior is None
         copies = [env.branch(c) for c in conversations]
         priors, invalid = self.prior(copies)

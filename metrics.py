@@ -44,10 +44,11 @@ def search_counts(conversations):
     """What the MCTS planners' searches played (the turn records' `search`, mcts.py): the
     turns searched, the simulated turns in them, and the unusable LLM answers of those
     simulated turns and of the planner's priors for the trees' nodes, per figure name
-    (UNUSABLE_FIGURES), with their rate per simulated turn. None when no turn searched."""
+    (UNUSABLE_FIGURES), with their rate per simulated turn. None when no turn searched, or
+    when some search's record is older than these counts (no `simulated_turns`)."""
     searches = [record["search"] for conversation in conversations
                 for record in conversation.records if record.get("search")]
-    if not searches:
+    if not searches or any("simulated_turns" not in search for search in searches):
         return None
     simulated = sum(search.get("simulated_turns") or 0 for search in searches)
     unusable = Counter()

@@ -171,6 +171,7 @@ class RandomPolicy(Baseline):
 
 class UniformPolicy(Baseline):
     name = "uniform"
+    reads_prior = False  # a draw over every action
 
     def pick(self, observation):
         return random.Random(observation.conversation.seed("policy")).choice(

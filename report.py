@@ -36,6 +36,7 @@ import plots
 from errors import RunFileError, UserError
 from get_args import EVALUATION_CONFIG, Args
 from metrics import episode_values, unusable_answers
+from policies import POLICIES, policy_class
 from run_files import REJUDGED, conversations_file, find_runs, load_run, metrics_file
 from stats import bootstrap_ci, paired_bootstrap_ci
 from tasks import TASKS
@@ -103,7 +104,8 @@ def tabled_run(folder):
                "judge": metrics.get("judge", {}),
                "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()},
                "personas": [(c.persona or {}).get("name") for c in conversations],
-               "strategies": metrics.get("strategies"), "search": metrics.get("search")}
+               "strategies": metrics.get("strategies"), "search": metrics.get("search"),
+               "cost_before_unread_prior": cost_before_unread_prior(metrics)}
     except (KeyError, TypeError) as error:  # a missing field, or null where a number goes
         raise RunFileError(f"{folder}: unexpected {metrics_file('test')} or "
                            f"{conversations_file('test')} ({type(error).__name__}: {error}). Is "
@@ -115,6 +117,17 @@ def tabled_run(folder):
     run["override_rate"] = plots.override_rate(conversations)
     run["mtime"] = os.path.getmtime(files.path(metrics_file("test")))
     return run
+
+
+def cost_before_unread_prior(metrics):
+    """Whether a run's cost is older than the unread prior's part: a policy that does not
+    read the prior (Policy.reads_prior) whose cost has no "unread_prior" counted it inside
+    its planner part and total."""
+    per_conversation = looked_up(metrics, ("cost", "per_conversation"))
+    if not per_conversation or "unread_prior" in per_conversation \
+            or metrics["policy"] not in POLICIES:
+        return False
+    return not policy_class(metrics["policy"]).reads_prior
 
 
 def with_saved_args(saved, config):
@@ -198,6 +211,7 @@ def summarize(task, policy, seeds, n_boot):
         values = [run["costs"][header] for run in runs]
         costs[header] = None if None in values else sum(values) / len(values)
     return {"task": task, "policy": policy, "judge": judge_text(runs[0]["judge"]),
+            "cost_before_unread_prior": any(r["cost_before_unread_prior"] for r in runs),
             "personas": persona_figures(runs, n_boot), "strategies": strategy_figures(runs),
             "search": search_figures(runs),
             "conversations": sum(len(r["case_ids"]) for r in runs),
@@ -321,7 +335,8 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
     rows += ["## Cost", "", "| task | policy | " + " | ".join(COSTS) + " |",
              "|---" * (2 + len(COSTS)) + "|"]
     for s in summaries:
-        rows.append(f"| {s['task']} | {s['policy']} | " + " | ".join(
+        marked = "*" if s["cost_before_unread_prior"] else ""
+        rows.append(f"| {s['task']} | {s['policy']}{marked} | " + " | ".join(
             "-" if s["costs"][h] is None else f"{s['costs'][h]:{f}}"
             for h, (_, f) in COSTS.items()) + " |")
     rows += ["", "Per conversation of the test, mean over seeds: every LLM call of the "
@@ -330,10 +345,11 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              "from a prefix cache, and generated tokens. LLM seconds: the calls' wall time "
              "shared among the conversations of each batched call. Unread prior tokens: the "
              "planner's prior asked at every real turn for the records, by a policy that "
-             "does not act on it (ppdpp, gdpzero, whose search asks its own, dpdp, none); "
-             "not in the other columns. Training seconds: the training loop's wall time, "
-             "validation included. -: not counted, or (unread prior) a policy that reads "
-             "it.", ""]
+             "does not act on it (ppdpp, gdpzero, whose search asks its own, dpdp, uniform, "
+             "none); not in the other columns. Training seconds: the training loop's wall "
+             "time, validation included. -: not counted, or (unread prior) a policy that "
+             "reads it. *: some of its runs are older than the unread prior's column, and "
+             "have that prior inside their planner part and total.", ""]
     rows += strategy_rows(summaries) + search_rows(summaries) + persona_rows(summaries)
     rows += ["## Paired differences against " + BASELINE, "",
              f"| task | policy | seeds | pairs | SR ({BASELINE} - policy) | "
@@ -397,8 +413,8 @@ def search_rows(summaries):
                    "(test_metrics.json `search`): the simulated turns they played and the "
                    "LLM answers in them that could not be used (the system's, user's and "
                    "critic's in the simulated turns, the planner's for the trees' priors). A "
-                   "search's values are the critic's verdicts on simulated turns (0 when no "
-                   "answer was usable) and its prior is the planner's, so its choices carry "
+                   "search's values are the critic's verdicts on simulated turns (1.0 for a "
+                   "success, 0 when no answer was usable) and its prior is the planner's, so its choices carry "
                    "their bias and their unusable answers; these answers are not in the "
                    "unusable column above, which counts the real turns.", ""]
 

@@ -372,7 +372,7 @@ def test_a_policy_that_does_not_read_the_prior_has_its_cost_booked_apart():
         mode = "test" if name in ("gdpzero", "prior", "random", "uniform", "none") else "train"
         args = Args(data_name="esc", policy=name, mode=mode)
         read[name] = harness.build_env(args, TASK_ESC, llms).prior_read
-    assert read == {"dialogxpert": True, "prior": True, "random": True, "uniform": True,
+    assert read == {"dialogxpert": True, "prior": True, "random": True, "uniform": False,
                     "ppdpp": False, "gdpzero": False, "dpdp": False, "none": False}
 
 

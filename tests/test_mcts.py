@@ -611,7 +611,8 @@ def test_dpdp_percentile_gaps_start_afresh_with_each_evaluation(tiny_encoder_dir
 def test_a_dpdp_replay_takes_the_percentile_of_its_checkpoint_and_refuses_one_without(
         tmp_path):
     """--dpdp_percentile is one of dpdp's test flags: a replay takes the checkpoint's; a
-    checkpoint written before the flag existed is refused, as for any test flag."""
+    checkpoint written before the flag existed is refused, as for any test flag, unless
+    the flag is given."""
     from safetensors.torch import save_file
 
     path = str(tmp_path / "best.pt")
@@ -626,6 +627,9 @@ def test_a_dpdp_replay_takes_the_percentile_of_its_checkpoint_and_refuses_one_wi
         json.dump({"args": saved}, f)
     with pytest.raises(train_model.UserError, match="does not record --dpdp_percentile"):
         train_model.replay_settings(args, frozenset(), TASK)
+    given = Args(**vars(args) | {"dpdp_percentile": -1.0})
+    assert train_model.replay_settings(given, frozenset({"dpdp_percentile"}),
+                                       TASK).dpdp_percentile == -1.0
 
 
 def test_dpdp_training_breaks_visit_ties_by_the_fast_prior(tiny_encoder_dir):

@@ -278,6 +278,24 @@ def test_the_search_table_sums_the_seeds_searches(tmp_path):
     assert groups["dialogxpert"]["search"] is None
 
 
+def test_a_cost_older_than_the_unread_prior_is_marked(tmp_path):
+    """A policy that does not read the prior, from a run whose cost has no unread_prior
+    part, counted that prior in its total: its cost row says so."""
+    def cost(unread):
+        parts = {"total": {"tokens": 100.0}} | ({"unread_prior": {"tokens": 40.0}} if unread
+                                               else {})
+        return {"cost": {"per_conversation": parts, "planner_share": 0.1}}
+    for policy, unread in (("ppdpp", False), ("gdpzero", True), ("dialogxpert", False)):
+        write_run(tmp_path / "runs", "esc", policy, 1,
+                  random_conversations("esc", [True, False], random.Random(1), policy=policy),
+                  extra=cost(unread))
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "200"])
+    rows = (out / "report.md").read_text().split("## Cost")[1].split("\n\n")[1]
+    assert "| esc | ppdpp* | 100 |" in rows
+    assert "| esc | gdpzero | 100 |" in rows and "| esc | dialogxpert | 100 |" in rows
+
+
 def test_report_over_tasks_seeds_and_cb(runs_root, tmp_path):
     out = tmp_path / "report"
     report.main([str(runs_root), "--out", str(out)])
