@@ -196,7 +196,10 @@ POLICIES = {"dialogxpert": ("q_adapter", "QAdapterPolicy"), "ppdpp": ("ppdpp", "
 # a trained policy's own flags that change how its checkpoint acts in a test: a replay
 # (--mode test --checkpoint) takes them from the checkpoint, with the evaluation setup
 MCTS_FLAGS = ("mcts_simulations", "mcts_realizations", "mcts_q0", "mcts_cpuct", "mcts_parallel")
+# a policy's own flags that change how it acts in a test: a replay takes them from its
+# checkpoint, and test_metrics.json records them ("policy_settings")
 TEST_FLAGS = {"dialogxpert": ("hidden_size", "encoder_input"),
+              "gdpzero": MCTS_FLAGS,
               "ppdpp": ("policy_encoder", "ppdpp_max_length"),
               "dpdp": ("policy_encoder", "ppdpp_max_length") + MCTS_FLAGS
                        + ("dpdp_threshold", "dpdp_percentile")}

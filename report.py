@@ -3,7 +3,8 @@
     python report.py runs/ [more runs or folders of runs] [--out reports/esc]
 
 A run folder is one that holds test_metrics.json; other folders given are searched for
-run folders at any depth. Runs are grouped by (task, policy), one run per seed: when
+run folders at any depth. Runs are grouped by (task, policy), one run per seed, a policy
+named with its own settings that differ from their defaults ("policy_settings"): when
 several runs share a task, policy and seed (a test-mode replay of a trained run, say),
 the newest test_metrics.json is kept and the others are listed as skipped. Runs of one
 task must share their evaluation setup (test_metrics.json's "config"; else one `error:`
@@ -96,7 +97,8 @@ def tabled_run(folder):
     metrics, conversations = files.metrics["test"], files.conversations["test"]
     try:
         values = [conversation_values(c, metrics["max_turn"]) for c in conversations]
-        run = {"folder": folder, "task": metrics["task"], "policy": metrics["policy"],
+        run = {"folder": folder, "task": metrics["task"],
+               "policy": policy_label(metrics["policy"], metrics.get("policy_settings")),
                "seed": metrics["seed"], "bargaining": "SL" in metrics,
                "case_ids": [c.case_id for c in conversations],
                "config": with_saved_args(files.saved_args(tested=False)[0],
@@ -117,6 +119,15 @@ def tabled_run(folder):
     run["override_rate"] = plots.override_rate(conversations)
     run["mtime"] = os.path.getmtime(files.path(metrics_file("test")))
     return run
+
+
+def policy_label(policy, settings):
+    """The policy's name, with its own settings (test_metrics.json "policy_settings") that
+    differ from their defaults: runs of one policy at other settings (GDP-Zero at 5 and
+    20 simulations) are tabled apart."""
+    changed = [f"{name} {value}" for name, value in sorted((settings or {}).items())
+               if name in DEFAULTS and value != DEFAULTS[name]]
+    return f"{policy} ({', '.join(changed)})" if changed else policy
 
 
 def cost_before_unread_prior(metrics):

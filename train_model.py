@@ -108,6 +108,8 @@ def run(args, given=None):
                "max_turn": args.max_turn,
                "config": evaluation_config(args, task)
                | {"models": models}} | metrics
+    metrics["policy_settings"] = {name: getattr(args, name)
+                                  for name in TEST_FLAGS.get(args.policy, ())}
     metrics["judge"] = judge_of(env)
     metrics["checkpoint"] = checkpoint
     metrics |= update_figures(policy)  # the tested policy's updates, and whether too few

@@ -408,6 +408,8 @@ def test_a_gdpzero_run_charges_its_simulations_to_each_conversations_planner(
     # the observations' prior, asked for every real state, read by no one
     assert all(c["cost"]["unread_prior"]["calls"] > 0 for c in conversations)
     assert metrics["cost"]["planner_share"] > 0.5
+    assert metrics["policy_settings"] == {"mcts_simulations": 3, "mcts_realizations": 3,
+                                          "mcts_q0": 0.0, "mcts_cpuct": 1.0, "mcts_parallel": 1}
     means = metrics["cost"]["per_conversation"]
     for name in ("calls", "prompt_tokens", "generated_tokens"):
         assert means["unread_prior"][name] == pytest.approx(

@@ -296,6 +296,28 @@ def test_a_cost_older_than_the_unread_prior_is_marked(tmp_path):
     assert "| esc | gdpzero | 100 |" in rows and "| esc | dialogxpert | 100 |" in rows
 
 
+def test_runs_of_one_policy_at_other_settings_are_tabled_apart(tmp_path):
+    """GDP-Zero at 5 and at 20 (the default) simulations, same seed and cases: two rows,
+    each paired with dialogxpert, none skipped."""
+    def settings(simulations):
+        return {"policy_settings": {"mcts_simulations": simulations, "mcts_realizations": 3,
+                                    "mcts_q0": 0.0, "mcts_cpuct": 1.0, "mcts_parallel": 1}}
+    for parent, policy, extra, outcomes in (
+            ("sims5", "gdpzero", settings(5), [False, False, True]),
+            ("sims20", "gdpzero", settings(20), [True, True, True]),
+            ("base", "dialogxpert", {}, [True, False, True])):
+        conversations = random_conversations("esc", outcomes, random.Random(2), policy=policy)
+        write_run(tmp_path / "runs" / parent, "esc", policy, 1, conversations, extra=extra)
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "200"])
+    text = (out / "report.md").read_text()
+    assert "| esc | gdpzero | 1 | 3 | 1.000 [" in text
+    assert "| esc | gdpzero (mcts_simulations 5) | 1 | 3 | 0.333 [" in text
+    assert "Skipped" not in text
+    pairs = json.loads((out / "report.json").read_text())["paired_differences"]
+    assert {d["policy"] for d in pairs} == {"gdpzero", "gdpzero (mcts_simulations 5)"}
+
+
 def test_report_over_tasks_seeds_and_cb(runs_root, tmp_path):
     out = tmp_path / "report"
     report.main([str(runs_root), "--out", str(out)])
