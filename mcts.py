@@ -193,10 +193,11 @@ class GDPZeroPolicy(Policy):
         copies = [env.branch(c) for c in conversations]
         priors, invalid = self.prior(copies)
         trees = []
-        for observation, conversation, prior in zip(observations, conversations,
-                                                    priors.tolist()):
-            order = self.action_order(prior, observation.candidates if planner_prior else ())
-            trees.append(Tree(self, conversation, prior, order,
+        for observation, conversation, root_prior in zip(observations, conversations,
+                                                         priors.tolist()):
+            order = self.action_order(root_prior,
+                                      observation.candidates if planner_prior else ())
+            trees.append(Tree(self, conversation, root_prior, order,
                               stream_seed(conversation.stream, conversation.system_turns)))
         for tree, copy, unusable in zip(trees, copies, invalid):
             tree.branches.append(copy)

@@ -50,7 +50,7 @@ def search_counts(conversations):
                 for record in conversation.records if record.get("search")]
     if not searches or any("simulated_turns" not in search for search in searches):
         return None
-    simulated = sum(search.get("simulated_turns") or 0 for search in searches)
+    simulated = sum(search["simulated_turns"] for search in searches)
     unusable = Counter()
     for search in searches:
         for key, count in (search.get("errors") or {}).items():

@@ -253,11 +253,6 @@ def read_checkpoint(path):
     return info, set(shapes), shapes
 
 
-def saved_args(path, names):
-    """{name: value} of the arguments `names` of the checkpoint's run."""
-    return recorded_args(path, read_checkpoint(path)[0]["args"], names)
-
-
 def check_saved_args(path, saved, args, names):
     """The arguments `names` of the checkpoint's run equal this run's."""
     for name, value in recorded_args(path, saved, names).items():

@@ -36,7 +36,7 @@ import run_state
 from errors import ServerError, UserError
 from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, resolve_models,
                      scorable_args, seed_everything)
-from policies import TEST_FLAGS, make_policy, policy_class, read_checkpoint, saved_args
+from policies import TEST_FLAGS, make_policy, policy_class, read_checkpoint, recorded_args
 from q_adapter import FrozenEncoder, resolve_encoder_path
 from run_files import LAST, write_results
 from tasks import get_task, load_split
@@ -208,8 +208,8 @@ def replay_settings(args, given, task):
              + TEST_FLAGS.get(args.policy, ()))
     # a flag given need not be recorded (a checkpoint older than it); where it is, the
     # value given overrides the recorded one
-    saved = saved_args(args.checkpoint, [name for name in names if name not in given])
     recorded = read_checkpoint(args.checkpoint)[0]["args"]
+    saved = recorded_args(args.checkpoint, recorded, [name for name in names if name not in given])
     saved |= {name: recorded[name] for name in names if name in given and name in recorded}
     changed = {name: value for name, value in saved.items() if value != getattr(args, name)}
     taken = {name: value for name, value in changed.items() if name not in given}

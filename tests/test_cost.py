@@ -23,7 +23,7 @@ from get_args import Args
 from llm import COST_COUNTS
 from llm_openai import OpenAILLM, answer_counts
 from llm_transformers import TransformersLLM
-from policies import POLICIES
+from policies import POLICIES, policy_class
 from q_adapter import FrozenEncoder
 from tasks import get_task
 
@@ -369,7 +369,7 @@ def test_a_policy_that_does_not_read_the_prior_has_its_cost_booked_apart():
     llms = scripted_llms()
     read = {}
     for name in POLICIES:
-        mode = "test" if name in ("gdpzero", "prior", "random", "uniform", "none") else "train"
+        mode = "train" if policy_class(name).trainable else "test"
         args = Args(data_name="esc", policy=name, mode=mode)
         read[name] = harness.build_env(args, TASK_ESC, llms).prior_read
     assert read == {"dialogxpert": True, "prior": True, "random": True, "uniform": False,
