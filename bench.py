@@ -542,9 +542,14 @@ def planner_figures(args, planners=PLANNERS):
                           "turns": turns, "seconds": seconds, "seconds_per_turn": seconds / turns}
         figures[label] |= {f"{key}_per_turn": (llm.stats[key] - before[key]) / turns
                            for key in TOKEN_COUNTERS}
+        # every token that went through the model (prompt run and generated), per second:
+        # where this stays the same across planners, wall time follows the tokens run
+        run = sum(llm.stats[key] - before[key] for key in ("prompt_tokens", "generated_tokens"))
+        figures[label]["tokens_run_per_second"] = run / seconds
         print(f"{label:>24}: {seconds / turns:7.2f} s/turn, "
               + ", ".join(f"{key} {(llm.stats[key] - before[key]) / turns:,.0f}/turn"
-                          for key in TOKEN_COUNTERS), flush=True)
+                          for key in TOKEN_COUNTERS)
+              + f", {run / seconds:,.0f} tokens run/s", flush=True)
     base = figures.get("dialogxpert", {}).get("seconds_per_turn")
     for label, row in figures.items():
         row["vs_dialogxpert"] = row["seconds_per_turn"] / base if base else None

@@ -70,6 +70,10 @@ def test_bench_times_every_planner_and_the_search_one_conversation_at_a_time(
     assert [figures[name]["mcts_parallel"] for name in
             ("gdpzero", "gdpzero, sims in turn", "gdpzero, one at a time")] == [2, 1, 1]
     assert all(row["turns"] == 2 and row["seconds_per_turn"] > 0 for row in figures.values())
+    for row in figures.values():  # prompt tokens run and generated, per second
+        assert row["tokens_run_per_second"] == pytest.approx(
+            (row["prompt_tokens_per_turn"] + row["generated_tokens_per_turn"]) * row["turns"]
+            / row["seconds"])
     # the search's simulated turns generate text that the other planners do not
     assert figures["gdpzero"]["generated_tokens_per_turn"] > \
         figures["dialogxpert"]["generated_tokens_per_turn"]
