@@ -209,7 +209,7 @@ class Critic:
         """The result of the exact option distribution for one conversation (cb: the deal
         decision only; its price comes from `ask_prices`)."""
         return judged(CriticResult(0.0, option_probs=list(probs)),
-                      self.task.reward.from_distribution(probs))
+                      self.task.reward.from_distribution(probs, self.num_samples))
 
     def ask_prices(self, conversations, results):
         """Ask the price of each result whose distribution the rule wants one for."""

@@ -44,10 +44,15 @@ class Judgement(NamedTuple):
 class OptionRewards:
     """Each critic option has a reward. Sampled answers: the reward is the mean reward of
     the usable ones (0 when none is usable); an exact distribution: its expectation. The
-    turn succeeds when `succeeds(reward)`."""
+    turn succeeds when `succeeds(reward)`, except that a rule met by the best reward alone
+    (`unanimous`) is met by a distribution when all `num_samples` answers would name the
+    best option with probability >= 1/2, as DealRewards decides a deal: an expectation
+    reaches the best reward only when every other option's probability is exactly 0."""
 
     rewards: tuple  # reward of each critic option, in the prompt block's order
     succeeds: Callable  # turn reward -> bool
+    # succeeds only when every usable answer names the best option (cima: reward = 1)
+    unanimous: bool = False
     deals = False  # no deal price: no SL
 
     @property
@@ -74,8 +79,11 @@ class OptionRewards:
         reward = sum(self.rewards[i] for i, _ in reads) / len(reads)
         return Judgement(reward, self.succeeds(reward))
 
-    def from_distribution(self, probs):
+    def from_distribution(self, probs, num_samples):
         reward = sum(p * r for p, r in zip(probs, self.rewards))
+        if self.unanimous:
+            best = self.rewards.index(max(self.rewards))
+            return Judgement(reward, probs[best] ** num_samples >= 0.5)
         return Judgement(reward, self.succeeds(reward))
 
     def wants_price(self, probs, num_samples):
@@ -155,7 +163,7 @@ class DealRewards:
         most = max(Counter(prices).values())
         return self.from_price(case, next(p for p in prices if prices.count(p) == most))
 
-    def from_distribution(self, probs):
+    def from_distribution(self, probs, num_samples):
         """The deal decision only: its price comes from `from_price` after asking."""
         return Judgement(self.no_deal, False)
 
@@ -335,7 +343,7 @@ TASKS = {
         demo=True),
     "cima": Task(
         "cima", prompts.CIMA, reward=OptionRewards(
-            (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 1.0),
+            (-1.0, -0.5, 0.5, 1.0), succeeds=lambda reward: reward >= 1.0, unanimous=True),
         files={s: f"cima-{s}.txt" for s in SPLITS},
         sources={f"cima-{s}.txt": f"{PPDPP}/cima-{s}.txt" for s in SPLITS},
         schema={"sentence": str, "target": str, "dialog": list},

@@ -249,3 +249,16 @@ def test_logits_rewards_are_finite_and_inside_each_task_range(weights):
             [p / sum(probs) for p in probs])
         low, high = task.reward.reward_range
         assert math.isfinite(result.reward) and low - 1e-9 <= result.reward <= high + 1e-9
+
+
+@pytest.mark.parametrize("p_whole, success", [
+    (1 - 3e-9, True),  # sure: the expectation falls short of 1.0 by float noise only
+    (0.94, True), (0.93, False)])  # 0.94 ** 10 = 0.54, 0.93 ** 10 = 0.48
+def test_cima_logits_success_is_ten_samples_all_saying_whole_half_the_time(p_whole, success):
+    # cima succeeds when every sampled answer says "whole" (reward 1); a distribution's
+    # expectation reaches 1 only when the other options' probabilities are exactly 0
+    critic = Critic(get_task("cima"), None, mode="logits", num_samples=10)
+    rest = (1 - p_whole) / 3
+    result = critic.from_distribution([rest, rest, rest, p_whole])
+    assert result.success == success
+    assert result.reward == pytest.approx(p_whole - rest * 1.0, abs=1e-9)
