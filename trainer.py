@@ -205,7 +205,9 @@ class Trainer:
         args, loop, finished = self.args, self.loop, self.loop["finished"]
         if finished < loop["next_eval"] and finished < args.total_episodes:
             return
-        loop["next_eval"] += args.eval_every
+        # the next mark after the episodes finished so far: conversations that end in the
+        # same step may pass several marks, and the same policy is not validated again
+        loop["next_eval"] = (finished // args.eval_every + 1) * args.eval_every
         metrics, _ = evaluate(args, self.policy, self.env, self.valid_cases, "valid")
         loop["history"].append({"kind": "eval", "episode": finished} | {
             name: metrics[name] for name in ("SR", "AT", "SL", "mean_return") if name in metrics})

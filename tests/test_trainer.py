@@ -3,12 +3,14 @@ metrics, in the prior-override line and in a closing warning (trainer.MIN_UPDATE
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
 import train_model
+import trainer
 from conftest import esc_case, scripted_models
-from trainer import MIN_UPDATES
+from trainer import MIN_UPDATES, Trainer
 
 pytestmark = pytest.mark.slow  # whole runs
 
@@ -106,3 +108,22 @@ def test_a_ppdpp_run_with_its_supervised_stage_is_not_called_untrained(tiny_enco
     override = next(line for line in lines if "differs from the prior's top-1" in line)
     assert override.endswith("by a policy with 4 self-play updates after its supervised stage")
     assert not any("untrained" in line for line in lines)
+
+
+def test_episodes_that_end_together_past_two_marks_bring_one_validation(monkeypatch):
+    """With --eval_every 4, eight conversations that end in the same step pass the marks 4
+    and 8: one validation then, the next once 12 episodes have finished (not at every step
+    until a counter catches up)."""
+    validated = []
+    monkeypatch.setattr(trainer, "evaluate", lambda args, policy, env, cases, split: (
+        validated.append(loop["finished"]) or ({"SR": 0.0, "AT": 8.0}, [])))
+    monkeypatch.setattr(trainer, "llm_usage", lambda env: {})
+    run = Trainer.__new__(Trainer)  # the state that evaluate_if_due reads, nothing loaded
+    loop = {"finished": 8, "next_eval": 4, "best_score": [1.0, 0.0], "history": []}
+    run.args, run.loop = SimpleNamespace(eval_every=4, total_episodes=100), loop
+    run.policy = run.env = run.valid_cases = None
+    run.writer = SimpleNamespace(add_scalar=lambda *args: None)
+    for finished in (8, 8, 10, 12, 12):
+        loop["finished"] = finished
+        run.evaluate_if_due()
+    assert validated == [8, 12]
