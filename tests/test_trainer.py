@@ -1,5 +1,6 @@
 """The end of a training run: a policy that made too few gradient updates says so in its
-metrics, in the prior-override line and in a closing warning (trainer.MIN_UPDATES)."""
+metrics, in the prior-override line and in a closing warning (trainer.MIN_UPDATES). And
+the validation schedule: once per --eval_every mark passed."""
 
 import json
 import os
