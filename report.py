@@ -8,7 +8,9 @@ named with its own settings that differ from their defaults ("policy_settings"):
 several runs share a task, policy and seed (a test-mode replay of a trained run, say),
 the newest test_metrics.json is kept and the others are listed as skipped. Runs of one
 task must share their evaluation setup (test_metrics.json's "config"; else one `error:`
-line names the flag that differs: docs/outputs.md, "Which runs pool").
+line names the flag that differs: docs/outputs.md, "Which runs pool"), and the seeds of
+one row the training flags of their policy (TRAINING_FLAGS, as the run's checkpoint
+sidecar saved them).
 
 Per-conversation values: SR 1 on success else 0; AT the system turns on success else
 max_turn; SL the sale-to-list ratio on success else 0 (as PPDPP); return total_reward;
@@ -35,15 +37,29 @@ import time
 
 import plots
 from errors import RunFileError, UserError
-from get_args import EVALUATION_CONFIG, Args
+from get_args import EVALUATION_CONFIG, HELP_GROUPS, MODEL_FLAGS, Args
 from metrics import episode_values, unusable_answers
-from policies import POLICIES, policy_class
+from policies import POLICIES, TEST_FLAGS, policy_class
 from run_files import REJUDGED, conversations_file, find_runs, load_run, metrics_file
 from stats import bootstrap_ci, paired_bootstrap_ci
 from tasks import TASKS
 
 # the value of each flag in a run older than it (get_args' defaults)
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(Args)}
+# the flags that make a trained policy, which its seeds in one row must share: the training
+# section of --help (DialogXpert's Q-learning) or PPDPP's own, and the validation that
+# picks best.pt; those of the evaluation setup, the models and the policy's test flags are
+# compared (or name the row) elsewhere
+_CHOOSING = ("eval_every", "eval_cases")
+_SHARED = ("recipe", "total_episodes", "num_envs", "system_temperature", "user_temperature")
+_PPDPP = _SHARED + _CHOOSING + tuple(name for name in HELP_GROUPS["planners of prior work"]
+                                     if name.startswith("ppdpp_")
+                                     and name not in TEST_FLAGS["ppdpp"])
+TRAINING_FLAGS = {
+    "dialogxpert": tuple(name for name in HELP_GROUPS["training"] + _CHOOSING
+                         if name not in EVALUATION_CONFIG + MODEL_FLAGS
+                         + TEST_FLAGS["dialogxpert"]),
+    "ppdpp": _PPDPP, "dpdp": _PPDPP}
 BASELINE = "dialogxpert"  # the paired table compares every other policy with this one
 METRICS = {"SR": ".3f", "AT": ".2f", "SL": ".3f", "mean_return": ".3f", "unusable": ".2f"}
 HEADERS = {"SR": "SR", "AT": "AT", "SL": "SL", "mean_return": "mean return",
@@ -103,6 +119,7 @@ def tabled_run(folder):
                "case_ids": [c.case_id for c in conversations],
                "config": with_saved_args(files.saved_args(tested=False)[0],
                                              metrics.get("config", {})),
+               "trained_with": trained_with(metrics["policy"], files.saved_args()[0]),
                "judge": metrics.get("judge", {}),
                "costs": {header: looked_up(metrics, keys) for header, (keys, _) in COSTS.items()},
                "personas": [(c.persona or {}).get("name") for c in conversations],
@@ -149,6 +166,13 @@ def with_saved_args(saved, config):
     return {name: saved[name] for name in EVALUATION_CONFIG if name in saved} | config
 
 
+def trained_with(policy, saved):
+    """The policy's training flags (TRAINING_FLAGS) as the run's checkpoint sidecar saved
+    them (a test of a checkpoint: that checkpoint's); {} for a policy that does not train
+    or a run without a sidecar."""
+    return {name: saved[name] for name in TRAINING_FLAGS.get(policy, ()) if name in saved}
+
+
 def looked_up(metrics, keys):
     """metrics[keys[0]][keys[1]]..., or None where a key is missing (an older run)."""
     for key in keys:
@@ -185,9 +209,26 @@ def check_comparable(runs):
                                   "Report them separately")
 
 
+def check_same_training(runs):
+    """The seeds of one row are one experiment: runs of a task and policy (its row) trained
+    with another value of a training flag are refused, as their spread is not a seed's. A
+    flag that a run's sidecar does not hold is not compared."""
+    first = {}
+    for run in runs:
+        seen = first.setdefault((run["task"], run["policy"]), run)
+        ours, theirs = seen["trained_with"], run["trained_with"]
+        for name in sorted(set(ours) & set(theirs)):
+            if ours[name] != theirs[name]:
+                raise UserError(f"{seen['folder']} and {run['folder']} are {run['policy']} "
+                                f"runs of {run['task']} trained with other --{name} "
+                                f"({ours[name]!r} and {theirs[name]!r}), so they are not "
+                                "seeds of one experiment. Report them separately")
+
+
 def group_runs(runs):
     """{(task, policy): {seed: run}} keeping the newest run of each seed; and the skipped."""
     check_comparable(runs)
+    check_same_training(runs)
     groups, skipped = {}, []
     for run in sorted(runs, key=lambda r: (r["mtime"], r["folder"])):
         seeds = groups.setdefault((run["task"], run["policy"]), {})

@@ -450,6 +450,53 @@ def test_an_older_run_s_unrecorded_flag_is_read_from_its_checkpoint_s_arguments(
     assert "differ in --user_max_new_tokens (8 and 60)" in capsys.readouterr().err
 
 
+def write_trained_seeds(root, policy, trained):
+    """Seeds 1, 2, ... of one policy on esc, each with a last.pt.json of these arguments."""
+    rng = random.Random(5)
+    for seed, flags in enumerate(trained, start=1):
+        folder = write_run(root, "esc", policy, seed, random_conversations(
+            "esc", [True, False], rng, policy=policy), extra={"config": setup_of("esc")})
+        with open(os.path.join(folder, "last.pt.json"), "w") as f:
+            json.dump({"args": vars(Args(seed=seed, **flags))}, f)
+
+
+@pytest.mark.parametrize("policy, flag, value", [("dialogxpert", "total_episodes", 16),
+                                                 ("dialogxpert", "learning_rate", 1e-3),
+                                                 ("ppdpp", "ppdpp_learning_rate", 1e-3)])
+def test_seeds_trained_with_other_training_flags_are_not_pooled(policy, flag, value, tmp_path,
+                                                                capsys):
+    write_trained_seeds(tmp_path / "same", policy, [{flag: value}, {flag: value}])
+    report.main([str(tmp_path / "same"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    write_trained_seeds(tmp_path / "other", policy, [{}, {flag: value}])
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "other"), "--out", str(tmp_path / "out2"), "--n_boot", "10"])
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "\n" not in error and error.startswith("error: ")
+    assert (f"are {policy} runs of esc trained with other --{flag} "
+            f"({getattr(Args(), flag)!r} and {value!r})") in error
+
+
+def test_a_replay_is_compared_by_the_training_of_the_checkpoint_it_tested(tmp_path, capsys):
+    """A test of a checkpoint has no sidecar of its own: its checkpoint's arguments count."""
+    write_trained_seeds(tmp_path / "runs", "dialogxpert", [{}])
+    checkpoint = tmp_path / "elsewhere" / "best.pt"
+    os.makedirs(checkpoint.parent)
+    with open(f"{checkpoint}.json", "w") as f:
+        json.dump({"args": vars(Args(seed=2, total_episodes=16))}, f)
+    write_run(tmp_path / "runs", "esc", "dialogxpert", 2, random_conversations(
+        "esc", [True, False], random.Random(6)), extra={"config": setup_of("esc"),
+                                                        "checkpoint": str(checkpoint)})
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+    assert "trained with other --total_episodes (200 and 16)" in capsys.readouterr().err
+
+
+def test_a_flag_the_policy_does_not_train_with_does_not_split_its_seeds(tmp_path):
+    """dialogxpert reads no PPDPP flag: seeds that differ in one pool."""
+    write_trained_seeds(tmp_path / "runs", "dialogxpert", [{}, {"ppdpp_learning_rate": 1e-3}])
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--n_boot", "10"])
+
+
 def test_a_data_setting_of_another_task_does_not_split_runs(tmp_path, capsys):
     """--extes_split chooses ExTES's cases only: esc runs that differ in it pool, whether
     their config leaves it out (as now) or holds it (runs before Task.data_flags)."""
