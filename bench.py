@@ -40,6 +40,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from errors import UserError, one_line_errors
 from get_args import ROLES, TRAINED_POLICIES as TRAINED, Args
 from llm import EMBEDDED_LLM, LLMClient
 from serve import LlamaServer
@@ -563,7 +564,6 @@ def missing_weights(args, bench):
     """The one-line error of harness.check_weights for what this benchmark loads (the
     planner probe: the LLM; the others: the LLM and the encoder, and PPDPP's for the
     planners that fine-tune one), or None. --serve plays the embedded model."""
-    from errors import UserError
     from harness import check_weights
 
     planners = set(bench.planners.split(",")) if bench.planners else set()
@@ -632,7 +632,13 @@ def main(argv=None):
                                    "baseline_episodes", "baseline_prior_tokens", "json_out",
                                    "only", "serve", "serve_threads", "serve_engine",
                                    "state_write", "orders", "prior_probe", "view", "planners")})
-    args = Args(**vars(namespace))
+    try:
+        args = Args(**vars(namespace))
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if bench.state_write and not re.fullmatch(r"\d+(,\d+)*", bench.state_write):
+        raise UserError(f"--state_write '{bench.state_write}' is not a list of widths. Pass "
+                        "integers separated by commas, e.g. --state_write 384,768")
     if bench.view:
         view_figures(bench.view)
         return 0
@@ -702,4 +708,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

@@ -616,7 +616,11 @@ def main(argv=None):
     else:
         cases, kept = human_cases(args, card)
     check_weights(args, roles=("critic",), encoder_flags=())  # the critic's model only
-    os.makedirs(card["out"], exist_ok=True)
+    try:
+        os.makedirs(card["out"], exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the folder {card['out']} ({error.strerror}). Pass a "
+                        "writable --out") from None
     critic, model = load_critic(args)
     judged_by = critic_settings(critic, model)
     card["task"] = critic.task.name

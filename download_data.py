@@ -16,13 +16,13 @@ checked with the project's own reader before it replaces anything, so a broken d
 never overwrites good data.
 """
 
-import argparse
 import os
 import sys
 import tempfile
 import urllib.error
 import urllib.request
 
+from errors import ArgumentParser, one_line_errors
 from tasks import EXTES_AUTHORS, GITHUB, TASKS, DataError, read_file
 
 # --extes_source: where ExTES/ExTES.json comes from
@@ -94,7 +94,7 @@ def download(task_names, data_dir, base_url=None, timeout=60, github=None,
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_name", default="all",
                         help=f"one of {sorted(TASKS)} or all (default: all)")
     parser.add_argument("--data_dir", default="data", help="target folder (default: data)")
@@ -112,6 +112,8 @@ def main(argv=None):
     if args.data_name != "all" and args.data_name not in TASKS:
         parser.error(f"Unknown --data_name '{args.data_name}'. Expected one of "
                      f"{sorted(TASKS) + ['all']}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout {args.timeout} is out of range: pass seconds > 0")
     if args.extes_source not in EXTES_SOURCES:
         print(f"error: unknown --extes_source '{args.extes_source}'. Pass one of "
               f"{sorted(EXTES_SOURCES)}", file=sys.stderr)
@@ -136,4 +138,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

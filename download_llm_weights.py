@@ -9,9 +9,10 @@ weights/bert-base-uncased when they exist. A token for gated models is read from
 environment (HF_TOKEN), never from the command line, and never printed.
 """
 
-import argparse
 import os
 import sys
+
+from errors import ArgumentParser, one_line_errors
 
 # the hub organisation of a weights folder, by the start of its name: the models that
 # README.md and docs/ name (the folder is the hub name, as main() names it by default)
@@ -44,7 +45,7 @@ def download(repo_id, local_dir, revision=None, endpoint=None, allow_patterns=No
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo_id", default="Qwen/Qwen2.5-1.5B-Instruct", help="hub model id")
     parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
     parser.add_argument("--local_dir", default=None,
@@ -72,4 +73,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

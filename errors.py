@@ -1,6 +1,8 @@
 """The errors that end a command with one line `error: <what and where>. <what to do>`
-(exit code 2). Every module raises these; none of them imports another module."""
+(exit code 2). Every module raises these; none of them imports another module of this
+project. ArgumentParser is argparse's, with its errors raised as these."""
 
+import argparse
 import sys
 
 
@@ -23,6 +25,14 @@ class ServerError(RuntimeError):
     def __init__(self, message, status=None):
         super().__init__(message)
         self.status = status
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a bad value, a flag unknown or missing) are a
+    UserError, so they end in one line, not a usage block then the error."""
+
+    def error(self, message):
+        raise UserError(f"{message}. See `python {self.prog} --help`")
 
 
 def one_line_errors(main):

@@ -10,6 +10,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from errors import ArgumentParser, UserError
 from tasks import TASKS
 
 # the LLM roles: each has its --<role>_llm and --<role>_base_url
@@ -501,7 +502,7 @@ HELP_GROUPS = {
 
 def build_parser(description=None, defaults=True):
     """defaults=False: flags not given stay out of the namespace (to find the given ones)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description)
     fields = {f.name: f for f in dataclasses.fields(Args)}
     grouped = [name for names in HELP_GROUPS.values() for name in names]
     if sorted(grouped) != sorted(fields):  # a new flag needs its section
@@ -530,13 +531,21 @@ def given_flags(argv=None, args=None):
     return frozenset(vars(build_parser(defaults=False).parse_args(argv)))
 
 
-def parse_args(argv=None):
-    """The arguments, or one line `error: ...` on stderr and exit code 2 (as argparse).
+def read_args(argv=None):
+    """The arguments of argv (None: sys.argv); a bad flag or value is a UserError.
     --recipe sets its values first; a flag given on the command line overrides them."""
     build_parser(__doc__).parse_args(argv)  # --help, and argparse's own errors
     given = vars(build_parser(__doc__, defaults=False).parse_args(argv))
     try:
         return recipe_args(**given)
     except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def parse_args(argv=None):
+    """read_args, or one line `error: ...` on stderr and exit code 2 (as argparse)."""
+    try:
+        return read_args(argv)
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

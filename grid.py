@@ -19,14 +19,13 @@ the planners of a cell pair case by case. A user's or critic's flags are train_m
 flags, as for one run (a served model's flags apply to every role, as --backend does).
 """
 
-import argparse
 import json
 import os
 import re
 import shlex
 import sys
 
-from errors import ServerError, UserError, one_line_errors
+from errors import ArgumentParser, ServerError, UserError, one_line_errors
 
 USAGE_HINT = "Pass e.g. --user \"smol=--user_llm weights/SmolLM2-135M-Instruct\""
 
@@ -73,7 +72,7 @@ def planner_name(policy, checkpoint):
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      usage="grid.py --out DIR --planner P [--planner P ...] "
                                            "--user NAME=FLAGS [...] --critic NAME=FLAGS [...] "
                                            "-- [train_model.py flags]")
@@ -98,7 +97,7 @@ def plan(args, common):
     """Every run and re-judging of the grid, its arguments parsed before any model loads:
     ({(user, planner): (run Args, the flags it counts as given)}, {critic: (critic_check
     argv, its critic)}, critics, users)."""
-    from get_args import given_flags, parse_args
+    from get_args import given_flags, read_args
     from tasks import get_task
     from train_model import MODEL_FLAGS, evaluation_flags
 
@@ -117,7 +116,7 @@ def plan(args, common):
                     ["--mode", "test", "--policy", policy, "--exp_name", f"grid-{user}",
                      "--output_dir", os.path.join(args.out, "runs", user)] +
                     (["--checkpoint", checkpoint] if checkpoint else []))
-            run_args = checked_args(parse_args, argv, user)
+            run_args = checked_args(read_args, argv, user)
             # every planner of a cell plays the grid's seed, LLMs and evaluation setup; a
             # checkpoint gives only its encoder and its policy's own flags (replay_settings)
             given = (given_flags(argv) | {"seed"} | (set(MODEL_FLAGS) - {"encoder"})
@@ -126,7 +125,7 @@ def plan(args, common):
     judges = {}  # critic -> (its critic_check.py flags, its Args)
     for critic, critic_flags in critics:
         judges[critic] = (common + critic_flags,
-                          checked_args(parse_args, common + critic_flags, critic))
+                          checked_args(read_args, common + critic_flags, critic))
     return runs, judges, [name for name, _ in critics], [name for name, _ in users]
 
 
@@ -186,11 +185,12 @@ def judged_live(run_args, critic, judges, critics):
     return critic == critics[0] and critic_model(run_args) == critic_model(judges[critic][1])
 
 
-def checked_args(parse_args, argv, cell):
+def checked_args(read_args, argv, cell):
+    """The Args of a cell's flags; a refused flag is one UserError that names the cell."""
     try:
-        return parse_args(argv)
-    except SystemExit:  # argparse wrote its error; name the cell it came from
-        raise UserError(f"the flags of the grid cell '{cell}' were refused (above): "
+        return read_args(argv)
+    except UserError as error:
+        raise UserError(f"the flags of the grid cell '{cell}' were refused ({error}): "
                         f"{shlex.join(argv)}. Fix that --user or --critic") from None
 
 

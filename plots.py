@@ -10,7 +10,6 @@ gradient update has no TD loss). Each plot_* function takes plain data and write
 """
 
 import os
-import sys
 from collections import Counter
 
 import matplotlib
@@ -18,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
 
-from errors import one_line_errors  # noqa: E402
+from errors import ArgumentParser, one_line_errors  # noqa: E402
 from run_files import TRAIN_HISTORY, conversations_file, load_run  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
@@ -281,11 +280,13 @@ def plot_strategies(groups, path):
     return _save(figure, path)
 
 
-def main(folders):
-    for folder in folders:
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    for folder in parser.parse_args(argv).runs:
         for written_path in plot_run(folder):
             print(written_path)
 
 
 if __name__ == "__main__":
-    one_line_errors(lambda: main(sys.argv[1:]))
+    one_line_errors(main)

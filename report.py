@@ -28,7 +28,6 @@ that cannot count it, or a run older than the ledger). cost.png plots SR against
 tokens per conversation, one point per policy.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -36,7 +35,7 @@ import sys
 import time
 
 import plots
-from errors import RunFileError, UserError
+from errors import ArgumentParser, RunFileError, UserError, one_line_errors
 from get_args import EVALUATION_CONFIG, HELP_GROUPS, MODEL_FLAGS, Args
 from metrics import episode_values, unusable_answers
 from policies import POLICIES, TEST_FLAGS, policy_class
@@ -500,7 +499,11 @@ def write_views(summaries, out):
 
 def output_folder(out):
     if out:
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the report folder {out} ({error.strerror}). Pass "
+                            "a writable --out") from None
         return out
     base = os.path.join("reports", time.strftime("report_%Y%m%d_%H%M%S"))
     folder, number = base, 1
@@ -512,7 +515,7 @@ def output_folder(out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders or folders that hold runs")
     parser.add_argument("--out", help="output folder (default reports/report_<time>)")
     parser.add_argument("--n_boot", type=int, default=10000, help="bootstrap resamples")
@@ -535,8 +538,8 @@ def main(argv=None):
                    for (task, policy), seeds in groups.items()
                    if policy != BASELINE and (task, BASELINE) in groups]
 
-    out = output_folder(args.out)
     try:
+        out = output_folder(args.out)
         write_views(summaries, out)
     except UserError as error:  # a run file that the page cannot read
         print(f"error: {error}", file=sys.stderr)
@@ -560,4 +563,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

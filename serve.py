@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 
+from errors import ArgumentParser, UserError, one_line_errors
 from llm import EMBEDDED_LLM, embedded_gguf_path
 
 # where `make llama-server` builds llama.cpp's server
@@ -122,7 +123,7 @@ class LlamaServer:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080, help="0: a free port")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="llama.cpp threads; keep at most the free cores")
@@ -135,6 +136,14 @@ def main(argv=None):
     parser.add_argument("--then", nargs=argparse.REMAINDER, default=None,
                         help="a Python script and its arguments to run against the server")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port: pass one in 0..65535 (0: a free one)")
+    for name in ("threads", "context", "slots"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} {getattr(args, name)} is out of range: pass a value >= 1")
+    if args.engine == "native" and not os.path.isfile(NATIVE_SERVER):
+        raise UserError(f"no llama-server at {NATIVE_SERVER}. Build it with `make "
+                        "llama-server`, or pass --engine python")
     if args.engine == "python" and importlib.util.find_spec("llama_cpp") is None:
         raise SystemExit("error: llama-cpp-python is not installed. Run `make serve` (it "
                          "installs requirements-serve.txt), or pip install "
@@ -156,4 +165,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(one_line_errors(main))

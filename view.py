@@ -22,7 +22,6 @@ page. Every text of the runs reaches the page as data (JSON in script elements, 
 escaped) and is shown with textContent, never as HTML.
 """
 
-import argparse
 import base64
 import hashlib
 import json
@@ -33,7 +32,7 @@ import time
 
 import run_files
 from critic import LEADING_LABEL, OTHER_LABELS, parse_verdict
-from errors import RunFileError, one_line_errors
+from errors import ArgumentParser, RunFileError, one_line_errors
 from metrics import UNUSABLE_KEYS
 from tasks import TASKS, sale_to_list
 
@@ -281,7 +280,7 @@ def write_page(folders, out, skip_bad=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run folders, or folders that hold runs")
     parser.add_argument("--out", help="the HTML file (default: RUN/view.html for one run, "

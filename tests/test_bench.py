@@ -77,3 +77,17 @@ def test_bench_times_every_planner_and_the_search_one_conversation_at_a_time(
     # the search's simulated turns generate text that the other planners do not
     assert figures["gdpzero"]["generated_tokens_per_turn"] > \
         figures["dialogxpert"]["generated_tokens_per_turn"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_turn", "-1"], "error: --max_turn=-1 is out of range. Pass a value >= 1"),
+    (["--max_turn", "x"], "error: argument --max_turn: invalid int value: 'x'. See `python "
+                          "bench.py --help`"),
+    (["--view", "no_such_run"], "error: no_such_run is not a folder."),
+    (["--state_write", "a,b"], "error: --state_write 'a,b' is not a list of widths."),
+])
+def test_bad_input_is_one_error_line(flags, message):
+    done = subprocess.run([sys.executable, "bench.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(message), done.stderr

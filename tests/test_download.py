@@ -5,6 +5,8 @@ import http.server
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from contextlib import contextmanager
 from urllib.parse import unquote, urlparse
@@ -13,7 +15,7 @@ import pytest
 
 import download_data
 import download_llm_weights
-from conftest import DEMO
+from conftest import DEMO, ROOT
 
 COMMIT = "a" * 40
 
@@ -114,6 +116,21 @@ def test_extes_comes_from_the_release_by_default_and_from_its_authors_on_request
     assert download_data.main(["--data_name", "extes", "--extes_source", "pandazzh"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown --extes_source 'pandazzh'. Pass one of ['authors', 'release']"
+
+
+def test_bad_flags_are_one_error_line(tmp_path):
+    from errors import UserError
+
+    with pytest.raises(UserError, match=r"--timeout 0.0 is out of range: pass seconds > 0"):
+        download_data.main(["--timeout", "0", "--data_dir", str(tmp_path)])
+    with pytest.raises(UserError, match="unrecognized arguments: --nope"):
+        download_llm_weights.main(["--nope"])
+    assert not os.listdir(tmp_path)
+    for script in ("download_data.py", "download_llm_weights.py"):  # their __main__
+        done = subprocess.run([sys.executable, script, "--nope"], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr == (
+            f"error: unrecognized arguments: --nope. See `python {script} --help`\n")
 
 
 def hub_handler(files):

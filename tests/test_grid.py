@@ -188,6 +188,19 @@ def test_bad_grid_input_is_one_error_before_any_model_loads(tmp_path, argv, expe
     assert not loaded and not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize("user,expected", [
+    ("u=--max_turn -1", "refused (--max_turn=-1 is out of range. Pass a value >= 1)"),
+    ("u=--max_turn x", "refused (argument --max_turn: invalid int value: 'x'."),
+])
+def test_a_refused_cell_flag_is_one_error_that_names_the_cell(tmp_path, capsys, user, expected):
+    argv = ["--out", str(tmp_path / "out"), "--planner", "prior", "--user", user,
+            "--critic", "c=--critic_samples 2", "--", "--data_dir", "data/demo"]
+    with pytest.raises(UserError, match=re.escape(expected)) as error:
+        grid.main(argv)
+    assert "grid cell 'u'" in str(error.value) and "\n" not in str(error.value)
+    assert capsys.readouterr().err == ""  # nothing printed before the one line
+
+
 def test_a_row_that_changes_the_runs_critic_is_rejudged_by_the_first_critic_too():
     from get_args import parse_args
 

@@ -334,6 +334,11 @@ def test_critic_check_bad_input_is_one_error_line(played_run, tmp_path, capsys, 
     (broken / "test_metrics.json").write_text(json.dumps({"task": "esc", "max_turn": 3}))
     (broken / "test_conversations.jsonl").write_text('{"turns": [["Patient", "hi"]], "rec\n')
     cases.append((["--run", str(broken), "--out", str(tmp_path / "o")], "line 1"))
+    cases.append((["--max_turn", "x", "--out", str(tmp_path / "o")],
+                  "argument --max_turn: invalid int value: 'x'"))
+    (tmp_path / "a_file").write_text("")
+    cases.append((["--data_dir", "data/demo", "--out", str(tmp_path / "a_file")],
+                  f"cannot create the folder {tmp_path / 'a_file'}"))
     for argv, message in cases:
         monkeypatch.setattr("sys.argv", ["critic_check.py", *argv])
         with pytest.raises(SystemExit) as stop:

@@ -383,3 +383,15 @@ def test_the_native_llama_server_serves_samples_and_the_prior(monkeypatch):
         difference = (prior - local.option_probs(conversations, labels)).abs().max().item()
         print(f"native server: largest prior difference {difference:.4f}")
         assert difference < PRIOR_TOLERANCE
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "-5"], "error: --port -5 is not a port: pass one in 0..65535 (0: a free one)"),
+    (["--threads", "0"], "error: --threads 0 is out of range: pass a value >= 1"),
+    (["--context", "x"], "error: argument --context: invalid int value: 'x'"),
+])
+def test_bad_serve_flags_are_one_error_line_before_a_server_starts(flags, message):
+    done = subprocess.run([sys.executable, "serve.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(message), done.stderr

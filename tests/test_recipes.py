@@ -91,6 +91,18 @@ def test_bad_planner_flags_are_one_error_line(flags, fragment, capsys):
     assert fragment in lines[0]
 
 
+@pytest.mark.parametrize("flags,fragment", [
+    (["--max_turn", "x"], "argument --max_turn: invalid int value: 'x'. See `python "),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+])
+def test_bad_values_and_unknown_flags_are_one_error_line(flags, fragment, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args(flags)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert fragment in lines[0]
+
+
 def _train(tmp_path, encoder_dir, recipe, **values):
     """Train in the bargain world (an episode lasts 1 or 2 turns, by the actions chosen);
     returns (agent, training conversations in the order they finished, run folder)."""

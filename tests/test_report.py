@@ -531,6 +531,24 @@ def test_report_without_runs_or_with_broken_json_exits_with_one_error_line(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bad_flag_or_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    from errors import UserError
+
+    folder = write_run(tmp_path / "runs", "esc", "prior", 1,
+                       random_conversations("esc", [True], random.Random(8)))
+    with pytest.raises(UserError, match=r"--n_boot must be positive, got 0\. See `python "):
+        report.main([folder, "--n_boot", "0"])
+    (tmp_path / "a_file").write_text("kept")
+    with pytest.raises(SystemExit) as stop:
+        report.main([folder, "--out", str(tmp_path / "a_file")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(error) == 1, error
+    assert error[0].startswith(f"error: cannot create the report folder {tmp_path / 'a_file'}")
+    assert (tmp_path / "a_file").read_text() == "kept"
+    with pytest.raises(UserError, match="the following arguments are required: RUN"):
+        plots.main([])
+
+
 def test_report_links_a_conversation_page_per_run(runs_root, tmp_path):
     out = report.main([str(runs_root), "--out", str(tmp_path / "report"), "--n_boot", "200"])
     text = open(out).read()

@@ -138,6 +138,14 @@ def test_turn_prompt_cuts_are_the_cuts_since_the_last_record():
 
 
 @pytest.mark.slow
+def test_no_run_or_an_unknown_flag_is_one_error_line():
+    for args, fragment in (((), "the following arguments are required: RUN"),
+                           (("--nope", "x"), "unrecognized arguments: --nope")):
+        done = cli(*args)
+        assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
+        assert done.stderr.startswith(f"error: {fragment}") and "view.py --help" in done.stderr
+
+
 def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(runs[0], run)
