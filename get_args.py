@@ -375,6 +375,11 @@ class Args:
                      "system_max_new_tokens", "user_max_new_tokens", "critic_max_new_tokens",
                      "ppdpp_sft_epochs", "ppdpp_sft_batch_size"):
             require(getattr(self, name) >= 1, name, ">= 1")
+        # numpy's generator takes seeds in [0, 2**32)
+        require(0 <= self.seed < 2**32, "seed", "in [0, 4294967295]")
+        if self.seeds and max(map(int, self.seeds.split(","))) >= 2**32:
+            raise ValueError(f"--seeds '{self.seeds}' has a seed above 4294967295. Pass seeds "
+                             "in [0, 4294967295]")
         require(self.ppdpp_max_length >= 8, "ppdpp_max_length", ">= 8 (tokens)")
         for name in ("ppdpp_sft_learning_rate", "ppdpp_learning_rate"):
             require(getattr(self, name) > 0, name, "> 0")
@@ -415,8 +420,11 @@ class Args:
                 ">= 0 or -1 (automatic)")
         require(self.replay_ratio > 0, "replay_ratio", "> 0")
         require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0: no clipping)")
-        require(re.fullmatch(r"\d+,\d+,\d+|[\d.]+,[\d.]+,[\d.]+", self.extes_split) is not None,
+        require(re.fullmatch(r"\d+,\d+,\d+|(\d*\.?\d+,){2}\d*\.?\d+", self.extes_split) is not None,
                 "extes_split", "like 0.8,0.1,0.1 (fractions) or 10717,200,200 (counts)")
+        if "." in self.extes_split:  # fractions: the test split takes the rest
+            require(abs(sum(map(float, self.extes_split.split(","))) - 1) < 1e-6,
+                    "extes_split", "whose fractions add up to 1, like 0.8,0.1,0.1")
         require(self.buffer_size == 0 or self.learning_starts <= self.buffer_size,
                 "learning_starts",
                 f"<= --buffer_size ({self.buffer_size})", ": learning would never start")

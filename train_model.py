@@ -133,6 +133,9 @@ def load_cases(args, task):
     def split(name):
         cases = load_split(args.data_dir, task.name, name, extes_seed=args.extes_seed,
                            extes_split=args.extes_split)
+        if not cases and task.split_seeded:
+            raise UserError(f"--extes_split {args.extes_split} leaves the {name} split of "
+                            f"'{task.name}' in {args.data_dir} no cases. Give it a larger share")
         if not cases:
             raise UserError(f"the {name} split of '{task.name}' in {args.data_dir} has no "
                             "cases. Download the data again with download_data.py")

@@ -94,6 +94,9 @@ def test_bad_planner_flags_are_one_error_line(flags, fragment, capsys):
 @pytest.mark.parametrize("flags,fragment", [
     (["--max_turn", "x"], "argument --max_turn: invalid int value: 'x'. See `python "),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    (["--seed", "-1"], "--seed=-1 is out of range. Pass a value in [0, 4294967295]"),
+    (["--seeds", "1,4294967296"], "has a seed above 4294967295"),
+    (["--extes_split", "0.5,0.5,0.5"], "fractions add up to 1"),
 ])
 def test_bad_values_and_unknown_flags_are_one_error_line(flags, fragment, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -13,7 +13,8 @@ from q_adapter import td_target
 from trainer import train
 from get_args import Args
 from q_adapter import FrozenEncoder
-from tasks import TASKS, load_split
+from errors import UserError
+from tasks import TASKS, get_task, load_split
 
 
 def test_td_target_success_failure_and_time_limit():
@@ -162,6 +163,13 @@ def test_cli_errors_are_one_line(tmp_path):
     _one_line_error(_cli("--data_dir", str(tmp_path)), "esc-test.txt, line 1")
     debug = _cli("--data_dir", str(tmp_path), "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_split_that_extes_split_leaves_empty_names_the_flag():
+    args = Args(data_name="extes", data_dir=DEMO, extes_split="3,1,0")
+    with pytest.raises(UserError, match=r"--extes_split 3,1,0 leaves the test split of "
+                                        r"'extes' in .* no cases\. Give it a larger share"):
+        train_model.load_cases(args, get_task("extes"))
 
 
 @pytest.mark.slow
