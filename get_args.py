@@ -539,6 +539,24 @@ def given_flags(argv=None, args=None):
     return frozenset(vars(build_parser(defaults=False).parse_args(argv)))
 
 
+# the flags that only some policies read, by the start of their names: given to another
+# policy they would change nothing
+POLICY_FLAGS = {"policy_encoder": ("ppdpp", "dpdp"), "ppdpp_": ("ppdpp", "dpdp"),
+                "mcts_": ("gdpzero", "dpdp"), "dpdp_": ("dpdp",)}
+
+
+def check_policy_flags(args, given):
+    """A UserError when a flag given (`given`: their names) belongs to policies other than
+    args.policy."""
+    unread = {name: readers for name in sorted(given) for start, readers in POLICY_FLAGS.items()
+              if name.startswith(start) and args.policy not in readers}
+    if unread:
+        readers = sorted({policy for policies in unread.values() for policy in policies})
+        raise UserError(f"{', '.join('--' + name for name in unread)}: flag(s) of "
+                        f"--policy {' or '.join(readers)}, unused by --policy {args.policy}. "
+                        "Leave them out, or pass the policy that reads them")
+
+
 def read_args(argv=None):
     """The arguments of argv (None: sys.argv); a bad flag or value is a UserError.
     --recipe sets its values first; a flag given on the command line overrides them."""
@@ -551,9 +569,12 @@ def read_args(argv=None):
 
 
 def parse_args(argv=None):
-    """read_args, or one line `error: ...` on stderr and exit code 2 (as argparse)."""
+    """train_model.py's command line: read_args, with no flag of another policy
+    (check_policy_flags); or one line `error: ...` on stderr and exit code 2 (as argparse)."""
     try:
-        return read_args(argv)
+        args = read_args(argv)
+        check_policy_flags(args, given_flags(argv))
+        return args
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -97,13 +97,26 @@ def test_bad_planner_flags_are_one_error_line(flags, fragment, capsys):
     (["--seed", "-1"], "--seed=-1 is out of range. Pass a value in [0, 4294967295]"),
     (["--seeds", "1,4294967296"], "has a seed above 4294967295"),
     (["--extes_split", "0.5,0.5,0.5"], "fractions add up to 1"),
+    (["--mcts_simulations", "5", "--ppdpp_gamma", "0.5"],
+     "--mcts_simulations, --ppdpp_gamma: flag(s) of --policy dpdp or gdpzero or ppdpp, "
+     "unused by --policy dialogxpert"),
+    (["--policy", "prior", "--mode", "test", "--dpdp_threshold", "0.3"],
+     "--dpdp_threshold: flag(s) of --policy dpdp, unused by --policy prior"),
 ])
-def test_bad_values_and_unknown_flags_are_one_error_line(flags, fragment, capsys):
+def test_bad_values_flags_and_flags_of_another_policy_are_one_error_line(flags, fragment,
+                                                                       capsys):
     with pytest.raises(SystemExit) as stop:
         parse_args(flags)
     lines = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
     assert fragment in lines[0]
+
+
+def test_a_policy_s_own_flags_are_accepted():
+    assert parse_args(["--policy", "gdpzero", "--mode", "test", "--mcts_simulations", "5"]
+                      ).mcts_simulations == 5
+    assert parse_args(["--policy", "dpdp", "--mcts_q0", "0.5", "--ppdpp_gamma", "0.9",
+                       "--policy_encoder", "auto", "--dpdp_threshold", "0.2"]).mcts_q0 == 0.5
 
 
 def _train(tmp_path, encoder_dir, recipe, **values):
