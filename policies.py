@@ -241,12 +241,11 @@ def read_checkpoint(path):
     try:
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
-        info["args"]  # noqa: B018 (a sidecar without arguments is not a checkpoint's)
+        if not isinstance(info, dict) or not isinstance(info.get("args"), dict):
+            raise UserError(f"the checkpoint {path} cannot be read ({info_path} holds no "
+                            "'args' object). Pass the best.pt of a training run")
         with safe_open(path, framework="pt") as f:
             shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
-    except KeyError as error:
-        raise UserError(f"the checkpoint {path} cannot be read ({info_path} has no "
-                        f"{error}). Pass the best.pt of a training run") from None
     except (OSError, ValueError, TypeError, SafetensorError) as error:
         raise UserError(f"the checkpoint {path} cannot be read ({error}). Pass the best.pt of "
                         "a training run") from None

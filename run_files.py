@@ -300,6 +300,9 @@ def load_run(folder, splits=SPLITS, history=False, skip_bad=False):
     for split in splits:
         if os.path.isfile(run.path(metrics_file(split))):
             run.metrics[split] = read_json(run.path(metrics_file(split)))
+            if not isinstance(run.metrics[split], dict):
+                raise RunFileError(f"{run.path(metrics_file(split))} is not a JSON object. "
+                                   "Repair or delete that file, or leave the run out")
         if os.path.isfile(run.path(conversations_file(split))):
             run.conversations[split] = read_conversations(
                 run.path(conversations_file(split)), skip_bad, run.bad_lines)

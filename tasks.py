@@ -274,7 +274,8 @@ def _labelled_dialog(items, task_prompts, read):
         if not isinstance(text, str):
             continue
         if is_system and turns:
-            labels = [labels] if isinstance(labels, str) else list(labels or [])
+            labels = [labels] if isinstance(labels, str) else (
+                labels if isinstance(labels, list) else [])
             examples.append((list(turns), [label for label in labels if isinstance(label, str)]))
         turns.append((roles[0] if is_system else roles[1], text.strip()))
     return examples
@@ -425,8 +426,12 @@ def check_case(case, task, where):
 
 def _read_text(path):
     """The file's text; bytes that are not UTF-8 are named with their line."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}). Download the data again "
+                        "with download_data.py, or pass another --data_dir") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:

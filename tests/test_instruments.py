@@ -334,6 +334,11 @@ def test_critic_check_bad_input_is_one_error_line(played_run, tmp_path, capsys, 
     (broken / "test_metrics.json").write_text(json.dumps({"task": "esc", "max_turn": 3}))
     (broken / "test_conversations.jsonl").write_text('{"turns": [["Patient", "hi"]], "rec\n')
     cases.append((["--run", str(broken), "--out", str(tmp_path / "o")], "line 1"))
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "test_metrics.json").write_text("[]")
+    cases.append((["--run", str(listed), "--out", str(tmp_path / "o")],
+                  "test_metrics.json is not a JSON object"))
     cases.append((["--max_turn", "x", "--out", str(tmp_path / "o")],
                   "argument --max_turn: invalid int value: 'x'"))
     (tmp_path / "a_file").write_text("")

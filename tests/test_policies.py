@@ -171,3 +171,19 @@ def test_seeds_run_each_seed_and_report_them(tiny_encoder_dir, tmp_path, monkeyp
     assert "| esc | dialogxpert | 2 |" in table and "| esc | random | 2 |" in table
     assert os.path.exists(tmp_path / "report" / "report.png")
     assert "report.md" in printed  # each --seeds sweep wrote its own report too
+
+
+@pytest.mark.parametrize("sidecar", ['{"args": 5}', "[1, 2]", '{"step": 3}'])
+def test_a_sidecar_without_an_args_object_is_one_user_error(tmp_path, sidecar):
+    import torch
+    from safetensors.torch import save_file
+
+    from errors import UserError
+    from policies import read_checkpoint
+
+    path = str(tmp_path / "best.pt")
+    save_file({"q_head.net.0.weight": torch.zeros(1)}, path)
+    (tmp_path / "best.pt.json").write_text(sidecar)
+    with pytest.raises(UserError, match=re.escape(f"the checkpoint {path} cannot be read "
+                                                  f"({path}.json holds no 'args' object)")):
+        read_checkpoint(path)

@@ -99,6 +99,12 @@ def test_a_malformed_line_is_one_run_file_error_naming_the_file_and_line(tmp_pat
         run_files.read_json(str(tmp_path / "missing.json"))
 
 
+def test_a_metrics_file_that_is_not_a_json_object_is_one_run_file_error(tmp_path):
+    (tmp_path / "test_metrics.json").write_text("[1, 2]")
+    with pytest.raises(RunFileError, match=r"test_metrics.json is not a JSON object\. Repair"):
+        run_files.load_run(str(tmp_path))
+
+
 def test_find_runs_and_load_run(runs, tmp_path):
     marks = [run_files.metrics_file("test")]
     assert run_files.find_runs([os.path.dirname(runs[0])], marks, "test metrics") == sorted(runs)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from conftest import DEMO, SHARED_DATA, write_json_lines
-from tasks import TASKS, DataError, get_task, load_split
+from tasks import TASKS, DataError, get_task, labelled_examples, load_split
 
 # the tasks that declare demo cases in data/demo (Task.demo); the others have none to check
 DEMO_TASKS = sorted(name for name, task in TASKS.items() if task.demo)
@@ -36,6 +36,21 @@ def test_demo_data_loads_and_opens_on_a_user_turn(task_name, split):
 def test_missing_split_names_download_script(tmp_path):
     with pytest.raises(DataError, match="download_data.py"):
         load_split(str(tmp_path), "esc", "train")
+
+
+def test_a_data_file_that_cannot_be_read_is_a_data_error(tmp_path):
+    (tmp_path / "esc-test.txt").mkdir()
+    with pytest.raises(DataError, match=r"esc-test.txt cannot be read \(Is a directory\)"):
+        load_split(str(tmp_path), "esc", "test")
+
+
+def test_a_strategy_label_of_another_type_is_no_label():
+    case = load_split(DEMO, "esc", "train")[0]
+    for turn in case["dialog"]:
+        if turn.get("speaker") == "sys":
+            turn["strategy"] = 3
+    examples, counts = labelled_examples(get_task("esc"), [case])
+    assert examples == [] and counts["unlabelled_turns"] == counts["system_turns"] > 0
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
