@@ -42,7 +42,7 @@ import torch
 
 from errors import UserError, one_line_errors
 from get_args import ROLES, TRAINED_POLICIES as TRAINED, Args
-from llm import EMBEDDED_LLM, LLMClient
+from llm import EMBEDDED_LLM, LLMClient, check_device
 from serve import LlamaServer
 
 PHASES = ("prior", "system", "user", "critic", "encoder", "q_update")
@@ -645,6 +645,7 @@ def main(argv=None):
     if bench.state_write:
         state_write_figures(args, [int(w) for w in bench.state_write.split(",")])
         return 0
+    check_device(args.device)
     if not bench.random_model:  # a random model loads no weights
         problem = missing_weights(args, bench)
         if problem:

@@ -605,6 +605,7 @@ def main(argv=None):
         raise UserError("critic_check.py needs --out DIR for report_card.md/.json/.png. "
                         "Pass e.g. --out runs/critic_check")
     from harness import check_weights, critic_settings
+    from llm import check_device
 
     # the run's files or the split's human conversations are checked before any model loads
     if card["run"]:
@@ -616,6 +617,7 @@ def main(argv=None):
     else:
         cases, kept = human_cases(args, card)
     check_weights(args, roles=("critic",), encoder_flags=())  # the critic's model only
+    check_device(args.device)
     try:
         os.makedirs(card["out"], exist_ok=True)
     except OSError as error:

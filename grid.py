@@ -140,6 +140,7 @@ def check_cells(runs, judges):
     import train_model
     from get_args import ROLES
     from harness import check_weights, resolve_models
+    from llm import check_device
     from policies import policy_class
     from tasks import get_task
 
@@ -164,6 +165,7 @@ def check_cells(runs, judges):
             check(lambda a: policy_class(a.policy).check_checkpoint(a.checkpoint, a,
                                                                    resolve_models(a)), run_args)
         check(check_weights, run_args)
+        check(check_device, run_args.device)
         servers(run_args, ROLES)
     for _, critic_args in judges.values():
         check(lambda a: check_weights(a, roles=("critic",), encoder_flags=()), critic_args)

@@ -194,6 +194,20 @@ def pick_device(device="auto"):
     return torch.device("cpu")
 
 
+def check_device(device):
+    """A UserError when --device names a device that this machine's torch cannot use."""
+    if device in ("auto", "cpu"):
+        return
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                            "device(s) here. Pass --device auto or cpu, or another cuda:N")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise UserError("--device mps: torch has no MPS device here. Pass --device auto or cpu")
+
+
 def pick_dtype(device, dtype="auto"):
     if dtype != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16,

@@ -36,6 +36,7 @@ import run_state
 from errors import ServerError, UserError
 from harness import (build_env, evaluate, judge_of, llm_usage, policy_cost, resolve_models,
                      scorable_args, seed_everything)
+from llm import check_device
 from policies import TEST_FLAGS, make_policy, policy_class, read_checkpoint, recorded_args
 from q_adapter import FrozenEncoder, resolve_encoder_path
 from run_files import LAST, write_results
@@ -87,6 +88,7 @@ def run(args, given=None):
     # every weight folder the run loads, all missing ones in one error, before the run
     # folder exists
     harness.check_weights(args)
+    check_device(args.device)
     name = args.exp_name if args.policy == "dialogxpert" else f"{args.exp_name}-{args.policy}"
     run_dir = args.resume or make_run_dir(
         args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")

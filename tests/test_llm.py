@@ -352,3 +352,13 @@ def test_sampler_state_round_trip(tiny_llm):
     first = tiny_llm.chat(chat, max_new_tokens=8, temperature=1.0, num_samples=3)
     tiny_llm.load_rng_state(state)
     assert tiny_llm.chat(chat, max_new_tokens=8, temperature=1.0, num_samples=3) == first
+
+
+def test_a_device_this_machine_lacks_is_one_user_error():
+    from errors import UserError
+    from llm import check_device
+
+    assert check_device("auto") is None and check_device("cpu") is None
+    with pytest.raises(UserError, match=r"--device cuda:99: torch sees \d+ CUDA device\(s\) "
+                                        r"here\. Pass --device auto or cpu"):
+        check_device("cuda:99")

@@ -172,6 +172,13 @@ def test_a_split_that_extes_split_leaves_empty_names_the_flag():
         train_model.load_cases(args, get_task("extes"))
 
 
+def test_a_device_this_machine_lacks_stops_the_run_before_its_folder_exists(tmp_path):
+    args = Args(data_dir=DEMO, device="cuda:99", output_dir=str(tmp_path / "runs"))
+    with pytest.raises(UserError, match="--device cuda:99"):
+        train_model.run(args)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_task_is_refused_before_models_load(tmp_path):
     from safetensors.torch import save_file
