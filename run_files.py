@@ -197,12 +197,16 @@ def write_history(run_dir, history):
 
 
 def write_results(run_dir, split, metrics, conversations):
-    """A split's metrics and its conversations (env.Conversation, finished)."""
-    with open(os.path.join(run_dir, metrics_file(split)), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(run_dir, conversations_file(split)), "w") as f:
-        for conversation in conversations:
-            f.write(json.dumps(ConversationRecord.of(conversation).to_dict()) + "\n")
+    """A split's metrics and its conversations (env.Conversation, finished). The metrics
+    file marks a finished run (find_runs), so it goes last, each file whole: a write
+    stopped part way leaves no metrics file, never one beside partial conversations."""
+    metrics_path = os.path.join(run_dir, metrics_file(split))
+    if os.path.exists(metrics_path):  # files of an earlier write are replaced
+        os.remove(metrics_path)
+    atomic_write(os.path.join(run_dir, conversations_file(split)), lambda f: f.writelines(
+        (json.dumps(ConversationRecord.of(conversation).to_dict()) + "\n").encode()
+        for conversation in conversations))
+    atomic_write(metrics_path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
 
 
 # ---------------------------------------------------------------------------------------

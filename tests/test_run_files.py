@@ -73,6 +73,23 @@ def test_a_record_keeps_its_keys_and_their_order_through_a_round_trip(runs):
                        for record in read.records)
 
 
+def test_a_write_stopped_part_way_leaves_no_metrics_to_mark_the_run_finished(tmp_path):
+    conversation, _ = written_conversation()
+    run_files.write_results(str(tmp_path), "test", {"SR": 0.0}, [conversation])
+
+    def stopped():  # the process dies while the second conversation is written
+        yield conversation
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_files.write_results(str(tmp_path), "test", {"SR": 1.0}, stopped())
+    assert not (tmp_path / run_files.metrics_file("test")).exists()
+    with pytest.raises(RunFileError, match="no run folder"):
+        run_files.find_runs([str(tmp_path)], [run_files.metrics_file("test")], "metrics")
+    [line] = open(tmp_path / run_files.conversations_file("test")).read().splitlines()
+    assert json.loads(line)["case_id"] == 3  # the earlier file, whole
+
+
 def test_unknown_and_missing_keys_are_kept_and_defaulted():
     read = ConversationRecord.from_dict({"case_id": 1, "reviewer": "someone",
                                          "records": [{"turn": 1, "newer": [2]}]})
