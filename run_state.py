@@ -66,7 +66,12 @@ def resumed_args(state, args, given):
     other flag given with a value other than the saved one is refused, all in one error;
     so is a finished run (trained and tested) without a larger --total_episodes."""
     run_dir = args.resume
-    saved = Args(**state["args"] | {"resume": run_dir})
+    try:
+        saved = Args(**state["args"] | {"resume": run_dir})
+    except (KeyError, TypeError, ValueError) as error:  # no arguments, or not this code's
+        raise UserError(f"the arguments saved in {os.path.join(run_dir, STATE_FILE)} cannot "
+                        f"be used ({type(error).__name__}: {error}). Resume it with the "
+                        "commit that wrote it, or start a new run") from None
     conflicts = [f"--{f.name} {getattr(args, f.name)} (saved: {getattr(saved, f.name)})"
                  for f in dataclasses.fields(Args)
                  if f.name in given and f.name not in ("resume", "total_episodes",

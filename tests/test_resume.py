@@ -235,6 +235,20 @@ def test_a_state_of_another_format_is_refused_in_one_line_before_models_load(fin
     assert not os.path.exists(os.path.join(finished_run, "test_at_8_metrics.json"))
 
 
+@pytest.mark.parametrize("saved,reason", [
+    (None, "KeyError: 'args'"),
+    ({"no_such_flag": 1}, "TypeError: Args.__init__() got an unexpected keyword argument "
+                          "'no_such_flag'"),
+    ({"max_turn": -3}, "ValueError: --max_turn=-3 is out of range"),
+])
+def test_saved_arguments_this_code_cannot_take_are_one_user_error(tmp_path, saved, reason):
+    state = {} if saved is None else {"args": vars(Args()) | saved}
+    with pytest.raises(UserError) as refused:
+        run_state.resumed_args(state, Args(resume=str(tmp_path)), {"resume"})
+    assert str(refused.value).startswith(
+        f"the arguments saved in {tmp_path / run_state.STATE_FILE} cannot be used ({reason}")
+
+
 @contextmanager
 def _recorded_llms(outputs, stop_at_system_call=None):
     """harness.load_llms's in-process model appends the logits of every forward pass to
