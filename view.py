@@ -289,6 +289,9 @@ def main(argv=None):
                         help="leave malformed JSONL lines out (counted and listed on the "
                              "page) instead of stopping")
     args = parser.parse_args(argv)
+    if args.out and not args.out.endswith(".html"):  # never over a run's own files
+        parser.error(f"--out {args.out} is not an .html file. Pass a page's path, e.g. "
+                     "--out page.html")
     folders = find_runs(args.runs)
     out = args.out or (os.path.join(folders[0], "view.html") if len(folders) == 1 else
                        os.path.join("reports", time.strftime("view_%Y%m%d_%H%M%S.html")))

@@ -146,6 +146,17 @@ def test_no_run_or_an_unknown_flag_is_one_error_line():
         assert done.stderr.startswith(f"error: {fragment}") and "view.py --help" in done.stderr
 
 
+def test_an_out_that_is_no_html_page_is_refused_and_the_run_kept(runs, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(runs[0], run)
+    metrics = os.path.join(run, "test_metrics.json")
+    before = open(metrics).read()
+    done = cli(run, "--out", metrics)
+    assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(f"error: --out {metrics} is not an .html file.")
+    assert open(metrics).read() == before
+
+
 def test_a_malformed_line_is_one_error_line_or_with_skip_bad_listed(runs, tmp_path):
     run = str(tmp_path / "run")
     shutil.copytree(runs[0], run)
