@@ -356,6 +356,10 @@ class Args:
                              "integers separated by commas, e.g. --seeds 1,2,3")
         if self.seeds and len(set(self.seeds.split(","))) < len(self.seeds.split(",")):
             raise ValueError(f"--seeds '{self.seeds}' repeats a seed. Pass each seed once")
+        for name in ("base_url",) + tuple(f"{role}_base_url" for role in ROLES):
+            if getattr(self, name) and not re.match(r"https?://", getattr(self, name)):
+                raise ValueError(f"--{name} '{getattr(self, name)}' is not an http:// or "
+                                 "https:// address. Pass e.g. http://127.0.0.1:8080/v1")
         if self.backend == "openai" and not self.base_url and not all(
                 getattr(self, f"{role}_base_url") for role in ROLES):
             raise ValueError("--backend openai needs --base_url http://HOST:PORT/v1 (or one "

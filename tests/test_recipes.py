@@ -97,6 +97,8 @@ def test_bad_planner_flags_are_one_error_line(flags, fragment, capsys):
     (["--seed", "-1"], "--seed=-1 is out of range. Pass a value in [0, 4294967295]"),
     (["--seeds", "1,4294967296"], "has a seed above 4294967295"),
     (["--extes_split", "0.5,0.5,0.5"], "fractions add up to 1"),
+    (["--backend", "openai", "--base_url", "127.0.0.1:8080"],
+     "--base_url '127.0.0.1:8080' is not an http:// or https:// address"),
     (["--mcts_simulations", "5", "--ppdpp_gamma", "0.5"],
      "--mcts_simulations, --ppdpp_gamma: flag(s) of --policy dpdp or gdpzero or ppdpp, "
      "unused by --policy dialogxpert"),
