@@ -28,6 +28,7 @@ if __name__ == "__main__":
 import itertools  # noqa: E402 (the arguments come first)
 import json
 import time
+from contextlib import contextmanager
 
 from torch.utils.tensorboard import SummaryWriter
 
@@ -94,16 +95,17 @@ def run(args, given=None):
         args.output_dir, f"{task.name}__{name}__{args.seed}__{int(time.time())}")
     print(f"Run folder: {run_dir}" + (" (resumed)" if resume else ""))
 
-    llms = harness.load_llms(args)
-    args = scorable_args(args, task, llms)  # before the planner and the critic are built
-    models = resolve_models(args, llms)  # served names are known now
-    encoder = None  # the frozen encoder: DialogXpert's features, --prior project's matches
-    if policy_class(args.policy).uses_encoder or args.prior == "project":
-        encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
-                                                args.max_encoder_tokens, args.device)
-    env = build_env(args, task, llms, embed=encoder.embed_texts if encoder else None)
-    policy = make_policy(args, task, encoder, models)
-    policy.attach(env)
+    with removed_if_empty(None if resume else run_dir):
+        llms = harness.load_llms(args)
+        args = scorable_args(args, task, llms)  # before the planner and the critic are built
+        models = resolve_models(args, llms)  # served names are known now
+        encoder = None  # the frozen encoder: DialogXpert's features, --prior project's matches
+        if policy_class(args.policy).uses_encoder or args.prior == "project":
+            encoder = FrozenEncoder.from_pretrained(resolve_encoder_path(args.encoder),
+                                                    args.max_encoder_tokens, args.device)
+        env = build_env(args, task, llms, embed=encoder.embed_texts if encoder else None)
+        policy = make_policy(args, task, encoder, models)
+        policy.attach(env)
     checkpoint, metrics, conversations = train_and_test(args, policy, env, splits, run_dir,
                                                         resume)
     metrics = {"task": task.name, "policy": args.policy, "seed": args.seed,
@@ -193,6 +195,18 @@ def make_run_dir(output_dir, run_name):
         except OSError as error:
             raise UserError(f"cannot create the run folder {path} ({error.strerror}). Pass a "
                             "writable --output_dir") from None
+
+
+@contextmanager
+def removed_if_empty(run_dir):
+    """A new run folder (None: none) that the block leaves empty when it fails (a model
+    that does not load, a server that does not answer) is removed: no empty run is left."""
+    try:
+        yield
+    except BaseException:
+        if run_dir and not os.listdir(run_dir):
+            os.rmdir(run_dir)
+        raise
 
 
 def evaluation_flags(task):

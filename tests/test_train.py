@@ -179,6 +179,19 @@ def test_a_device_this_machine_lacks_stops_the_run_before_its_folder_exists(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_whose_models_do_not_load_leaves_no_empty_run_folder(tmp_path, monkeypatch):
+    from errors import ServerError
+
+    def no_server(args):
+        raise ServerError("the planner model's server does not answer")
+
+    monkeypatch.setattr(harness, "load_llms", no_server)
+    args = Args(data_dir=DEMO, output_dir=str(tmp_path), mode="test", policy="prior")
+    with pytest.raises(ServerError):
+        train_model.run(args)
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_task_is_refused_before_models_load(tmp_path):
     from safetensors.torch import save_file
