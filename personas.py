@@ -48,8 +48,11 @@ def load_personas(spec, flag="--user_personas"):
     if spec == "builtin":
         return list(BUILTIN)
     try:
-        with open(spec) as f:
+        with open(spec, encoding="utf-8") as f:
             personas = json.load(f)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{flag} {spec} is not UTF-8 text (byte {error.start}). Save it as "
+                        "UTF-8") from None
     except OSError as error:
         raise UserError(f"{flag} {spec} cannot be read ({error.strerror}). Pass 'none', "
                         "'builtin' or a JSON file of personas") from None

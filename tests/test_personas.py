@@ -155,6 +155,7 @@ def test_personas_are_paired_across_policies_and_split_between_training_and_test
     (None, "cannot be read"),
     ("[]", "holds no personas"),
     ("{not json", "is not JSON"),
+    (b'[{"name": "a\xff", "text": "x"}]', "is not UTF-8 text"),
     ('[{"name": "a"}]', "persona 1 has no name or no text"),
     ('[{"name": "a", "text": "x"}, {"name": "", "text": "y"}]', "persona 2 has no name"),
     ('[{"name": "a", "text": "x"}, {"name": "a", "text": "y"}]', "given to two personas"),
@@ -162,7 +163,9 @@ def test_personas_are_paired_across_policies_and_split_between_training_and_test
 def test_a_bad_persona_file_is_one_error_line_before_the_run_folder(tmp_path, capsys, content,
                                                                     expected):
     path = tmp_path / "personas.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     with pytest.raises(UserError, match=expected):
         load_personas(str(path))
