@@ -202,6 +202,11 @@ def run_grid(args, common):
 
     runs, judges, critics, users = plan(args, common)
     check_cells(runs, judges)
+    try:  # the runs' folders go inside it
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the grid folder {args.out} ({error.strerror}). Pass a "
+                        "writable --out") from None
     folders = {}
     for (user, planner), (run_args, given) in runs.items():
         print(f"grid: user {user}, planner {planner}", flush=True)

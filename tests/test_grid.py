@@ -201,6 +201,18 @@ def test_a_refused_cell_flag_is_one_error_that_names_the_cell(tmp_path, capsys, 
     assert capsys.readouterr().err == ""  # nothing printed before the one line
 
 
+def test_an_out_that_cannot_be_created_is_one_error_before_any_model_loads(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    argv = ["--out", str(tmp_path / "a_file"), "--planner", "prior", "--user", "u=--max_turn 2",
+            "--critic", "c=--critic_samples 2", "--", "--data_dir", "data/demo"]
+    loaded = []
+    with models_from(loaded.append), pytest.raises(UserError, match=re.escape(
+            f"cannot create the grid folder {tmp_path / 'a_file'} (File exists). Pass a "
+            "writable --out")):
+        grid.main(argv)
+    assert not loaded
+
+
 def test_a_row_that_changes_the_runs_critic_is_rejudged_by_the_first_critic_too():
     from get_args import parse_args
 
