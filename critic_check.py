@@ -304,7 +304,8 @@ def price_error(items):
 
 def read_run(folder):
     """(test metrics, {split: [run_files.ConversationRecord]}) of a run folder; one `error:`
-    line when a file is missing or malformed."""
+    line when a file is missing or malformed, or a conversation cannot be replayed (all
+    checked before the critic loads)."""
     from run_files import conversations_file, load_run, metrics_file
 
     files = load_run(folder)
@@ -313,6 +314,12 @@ def read_run(folder):
         if not present:
             raise RunFileError(f"{folder} has no {name}. Pass the folder of a finished "
                                "train_model.py run (--run runs/<run>)")
+    if not isinstance(files.metrics["test"].get("max_turn"), int):
+        raise RunFileError(f"{folder}/{metrics_file('test')} has no max_turn. Is it a run of "
+                           "this version of train_model.py?")
+    for split, conversations in files.conversations.items():
+        for line, conversation in enumerate(conversations, start=1):
+            replay(conversation, f"{folder}/{conversations_file(split)}, line {line}")
     return files.metrics["test"], files.conversations
 
 

@@ -334,6 +334,12 @@ def test_critic_check_bad_input_is_one_error_line(played_run, tmp_path, capsys, 
     (broken / "test_metrics.json").write_text(json.dumps({"task": "esc", "max_turn": 3}))
     (broken / "test_conversations.jsonl").write_text('{"turns": [["Patient", "hi"]], "rec\n')
     cases.append((["--run", str(broken), "--out", str(tmp_path / "o")], "line 1"))
+    unplayable = tmp_path / "unplayable"
+    unplayable.mkdir()
+    (unplayable / "test_metrics.json").write_text(json.dumps({"task": "esc", "max_turn": 3}))
+    (unplayable / "test_conversations.jsonl").write_text('{"turns": 5, "records": []}\n')
+    cases.append((["--run", str(unplayable), "--out", str(tmp_path / "o")],
+                  "test_conversations.jsonl, line 1: no 'turns' list"))
     listed = tmp_path / "listed"
     listed.mkdir()
     (listed / "test_metrics.json").write_text("[]")
