@@ -111,6 +111,8 @@ def tabled_run(folder):
                            "this run or leave it out")
     metrics, conversations = files.metrics["test"], files.conversations["test"]
     try:
+        # in case order, so that a resample does not depend on the order of the lines
+        conversations = sorted(conversations, key=lambda c: c.case_id)
         values = [conversation_values(c, metrics["max_turn"]) for c in conversations]
         run = {"folder": folder, "task": metrics["task"],
                "policy": policy_label(metrics["policy"], metrics.get("policy_settings")),
@@ -225,7 +227,9 @@ def check_same_training(runs):
 
 
 def group_runs(runs):
-    """{(task, policy): {seed: run}} keeping the newest run of each seed; and the skipped."""
+    """{(task, policy): {seed: run}} keeping the newest run of each seed, the seeds in
+    order of their numbers (the order the bootstrap draws them in, so that the intervals
+    do not depend on the files' times); and the skipped."""
     check_comparable(runs)
     check_same_training(runs)
     groups, skipped = {}, []
@@ -234,7 +238,7 @@ def group_runs(runs):
         if run["seed"] in seeds:
             skipped.append(seeds[run["seed"]]["folder"])
         seeds[run["seed"]] = run
-    return dict(sorted(groups.items())), skipped
+    return {key: dict(sorted(seeds.items())) for key, seeds in sorted(groups.items())}, skipped
 
 
 def interval(groups, n_boot, paired_with=None, crossed=False):
@@ -244,18 +248,13 @@ def interval(groups, n_boot, paired_with=None, crossed=False):
     return {"mean": mean, "low": low, "high": high}
 
 
-def by_case(run, name):
-    """A run's values of one metric in the order of its case_ids."""
-    return [value for _, value in sorted(zip(run["case_ids"], run["values"][name]))]
-
-
 def summarize(task, policy, seeds, n_boot):
     runs = list(seeds.values())
-    crossed = len({tuple(sorted(run["case_ids"])) for run in runs}) == 1
+    crossed = len({tuple(run["case_ids"]) for run in runs}) == 1  # in case order (tabled_run)
     figures = {}
     for name in METRICS:
         applies = name != "SL" or any(run["bargaining"] for run in runs)
-        figures[name] = (interval([by_case(run, name) for run in runs], n_boot,
+        figures[name] = (interval([run["values"][name] for run in runs], n_boot,
                                   crossed=crossed) if applies else None)
     costs = {}
     for header in COSTS:

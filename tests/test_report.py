@@ -378,6 +378,53 @@ def test_a_replayed_seed_counts_once_and_pairs_go_by_case_id(tmp_path):
     assert unpaired == {"seeds": [], "pairs": 0, "SR": None, "mean_return": None}
 
 
+def seed_runs(root, counts, personas=False):
+    """dialogxpert and prior runs of esc, one per seed, seed s on counts[s] cases (so that
+    the seeds' cases differ); their folders."""
+    rng = random.Random(11)
+    folders = []
+    for seed, count in counts.items():
+        for policy, p in (("dialogxpert", 0.6), ("prior", 0.4)):
+            lines = random_conversations("esc", [rng.random() < p for _ in range(count)], rng)
+            for line in lines if personas else ():
+                line["persona"] = {"name": rng.choice(["calm", "curt"])}
+            folders.append(write_run(root, "esc", policy, seed, lines))
+    return folders
+
+
+def tabled_figures(root, n_boot=300):
+    """The summaries' figures and the paired differences of the runs under root."""
+    groups, _ = report.group_runs([report.tabled_run(f) for f in report.tabled_folders([root])])
+    summaries = [report.summarize(task, policy, seeds, n_boot)
+                 for (task, policy), seeds in groups.items()]
+    paired = report.paired_difference(groups[("esc", "dialogxpert")], groups[("esc", "prior")],
+                                      n_boot)
+    return [(s["metrics"], s["personas"]) for s in summaries], paired
+
+
+def test_the_intervals_do_not_depend_on_which_run_was_written_last(tmp_path):
+    """A copy of the runs that does not keep their file times (cp without -p) gives the
+    same report: the seeds enter the bootstrap in the order of their numbers."""
+    folders = seed_runs(tmp_path / "runs", {1: 9, 2: 12, 3: 15})
+    figures = []
+    for order in (folders, folders[::-1]):
+        for moment, folder in enumerate(order):
+            os.utime(os.path.join(folder, "test_metrics.json"), (1000 + moment, 1000 + moment))
+        figures.append(tabled_figures(str(tmp_path / "runs")))
+    assert figures[0] == figures[1]
+
+
+def test_the_figures_do_not_depend_on_the_order_of_a_run_s_lines(tmp_path):
+    """Conversations written in another order (a batch that finished in another order)
+    give the same figures, per persona too: a run's values are taken in case_id order."""
+    folders = seed_runs(tmp_path / "runs", {1: 9, 2: 12}, personas=True)
+    before = tabled_figures(str(tmp_path / "runs"))
+    for folder in folders:
+        path = os.path.join(folder, "test_conversations.jsonl")
+        write_jsonl(path, run_files.read_jsonl(path)[::-1])
+    assert tabled_figures(str(tmp_path / "runs")) == before
+
+
 def test_default_output_folder_gets_a_suffix_when_it_exists(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first, second = report.output_folder(None), report.output_folder(None)
