@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 
 import plots
 from errors import ArgumentParser, RunFileError, UserError, one_line_errors
@@ -110,6 +111,12 @@ def tabled_run(folder):
         raise RunFileError(f"{folder} has no {conversations_file('test')}. Rerun the test of "
                            "this run or leave it out")
     metrics, conversations = files.metrics["test"], files.conversations["test"]
+    repeated = [case for case, count in Counter(c.case_id for c in conversations).items()
+                if count > 1]
+    if repeated:  # pairs go by case_id
+        raise RunFileError(f"{files.path(conversations_file('test'))} holds case_id "
+                           f"{repeated[0]} more than once. Rerun the test into a new folder, "
+                           "or leave the run out")
     try:
         # in case order, so that a resample does not depend on the order of the lines
         conversations = sorted(conversations, key=lambda c: c.case_id)

@@ -578,6 +578,23 @@ def test_report_without_runs_or_with_broken_json_exits_with_one_error_line(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_case_played_twice_in_one_run_is_one_error_line(tmp_path, capsys):
+    """Pairs go by case_id: a run with a case_id twice (lines of two tests appended into
+    one file) would pair one of its conversations and drop the other unseen."""
+    rng = random.Random(4)
+    write_run(tmp_path / "runs", "esc", "dialogxpert", 1,
+              random_conversations("esc", [True, False, True], rng))
+    lines = random_conversations("esc", [True, False, False], rng)
+    lines[2]["case_id"] = 0
+    folder = write_run(tmp_path / "runs", "esc", "prior", 1, lines)
+    with pytest.raises(SystemExit) as stop:
+        report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(error) == 1
+    assert error[0].startswith(f"error: {os.path.join(folder, 'test_conversations.jsonl')} "
+                               "holds case_id 0 more than once")
+
+
 def test_a_bad_flag_or_an_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     from errors import UserError
 
