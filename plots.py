@@ -192,6 +192,14 @@ def trained_note(metrics):
     return f", by an {state} policy ({metrics['updates']} gradient updates in training)"
 
 
+def _spans(figures):
+    """Centres and half widths that draw each {mean, low, high}'s interval as it is: an
+    error bar about the mean would need the mean inside it, which a percentile interval of
+    few resamples need not hold."""
+    return ([(f["low"] + f["high"]) / 2 for f in figures],
+            [(f["high"] - f["low"]) / 2 for f in figures])
+
+
 def plot_summary(groups, metrics, path):
     """Bars with their intervals, one panel per metric, bars grouped by task, one colour
     per policy. `groups`: dicts with task, policy and metrics[name] = {mean, low, high}
@@ -204,16 +212,16 @@ def plot_summary(groups, metrics, path):
     for axis, metric in zip(axes[0], metrics):
         tasks = sorted({g["task"] for g in groups if g["metrics"].get(metric)})
         for number, policy in enumerate(policies):
-            xs, means, below, above = [], [], [], []
+            xs, values = [], []
             for column, task in enumerate(tasks):
                 value = figures.get((task, policy), {}).get(metric)
                 if value is not None:
                     xs.append(column + number * width)
-                    means.append(value["mean"])
-                    below.append(value["mean"] - value["low"])
-                    above.append(value["high"] - value["mean"])
-            axis.bar(xs, means, width, yerr=[below, above], capsize=3,
-                     color=f"C{number % 10}", label=policy)
+                    values.append(value)
+            axis.bar(xs, [value["mean"] for value in values], width, color=f"C{number % 10}",
+                     label=policy)
+            centres, halves = _spans(values)
+            axis.errorbar(xs, centres, yerr=halves, fmt="none", capsize=3, ecolor="black")
         axis.set_xticks([c + width * (len(policies) - 1) / 2 for c in range(len(tasks))], tasks)
         axis.set_title(metric)
         axis.grid(axis="y", alpha=0.3)
@@ -237,9 +245,11 @@ def plot_cost(groups, path, tokens="LLM tokens / conv."):
                 continue
             sr = g["metrics"]["SR"]
             colour = f"C{policies.index(g['policy']) % 10}"
-            axis.errorbar([g["costs"][tokens]], [sr["mean"]], capsize=3, marker="o",
-                          yerr=[[sr["mean"] - sr["low"]], [sr["high"] - sr["mean"]]],
-                          color=colour, label=g["policy"])
+            centres, halves = _spans([sr])
+            axis.errorbar([g["costs"][tokens]], centres, yerr=halves, fmt="none", capsize=3,
+                          color=colour)
+            axis.plot([g["costs"][tokens]], [sr["mean"]], marker="o", color=colour,
+                      label=g["policy"])
             axis.annotate(g["policy"], (g["costs"][tokens], sr["mean"]), fontsize=8,
                           xytext=(4, 4), textcoords="offset points")
         axis.set_xscale("log")  # planners' costs differ by orders of magnitude (MCTS)

@@ -254,6 +254,23 @@ def test_report_of_two_policies_on_the_same_cases(tmp_path):
         assert str(run / "actions.png") in figures["images"]
 
 
+def test_a_mean_outside_its_interval_is_drawn(tmp_path):
+    """With few resamples the mean of the seeds' means can lie outside the percentile
+    interval (one resample: the interval is that resample's mean): the figures draw the
+    interval as it is, and the report is written."""
+    rng = random.Random(6)
+    for policy, outcomes in (("dialogxpert", [True, False, True, True, False]),
+                             ("prior", [False, False, True, False, False])):
+        write_run(tmp_path / "runs", "esc", policy, 1, random_conversations("esc", outcomes, rng),
+                  extra={"cost": {"per_conversation": {"total": {"tokens": 50.0}}}})
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "1"])
+    groups = json.loads((out / "report.json").read_text())["groups"]
+    assert any(not g["metrics"]["SR"]["low"] <= g["metrics"]["SR"]["mean"]
+               <= g["metrics"]["SR"]["high"] for g in groups)
+    assert is_png(out / "report.png") and is_png(out / "cost.png")
+
+
 def test_the_search_table_sums_the_seeds_searches(tmp_path):
     rng = random.Random(3)
     searches = {1: {"searched_turns": 10, "simulated_turns": 100,
