@@ -234,7 +234,8 @@ def plot_cost(groups, path, tokens="LLM tokens / conv."):
     """SR (with its interval) against the LLM tokens a conversation cost, one point per
     policy, one panel per task: what a planner buys with its extra LLM calls. `groups`:
     report.py's summaries (metrics["SR"], costs[tokens]); a policy without a token
-    count is left out."""
+    count is left out, and one whose count holds the unread prior (cost_before_unread_prior)
+    is marked "*", as in the cost table."""
     tasks = sorted({g["task"] for g in groups})
     policies = sorted({g["policy"] for g in groups})
     figure, axes = plt.subplots(1, len(tasks), figsize=(1 + 4.5 * len(tasks), 3.8),
@@ -245,12 +246,12 @@ def plot_cost(groups, path, tokens="LLM tokens / conv."):
                 continue
             sr = g["metrics"]["SR"]
             colour = f"C{policies.index(g['policy']) % 10}"
+            name = g["policy"] + ("*" if g.get("cost_before_unread_prior") else "")
             centres, halves = _spans([sr])
             axis.errorbar([g["costs"][tokens]], centres, yerr=halves, fmt="none", capsize=3,
                           color=colour)
-            axis.plot([g["costs"][tokens]], [sr["mean"]], marker="o", color=colour,
-                      label=g["policy"])
-            axis.annotate(g["policy"], (g["costs"][tokens], sr["mean"]), fontsize=8,
+            axis.plot([g["costs"][tokens]], [sr["mean"]], marker="o", color=colour, label=name)
+            axis.annotate(name, (g["costs"][tokens], sr["mean"]), fontsize=8,
                           xytext=(4, 4), textcoords="offset points")
         axis.set_xscale("log")  # planners' costs differ by orders of magnitude (MCTS)
         axis.set_xlabel("LLM tokens per conversation (prompt + generated)")

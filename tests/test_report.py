@@ -5,6 +5,7 @@ import os
 import random
 import re
 
+import matplotlib.axes
 import numpy as np
 import pytest
 
@@ -295,9 +296,13 @@ def test_the_search_table_sums_the_seeds_searches(tmp_path):
     assert groups["dialogxpert"]["search"] is None
 
 
-def test_a_cost_older_than_the_unread_prior_is_marked(tmp_path):
+def test_a_cost_older_than_the_unread_prior_is_marked(tmp_path, monkeypatch):
     """A policy that does not read the prior, from a run whose cost has no unread_prior
-    part, counted that prior in its total: its cost row says so."""
+    part, counted that prior in its total: its cost row and its point in cost.png say so."""
+    labels = []
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", lambda axis, text, *args, **kwargs:
+                        labels.append(text) or annotate(axis, text, *args, **kwargs))
     def cost(unread):
         parts = {"total": {"tokens": 100.0}} | ({"unread_prior": {"tokens": 40.0}} if unread
                                                else {})
@@ -311,6 +316,7 @@ def test_a_cost_older_than_the_unread_prior_is_marked(tmp_path):
     rows = (out / "report.md").read_text().split("## Cost")[1].split("\n\n")[1]
     assert "| esc | ppdpp* | 100 |" in rows
     assert "| esc | gdpzero | 100 |" in rows and "| esc | dialogxpert | 100 |" in rows
+    assert sorted(labels) == ["dialogxpert", "gdpzero", "ppdpp*"]
 
 
 def test_runs_of_one_policy_at_other_settings_are_tabled_apart(tmp_path):
