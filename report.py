@@ -317,7 +317,8 @@ STRATEGY_FIGURES = {"entropy": ("strategies", "entropy"),
 def strategy_figures(runs):
     """The strategy bias of the runs: the mean over seeds of each STRATEGY_FIGURES value
     (None where a run lacks it: an older run, a task without labels, no strategy played),
-    and the most chosen action of the seeds' mean distribution."""
+    but for the top share: the most chosen action of the seeds' mean distribution and its
+    share there (the seeds' own top actions may differ)."""
     figures = {}
     for header, keys in STRATEGY_FIGURES.items():
         values = [looked_up({"strategies": run["strategies"]}, keys) for run in runs]
@@ -331,6 +332,8 @@ def strategy_figures(runs):
     human = mean_distribution([((run["strategies"] or {}).get("human") or {}).get("distribution")
                                for run in runs])
     figures["top action"] = max(shares, key=shares.get) if shares else None
+    if figures["top share"] is not None:  # every seed has a distribution
+        figures["top share"] = shares[figures["top action"]]
     return figures | {"distribution": shares, "human distribution": human}
 
 
@@ -445,7 +448,7 @@ def strategy_rows(summaries):
     return rows + ["", "The test's chosen strategies, mean over seeds (test_metrics.json "
                    "`strategies`, docs/users.md): entropy over the task's actions divided by "
                    "log |A| (0: one strategy always, 1: all equally), the most chosen action "
-                   "and its share, and the total variation and Jensen-Shannon divergence "
+                   "of the seeds' mean distribution and its share there, and the total variation and Jensen-Shannon divergence "
                    "(bits) from the labelled human turns of the same cases (-: the data has "
                    "no labels, or no strategy was played). A concentrated distribution can come "
                    "from the policy, the planner's prior or what the simulated user and critic "

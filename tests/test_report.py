@@ -319,6 +319,23 @@ def test_a_cost_older_than_the_unread_prior_is_marked(tmp_path, monkeypatch):
     assert sorted(labels) == ["dialogxpert", "gdpzero", "ppdpp*"]
 
 
+def test_the_top_share_is_the_share_of_the_top_action():
+    """Seeds whose most chosen actions differ: the row's top action is that of the seeds'
+    mean distribution, and its share is that action's share there, not the mean of each
+    seed's own top share."""
+    def strategies(distribution):
+        top = max(distribution, key=distribution.get)
+        return {"entropy": 0.5, "top_action": top, "top_share": distribution[top],
+                "distribution": distribution, "human": None}
+    runs = [{"strategies": strategies({"A": 0.6, "B": 0.3, "C": 0.1})},
+            {"strategies": strategies({"A": 0.3, "B": 0.5, "C": 0.2})}]
+    figures = report.strategy_figures(runs)
+    assert figures["top action"] == "A" and figures["distribution"]["A"] == pytest.approx(0.45)
+    assert figures["top share"] == pytest.approx(0.45)
+    assert figures["entropy"] == 0.5 and figures["TV from human"] is None
+    assert report.strategy_figures([{"strategies": None}])["top share"] is None
+
+
 def test_runs_of_one_policy_at_other_settings_are_tabled_apart(tmp_path):
     """GDP-Zero at 5 and at 20 (the default) simulations, same seed and cases: two rows,
     each paired with dialogxpert, none skipped."""
