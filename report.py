@@ -489,8 +489,10 @@ def persona_rows(summaries):
             rows.append(f"| {s['task']} | {s['policy']} | {name} | {figures['conversations']} | "
                         f"{cell(figures['SR'], '.3f')} | {cell(figures['AT'], '.2f')} |")
     return rows + ["", "The test's conversations by the persona the user simulator was given "
-                   "(--user_personas, --test_user_personas; docs/users.md); each interval a "
-                   "bootstrap over that persona's conversations. A persona is an instruction "
+                   "(--user_personas, --test_user_personas; docs/users.md); each cell the mean "
+                   "over the seeds that met the persona of each one's mean, its interval a "
+                   "bootstrap over that persona's conversations and, with several seeds, "
+                   "over seeds. A persona is an instruction "
                    "to the user LLM, which may follow it weakly: these figures measure the "
                    "simulator given that text.", ""]
 
