@@ -448,7 +448,8 @@ def strategy_rows(summaries):
     return rows + ["", "The test's chosen strategies, mean over seeds (test_metrics.json "
                    "`strategies`, docs/users.md): entropy over the task's actions divided by "
                    "log |A| (0: one strategy always, 1: all equally), the most chosen action "
-                   "of the seeds' mean distribution and its share there, and the total variation and Jensen-Shannon divergence "
+                   "of the seeds' mean distribution and its share there, and the total "
+                   "variation and Jensen-Shannon divergence "
                    "(bits) from the labelled human turns of the same cases (-: the data has "
                    "no labels, or no strategy was played). A concentrated distribution can come "
                    "from the policy, the planner's prior or what the simulated user and critic "
@@ -492,8 +493,8 @@ def persona_rows(summaries):
                    "(--user_personas, --test_user_personas; docs/users.md); each cell the mean "
                    "over the seeds that met the persona of each one's mean, its interval a "
                    "bootstrap over that persona's conversations and, with several seeds, "
-                   "over seeds. A persona is an instruction "
-                   "to the user LLM, which may follow it weakly: these figures measure the "
+                   "over seeds. A persona is an instruction to the user LLM, which may "
+                   "follow it weakly: these figures measure the "
                    "simulator given that text.", ""]
 
 
