@@ -277,8 +277,10 @@ class OpenAILLM(LLMClient):
     async def _samples(self, messages, body, num_samples, seed=None, tally=None):
         texts = []
         if num_samples > 1 and self.n_supported is not False:
+            # the seed of sample 0: a server that ignores n draws that sample alone, as it
+            # does on every later call once that is known
             texts = await self._choices(messages, body, num_samples,
-                                        None if seed is None else stream_seed(seed, "n"), tally)
+                                        None if seed is None else stream_seed(seed, 0), tally)
             if self.n_supported is None:
                 self.n_supported = len(texts) >= num_samples
                 print(f"{self.endpoint}: " + ("one request returns n samples" if self.n_supported

@@ -395,3 +395,21 @@ def test_bad_serve_flags_are_one_error_line_before_a_server_starts(flags, messag
                           text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith(message), done.stderr
+
+
+def test_a_seeded_sample_is_the_same_before_and_after_the_server_is_found_to_ignore_n():
+    """A server that ignores n (llama.cpp) is found on the first call, whose first sample
+    comes from the request that asked for n: it must carry the seed that sample has on
+    every later call, or the first call of a run (or of a resumed run) draws other text."""
+    import httpx
+
+    def server(request):  # one choice whatever n is; its text is the request's seed
+        seed = json.loads(request.content)["seed"]
+        return httpx.Response(200, json={"choices": [{"message": {"content": str(seed)}}],
+                                         "usage": {}})
+    llm = OpenAILLM("http://server.test/v1", model="m", tokenizer="none", context_length=512)
+    llm.http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    first = llm.chat(QUESTIONS[:1], temperature=1.0, num_samples=3, seeds=[7])
+    assert llm.n_supported is False
+    assert llm.chat(QUESTIONS[:1], temperature=1.0, num_samples=3, seeds=[7]) == first
+    assert len(set(first[0])) == 3
