@@ -362,3 +362,118 @@ def test_a_device_this_machine_lacks_is_one_user_error():
     with pytest.raises(UserError, match=r"--device cuda:99: torch sees \d+ CUDA device\(s\) "
                                         r"here\. Pass --device auto or cpu"):
         check_device("cuda:99")
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_seeded_samples_do_not_depend_on_the_rest_of_the_batch(tiny_llm_dir, shared_prefix):
+    """A conversation's seeded samples are the same alone, in a batch, in reverse order, in
+    groups of the row cap, prefilled in groups by length, and with a cached prefix."""
+    conversations = CONVERSATIONS + [[{"role": "user", "content": "A long one. " * 30}]]
+    seeds = [11, 22, 33, 44]
+    options = dict(max_new_tokens=8, temperature=1.0, num_samples=3,
+                   shared_prefix=shared_prefix)
+    llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
+    batch = llm.chat(conversations, seeds=seeds, **options)
+    assert len({answer for samples in batch for answer in samples}) == 12
+    assert [llm.chat([c], seeds=[s], **options)[0]
+            for c, s in zip(conversations, seeds)] == batch
+    assert llm.chat(conversations[::-1], seeds=seeds[::-1], **options)[::-1] == batch
+    llm.max_batch_rows = 3  # one conversation a group with its samples as rows
+    assert llm.chat(conversations, seeds=seeds, **options) == batch
+    llm.max_batch_rows, llm.forward_overhead_tokens = 160, 0  # a pass per length group
+    assert llm.chat(conversations, seeds=seeds, **options) == batch
+    cached = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
+                                             prefix_cache_gb=0.01)
+    keys = [(i, "critic") for i in range(len(conversations))]
+    cached.chat([_extend(c, " Earlier.") if i % 2 else c for i, c in enumerate(conversations)],
+                seeds=seeds, cache_keys=keys, **options)
+    assert cached.chat(conversations, seeds=seeds, cache_keys=keys, **options) == batch
+    assert cached.stats["prompt_tokens_reused"] > 0
+
+
+def test_a_branch_starts_from_its_owners_prompt_and_answers_as_a_fresh_one(tiny_llm_dir):
+    plain = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
+    cached = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
+                                             prefix_cache_gb=0.01)
+    owner, other = CONVERSATIONS[1], CONVERSATIONS[0]
+    cached.chat([owner, other], max_new_tokens=4, cache_keys=[(1, "user"), (2, "user")])
+    cached.branch(3, 1)  # a search's copy of conversation 1, asked after conversation 2
+    copy = _extend(owner, " A simulated turn.")
+    before = cached.stats["prompt_tokens_reused"]
+    assert cached.chat([copy], max_new_tokens=8, temperature=1.0, num_samples=2, seeds=[5],
+                       cache_keys=[(3, "user")]) == plain.chat(
+        [copy], max_new_tokens=8, temperature=1.0, num_samples=2, seeds=[5])
+    owner_ids, copy_ids = plain.encode_chat(owner), plain.encode_chat(copy)
+    shared = next(i for i, (a, b) in enumerate(zip(owner_ids, copy_ids)) if a != b)
+    assert cached.stats["prompt_tokens_reused"] - before == shared
+
+
+def test_a_cached_prompt_is_reused_up_to_where_a_new_prompt_departs_from_it(tiny_llm_dir):
+    """An entry that is no prefix of the new prompt gives only the tokens they share; one
+    that extends past a shorter prompt gives all but the prompt's last token."""
+    plain = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
+    cached = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32",
+                                             prefix_cache_gb=0.01)
+    first = [{"role": "user", "content": "Tell me about the sea and the sky."}]
+    later = [[{"role": "user", "content": "Tell me about the moon, the sea and the sky."}],
+             [{"role": "user", "content": "Tell me"}]]
+    labels = [str(i + 1) for i in range(12)]
+    first_ids = plain.encode_chat(first)
+    for conversation in later:
+        cached.chat([first], max_new_tokens=2, cache_keys=[("a", "critic")])
+        ids = plain.encode_chat(conversation)
+        shared = min(next(i for i, (a, b) in enumerate(zip(first_ids, ids + [-1])) if a != b),
+                     len(ids) - 1)
+        before = cached.stats["prompt_tokens_reused"]
+        assert cached.chat([conversation], max_new_tokens=8, cache_keys=[("a", "critic")]) == \
+            plain.chat([conversation], max_new_tokens=8)
+        assert cached.stats["prompt_tokens_reused"] - before == shared
+        cached.chat([first], max_new_tokens=2, cache_keys=[("a", "critic")])
+        assert torch.allclose(cached.option_probs([conversation], labels,
+                                                  cache_keys=[("a", "critic")]),
+                              plain.option_probs([conversation], labels), atol=1e-5)
+
+
+def test_sampled_tokens_follow_the_softmax_of_the_logits_over_the_temperature(tiny_llm_dir):
+    """The first tokens of many samples against softmax(logits / T) of a plain forward
+    pass (a chi-square test), and temperature 0 against the argmax."""
+    from scipy.stats import chisquare
+
+    llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
+    with torch.no_grad():
+        llm.model.lm_head.weight.mul_(40)  # logits spread over a few units: a skewed vocabulary
+        prompt = llm.encode_chat(CONVERSATIONS[0])
+        logits = llm.model(torch.tensor([prompt], device=llm.device)).logits[0, -1].float()
+    drawn = []
+    sample = llm._sample
+    llm._sample = lambda *args: drawn.append(sample(*args)) or drawn[-1]
+    for temperature in (0.7, 1.5):
+        drawn.clear()
+        llm.chat(CONVERSATIONS[:1], max_new_tokens=1, temperature=temperature,
+                 num_samples=3000, seeds=[9])
+        counts = torch.bincount(drawn[0].cpu(), minlength=len(logits)).double()
+        expected = torch.softmax(logits.cpu().double() / temperature, -1) * counts.sum()
+        rare = expected < 5  # pooled into one bin, as a chi-square test needs
+        observed = torch.cat([counts[~rare], counts[rare].sum()[None]])
+        expected = torch.cat([expected[~rare], expected[rare].sum()[None]])
+        assert (~rare).sum() >= 10
+        assert chisquare(observed.numpy(), expected.numpy()).pvalue > 1e-3, temperature
+    drawn.clear()
+    llm.chat(CONVERSATIONS[:1], max_new_tokens=1, temperature=0)
+    assert drawn[0].tolist() == [int(logits.argmax())]
+
+
+def test_stop_at_newline_skips_leading_line_breaks(tiny_llm, monkeypatch):
+    """A line break before any text does not end the answer; the first one after text
+    does (docs/served.md: the in-process engine skips leading line breaks)."""
+    drawn, sample = [], tiny_llm._sample
+    monkeypatch.setattr(tiny_llm, "_sample", lambda *args: drawn.append(sample(*args)) or drawn[-1])
+    tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0)
+    tokens = [int(step[0]) for step in drawn]  # the greedy answer's tokens
+    assert tokens[0] not in tokens[1:4] and not set(tokens[:4]) & set(tiny_llm.stop_ids)
+    # pretend the first and the 4th tokens are line breaks
+    monkeypatch.setattr(tiny_llm, "_newline_ids", torch.tensor([tokens[0], tokens[3]],
+                                                               device=tiny_llm.device))
+    cut = tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0,
+                        stop_at_newline=True)[0][0]
+    assert cut == tiny_llm.tokenizer.decode(tokens[:4]).strip()
