@@ -418,3 +418,24 @@ def test_a_gdpzero_run_charges_its_simulations_to_each_conversations_planner(
             means["conversation"][name] + means["planner"][name])
     for llm in llms.values():
         assert not [key for key in llm.ledger if key is not None]  # all settled
+
+
+def test_scoring_options_charges_add_up_to_the_engines_counts(cached_llm):
+    """Labels 1..25 read two label prefixes a conversation ("1" and "2"), each a row of its
+    own: every row's tokens are charged, each token once, run or reused."""
+    llm, keys = cached_llm, [("a", "critic"), ("b", "critic")]
+    labels = [str(i + 1) for i in range(25)]
+    for extra in ["", " Briefly."]:
+        llm.ledger.clear()
+        before = dict(llm.stats)
+        llm.option_probs(chats(extra), labels, cache_keys=keys)
+        for key, prompt in zip(keys, chats(extra)):
+            counts = llm.ledger[key]
+            assert (counts["prompt_tokens"] + counts["prompt_tokens_reused"]
+                    == 2 * (len(llm.encode_chat(prompt)) + 1))
+        for name in ("prompt_tokens", "prompt_tokens_reused"):
+            assert sum(c[name] for c in llm.ledger.values()) == llm.stats[name] - before.get(
+                name, 0)
+        assert sum(c["seconds"] for c in llm.ledger.values()) == pytest.approx(
+            llm.stats["prior_seconds"] - before.get("prior_seconds", 0))
+    assert all(llm.ledger[k]["prompt_tokens_reused"] > 0 for k in keys)

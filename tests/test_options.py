@@ -102,3 +102,41 @@ def test_a_distribution_read_in_a_rotation_is_folded_back_into_the_task_order():
                       result=torch.tensor([0.5, 0.25, 0.125, 0.125]))
     # position 0 showed option 2, so option 2 gets the probability read at position 0
     assert job.in_task_order() == [0.125, 0.125, 0.5, 0.25]
+
+
+def test_every_order_reads_the_softmax_of_its_labels_first_token_logits(tiny_llm):
+    """Through the tiny model: each order's probabilities are the softmax, over the labels,
+    of the labels' logits after its own prompt, and fold back by the order shown."""
+    import torch
+
+    from llm import stream_seed
+
+    class Asked:  # what options.ask reads of a conversation
+        def __init__(self, uid):
+            self.uid = uid
+
+        def seed(self, role):
+            return stream_seed(self.uid, role)
+
+    actions = ["Question", "Reflection", "Suggestion", "Comfort"]
+
+    def prompt(conversation, order):
+        listed = "\n".join(f"{i + 1}. {actions[o]}" for i, o in enumerate(order))
+        return [{"role": "user", "content": f"Case {conversation.uid}. Pick one:\n{listed}"}]
+
+    conversations, labels = [Asked(1), Asked(2)], options.labels(4)
+    orders = [options.rotations(4, 0, 3), options.rotations(4, 2, 4)]
+    label_tokens = [tiny_llm.tokenizer(label)["input_ids"] for label in labels]
+    assert all(len(tokens) == 1 for tokens in label_tokens)
+    asked = options.ask(tiny_llm, "planner", conversations, orders, prompt, labels)
+    for conversation, shown, jobs in zip(conversations, orders, asked):
+        assert [job.order for job in jobs] == shown
+        for job in jobs:
+            assert job.chat == prompt(conversation, job.order)
+            ids = torch.tensor([tiny_llm.encode_chat(job.chat)], device=tiny_llm.device)
+            with torch.no_grad():
+                logits = tiny_llm.model(ids).logits[0, -1].float().cpu()
+            expected = torch.softmax(logits[[tokens[0] for tokens in label_tokens]], -1)
+            assert torch.allclose(job.result, expected, atol=1e-5)
+            assert job.in_task_order() == pytest.approx(
+                [float(expected[job.order.index(option)]) for option in range(4)])
