@@ -721,7 +721,8 @@ class TransformersLLM(LLMClient):
         # logits only there avoids a [rows, length, vocab] tensor
         keep = max(len(path) for path in row_prefixes) + 1
         logits, _, _, _, reused = self._prefill(rows, row_keys, prompt_lengths, keep)
-        log_probs = torch.log_softmax(logits, dim=-1)
+        # over the tokens the sampler can draw: none past the tokenizer's vocabulary
+        log_probs = torch.log_softmax(logits[..., :self.vocab_size], dim=-1)
 
         # next-token distributions after every prefix that a forward row covers
         dist = [dict() for _ in prompts]

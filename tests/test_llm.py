@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, build_tiny_llm
 from llm import load_llm, resolve_llm_path
 from llm_transformers import PACKED_SDPA, ReservedLayer, TransformersLLM, sample_categorical
 
@@ -14,13 +14,14 @@ CONVERSATIONS = [
 
 
 def reference_option_probs(llm, conversation, labels):
-    """One plain forward pass per label, no batching or padding."""
+    """One plain forward pass per label, no batching or padding, over the tokenizer's
+    vocabulary."""
     prompt = llm.encode_chat(conversation)
     label_ids = llm.label_token_ids(prompt, labels)
     scores = []
     for seq in label_ids:
         ids = torch.tensor([prompt + list(seq)], device=llm.device)
-        log_probs = torch.log_softmax(llm.model(ids).logits[0].float(), -1)
+        log_probs = torch.log_softmax(llm.model(ids).logits[0, :, :llm.vocab_size].float(), -1)
         score = sum(log_probs[len(prompt) - 1 + d, seq[d]] for d in range(len(seq)))
         longer = {o[len(seq)] for o in label_ids if len(o) > len(seq) and o[:len(seq)] == seq}
         if longer:
@@ -477,3 +478,25 @@ def test_stop_at_newline_skips_leading_line_breaks(tiny_llm, monkeypatch):
     cut = tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0,
                         stop_at_newline=True)[0][0]
     assert cut == tiny_llm.tokenizer.decode(tokens[:4]).strip()
+
+
+def test_option_probs_leave_out_the_embeddings_past_the_tokenizer_as_the_sampler_does(
+        tmp_path):
+    """A model whose embedding matrix is padded past its tokenizer (Qwen2.5's is) never
+    draws those rows' tokens; the chance that a label goes on ("1" to "12") is read
+    without them too."""
+    llm = TransformersLLM.from_pretrained(build_tiny_llm(str(tmp_path), vocab_size=300),
+                                          device=DEVICE, dtype="float32")
+    head = llm.model.lm_head.weight
+    with torch.no_grad():  # "0" to "2" and the padding rows the likeliest after "1"
+        ids = llm.encode_chat(CONVERSATIONS[0]) + llm.tokenizer("1")["input_ids"]
+        likeliest = llm.model(torch.tensor([ids], device=llm.device)).logits[0, -1].argmax()
+        head[llm.tokenizer("012")["input_ids"]] = head[likeliest].clone()
+        head[llm.vocab_size:] = head[likeliest].clone()
+        head.mul_(20)
+    labels = [str(i + 1) for i in range(12)]
+    probs = llm.option_probs(CONVERSATIONS, labels)
+    for row, conversation in enumerate(CONVERSATIONS):
+        with torch.no_grad():
+            expected = reference_option_probs(llm, conversation, labels)
+        assert torch.allclose(probs[row], expected.cpu(), atol=1e-4), (row, probs[row], expected)
