@@ -442,7 +442,7 @@ def test_sampled_tokens_follow_the_softmax_of_the_logits_over_the_temperature(ti
 
     llm = TransformersLLM.from_pretrained(tiny_llm_dir, device=DEVICE, dtype="float32")
     with torch.no_grad():
-        llm.model.lm_head.weight.mul_(40)  # logits spread over a few units: a skewed vocabulary
+        llm.model.lm_head.weight.mul_(40)  # logits a few units apart: a skewed distribution
         prompt = llm.encode_chat(CONVERSATIONS[0])
         logits = llm.model(torch.tensor([prompt], device=llm.device)).logits[0, -1].float()
     drawn = []
@@ -468,7 +468,8 @@ def test_stop_at_newline_skips_leading_line_breaks(tiny_llm, monkeypatch):
     """A line break before any text does not end the answer; the first one after text
     does (docs/served.md: the in-process engine skips leading line breaks)."""
     drawn, sample = [], tiny_llm._sample
-    monkeypatch.setattr(tiny_llm, "_sample", lambda *args: drawn.append(sample(*args)) or drawn[-1])
+    monkeypatch.setattr(tiny_llm, "_sample",
+                        lambda *args: drawn.append(sample(*args)) or drawn[-1])
     tiny_llm.chat(CONVERSATIONS[:1], max_new_tokens=10, temperature=0)
     tokens = [int(step[0]) for step in drawn]  # the greedy answer's tokens
     assert tokens[0] not in tokens[1:4] and not set(tokens[:4]) & set(tiny_llm.stop_ids)
