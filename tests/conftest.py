@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -21,6 +22,16 @@ sys.path.insert(0, ROOT)
 
 from llm import LLMClient  # noqa: E402 (after the path)
 from tasks import get_task  # noqa: E402
+
+def one_error_line(script, *args, timeout=300):
+    """Run `python script args` in the project root; assert that it ended with exit code 2
+    and exactly one line on stderr, and return that line."""
+    done = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()], \
+        done.stderr[-3000:]
+    return done.stderr.strip()
+
 
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 DEMO = os.path.join(ROOT, "data", "demo")

@@ -20,7 +20,7 @@ import pytest
 
 import run_files
 import view
-from conftest import INJECTED, ROOT, make_runs
+from conftest import INJECTED, ROOT, make_runs, one_error_line
 from critic import Critic
 from env import Conversation, turn_prompt_cuts
 from run_files import ConversationRecord, TurnRecord
@@ -141,9 +141,8 @@ def test_turn_prompt_cuts_are_the_cuts_since_the_last_record():
 def test_no_run_or_an_unknown_flag_is_one_error_line():
     for args, fragment in (((), "the following arguments are required: RUN"),
                            (("--nope", "x"), "unrecognized arguments: --nope")):
-        done = cli(*args)
-        assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
-        assert done.stderr.startswith(f"error: {fragment}") and "view.py --help" in done.stderr
+        line = one_error_line("view.py", *args)
+        assert line.startswith(f"error: {fragment}") and "view.py --help" in line
 
 
 def test_an_out_that_is_no_html_page_is_refused_and_the_run_kept(runs, tmp_path):
@@ -151,9 +150,8 @@ def test_an_out_that_is_no_html_page_is_refused_and_the_run_kept(runs, tmp_path)
     shutil.copytree(runs[0], run)
     metrics = os.path.join(run, "test_metrics.json")
     before = open(metrics).read()
-    done = cli(run, "--out", metrics)
-    assert done.returncode == 2 and done.stderr.splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith(f"error: --out {metrics} is not an .html file.")
+    line = one_error_line("view.py", run, "--out", metrics)
+    assert line.startswith(f"error: --out {metrics} is not an .html file.")
     assert open(metrics).read() == before
 
 
