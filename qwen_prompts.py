@@ -39,7 +39,8 @@ ESC = {
               "them understand and work through it.",
     "user": "You are role-playing a Patient in a counselling conversation with a Therapist. "
             "You came for help because of emotional problems: {emotion_type} about "
-            "{problem_type}. Reply in one short sentence that says naturally how you feel.",
+            "{problem_type}. Reply in one short sentence that says, naturally and with "
+            "emotion, how you feel.",
     "critic": "You judge counselling conversations between a Therapist and a Patient: did "
               "the conversation improve the Patient's emotional state? The session is about "
               "{emotion_type} and {problem_type}.",
@@ -81,7 +82,7 @@ EXTES = {
     },
     "user": "You are role-playing a Patient in a counselling conversation with a Therapist. "
             "You came for help with emotional problems related to {scene}. Reply in one "
-            "short sentence that says naturally how you feel.",
+            "short sentence that says, naturally and with emotion, how you feel.",
     "critic": "You judge counselling conversations between a Therapist and a Patient: did "
               "the conversation improve the Patient's emotional state? The session is about "
               "{scene}.",
@@ -104,7 +105,8 @@ CIMA = {
                "translate an English sentence correctly into Italian.",
     "system": "You are role-playing a Teacher in a tutoring conversation. Guide the Student "
               "to translate the English sentence \"{sentence}\" into Italian. Do not tell the "
-              "Student the answer, and do not ask about other exercises.",
+              "Student the answer, and do not ask about other exercises. Make every reply "
+              "helpful.",
     "user": "You are role-playing a Student learning Italian in a tutoring session. You do "
             "not know how to translate \"{sentence}\" into Italian and want to learn it by "
             "talking with the Teacher. Reply naturally in one short sentence; if you are "
@@ -144,7 +146,7 @@ CB = {
     "system": "You are role-playing a skilled Buyer in a price negotiation. You want to buy "
               "the {item_name} at your target price of {buyer_price}. Item description: "
               "{buyer_item_description} Negotiate well: get the lowest price without losing "
-              "the deal.",
+              "the deal. Make every reply persuasive.",
     "user": "You are role-playing a persuasive Seller in a price negotiation. You want to "
             "sell the {item_name} at your price of {seller_price}. Item description: "
             "{seller_item_description} Reply in one short, persuasive sentence.",
@@ -206,7 +208,8 @@ P4G = {
               "donate to the charity Save the Children. Save the Children has its "
               "headquarters in London and fights poverty around the world, above all in "
               "developing countries and war zones. Small donations such as $1 or $2 already "
-              "help a lot.",
+              "help a lot. Make every reply persuasive, based on the Persuadee's emotional "
+              "state.",
     "user": "You are role-playing a Persuadee in a persuasion conversation. A Persuader is "
             "trying to convince you to donate to the charity Save the Children. Reply in one "
             "short sentence.",

@@ -92,6 +92,25 @@ def test_system_prompt_carries_instruction_and_format():
     assert "Emotion:" in messages[-1]["content"] and messages[-1]["role"] == "user"
 
 
+# what the release's qwen_prompts.py asks of each reply, beyond "one short sentence"
+@pytest.mark.parametrize("task_name,role,asked", [
+    ("cima", "system", "helpful"),  # CIMA_roleplay: "one short and helpful sentence"
+    ("cb", "system", "persuasive"),  # CB_roleplay: "ONE short and persuasive sentence"
+    ("p4g", "system", "persuasive"),  # P4G_roleplay: "based on that emotional state, ..."
+    ("p4g", "system", "based on the Persuadee's emotional state"),
+    ("esc", "user", "naturally and with emotion"),  # ESConv_roleplay: "in a natural, emotional way"
+    ("extes", "user", "naturally and with emotion"),  # ExTES_roleplay: the same
+])
+def test_each_reply_is_asked_for_as_the_release_asks_for_it(task_name, role, asked):
+    from env import user_prompt
+
+    task = get_task(task_name)
+    conversation = new_conversation(task, load_split(DEMO, task_name, "test")[0])
+    messages = (system_prompt(task, conversation, task.action_names[0]) if role == "system"
+                else user_prompt(task, conversation))
+    assert asked in messages[0]["content"]
+
+
 def test_planner_logits_prior_covers_all_actions():
     task = get_task("p4g")
     llm = ScriptedLLM(None, prior=lambda prompt, labels: [float(i) for i in range(1, len(labels) + 1)])
