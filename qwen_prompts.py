@@ -152,9 +152,10 @@ CB = {
             "{seller_item_description} Reply in one short, persuasive sentence.",
     "critic": "You judge price negotiations between a Buyer and a Seller: have they reached "
               "a deal by the end of the conversation?",
+    # the answer format names no price: a price of its own would be copied as the deal's
     "critic_question": "Have the Buyer and the Seller reached a deal at the end of the "
                        "conversation? If they have, write the agreed price after the option's "
-                       "number, as a number only (for example: {deal_label}, 120).",
+                       "number, as a number only, in this format: {deal_label}, <price>",
     "verdicts": [
         "They have not reached a deal.",
         "They have reached a deal.",

@@ -1,4 +1,5 @@
 import math
+import re
 import time
 
 import pytest
@@ -262,3 +263,13 @@ def test_cima_logits_success_is_ten_samples_all_saying_whole_half_the_time(p_who
     result = critic.from_distribution([rest, rest, rest, p_whole])
     assert result.success == success
     assert result.reward == pytest.approx(p_whole - rest * 1.0, abs=1e-9)
+
+
+def test_cb_question_shows_the_answer_format_without_a_price_to_copy():
+    """The release's format is "They have reached a deal at [price]": a placeholder. A
+    number in the example would be copied as the deal price when the critic is unsure."""
+    conversation = Conversation(CASE, [("Buyer", "Hi."), ("Seller", "Hello.")])
+    for order in ([0, 1], [1, 0]):
+        text = Critic(get_task("cb"), None).prompt(conversation, order=order)[-1]["content"]
+        question = text.split("Options:")[0].split("Seller: Hello.")[1]
+        assert re.findall(r"\d+", question) == [str(order.index(1) + 1)]

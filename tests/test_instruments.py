@@ -164,7 +164,7 @@ def test_cb_deal_answers_follow_the_order_shown():
 
     def reply(prompt):
         deal = option_number(prompt, cb.verdicts[1])
-        assert f"for example: {deal}, 120" in prompt
+        assert f"in this format: {deal}, <price>" in prompt
         return f"{deal}, 150"
     critic = Critic(cb, ScriptedLLM(reply), num_samples=4, order="shuffle")
     result = critic.score([Conversation(case, [("Buyer", "150?"), ("Seller", "ok")], stream=3)])[0]
