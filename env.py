@@ -127,16 +127,19 @@ RESPONSE_PATTERN = re.compile(r"response\s*[:\-]\s*\**\s*(.*)", re.I | re.S)
 def parse_emotion_response(text, roles=()):
     """Split "Emotion: sad Response: I hear you." into ('sad', 'I hear you.', True).
 
-    If the format is not followed, the whole text is kept as the response with emotion
-    'unknown' and ok=False, so the caller can count it. Text after a line that starts a
-    new speaker's turn ("Patient: ...") is cut: the model was writing the other side."""
+    An emotion of more than two words is 'unknown'. If the format is not followed, the
+    whole text is kept as the response with emotion 'unknown' and ok=False, so the caller
+    can count it. Text after a line that starts a new speaker's turn ("Patient: ...") is
+    cut: the model was writing the other side."""
     emotion_match = EMOTION_PATTERN.search(text)
     response_match = RESPONSE_PATTERN.search(text)
     ok = bool(emotion_match and response_match)
     emotion = "unknown"
     if emotion_match:
-        words = emotion_match.group(1).strip().lower().split()
-        emotion = " ".join(w for w in words[:2] if w != "response") or "unknown"
+        words = [w for w in emotion_match.group(1).lower().split() if w.strip("-")]
+        words = words[:words.index("response")] if "response" in words else words
+        # one or two words name an emotion; more are a sentence or a fragment of one
+        emotion = " ".join(words) if 0 < len(words) <= 2 else "unknown"
     response = clean_turn(response_match.group(1), roles) if response_match else ""
     return emotion, response or clean_turn(text, roles), ok
 

@@ -18,6 +18,9 @@ from tasks import get_task, load_split
     ("I hear you, that sounds hard.", "unknown", "I hear you, that sounds hard.", False),
     ("Emotion: sad", "sad", "Emotion: sad", False),
     ("Emotion: sad\nResponse: Okay.\nPatient: I feel bad", "sad", "Okay.", True),
+    ("Emotion: deeply hurt - Response: Sorry.", "deeply hurt", "Sorry.", True),
+    # a sentence about the emotion is no emotion: not its first two words ("the patient")
+    ("Emotion: The patient seems anxious.\nResponse: I see.", "unknown", "I see.", True),
 ])
 def test_parse_emotion_response(text, emotion, response, ok):
     assert parse_emotion_response(text, ("Therapist", "Patient")) == (emotion, response, ok)
