@@ -231,8 +231,9 @@ P4G = {
 
 # The planner's question, ending in one of the PLANNER_QUESTIONS (by --prior): logits and
 # sample read the number of one option; list (the original release's question for its
-# "TOP 4") reads every number of one answer; project asks for a plan in the planner's own
-# words, which env.Planner maps onto an action.
+# "TOP 4", without its example answer "1,2,4,5", which a model copies) reads every number
+# of one answer; project asks for a plan in the planner's own words, which env.Planner
+# maps onto an action.
 PLANNER_TEMPLATE = (
     "Conversation so far:\n{transcript}\n\n"
     "Emotions of the {user_role} so far: {emotions}\n\n"
