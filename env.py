@@ -612,8 +612,10 @@ class SelfPlayEnv:
         unchanged. notes: per conversation, a dict that the turn's record keeps (the
         agent's choice, for the log)."""
         verdicts = self.exchange(conversations, actions, evaluation, notes)
-        # the next state's candidates: to act on, and to bootstrap a turn-limit ending
-        going_on = [c for c, v in zip(conversations, verdicts) if not v.success]
+        # the next state's candidates: to act on, and in training to bootstrap a turn-limit
+        # ending (in evaluation nothing reads the state after the last turn: not asked)
+        going_on = [c for c, v in zip(conversations, verdicts)
+                    if not v.success and not (evaluation and c.done)]
         observations = dict(zip((c.uid for c in going_on),
                                 self.observe(going_on) if self.planner else []))
         clients = {id(llm): llm for llm in self.llms().values() if llm is not None}

@@ -87,7 +87,8 @@ class TurnRecord:
     planner_invalid: int | None = None  # the planner's answers about this state naming no action
     prompt_cuts: dict | None = None  # the turn's prompts cut to fit a context (llm.py)
     run_reward: float | None = None  # critic_check.py --run: the reward of the run's critic
-    # a turn-limit ending's last turn: the planner's unusable answers about the state after it
+    # a training turn-limit ending's last turn: the planner's unusable answers about the
+    # state after it (its bootstrap; an evaluation does not ask about that state)
     next_planner_invalid: int | None = None
 
     def set_verdict(self, verdict, outcome):

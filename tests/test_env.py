@@ -138,9 +138,11 @@ def test_planner_sampling_fallback_counts_invalid_answers():
     assert prior.sum().item() == pytest.approx(1.0) and (prior > 0).all()
 
 
-def test_unusable_planner_answers_are_recorded_on_their_turns_and_counted_once():
-    """The prior a turn acted on is counted on its record; the prior of the state after a
-    turn-limit ending's last turn, on that record as next_planner_invalid."""
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_unusable_planner_answers_are_recorded_on_their_turns_and_counted_once(evaluation):
+    """The prior a turn acted on is counted on its record; in training, the prior of the
+    state after a turn-limit ending's last turn (its bootstrap), on that record as
+    next_planner_invalid; in evaluation that state is not asked (nothing reads it)."""
     task = get_task("esc")
     planner_llm = ScriptedLLM(lambda prompt: "none of them")
     planner = Planner(task, planner_llm, mode="sample", num_samples=2)
@@ -148,13 +150,16 @@ def test_unusable_planner_answers_are_recorded_on_their_turns_and_counted_once()
     env = SelfPlayEnv(task, ScriptedLLM(lambda p: "Emotion: sad\nResponse: I see."),
                       ScriptedLLM(lambda p: "Okay."), critic, planner=planner, max_turn=2)
     conversation = env.reset([(load_split(DEMO, "esc", "test")[0], 0, 1)])[0].conversation
-    env.step([conversation], ["Question"])
-    env.step([conversation], ["Question"])
+    env.step([conversation], ["Question"], evaluation=evaluation)
+    results = env.step([conversation], ["Question"], evaluation=evaluation)
     assert conversation.outcome == "time limit"
     assert [r.get("planner_invalid") for r in conversation.records] == [2, 2]
-    assert [r.get("next_planner_invalid") for r in conversation.records] == [None, 2]
+    last = None if evaluation else 2
+    assert [r.get("next_planner_invalid") for r in conversation.records] == [None, last]
+    assert (results[0].observation is None) == evaluation
     asked = sum(batch * samples for _, batch, samples in planner_llm.calls)
-    assert asked == 6 and unusable_counts([conversation]) == {"planner": 6}
+    assert asked == 4 + 2 * (not evaluation)
+    assert unusable_counts([conversation]) == {"planner": asked}
 
 
 def test_batched_step_equals_one_conversation_at_a_time(tiny_llm):
