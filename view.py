@@ -19,12 +19,14 @@ The run's files are read through run_files.py. A folder that holds no train_ or
 test_conversations.jsonl is searched for run folders at any depth. A malformed line stops
 the page with the file and line; with --skip_bad it is left out, counted and listed on the
 page. Every text of the runs reaches the page as data (JSON in script elements, with '<'
-escaped) and is shown with textContent, never as HTML.
+escaped) and is shown with textContent, never as HTML. A NaN or infinite number in a run's
+files reaches the page as its text ("NaN", "Infinity"), which JSON.parse reads.
 """
 
 import base64
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -218,7 +220,7 @@ def load_run(folder, run_index, skip_bad):
         for conversation in conversations:
             page = annotate(conversation, task, logits=args.get("critic") == "logits")
             rows.append(summary(run_index, split, conversation))
-            lines.append(json.dumps(page, separators=(",", ":")))
+            lines.append(page_json(page))
     name = os.path.basename(os.path.normpath(folder))
     policy = test.get("policy") or args.get("policy")
     seed = test.get("seed") if "seed" in test else args.get("seed")
@@ -234,6 +236,25 @@ def load_run(folder, run_index, skip_bad):
 # ---------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------
+
+def strict_json(value):
+    """A run's value with each number that JSON has no word for (NaN, Infinity: a diverged
+    loss or Q-value, which Python's json writes and reads) as its text, "NaN", "Infinity"
+    or "-Infinity": the browser's JSON.parse refuses the bare words, and one of them would
+    stop the page (in the metrics) or a conversation (in its records)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: strict_json(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(inner) for inner in value]
+    return value
+
+
+def page_json(value):
+    """One line of JSON that the browser's JSON.parse reads (strict_json)."""
+    return json.dumps(strict_json(value), separators=(",", ":"), allow_nan=False)
+
 
 def script_json(text):
     """JSON text that is safe inside <script type="application/json">: no '<' can close
@@ -257,7 +278,7 @@ def build_page(folders, skip_bad=False):
     digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
     parts = {"SCRIPT_HASH": f"'sha256-{digest}'",
              "TITLE": "conversations: " + ", ".join(run["name"] for run in runs),
-             "RUNS": script_json(json.dumps({"runs": runs, "rows": rows})),
+             "RUNS": script_json(page_json({"runs": runs, "rows": rows})),
              "CONVERSATIONS": script_json("\n".join(lines))}
     parts["TITLE"] = (parts["TITLE"].replace("&", "&amp;").replace("<", "&lt;")
                       .replace(">", "&gt;"))

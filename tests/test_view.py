@@ -427,3 +427,39 @@ def test_browser_filters_by_user_persona_and_shows_the_persona_and_cost(browser,
             f"{cost['conversation']['prompt_tokens']} prompt tokens run" in shown)
     assert f"planner {cost['planner']['calls']} calls" in shown
     assert "persona\t" not in shown and "cost\t" not in shown and not page.errors  # not "other"
+
+
+def strict_loads(text):
+    """JSON as the browser's JSON.parse reads it: NaN and Infinity are not JSON."""
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+    return json.loads(text.replace("\\u003c", "<"), parse_constant=refuse)
+
+
+def test_a_nan_or_infinity_in_a_run_reaches_the_page_as_text_that_json_parse_reads(
+        runs, tmp_path):
+    """A diverged run (a NaN loss in its metrics, a NaN Q-value or an infinite reward in a
+    record) is written by Python's json, whose NaN the browser's JSON.parse refuses."""
+    run = str(tmp_path / "run")
+    shutil.copytree(runs[0], run)
+    metrics = json.load(open(os.path.join(run, "test_metrics.json")))
+    metrics["mean_return"] = float("nan")
+    with open(os.path.join(run, "test_metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    conversations = read_lines(run)
+    conversations[0]["records"][0]["candidates"][0]["q"] = float("nan")
+    conversations[0]["records"][0]["reward"] = float("-inf")
+    conversations[0]["total_reward"] = float("inf")
+    with open(os.path.join(run, "test_conversations.jsonl"), "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in conversations)
+    page, _ = view.build_page([run])
+    data = strict_loads(data_block(page, "runs-data"))
+    assert data["runs"][0]["metrics"]["test"]["mean_return"] == "NaN"
+    row = next(row for row in data["rows"] if row["split"] == "test"
+               and row["case_id"] == conversations[0]["case_id"])
+    assert row["return"] == "Infinity"
+    lines = [strict_loads(line) for line in data_block(page, "conversations-data").split("\n")]
+    shown = next(c for c in lines if c["case_id"] == conversations[0]["case_id"]
+                 and c["records"][0]["reward"] == "-Infinity")
+    assert shown["records"][0]["candidates"][0]["q"] == "NaN"
+    assert shown["total_reward"] == "Infinity"
