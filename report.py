@@ -31,9 +31,11 @@ tokens per conversation, one point per policy.
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
+from urllib.parse import quote
 
 import plots
 from errors import ArgumentParser, RunFileError, UserError, one_line_errors
@@ -377,14 +379,27 @@ def cell(figure, form):
     return f"{figure['mean']:{form}} [{figure['low']:{form}}, {figure['high']:{form}}]"
 
 
+def markdown_text(value):
+    """A run's text (a task, policy label, judge, persona or action name: from its files)
+    as Markdown on one line: a newline would end the table, a '|' split its cell, and '<',
+    a backtick or a bracket open HTML, code or a link; each is written as itself."""
+    return re.sub(r"([\\`|<>\[\]])", r"\\\1", " ".join(str(value).split()))
+
+
+def first_cells(row, mark=""):
+    """A table row's task and policy cells (the policy marked with `mark`), with the '|'
+    that opens the next."""
+    return f"| {markdown_text(row['task'])} | {markdown_text(row['policy'])}{mark} | "
+
+
 def markdown(summaries, differences, skipped, images, out, n_boot):
     line = f"{n_boot:,} resamples"
     rows = ["| task | policy | runs | conversations | " + " | ".join(HEADERS.values())
             + " | judge |", "|---" * (5 + len(HEADERS)) + "|"]
     for s in summaries:
-        rows.append(f"| {s['task']} | {s['policy']} | {len(s['runs'])} | {s['conversations']} | "
+        rows.append(first_cells(s) + f"{len(s['runs'])} | {s['conversations']} | "
                     + " | ".join(cell(s["metrics"][n], f) for n, f in METRICS.items())
-                    + f" | {s['judge']} |")
+                    + f" | {markdown_text(s['judge'])} |")
     rows += ["", "Each cell: mean [95% interval]. The mean is the mean over seeds of each "
              "seed's mean; the interval is a 95% percentile bootstrap over the test cases and, "
              "with several seeds, over seeds (one resample of cases for all seeds when they "
@@ -396,7 +411,7 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              "|---" * (2 + len(COSTS)) + "|"]
     for s in summaries:
         marked = "*" if s["cost_before_unread_prior"] else ""
-        rows.append(f"| {s['task']} | {s['policy']}{marked} | " + " | ".join(
+        rows.append(first_cells(s, marked) + " | ".join(
             "-" if s["costs"][h] is None else f"{s['costs'][h]:{f}}"
             for h, (_, f) in COSTS.items()) + " |")
     rows += ["", "Per conversation of the test, mean over seeds: every LLM call of the "
@@ -419,7 +434,8 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
             figures = f"{cell(d['SR'], '.3f')} | {cell(d['mean_return'], '.3f')}"
         else:
             figures = f"no seed and case_id shared with {BASELINE} | -"
-        rows.append(f"| {d['task']} | {d['policy']} | {', '.join(map(str, d['seeds'])) or '-'} | "
+        seeds = ", ".join(markdown_text(seed) for seed in d["seeds"]) or "-"
+        rows.append(first_cells(d) + f"{seeds} | "
                     f"{d['pairs']} | {figures} |")
     if not differences:
         rows.append(f"| - | - | - | 0 | no task has both {BASELINE} and another policy | - |")
@@ -428,12 +444,14 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
              f"{line}.", ""]
     if skipped:
         rows += ["Skipped (a newer run has the same task, policy and seed): "
-                 + ", ".join(skipped), ""]
-    rows += ["## Figures", ""] + [f"- [{os.path.relpath(p, out)}]({os.path.relpath(p, out)})"
-                                  for p in images]
+                 + ", ".join(map(markdown_text, skipped)), ""]
+    rows += ["## Figures", ""] + [
+        f"- [{markdown_text(os.path.relpath(p, out))}]({quote(os.path.relpath(p, out))})"
+        for p in images]
     rows += ["", "## Conversations", "", "Each run's conversations turn by turn (view.py; "
              "`python view.py RUN RUN` shows runs side by side):", ""]
-    rows += [f"- [{s['task']} {s['policy']} seed {run['seed']}]({run['view']})"
+    rows += [f"- [{markdown_text(s['task'])} {markdown_text(s['policy'])} seed "
+             f"{markdown_text(run['seed'])}]({quote(run['view'])})"
              for s in summaries for run in s["runs"]]
     return "\n".join(rows) + "\n"
 
@@ -443,7 +461,8 @@ def strategy_rows(summaries):
             + " | ".join(STRATEGY_FIGURES) + " |", "|---" * (3 + len(STRATEGY_FIGURES)) + "|"]
     for s in summaries:
         figures = s["strategies"]
-        rows.append(f"| {s['task']} | {s['policy']} | {figures['top action'] or '-'} | " + " | ".join(
+        top = markdown_text(figures["top action"]) if figures["top action"] else "-"
+        rows.append(first_cells(s) + f"{top} | " + " | ".join(
             "-" if figures[h] is None else f"{figures[h]:.3f}" for h in STRATEGY_FIGURES) + " |")
     return rows + ["", "The test's chosen strategies, mean over seeds (test_metrics.json "
                    "`strategies`, docs/users.md): entropy over the task's actions divided by "
@@ -466,9 +485,9 @@ def search_rows(summaries):
         figures = s["search"]
         per_turn = figures["simulated_turns"] / figures["searched_turns"]
         rate = figures["unusable_per_simulated_turn"]
-        kinds = ", ".join(f"{name} {count:,}" for name, count
+        kinds = ", ".join(f"{markdown_text(name)} {count:,}" for name, count
                           in sorted(figures["answers_unusable"].items())) or "none"
-        rows.append(f"| {s['task']} | {s['policy']} | {figures['searched_turns']:,} | "
+        rows.append(first_cells(s) + f"{figures['searched_turns']:,} | "
                     f"{per_turn:.1f} | {'-' if rate is None else f'{rate:.2f}'} | {kinds} |")
     return rows + ["", "The MCTS planners' searches in the test, summed over seeds "
                    "(test_metrics.json `search`): the simulated turns they played and the "
@@ -487,7 +506,7 @@ def persona_rows(summaries):
             "| task | policy | persona | conversations | SR | AT |", "|---" * 6 + "|"]
     for s in summaries:
         for name, figures in s["personas"].items():
-            rows.append(f"| {s['task']} | {s['policy']} | {name} | {figures['conversations']} | "
+            rows.append(first_cells(s) + f"{markdown_text(name)} | {figures['conversations']} | "
                         f"{cell(figures['SR'], '.3f')} | {cell(figures['AT'], '.2f')} |")
     return rows + ["", "The test's conversations by the persona the user simulator was given "
                    "(--user_personas, --test_user_personas; docs/users.md); each cell the mean "

@@ -661,3 +661,46 @@ def test_report_links_a_conversation_page_per_run(runs_root, tmp_path):
     for link in links:
         page = open(tmp_path / "report" / link, encoding="utf-8").read()
         assert page.startswith("<!doctype html>") and 'id="conversations-data"' in page
+
+
+def cell_count(line):
+    """The cells of a Markdown table row: its '|' that no backslash escapes, less one."""
+    return len(re.findall(r"(?<!\\)(?:\\\\)*\|", line)) - 1
+
+
+def test_a_run_s_texts_with_pipes_newlines_or_markup_keep_every_table_whole(tmp_path):
+    """A policy setting, the judge's model, a persona's name and a run folder's name come
+    from files and flags: a '|' or a newline in them must neither split a cell nor end a
+    table, and '<', backticks and brackets stay text."""
+    odd = "a|b\nc <b>x</b> `y` [z](w)"
+    rng = random.Random(4)
+    conversations = random_conversations("esc", [True, False, True, False], rng)
+    for k, c in enumerate(conversations):
+        c["persona"] = {"name": odd if k % 2 else "calm", "text": "You are calm."}
+    judge = {"critic_llm": "models/judge|v2\nnew", "critic": "sample",
+             "critic_order": "shuffle"}
+    folder = write_run(tmp_path / "runs", "esc", "gdpzero", 1, conversations,
+                       extra={"policy_settings": {"mcts_simulations": "5|6\n7"}, "judge": judge,
+                              "search": {"searched_turns": 2, "simulated_turns": 4,
+                                         "answers_unusable": {odd: 1}}})
+    renamed = os.path.join(tmp_path / "runs", "my run (1)")
+    os.rename(folder, renamed)
+    write_run(tmp_path / "runs", "esc", "dialogxpert", 1,
+              random_conversations("esc", [True, True, False, False], rng))
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "50"])
+    lines = (out / "report.md").read_text().split("\n")
+    tables = 0
+    for k, line in enumerate(lines):
+        if line.startswith("| task |"):  # a table's header: every row to the blank line
+            tables += 1
+            end = lines.index("", k)
+            assert all(row.startswith("|") for row in lines[k:end]), lines[k:end]
+            assert {cell_count(row) for row in lines[k:end]} == {cell_count(line)}, lines[k:end]
+    assert tables == 6  # metrics, cost, strategy, search, persona, paired
+    text = "\n".join(lines)
+    assert "a\\|b c \\<b\\>x\\</b\\> \\`y\\` \\[z\\](w)" in text  # the persona, on one line
+    assert "judge\\|v2 new sample, shuffle order" in text
+    assert "gdpzero (mcts_simulations 5\\|6 7)" in text
+    assert "(views/my%20run%20%281%29.html)" in text
+    assert (out / "views" / "my run (1).html").exists()
