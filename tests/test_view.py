@@ -463,3 +463,64 @@ def test_a_nan_or_infinity_in_a_run_reaches_the_page_as_text_that_json_parse_rea
                  and c["records"][0]["reward"] == "-Infinity")
     assert shown["records"][0]["candidates"][0]["q"] == "NaN"
     assert shown["total_reward"] == "Infinity"
+
+
+# every kind of text that could end the page's data, run a script or break a table
+ODD_TEXT = ("<!--<script>window.injected = 3</script>--> `code` | a | b\nline two\u2028"
+            "\u2029 &amp; \U0001F600 " + INJECTED)
+
+
+@pytest.mark.slow
+def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
+        browser, runs, tmp_path):
+    """The texts of a run's files, planted where the page shows them: a case's field, the
+    persona's name and text, an MCTS tree's action, a metric, the run folder's name, and a
+    NaN Q-value. Each is shown as it is, no script of theirs runs, and the page asks for
+    nothing but itself."""
+    folder = str(tmp_path / "run <b>&amp;</title>")
+    shutil.copytree(runs[0], folder)
+    metrics = json.load(open(os.path.join(folder, "test_metrics.json")))
+    metrics["judge"] = {"critic_llm": ODD_TEXT}
+    with open(os.path.join(folder, "test_metrics.json"), "w") as f:
+        json.dump(metrics, f)
+    conversations = read_lines(folder)
+    shown = conversations[0]
+    shown["case"]["situation"] = ODD_TEXT
+    shown["persona"] = {"name": ODD_TEXT, "text": ODD_TEXT}
+    record = shown["records"][0]
+    record["candidates"][0]["q"] = float("nan")
+    record["search"] = {"simulations": 2, "simulated_turns": 3, "errors": {"critic_invalid": 1},
+                        "tree": [{"action": ODD_TEXT, "prior": 0.5, "visits": 2, "value": 0.25,
+                                  "children": [{"action": "Question", "prior": 0.2, "visits": 1,
+                                                "value": 1.0, "children": []}]}]}
+    with open(os.path.join(folder, "test_conversations.jsonl"), "w") as f:
+        f.writelines(json.dumps(c) + "\n" for c in conversations)
+    out = str(tmp_path / "page.html")
+    view.write_page([folder], out)
+    requests = []
+    def asked(request):
+        requests.append(request.url)
+    browser.on("request", asked)
+    page = open_page(browser, out)
+    assert page.title() == "conversations: " + os.path.basename(folder)
+    page.select_option("#f-split", "test")
+    page.fill("#f-case", str(shown["case_id"]))
+    page.click("#rows tr >> nth=0")
+    text = page.evaluate("document.getElementById('detail').textContent")
+    assert f"user persona {ODD_TEXT}: {ODD_TEXT}" in text
+    assert page.evaluate("[...document.querySelectorAll('#detail .kv td')]"
+                         ".map(cell => cell.textContent)").count(ODD_TEXT) == 1  # the case
+    search = page.locator(".search")
+    assert search.locator("summary").text_content() == (
+        "MCTS: 2 simulations, 3 simulated turns · unusable answers in them: critic_invalid 1")
+    nodes = search.locator("li")
+    assert nodes.nth(0).evaluate("node => node.firstChild.textContent") == (
+        ODD_TEXT + " · visits 2 · value 0.25 · prior 0.5")
+    assert nodes.nth(1).text_content() == "Question · visits 1 · value 1 · prior 0.2"
+    assert "\tNaN" in page.locator("table.candidates tr >> nth=1").inner_text()
+    assert ODD_TEXT in page.evaluate("document.getElementById('runs').textContent")
+    assert page.evaluate("document.scripts.length") == 3  # the two data blocks and the page's
+    assert page.locator("body b, body img:not(#runs img), body textarea").count() == 0
+    assert page.evaluate("window.injected") is None and not page.errors
+    browser.remove_listener("request", asked)
+    assert len(requests) == 1 and requests[0].startswith("file://"), requests
