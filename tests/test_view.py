@@ -524,3 +524,17 @@ def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
     assert page.evaluate("window.injected") is None and not page.errors
     browser.remove_listener("request", asked)
     assert len(requests) == 1 and requests[0].startswith("file://"), requests
+
+
+def test_the_page_template_names_nothing_outside_the_page():
+    """The page opens offline: no font, style sheet, script or image from elsewhere, and a
+    policy that refuses any request a run's text could make (img-src: data: URIs only)."""
+    template = open(view.TEMPLATE, encoding="utf-8").read()
+    policy = re.search(r'http-equiv="Content-Security-Policy"\s+content="([^"]*)"',
+                       template).group(1)
+    assert policy.split("; ")[:2] == ["default-src 'none'", "img-src data:"]
+    without_policy = template.replace('http-equiv="Content-Security-Policy"', "")
+    for pattern in (r"https?:", r"\b(src|href|srcset|action)\s*=\s*[\"']", r"url\(",
+                    r"@import", r"@font-face", r"\bimport\(",
+                    r"\b(fetch|XMLHttpRequest|WebSocket|EventSource)\b"):
+        assert not re.search(pattern, without_policy), pattern
