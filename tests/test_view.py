@@ -21,6 +21,7 @@ import pytest
 import run_files
 import view
 from conftest import INJECTED, ROOT, make_runs, one_error_line
+from metrics import UNUSABLE_FIGURES, UNUSABLE_KEYS
 from critic import Critic
 from env import Conversation, turn_prompt_cuts
 from run_files import ConversationRecord, TurnRecord
@@ -538,3 +539,27 @@ def test_the_page_template_names_nothing_outside_the_page():
                     r"@import", r"@font-face", r"\bimport\(",
                     r"\b(fetch|XMLHttpRequest|WebSocket|EventSource)\b"):
         assert not re.search(pattern, without_policy), pattern
+
+
+@pytest.mark.slow
+def test_the_page_s_rows_give_the_run_s_test_metrics(runs, page_path):
+    """Per run, the test split's rows of the list (outcome, turns, return, unusable
+    answers) give the SR, AT, mean return and real-turn unusable answers of its
+    test_metrics.json, and the headline shows that file's figures."""
+    data = strict_loads(data_block(open(page_path, encoding="utf-8").read(), "runs-data"))
+    for index, run in enumerate(runs):
+        metrics = json.load(open(os.path.join(run, "test_metrics.json")))
+        rows = [row for row in data["rows"] if row["run"] == index and row["split"] == "test"]
+        assert len(rows) == metrics["episodes"] == len(read_lines(run))
+        success = [row["outcome"] == "success" for row in rows]
+        assert sum(success) / len(rows) == pytest.approx(metrics["SR"])
+        assert sum(row["turns"] if won else metrics["max_turn"] for row, won in
+                   zip(rows, success)) / len(rows) == pytest.approx(metrics["AT"])
+        assert sum(row["return"] for row in rows) / len(rows) == pytest.approx(
+            metrics["mean_return"])
+        real_turns = [UNUSABLE_FIGURES[key] for key in UNUSABLE_KEYS]
+        assert sum(row["unusable"] for row in rows) == sum(
+            metrics["llm_answers_unusable"].get(name, 0) for name in real_turns)
+        shown = data["runs"][index]["metrics"]["test"]
+        assert {key: shown[key] for key in ("SR", "AT", "mean_return")} == {
+            key: metrics[key] for key in ("SR", "AT", "mean_return")}
