@@ -477,7 +477,7 @@ def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
     """The texts of a run's files, planted where the page shows them: a case's field, the
     persona's name and text, an MCTS tree's action, a metric, the run folder's name, and a
     NaN Q-value. Each is shown as it is, no script of theirs runs, and the page asks for
-    nothing but itself."""
+    nothing but itself. The conversation's cost shows its unread prior's part too."""
     folder = str(tmp_path / "run <b>&amp;</title>")
     shutil.copytree(runs[0], folder)
     metrics = json.load(open(os.path.join(folder, "test_metrics.json")))
@@ -490,6 +490,8 @@ def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
     shown["persona"] = {"name": ODD_TEXT, "text": ODD_TEXT}
     record = shown["records"][0]
     record["candidates"][0]["q"] = float("nan")
+    shown["cost"]["unread_prior"] = {"calls": 3, "prompt_tokens": 120,  # gdpzero's, say
+                                     "prompt_tokens_reused": 0, "generated_tokens": 0}
     record["search"] = {"simulations": 2, "simulated_turns": 3, "errors": {"critic_invalid": 1},
                         "tree": [{"action": ODD_TEXT, "prior": 0.5, "visits": 2, "value": 0.25,
                                   "children": [{"action": "Question", "prior": 0.2, "visits": 1,
@@ -509,6 +511,8 @@ def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
     page.click("#rows tr >> nth=0")
     text = page.evaluate("document.getElementById('detail').textContent")
     assert f"user persona {ODD_TEXT}: {ODD_TEXT}" in text
+    assert ("; unread prior 3 calls, 120 prompt tokens run + 0 reused, 0 generated"
+            in page.inner_text(".cost"))
     assert page.evaluate("[...document.querySelectorAll('#detail .kv td')]"
                          ".map(cell => cell.textContent)").count(ODD_TEXT) == 1  # the case
     search = page.locator(".search")
