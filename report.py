@@ -517,15 +517,29 @@ def persona_rows(summaries):
                    "simulator given that text.", ""]
 
 
+def page_names(folders):
+    """A page name per run folder: its own name, with as many of its parents' names before
+    it as make it unique (runs re-judged by one judge are all named rejudged/<judge>)."""
+    parts = {folder: os.path.abspath(folder).split(os.sep) for folder in folders}
+    names = {}
+    for folder, own in parts.items():
+        depth = 1
+        while depth < len(own) and sum(other[-depth:] == own[-depth:]
+                                       for other in parts.values()) > 1:
+            depth += 1
+        names[folder] = "__".join(own[-depth:]) + ".html"
+    return names
+
+
 def write_views(summaries, out):
     """One view.py page per run tabled, in out/views; its path goes into the summary."""
     import view  # its imports (the critic's rules) load only when a report is written
 
-    for summary in summaries:
-        for run in summary["runs"]:
-            name = os.path.basename(os.path.normpath(run["folder"])) + ".html"
-            view.write_page([run["folder"]], os.path.join(out, "views", name))
-            run["view"] = os.path.join("views", name)
+    runs = [run for summary in summaries for run in summary["runs"]]
+    names = page_names([run["folder"] for run in runs])
+    for run in runs:
+        view.write_page([run["folder"]], os.path.join(out, "views", names[run["folder"]]))
+        run["view"] = os.path.join("views", names[run["folder"]])
 
 
 def output_folder(out):

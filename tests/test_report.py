@@ -704,3 +704,32 @@ def test_a_run_s_texts_with_pipes_newlines_or_markup_keep_every_table_whole(tmp_
     assert "gdpzero (mcts_simulations 5\\|6 7)" in text
     assert "(views/my%20run%20%281%29.html)" in text
     assert (out / "views" / "my run (1).html").exists()
+
+
+def test_each_run_gets_its_own_conversation_page_when_folder_names_repeat(tmp_path):
+    """Runs of one folder name under two parents (GDP-Zero at two settings), and the same
+    runs re-judged by one judge (<run>/rejudged/<judge>: every folder has the judge's
+    name): one page per run, of that run, linked from its own line."""
+    rng = random.Random(8)
+    folders = {}
+    for parent, simulations in (("a", 5), ("b", 20)):
+        extra = {"policy_settings": {"mcts_simulations": simulations}}
+        run = write_run(tmp_path / "runs" / parent, "esc", "gdpzero", 1,
+                        random_conversations("esc", [True, False], rng), extra=extra)
+        judged = os.path.join(run, run_files.REJUDGED, "judge")
+        os.rename(write_run(os.path.join(run, run_files.REJUDGED), "esc", "gdpzero", 1,
+                            random_conversations("esc", [False, True], rng), extra=extra),
+                  judged)
+        label = "gdpzero (mcts_simulations 5)" if simulations == 5 else "gdpzero"
+        folders[label] = {"": run, "judge": judged}
+    assert len({os.path.basename(f[""]) for f in folders.values()}) == 1
+    for judge in ("", "judge"):
+        out = tmp_path / f"report_{judge}"
+        report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "50"]
+                    + (["--judge", judge] if judge else []))
+        links = re.findall(r"- \[esc (.+?) seed 1\]\((views/[^)]+\.html)\)",
+                           (out / "report.md").read_text())
+        assert len({link for _, link in links}) == len(links) == 2, links
+        for label, link in links:
+            page = (out / link).read_text(encoding="utf-8")
+            assert json.dumps(folders[label][judge]) in page, (label, link)
