@@ -382,14 +382,22 @@ def cell(figure, form):
 def markdown_text(value):
     """A run's text (a task, policy label, judge, persona or action name: from its files)
     as Markdown on one line: a newline would end the table, a '|' split its cell, and '<',
-    a backtick or a bracket open HTML, code or a link; each is written as itself."""
-    return re.sub(r"([\\`|<>\[\]])", r"\\\1", " ".join(str(value).split()))
+    a backtick or a bracket open HTML, code or a link; each is written as itself. A folder
+    name's byte that is not UTF-8 (a lone surrogate in Python) is written as U+FFFD."""
+    text = re.sub("[\ud800-\udfff]", "\ufffd", " ".join(str(value).split()))  # not UTF-8
+    return re.sub(r"([\\`|<>\[\]])", r"\\\1", text)
 
 
 def first_cells(row, mark=""):
     """A table row's task and policy cells (the policy marked with `mark`), with the '|'
     that opens the next."""
     return f"| {markdown_text(row['task'])} | {markdown_text(row['policy'])}{mark} | "
+
+
+def link(path):
+    """A relative path as a Markdown link's target: percent-encoded, so that a space or ')'
+    does not end it, and a byte that is not UTF-8 is that byte (%FF)."""
+    return quote(path, errors="surrogateescape")
 
 
 def markdown(summaries, differences, skipped, images, out, n_boot):
@@ -446,12 +454,12 @@ def markdown(summaries, differences, skipped, images, out, n_boot):
         rows += ["Skipped (a newer run has the same task, policy and seed): "
                  + ", ".join(map(markdown_text, skipped)), ""]
     rows += ["## Figures", ""] + [
-        f"- [{markdown_text(os.path.relpath(p, out))}]({quote(os.path.relpath(p, out))})"
+        f"- [{markdown_text(os.path.relpath(p, out))}]({link(os.path.relpath(p, out))})"
         for p in images]
     rows += ["", "## Conversations", "", "Each run's conversations turn by turn (view.py; "
              "`python view.py RUN RUN` shows runs side by side):", ""]
     rows += [f"- [{markdown_text(s['task'])} {markdown_text(s['policy'])} seed "
-             f"{markdown_text(run['seed'])}]({quote(run['view'])})"
+             f"{markdown_text(run['seed'])}]({link(run['view'])})"
              for s in summaries for run in s["runs"]]
     return "\n".join(rows) + "\n"
 
@@ -596,7 +604,7 @@ def main(argv=None):
     if any(s["strategies"]["distribution"] for s in summaries):
         images.append(plots.plot_strategies(summaries, os.path.join(out, "strategies.png")))
     text = markdown(summaries, differences, skipped, images, out, args.n_boot)
-    with open(os.path.join(out, "report.md"), "w") as f:
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"n_boot": args.n_boot, "level": 0.95, "groups": summaries,

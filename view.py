@@ -280,8 +280,10 @@ def build_page(folders, skip_bad=False):
              "TITLE": "conversations: " + ", ".join(run["name"] for run in runs),
              "RUNS": script_json(page_json({"runs": runs, "rows": rows})),
              "CONVERSATIONS": script_json("\n".join(lines))}
-    parts["TITLE"] = (parts["TITLE"].replace("&", "&amp;").replace("<", "&lt;")
-                      .replace(">", "&gt;"))
+    # the title is the one text not written as JSON: its markup escaped, and a folder
+    # name's byte that is not UTF-8 (a lone surrogate here) written as U+FFFD
+    parts["TITLE"] = re.sub("[\ud800-\udfff]", "\ufffd", parts["TITLE"].replace(
+        "&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
     # one pass over the template: a placeholder inside the data is never replaced
     page = re.sub(r"__(SCRIPT_HASH|TITLE|RUNS|CONVERSATIONS)__",
                   lambda match: parts[match.group(1)], template)

@@ -733,3 +733,18 @@ def test_each_run_gets_its_own_conversation_page_when_folder_names_repeat(tmp_pa
         for label, link in links:
             page = (out / link).read_text(encoding="utf-8")
             assert json.dumps(folders[label][judge]) in page, (label, link)
+
+
+def test_a_run_folder_whose_name_is_not_utf8_is_reported_and_linked(tmp_path):
+    """A folder name with a byte that is not UTF-8 (a lone surrogate in Python): the report
+    is written, its text shows U+FFFD and its links name the byte (%FF)."""
+    run = write_run(tmp_path / "runs", "esc", "prior", 1,
+                    random_conversations("esc", [True, False], random.Random(9)))
+    odd = os.path.join(tmp_path / "runs", os.fsdecode(b"run\xff"))
+    os.rename(run, odd)
+    out = tmp_path / "report"
+    report.main([str(tmp_path / "runs"), "--out", str(out), "--n_boot", "20"])
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "- [esc prior seed 1](views/run%FF.html)" in text
+    assert "(../runs/run%FF/actions.png)" in text and "run\ufffd/actions.png" in text
+    assert os.path.exists(os.path.join(out, "views", os.fsdecode(b"run\xff.html")))

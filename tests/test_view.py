@@ -567,3 +567,16 @@ def test_the_page_s_rows_give_the_run_s_test_metrics(runs, page_path):
         shown = data["runs"][index]["metrics"]["test"]
         assert {key: shown[key] for key in ("SR", "AT", "mean_return")} == {
             key: metrics[key] for key in ("SR", "AT", "mean_return")}
+
+
+def test_a_run_folder_whose_name_is_not_utf8_gets_its_page(runs, tmp_path):
+    """A folder name with a byte that is not UTF-8 (Python reads it as a lone surrogate)
+    goes into the page's title: it is written as U+FFFD, not a UnicodeEncodeError."""
+    run = os.path.join(str(tmp_path), os.fsdecode(b"run\xff"))
+    shutil.copytree(runs[1], run)
+    out = str(tmp_path / "page.html")
+    done = cli(run, "--out", out)
+    assert done.returncode == 0, done.stderr
+    page = open(out, encoding="utf-8").read()
+    assert "<title>conversations: run\ufffd</title>" in page
+    assert json.dumps(run) in page  # the folder itself, as a JSON escape
