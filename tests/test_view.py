@@ -478,10 +478,11 @@ def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
     persona's name and text, an MCTS tree's action, a metric, the run folder's name, and a
     NaN Q-value. Each is shown as it is, no script of theirs runs, and the page asks for
     nothing but itself. The conversation's cost shows its unread prior's part too."""
-    folder = str(tmp_path / "run <b>&amp;</title>")
+    folder = str(tmp_path / "run <script>&amp; <b>x")
     shutil.copytree(runs[0], folder)
     metrics = json.load(open(os.path.join(folder, "test_metrics.json")))
     metrics["judge"] = {"critic_llm": ODD_TEXT}
+    metrics["mean_return"] = float("nan")  # a diverged run's
     with open(os.path.join(folder, "test_metrics.json"), "w") as f:
         json.dump(metrics, f)
     conversations = read_lines(folder)
@@ -506,6 +507,7 @@ def test_browser_shows_a_run_s_texts_everywhere_as_text_and_loads_nothing(
     browser.on("request", asked)
     page = open_page(browser, out)
     assert page.title() == "conversations: " + os.path.basename(folder)
+    assert page.inner_text("details.run > summary").endswith(" · mean_return NaN")
     page.select_option("#f-split", "test")
     page.fill("#f-case", str(shown["case_id"]))
     page.click("#rows tr >> nth=0")
