@@ -252,8 +252,12 @@ def strict_json(value):
 
 
 def page_json(value):
-    """One line of JSON that the browser's JSON.parse reads (strict_json)."""
-    return json.dumps(strict_json(value), separators=(",", ":"), allow_nan=False)
+    """One line of JSON that the browser's JSON.parse reads (strict_json, only for a value
+    that holds a NaN or an infinity: most hold none, and are written as they are)."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(strict_json(value), separators=(",", ":"), allow_nan=False)
 
 
 def script_json(text):
