@@ -301,7 +301,7 @@ def ranking_change(rankings):
 
 
 def markdown(result):
-    from report import cell
+    from report import cell, markdown_text
 
     lines = ["# Planners under a grid of users and critics", "",
              "Each cell: mean [95% bootstrap interval] over the test cases; every cell plays "
@@ -315,7 +315,8 @@ def markdown(result):
                   f"SR ({c['reference']} - planner) |", "|---|---|---|---|---|---|"]
         for planner, figures in c["planners"].items():
             difference = c["differences"].get(planner, {}).get("SR")
-            lines.append(f"| {planner} | {cell(figures['SR'], '.3f')} | {cell(figures['AT'], '.2f')}"
+            # a planner's name holds its checkpoint's path: escaped for the table
+            lines.append(f"| {markdown_text(planner)} | {cell(figures['SR'], '.3f')} | {cell(figures['AT'], '.2f')}"
                          f" | {cell(figures.get('SL'), '.3f')} | {cell(figures.get('unusable'), '.2f')}"
                          f" | {cell(difference, '.3f') if difference else '-'} |")
         lines += ["", "ranking: " + " > ".join(c["ranking"]), ""]
@@ -323,7 +324,8 @@ def markdown(result):
     lines += ["## How the ranking changes", "",
               "| user | critic | ranking | Kendall's tau vs the first cell |", "|---|---|---|---|"]
     for c, tau in zip(result["cells"], change["tau_vs_first_cell"]):
-        lines.append(f"| {c['user']} | {c['critic']} | {' > '.join(c['ranking'])} | {tau:.2f} |")
+        ranking = " > ".join(markdown_text(planner) for planner in c["ranking"])
+        lines.append(f"| {c['user']} | {c['critic']} | {ranking} | {tau:.2f} |")
     lines += ["", f"Mean Kendall's tau over every pair of cells: {change['mean_pairwise_tau']:.2f} "
               f"(1: the same order everywhere). Cells whose best planner is not the first "
               f"cell's: {change['top_changes']:.0%}; best planners seen: "

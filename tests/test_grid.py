@@ -122,6 +122,22 @@ def test_each_cell_has_the_hand_computed_success_and_the_ranking_change(grid_run
     assert "## user picky, critic contrarian" in text and "| uniform | prior |" not in text
 
 
+def test_a_planner_named_by_a_checkpoint_path_with_a_pipe_keeps_grid_md_s_tables_whole():
+    figure = {"mean": 0.5, "low": 0.0, "high": 1.0}
+    odd = "dialogxpert=runs/a|b/best.pt"
+    cell = {"user": "kind", "critic": "lenient", "judge": "j", "reference": "prior",
+            "planners": {"prior": {"SR": figure, "AT": figure}, odd: {"SR": figure, "AT": figure}},
+            "differences": {odd: {"SR": figure}}, "ranking": [odd, "prior"]}
+    text = grid.markdown({"cells": [cell], "ranking_change": {
+        "tau_vs_first_cell": [1.0], "mean_pairwise_tau": 1.0, "top_changes": 0.0,
+        "top_planners": [odd]}})
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    # every row of a table has as many unescaped '|' as its header
+    for header, row in ((rows[0], rows[2]), (rows[3], rows[4])):
+        assert row.replace("\\|", "").count("|") == header.count("|"), row
+    assert "| dialogxpert=runs/a\\|b/best.pt > prior |" in rows[4]
+
+
 def test_kendall_tau_by_hand():
     assert grid.kendall_tau(["a", "b", "c"], ["a", "b", "c"]) == 1.0
     assert grid.kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1.0
