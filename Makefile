@@ -7,7 +7,7 @@
 #   from the source of the pinned llama-cpp-python (serve.py --engine native)
 # make test: create .venv, install, run the test suite (the served tests included)
 # make test-fast: the tests not marked slow (no whole runs, served models, browser or
-#   benchmarks; 50 s on 2 idle cores); `make test` and CI run every test
+#   benchmarks; 61 s on 2 idle cores); `make test` and CI run every test
 # make bench: the self-play speed benchmark (see docs/speed.md)
 # make results: every planner on the same cases and seeds (train DialogXpert, PPDPP and
 #   DPDP with two seeds; test GDP-Zero and the four baselines), then one report with paired
