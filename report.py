@@ -42,7 +42,8 @@ from errors import ArgumentParser, RunFileError, UserError, one_line_errors
 from get_args import EVALUATION_CONFIG, HELP_GROUPS, MODEL_FLAGS, Args
 from metrics import episode_values, unusable_answers
 from policies import POLICIES, TEST_FLAGS, policy_class
-from run_files import REJUDGED, conversations_file, find_runs, load_run, metrics_file
+from run_files import (REJUDGED, conversations_file, find_runs, load_run, metrics_file,
+                       shown_name)
 from stats import bootstrap_ci, paired_bootstrap_ci
 from tasks import TASKS
 
@@ -384,7 +385,7 @@ def markdown_text(value):
     as Markdown on one line: a newline would end the table, a '|' split its cell, and '<',
     a backtick or a bracket open HTML, code or a link; each is written as itself. A folder
     name's byte that is not UTF-8 (a lone surrogate in Python) is written as U+FFFD."""
-    text = re.sub("[\ud800-\udfff]", "\ufffd", " ".join(str(value).split()))  # not UTF-8
+    text = shown_name(" ".join(str(value).split()))
     return re.sub(r"([\\`|<>\[\]])", r"\\\1", text)
 
 

@@ -17,6 +17,7 @@ The keys of both records are in one place, here (docs/outputs.md describes them)
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 
 from errors import RunFileError
@@ -314,6 +315,13 @@ def load_run(folder, splits=SPLITS, history=False, skip_bad=False):
     if history and os.path.isfile(run.path(TRAIN_HISTORY)):
         run.history = read_jsonl(run.path(TRAIN_HISTORY))
     return run
+
+
+def shown_name(text):
+    """A text holding a run folder's name, with each of the name's bytes that is not UTF-8
+    (a lone surrogate, as Python decodes file names) as U+FFFD, so that it can be written
+    as UTF-8 (a page's title, report.md)."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 def find_runs(paths, marks, what):

@@ -286,7 +286,7 @@ def build_page(folders, skip_bad=False):
              "CONVERSATIONS": script_json("\n".join(lines))}
     # the title is the one text not written as JSON: its markup escaped, and a folder
     # name's byte that is not UTF-8 (a lone surrogate here) written as U+FFFD
-    parts["TITLE"] = re.sub("[\ud800-\udfff]", "\ufffd", parts["TITLE"].replace(
+    parts["TITLE"] = run_files.shown_name(parts["TITLE"].replace(
         "&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
     # one pass over the template: a placeholder inside the data is never replaced
     page = re.sub(r"__(SCRIPT_HASH|TITLE|RUNS|CONVERSATIONS)__",
